@@ -1,0 +1,471 @@
+"""Continuous batching: many requests share one model and one static KV cache.
+
+The cache (`model.setup_caches(num_slots, max_seq_len)`) is a pool of slots, one row per running sequence.
+A single engine thread owns the model and loops:
+
+1. admit waiting requests into free slots (a bounded queue in front: `QueueFull` when it is full);
+2. prefill one chunk of one newly admitted prompt (chunked, so a long prompt never stalls running streams
+   for more than one chunk);
+3. run one decode step for every running sequence at once, each at its own position (per-row `input_pos`);
+4. drop finished and cancelled sequences, which frees their slots for the next iteration.
+
+A client that goes away calls `RequestHandle.cancel()`; its slot is free before the next decode step. The
+model is only ever called on a window of the cache: the rows `[0, n)` that cover every running slot (slots
+are handed out lowest first) and the positions `[0, L)` that cover every written token, rounded up to a
+bucket, so a step costs what the live sequences need, not what the pool could hold.
+
+Events flow back through the handle, to a thread (`for event in handle`) or to an asyncio loop
+(`async for event in handle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..model import KVCache
+from .sampling import GREEDY, SamplingParams, make_generator, sample
+
+__all__ = ["Engine", "EngineRequest", "RequestHandle", "TokenEvent", "PromptLogprobsEvent", "FinishEvent",
+           "QueueFull", "EngineClosed", "MAX_TOP_LOGPROBS"]
+
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API
+_POSITION_BUCKET = 128  # the attention window grows in steps of this many positions
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at capacity; retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosed(RuntimeError):
+    """The engine is not running (not started, or shutting down)."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One sequence to generate.
+
+    num_logprobs: None for no log-probabilities; k >= 0 for the chosen token's plus the k most likely.
+    prompt_logprobs: also return the log-probability of every prompt token given the ones before it
+        (the completions API's `echo` with `logprobs`).
+    """
+
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams = GREEDY
+    stop_token_ids: frozenset[int] = frozenset()
+    num_logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class PromptLogprobsEvent:
+    """Per prompt token: its log-probability (None for the first token) and the top alternatives."""
+
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop" (a stop token), "length" (max_new_tokens), "cancelled", "error"
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    message: str = ""
+
+
+class RequestHandle:
+    """The caller's end of a request: iterate it for events (ending with a `FinishEvent`), or cancel it."""
+
+    def __init__(self, request: EngineRequest, request_id: int, loop: asyncio.AbstractEventLoop | None):
+        self.request = request
+        self.request_id = request_id
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self._cancelled = threading.Event()
+        self._loop = loop
+        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._sync_queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the slot before its next step and sends FinishEvent("cancelled")."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _emit(self, event) -> None:
+        if self._loop is None:
+            self._sync_queue.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._cancelled.set()
+
+    def __iter__(self):
+        if self._loop is not None:
+            raise TypeError("this handle was submitted with an event loop: use `async for`")
+        while True:
+            event = self._sync_queue.get()
+            yield event
+            if isinstance(event, FinishEvent):
+                return
+
+    async def __aiter__(self):
+        if self._async_queue is None:
+            raise TypeError("this handle was submitted without an event loop: use `for`")
+        while True:
+            event = await self._async_queue.get()
+            yield event
+            if isinstance(event, FinishEvent):
+                return
+
+
+@dataclass
+class _Slot:
+    """A running sequence in cache row `index`. `num_cached` tokens of it are in the cache."""
+
+    index: int
+    handle: RequestHandle
+    generator: torch.Generator | None
+    num_prefilled: int = 0
+    num_cached: int = 0
+    last_token: int = -1
+    num_generated: int = 0
+    prompt_logprobs: list = field(default_factory=list)
+    prompt_top: list = field(default_factory=list)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_prefilled < len(self.handle.request.prompt_ids)
+
+
+class _Histogram:
+    """Cumulative histogram in Prometheus' layout (upper bounds in seconds)."""
+
+    BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.total = 0.0
+        self.num = 0
+
+    def observe(self, seconds: float) -> None:
+        i = next((i for i, b in enumerate(self.BOUNDS) if seconds <= b), len(self.BOUNDS))
+        self.counts[i] += 1
+        self.total += seconds
+        self.num += 1
+
+
+class Engine:
+    """A continuous-batching generator over `num_slots` KV-cache rows of `max_seq_len` positions.
+
+        engine = Engine(model, num_slots=8).start()
+        handle = engine.submit(EngineRequest(prompt_ids=(...), max_new_tokens=64))
+        for event in handle: ...
+        engine.stop()
+    """
+
+    def __init__(self, model: nn.Module, *, num_slots: int = 8, max_seq_len: int | None = None,
+                 max_queue: int = 64, prefill_chunk: int = 256):
+        if num_slots < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("num_slots and prefill_chunk must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
+        self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.vocab_size = model.args.vocab_size
+        self.device = next(model.parameters()).device
+        self._cond = threading.Condition()
+        self._pending: collections.deque[RequestHandle] = collections.deque()
+        self._slots: list[_Slot | None] = [None] * num_slots
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count(1)
+        self._full_caches: list[KVCache] = []
+        self._windows: dict[tuple[int, int, int], list[KVCache]] = {}
+        self._token_counts: torch.Tensor | None = None  # (num_slots, V), made on first use of penalties
+        self._step_seconds = 0.05  # running mean of one loop iteration, for Retry-After
+        self.stats = collections.Counter()
+        self.ttft_hist, self.latency_hist = _Histogram(), _Histogram()
+
+    # ----- lifecycle -----
+    def start(self) -> "Engine":
+        """Allocate the KV cache and start the engine thread."""
+        if self._thread is not None:
+            return self
+        self.model.setup_caches(self.num_slots, self.max_seq_len)
+        self._full_caches = [layer.attention.kv_cache for layer in self.model.layers]
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llama3-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish every request as cancelled, stop the thread and release the cache."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+        self.model.clear_caches()
+        self._windows.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # ----- requests -----
+    def submit(self, request: EngineRequest, *, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request. Raises ValueError (it cannot fit), QueueFull, or EngineClosed."""
+        num_prompt = len(request.prompt_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if num_prompt + request.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"the prompt has {num_prompt} tokens and {request.max_new_tokens} new tokens were "
+                             f"asked for, {num_prompt + request.max_new_tokens} in all, but the context limit "
+                             f"is {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if request.num_logprobs is not None and not 0 <= request.num_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"num_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        with self._cond:
+            if not self.running:
+                raise EngineClosed("the engine is not running")
+            if len(self._pending) >= self.max_queue + self.num_free_slots():
+                raise QueueFull(f"the server is busy: {len(self._pending)} requests are waiting; retry later",
+                                retry_after_s=self._retry_after())
+            handle = RequestHandle(request, next(self._ids), loop)
+            self._pending.append(handle)
+            self.stats["requests_total"] += 1
+            self._cond.notify_all()
+        return handle
+
+    def generate(self, prompt_ids, max_new_tokens: int, **kwargs) -> list[int]:
+        """Blocking convenience: the generated ids of one request (for scripts and tests)."""
+        request = EngineRequest(prompt_ids=tuple(prompt_ids), max_new_tokens=max_new_tokens, **kwargs)
+        return [e.token_id for e in self.submit(request) if isinstance(e, TokenEvent)]
+
+    def num_free_slots(self) -> int:
+        return sum(s is None for s in self._slots)
+
+    def snapshot(self) -> dict:
+        """Gauges and counters for /metrics."""
+        with self._cond:
+            return {"queue_depth": len(self._pending),
+                    "active_slots": self.num_slots - self.num_free_slots(),
+                    "num_slots": self.num_slots, "max_queue": self.max_queue,
+                    "counters": dict(self.stats),
+                    "ttft": self.ttft_hist, "latency": self.latency_hist}
+
+    def _retry_after(self) -> float:
+        # Waiting requests drain roughly one slot-lifetime at a time; a second or more is a fair hint.
+        return max(1.0, round(self._step_seconds * 32))
+
+    # ----- the engine thread -----
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._pending and self.num_free_slots() == self.num_slots:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    self._admit()
+                started = time.perf_counter()
+                try:
+                    self._drop_cancelled()
+                    self._prefill_step()
+                    self._drop_cancelled()
+                    self._decode_step()
+                except Exception as exc:  # a failed step must not kill the server: fail the running requests
+                    for slot in list(filter(None, self._slots)):
+                        self._finish(slot, "error", f"generation failed: {exc}")
+                self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
+        with self._cond:
+            for slot in list(filter(None, self._slots)):
+                self._finish(slot, "cancelled", "the server is shutting down")
+            while self._pending:
+                handle = self._pending.popleft()
+                handle._emit(FinishEvent("cancelled", len(handle.request.prompt_ids), 0, "the server is shutting down"))
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots, lowest index first (keeps the decode window small)."""
+        while self._pending and None in self._slots:
+            handle = self._pending.popleft()
+            if handle.cancelled:
+                self._count_finish("cancelled")
+                handle._emit(FinishEvent("cancelled", len(handle.request.prompt_ids), 0))
+                continue
+            index = self._slots.index(None)
+            generator = make_generator(handle.request.sampling, self.device)
+            self._slots[index] = _Slot(index, handle, generator)
+            if self._token_counts is not None:
+                self._token_counts[index].zero_()
+
+    def _drop_cancelled(self) -> None:
+        for slot in filter(None, list(self._slots)):
+            if slot.handle.cancelled:
+                self._finish(slot, "cancelled")
+
+    def _finish(self, slot: _Slot, reason: str, message: str = "") -> None:
+        self._slots[slot.index] = None
+        request = slot.handle.request
+        self._count_finish(reason)
+        self.latency_hist.observe(time.monotonic() - slot.handle.submitted_at)
+        slot.handle._emit(FinishEvent(reason, len(request.prompt_ids), slot.num_generated, message))
+
+    def _count_finish(self, reason: str) -> None:
+        self.stats[f"finished_{reason}"] += 1
+
+    # ----- cache windows -----
+    def _window(self, row_start: int, row_stop: int, num_positions: int) -> list[KVCache]:
+        """Per layer, a KVCache whose buffers are views of rows [row_start, row_stop) and positions
+        [0, num_positions) of the full cache: writes through them land in the pool."""
+        length = min(self.max_seq_len, -(-num_positions // _POSITION_BUCKET) * _POSITION_BUCKET)
+        key = (row_start, row_stop, length)
+        if key not in self._windows:
+            views = []
+            for full in self._full_caches:
+                view = KVCache.__new__(KVCache)
+                nn.Module.__init__(view)
+                view.register_buffer("k", full.k[row_start:row_stop, :, :length], persistent=False)
+                view.register_buffer("v", full.v[row_start:row_stop, :, :length], persistent=False)
+                views.append(view)
+            self._windows[key] = views
+        return self._windows[key]
+
+    def _forward(self, window: list[KVCache], tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The model on a cache window; returns final hidden states (B, T, D)."""
+        for layer, view in zip(self.model.layers, window):
+            layer.attention.kv_cache = view
+        try:
+            return self.model(tokens, input_pos=input_pos, return_hidden=True)
+        finally:
+            for layer, full in zip(self.model.layers, self._full_caches):
+                layer.attention.kv_cache = full
+
+    # ----- prefill -----
+    def _prefill_step(self) -> None:
+        """One chunk of the earliest-admitted prompt still prefilling; its last chunk yields the first token."""
+        waiting = [s for s in self._slots if s is not None and s.prefilling]
+        if not waiting:
+            return
+        slot = min(waiting, key=lambda s: s.handle.request_id)
+        request = slot.handle.request
+        start = slot.num_prefilled
+        chunk = request.prompt_ids[start:start + self.prefill_chunk]
+        tokens = torch.tensor([chunk], device=self.device)  # (1, T)
+        positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)  # (1, T)
+        hidden = self._forward(self._window(slot.index, slot.index + 1, start + len(chunk)), tokens, positions)
+        slot.num_prefilled = slot.num_cached = start + len(chunk)
+        self.stats["prompt_tokens_total"] += len(chunk)
+        if request.prompt_logprobs:
+            self._score_prompt_chunk(slot, hidden[0], start)
+        if slot.prefilling:
+            return
+        if request.prompt_logprobs:
+            slot.handle._emit(PromptLogprobsEvent([None] + slot.prompt_logprobs, [None] + slot.prompt_top))
+        if request.max_new_tokens == 0:
+            self._finish(slot, "length")
+            return
+        logits = self.model.logits(hidden[:, -1])  # (1, V)
+        self._emit_tokens([slot], logits)
+
+    def _score_prompt_chunk(self, slot: _Slot, hidden: torch.Tensor, start: int) -> None:
+        """Log-probabilities of prompt tokens start+1 .. start+T (those this chunk's positions predict)."""
+        prompt = slot.handle.request.prompt_ids
+        k = slot.handle.request.num_logprobs or 0
+        num_targets = min(hidden.shape[0], len(prompt) - 1 - start)
+        for offset in range(0, num_targets, 64):  # 64 positions at a time bounds the (T, V) logits
+            stop = min(offset + 64, num_targets)
+            logprobs = self.model.logits(hidden[offset:stop]).log_softmax(-1)  # (t, V)
+            targets = torch.tensor(prompt[start + offset + 1:start + stop + 1], device=self.device)
+            chosen = logprobs.gather(-1, targets.unsqueeze(1)).squeeze(1).tolist()
+            slot.prompt_logprobs.extend(chosen)
+            if k:
+                values, ids = logprobs.topk(k, dim=-1)
+                slot.prompt_top.extend([list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())])
+            else:
+                slot.prompt_top.extend([[] for _ in chosen])
+
+    # ----- decode -----
+    def _decode_step(self) -> None:
+        """One token for every running sequence, in one batched forward over the covering window."""
+        running = [s for s in self._slots if s is not None and not s.prefilling and s.num_generated > 0]
+        if not running:
+            return
+        num_rows = max(s.index for s in running) + 1
+        tokens = torch.zeros(num_rows, 1, dtype=torch.long)
+        positions = torch.zeros(num_rows, 1, dtype=torch.long)
+        for s in self._slots[:num_rows]:
+            # Rows not decoding write a throwaway entry at their first unwritten position, which their own
+            # prefill or decode overwrites before anything reads it.
+            if s is not None:
+                positions[s.index, 0] = s.num_cached
+        for s in running:
+            tokens[s.index, 0] = s.last_token
+        window = self._window(0, num_rows, int(positions.max()) + 1)
+        hidden = self._forward(window, tokens.to(self.device), positions.to(self.device))  # (n, 1, D)
+        for s in running:
+            s.num_cached += 1
+        rows = torch.tensor([s.index for s in running], device=self.device)
+        logits = self.model.logits(hidden[rows, -1])  # (R, V)
+        self._emit_tokens(running, logits)
+
+    def _emit_tokens(self, slots: list[_Slot], logits: torch.Tensor) -> None:
+        """Sample one token per slot from logits (R, V), send it, and finish the sequences that end."""
+        requests = [s.handle.request for s in slots]
+        counts = None
+        if any(r.sampling.has_penalties for r in requests):
+            if self._token_counts is None:
+                self._token_counts = torch.zeros(self.num_slots, self.vocab_size, device=self.device)
+            counts = self._token_counts[[s.index for s in slots]]
+        next_ids = sample(logits, [r.sampling for r in requests], generator=[s.generator for s in slots],
+                          token_counts=counts).tolist()
+        want_logprobs = any(r.num_logprobs is not None for r in requests)
+        logprobs = logits.float().log_softmax(-1) if want_logprobs else None  # raw model distribution
+        now = time.monotonic()
+        for row, (slot, request, token) in enumerate(zip(slots, requests, next_ids)):
+            event = TokenEvent(token)
+            if request.num_logprobs is not None:
+                event.logprob = float(logprobs[row, token])
+                if request.num_logprobs:
+                    values, ids = logprobs[row].topk(request.num_logprobs)
+                    event.top_logprobs = list(zip(ids.tolist(), values.tolist()))
+            if slot.num_generated == 0:
+                slot.handle.first_token_at = now
+                self.ttft_hist.observe(now - slot.handle.submitted_at)
+            slot.num_generated += 1
+            slot.last_token = token
+            self.stats["generation_tokens_total"] += 1
+            if self._token_counts is not None:
+                self._token_counts[slot.index, token] += 1
+            if token in request.stop_token_ids:
+                self._finish(slot, "stop")  # the stop token itself is not part of the output
+                continue
+            slot.handle._emit(event)
+            if slot.num_generated >= request.max_new_tokens:
+                self._finish(slot, "length")
