@@ -1,0 +1,162 @@
+"""Load-time transforms that make decoding fast, applied from outside the model file.
+
+- `fuse_projections(model)`: each layer's wq/wk/wv become one `wqkv` and w1/w3 one `w13`, so a decode
+  step reads the activations once and launches one matrix-vector product instead of three (or two).
+  The fused modules keep the block's call signature, so `Transformer.forward` runs them unchanged.
+- `FusedAttention` also has a decode path for a single query token: plain matmuls over the cache with the
+  query heads grouped by their kv head (no `repeat_interleave` copy of the cache, no SDPA dispatch), which
+  compiles into a tight kernel on CPU. Prompts (T > 1) still go through SDPA.
+- `setup_caches(model, batch_size, max_seq_len)`: attaches the static KV cache to original and fused
+  layers alike (the model's own `setup_caches` reads `wk`, which fusion removes).
+- `compile_options()`: the inductor settings measured fastest for CPU decode (REFERENCE.md): freezing
+  (weights become constants the compiler can prepack) and max-autotune, without CUDA graphs.
+
+All of it is plain PyTorch; without `torch.compile` it is the eager fallback.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import Attention, FeedForward, KVCache, Transformer, apply_rope
+
+__all__ = ["FusedAttention", "FusedFeedForward", "fuse_projections", "setup_caches", "compile_options",
+           "is_fused"]
+
+
+class FusedAttention(nn.Module):
+    """Grouped-query attention with one fused q/k/v projection; a drop-in for `model.Attention`."""
+
+    def __init__(self, wqkv: nn.Module, wo: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.wqkv, self.wo = wqkv, wo
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.kv_cache: KVCache | None = None
+
+    @classmethod
+    def from_attention(cls, attn: Attention) -> "FusedAttention":
+        n_heads = attn.wq.weight.shape[0] // attn.head_dim
+        n_kv_heads = attn.wk.weight.shape[0] // attn.head_dim
+        weight = torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight], dim=0)  # ((H+2K)·Dh, D)
+        wqkv = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        wqkv.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        return cls(wqkv, attn.wo, n_heads, n_kv_heads, attn.head_dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * Dh, K * Dh, K * Dh], dim=-1)
+        q = apply_rope(q.view(B, T, H, Dh), rope)
+        k = apply_rope(k.view(B, T, K, Dh), rope)
+        v = v.view(B, T, K, Dh)
+        if self.kv_cache is not None:
+            assert cache_pos is not None, "a model with a KV cache needs cache positions"
+            keys, values = self.kv_cache.update(cache_pos, k, v)  # (B, K, S, Dh)
+        else:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        if T == 1 and mask is not None:
+            out = self._attend_one_query(q, keys, values, mask)
+        else:
+            out = self._attend_sdpa(q, keys, values, mask)
+        return self.wo(out)
+
+    def _attend_one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+        """One new token per row: query heads h = j·n_rep + r share kv head j (Meta's repeat_kv order), so
+        grouping q as (B, K, n_rep, Dh) lets each kv head serve its group in one matmul."""
+        B, K, S, Dh = keys.shape
+        q = q.view(B, K, -1, Dh)  # (B, 1, H, Dh) -> (B, K, n_rep, Dh)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(Dh))  # (B, K, n_rep, S)
+        scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
+        probs = scores.softmax(-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # (B, K, n_rep, Dh)
+        return out.reshape(B, 1, -1)  # (B, 1, H·Dh)
+
+    def _attend_sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+        B, T = q.shape[:2]
+        q = q.transpose(1, 2)  # (B, H, T, Dh)
+        n_rep = q.shape[1] // keys.shape[1]
+        if n_rep > 1:
+            keys = keys.repeat_interleave(n_rep, dim=1)
+            values = values.repeat_interleave(n_rep, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H·Dh)
+
+
+class FusedFeedForward(nn.Module):
+    """SwiGLU with w1 and w3 in one projection `w13`: w2(silu(a) * b) where [a, b] = w13 x."""
+
+    def __init__(self, w13: nn.Module, w2: nn.Module, hidden_dim: int):
+        super().__init__()
+        self.w13, self.w2, self.hidden_dim = w13, w2, hidden_dim
+
+    @classmethod
+    def from_feed_forward(cls, ffn: FeedForward) -> "FusedFeedForward":
+        weight = torch.cat([ffn.w1.weight, ffn.w3.weight], dim=0)  # (2·F, D)
+        w13 = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        w13.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        return cls(w13, ffn.w2, ffn.w1.weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split([self.hidden_dim, self.hidden_dim], dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def is_fused(model: Transformer) -> bool:
+    return len(model.layers) > 0 and isinstance(model.layers[0].attention, FusedAttention)
+
+
+@torch.no_grad()
+def fuse_projections(model: Transformer) -> Transformer:
+    """Replace every layer's attention and feed-forward by fused versions, in place (the unfused weights are
+    released as each layer is converted, so peak memory grows by one layer). Returns the model.
+
+    The numbers are unchanged: a fused matmul computes the same dot products as the separate ones.
+    Call it before quantizing, and only for inference: the fused weights no longer match checkpoint names.
+    """
+    if is_fused(model):
+        return model
+    for layer in model.layers:
+        if layer.attention.kv_cache is not None:
+            raise ValueError("fuse_projections must run before caches are set up; call model.clear_caches()")
+        layer.attention = FusedAttention.from_attention(layer.attention)
+        layer.feed_forward = FusedFeedForward.from_feed_forward(layer.feed_forward)
+    return model
+
+
+def _kv_heads(attn: nn.Module) -> int:
+    if isinstance(attn, FusedAttention):
+        return attn.n_kv_heads
+    return attn.wk.weight.shape[0] // attn.head_dim  # local heads under tensor parallel
+
+
+def _cache_dtype(model: Transformer) -> torch.dtype:
+    dtype = model.tok_embeddings.weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def setup_caches(model: Transformer, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+    """Attach a static KV cache of `batch_size` rows × `max_seq_len` slots to every layer (fused or not)."""
+    if max_seq_len > model.args.max_seq_len:
+        raise ValueError(f"cache length {max_seq_len} exceeds the model's context length ({model.args.max_seq_len})")
+    dtype = dtype or _cache_dtype(model)
+    device = device or model.tok_embeddings.weight.device
+    for layer in model.layers:
+        attn = layer.attention
+        attn.kv_cache = KVCache(batch_size, _kv_heads(attn), max_seq_len, attn.head_dim, dtype, device)
+
+
+def compile_options() -> dict:
+    """Inductor options for the decode step on CPU: freezing + max-autotune (no CUDA graphs on CPU)."""
+    return {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True}

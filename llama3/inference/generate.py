@@ -1,0 +1,288 @@
+"""Text generation: prefill and decode over the model's static KV cache.
+
+    from llama3.inference import Generator, SamplingParams
+    gen = Generator(model, tokenizer, compile=True)           # compile=False: pure eager PyTorch
+    [result] = gen.generate(["Once upon a time"], max_new_tokens=50, sampling=SamplingParams(temperature=0))
+    result.text, result.token_ids, result.finish_reason, result.timing.decode_tokens_per_s
+    for piece in gen.stream("Once upon a time", max_new_tokens=50): print(piece, end="")
+
+- Prompts are strings (encoded with BOS) or lists of token ids (used as given). A batch of prompts of
+  different lengths is right-padded into one cache: each row has its own positions (`input_pos` (B, T)) and
+  the model's default mask lets a token see cache slots up to its own position, so padding is never seen
+  (slots a row padded into are overwritten by its own later tokens before any query reaches them).
+- Each row stops on its own: at a stop id (default: the tokenizer's stop tokens; the stop id itself is
+  not part of `token_ids`), when a stop string appears in its text (the text is cut before it), or after
+  `max_new_tokens` ("length").
+- `stream` yields text pieces that never split a UTF-8 character and never show part of a stop string.
+- Timing: `prefill_s` is time to first token (prefill + first sample), `decode_s` the rest;
+  `decode_tokens_per_s` counts tokens made by decode steps (all but the first).
+- Compilation (`compile=True`) happens once per cache shape bucket (batch size × cache length rounded up to
+  `cache_bucket`), in a warm-up outside the timed region; later calls of the same bucket reuse it.
+
+Lower-level pieces for other engines: `prefill(tokens, input_pos, last_index)` and
+`decode_step(tokens, input_pos)` return (B, V) fp32 logits; `prepare_cache(batch_size, needed_len)`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from ..model import Transformer
+from .fast import compile_options, setup_caches
+from .sampling import SamplingParams, make_generator, sample
+
+__all__ = ["Generator", "GenerationResult", "GenerationTiming"]
+
+
+@dataclass
+class GenerationTiming:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    num_prompt_tokens: int = 0
+    num_new_tokens: int = 0
+    compile_s: float = 0.0  # warm-up/compilation before the timed region (0 when nothing new compiled)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.num_new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "num_prompt_tokens": self.num_prompt_tokens, "num_new_tokens": self.num_new_tokens,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    timing: GenerationTiming
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+class _Row:
+    """Per-prompt decoding state: generated ids, incrementally decoded text, stop handling."""
+
+    def __init__(self, generator: "Generator", prompt: list[int], stop_strings: Sequence[str]):
+        self.prompt = prompt
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters already handed to a stream
+        self.finish_reason: str | None = None
+        self.decoder = generator.tokenizer.stream_decoder()
+        self.stop_strings = [s for s in stop_strings if s]
+        self.max_stop = max((len(s) for s in self.stop_strings), default=0)
+
+    def add(self, token: int, stop_ids: set[int], max_new_tokens: int) -> None:
+        if token in stop_ids:
+            self.finish(reason="stop")
+            return
+        self.ids.append(token)
+        old_len = len(self.text)
+        self.text += self.decoder.feed(token)
+        if self.stop_strings and len(self.text) > old_len:
+            self._check_stop_strings(max(0, old_len - self.max_stop + 1))
+        if self.finish_reason is None and len(self.ids) >= max_new_tokens:
+            self.finish(reason="length")
+
+    def _check_stop_strings(self, start: int) -> None:
+        hits = [i for i in (self.text.find(s, start) for s in self.stop_strings) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason = "stop"
+
+    def finish(self, reason: str) -> None:
+        self.text += self.decoder.flush()
+        if self.stop_strings:
+            self._check_stop_strings(max(0, len(self.text) - self.max_stop - 4))
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+    def pending_text(self) -> str:
+        """New text that can be shown: all of it once finished, otherwise without a tail that could still
+        become a stop string."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            for n in range(min(self.max_stop - 1, end), 0, -1):
+                if any(s.startswith(self.text[end - n:]) for s in self.stop_strings):
+                    end -= n
+                    break
+        piece = self.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+class Generator:
+    """Prefill + decode for one model and tokenizer. See the module docstring for the API."""
+
+    def __init__(self, model: Transformer, tokenizer, *, compile: bool = False, cache_bucket: int = 256):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model.tok_embeddings.weight.device
+        self.cache_bucket = cache_bucket
+        self.compile = compile
+        self.last_timing: GenerationTiming | None = None  # of the latest `stream`
+        self._cache_shape: tuple[int, int] | None = None
+        self._warm_shapes: set[tuple[int, int]] = set()
+        self._decode_fn = self._decode_eager
+        if compile:
+            self._decode_fn = torch.compile(self._decode_eager, fullgraph=True, dynamic=False,
+                                            options=compile_options())
+
+    # ----- model steps -----
+    def _decode_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, input_pos=input_pos)[:, -1]  # (B, V) fp32
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1), input_pos (B, 1) -> next-token logits (B, V) fp32, writing the KV cache."""
+        return self._decode_fn(tokens, input_pos)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) right-padded prompts, input_pos (B, T), last_index (B,) each row's last real column
+        -> logits there (B, V) fp32. Only the rows' last hidden states go through the output projection."""
+        hidden = self.model(tokens, input_pos=input_pos, return_hidden=True)  # (B, T, D)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return self.model.logits(hidden[rows, last_index])  # (B, V)
+
+    def prepare_cache(self, batch_size: int, needed_len: int) -> float:
+        """Make sure a cache of `batch_size` rows holds `needed_len` positions (rounded up to the bucket, at
+        most the model's context); compile and warm the decode step for that shape if new. Returns the
+        seconds spent warming up."""
+        limit = self.model.args.max_seq_len
+        cache_len = min(-(-needed_len // self.cache_bucket) * self.cache_bucket, limit)
+        current = self._cache_shape
+        if current is None or current[0] != batch_size or current[1] < needed_len:
+            setup_caches(self.model, batch_size, cache_len)
+            self._cache_shape = current = (batch_size, cache_len)
+        if not self.compile or current in self._warm_shapes:
+            return 0.0
+        start = time.perf_counter()
+        tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        positions = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        for _ in range(2):  # the first call compiles, the second runs what later calls run
+            self.decode_step(tokens, positions)
+        self._warm_shapes.add(current)
+        return time.perf_counter() - start
+
+    # ----- public API -----
+    def encode_prompts(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of strings or of token id lists")
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty; give at least one token")
+            vocab = self.model.args.vocab_size
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise ValueError(f"prompt {i} has token ids outside the model's vocabulary [0, {vocab})")
+            encoded.append(ids)
+        return encoded
+
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                 stop_strings: Sequence[str] = (), stop_ids: Sequence[int] | None = None) -> list[GenerationResult]:
+        """Generate for a batch of prompts; one result per prompt, in order."""
+        rows, timing = None, None
+        for rows, timing in self._run(prompts, max_new_tokens, sampling, stop_strings, stop_ids):
+            pass
+        assert rows is not None and timing is not None
+        return [GenerationResult(r.ids, r.text, r.finish_reason or "length",
+                                 GenerationTiming(timing.prefill_s, timing.decode_s, len(r.prompt),
+                                                  len(r.ids), timing.compile_s), r.prompt)
+                for r in rows]
+
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
+               sampling: SamplingParams = SamplingParams(), stop_strings: Sequence[str] = (),
+               stop_ids: Sequence[int] | None = None) -> Iterator[str]:
+        """Yield the continuation of one prompt piece by piece, as soon as each piece is safe to show.
+        Closing the iterator early (e.g. on Ctrl-C) stops generation."""
+        for rows, timing in self._run([prompt], max_new_tokens, sampling, stop_strings, stop_ids):
+            self.last_timing = timing
+            piece = rows[0].pending_text()
+            if piece:
+                yield piece
+
+    # ----- the loop -----
+    def _run(self, prompts, max_new_tokens: int, sampling, stop_strings, stop_ids):
+        """Yields (rows, timing) after the first token and after every decode step."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        encoded = self.encode_prompts(prompts)
+        batch = len(encoded)
+        params = [sampling] * batch if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(params) != batch:
+            raise ValueError(f"got {len(params)} SamplingParams for {batch} prompts")
+        self._check_context(encoded, max_new_tokens)
+        stop_set = set(self.tokenizer.stop_tokens if stop_ids is None else stop_ids)
+        rows = [_Row(self, ids, stop_strings) for ids in encoded]
+        generators = [make_generator(p, self.device) for p in params]
+        generator = None if all(g is None for g in generators) else generators
+        counts = self._initial_counts(encoded) if any(p.has_penalties for p in params) else None
+
+        longest = max(len(ids) for ids in encoded)
+        timing = GenerationTiming(num_prompt_tokens=sum(len(ids) for ids in encoded))
+        timing.compile_s = self.prepare_cache(batch, longest + max_new_tokens)
+
+        start = time.perf_counter()
+        tokens = torch.zeros(batch, longest, dtype=torch.long)  # (B, T) right-padded
+        for i, ids in enumerate(encoded):
+            tokens[i, :len(ids)] = torch.tensor(ids)
+        positions = torch.arange(longest).expand(batch, longest).to(self.device)  # (B, T)
+        lengths = torch.tensor([len(ids) for ids in encoded], device=self.device)
+        logits = self.prefill(tokens.to(self.device), positions, lengths - 1)
+        next_ids = self._pick(logits, params, generator, counts)
+        timing.prefill_s = time.perf_counter() - start
+        self._add(rows, next_ids, stop_set, max_new_tokens, counts)
+        yield rows, timing
+
+        start = time.perf_counter()
+        input_pos = lengths.view(batch, 1).clone()  # (B, 1) position of each row's newest token
+        while any(r.finish_reason is None for r in rows):
+            logits = self.decode_step(next_ids.view(batch, 1), input_pos)
+            next_ids = self._pick(logits, params, generator, counts)
+            input_pos += 1
+            self._add(rows, next_ids, stop_set, max_new_tokens, counts)
+            timing.decode_s = time.perf_counter() - start
+            yield rows, timing
+
+    def _check_context(self, encoded: list[list[int]], max_new_tokens: int) -> None:
+        limit = self.model.args.max_seq_len
+        for i, ids in enumerate(encoded):
+            if len(ids) + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that needs "
+                    f"{len(ids) + max_new_tokens} positions, but the model's context length is {limit}. "
+                    "Shorten the prompt or lower max_new_tokens.")
+
+    def _initial_counts(self, encoded: list[list[int]]) -> torch.Tensor:
+        vocab = self.model.args.vocab_size
+        counts = torch.zeros(len(encoded), vocab, dtype=torch.int32, device=self.device)  # (B, V)
+        for i, ids in enumerate(encoded):
+            counts[i] = torch.bincount(torch.tensor(ids, device=self.device), minlength=vocab)
+        return counts
+
+    @staticmethod
+    def _pick(logits, params, generator, counts) -> torch.Tensor:
+        if generator is None and counts is None and all(p.greedy for p in params):
+            return logits.argmax(-1)
+        return sample(logits, params, generator=generator, token_counts=counts)
+
+    @staticmethod
+    def _add(rows: list[_Row], next_ids: torch.Tensor, stop_set: set[int], max_new_tokens: int,
+             counts: torch.Tensor | None) -> None:
+        if counts is not None:
+            counts.scatter_add_(1, next_ids.view(-1, 1), torch.ones_like(next_ids.view(-1, 1), dtype=counts.dtype))
+        for row, token in zip(rows, next_ids.tolist()):
+            if row.finish_reason is None:
+                row.add(token, stop_set, max_new_tokens)
