@@ -1,0 +1,223 @@
+"""Hugging Face folders: `config.json` + safetensors (single or sharded) + tokenizer files.
+
+Reading accepts any Llama-architecture folder (both rope spellings, tied embeddings, shards); writing
+produces the folder transformers and vLLM expect: config.json with `architectures` and `torch_dtype`,
+generation_config.json with the stop ids, safetensors with `{"format": "pt"}` metadata (sharded over
+`max_shard_size` with `model.safetensors.index.json`), tokenizer.json (`ignore_merges: true`),
+tokenizer_config.json with the chat template, special_tokens_map.json, and a tiktoken `tokenizer.model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ModelArgs
+from .keymap import hf_to_meta_key, meta_to_hf_key, meta_to_hf_state_dict, permute_qk_to_meta
+from .load import materialize_model
+from .safety import (atomic_output_dir, contained_path, dtype_name, open_safetensors, parse_dtype, parse_size,
+                     read_json, read_safetensors_tensor, write_json)
+
+__all__ = ["load_hf", "save_hf", "read_hf_args", "hf_weight_files", "load_tokenizer"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+# ----- reading -----
+
+def read_hf_args(folder: Path) -> ModelArgs:
+    """ModelArgs from `folder/config.json`; errors name the file."""
+    path = folder / "config.json"
+    config = read_json(path, what="config.json")
+    try:
+        return ModelArgs.from_hf_config(config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def hf_weight_files(folder: Path) -> list[tuple[Path, list[str] | None]]:
+    """The safetensors files of a folder, each with the tensor names the index promises it holds (None
+    without an index). Shard names that leave the folder are refused."""
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        index = read_json(index_path, what="safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path}: no 'weight_map' object mapping tensor names to shard files")
+        by_file: dict[Path, list[str]] = {}
+        for tensor_name, file_name in weight_map.items():
+            by_file.setdefault(contained_path(folder, file_name, source=index_path), []).append(tensor_name)
+        for path in by_file:
+            if not path.is_file():
+                raise ValueError(f"{index_path}: shard {path.name} is listed but missing from {folder}")
+        return list(by_file.items())
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        return [(single, None)]
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return [(found[0], None)]
+    if found:
+        raise ValueError(f"{folder}: {len(found)} safetensors files but no {INDEX_NAME} saying which tensor "
+                         "is where")
+    if list(folder.glob("*.bin")):
+        raise ValueError(f"{folder}: only pytorch_model*.bin weights (pickles); convert them to safetensors "
+                         "first, we do not unpickle model files")
+    raise ValueError(f"{folder}: no model.safetensors or {INDEX_NAME}; the weights are missing")
+
+
+def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs,
+                     index_path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(meta_name, tensor, file) for every tensor, read one at a time, q/k rows back in Meta's order."""
+    for path, promised in files:
+        with open_safetensors(path) as handle:
+            keys = list(handle.keys())
+            if promised is not None:
+                absent = sorted(set(promised) - set(keys))
+                if absent:
+                    raise ValueError(f"{index_path}: tensor {absent[0]!r} is listed in {path.name} but that file "
+                                     "does not hold it; the shard is incomplete or the index is stale")
+            for key in keys:
+                if key.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved; recomputed here
+                    continue
+                try:
+                    meta_key = hf_to_meta_key(key)
+                except KeyError:
+                    raise ValueError(f"{path}: unexpected tensor {key!r}; not part of a Llama model") from None
+                tensor = read_safetensors_tensor(handle, key, path)
+                n_heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}.get(
+                    meta_key.split(".", 2)[-1])
+                if n_heads is not None and tensor.dim() == 2 and tensor.shape[0] == n_heads * args.head_dim:
+                    tensor = permute_qk_to_meta(tensor, n_heads)  # wrong shapes are reported by the caller
+                yield meta_key, tensor, str(path)
+
+
+def _stored_name(meta_key: str) -> str:
+    try:
+        return meta_to_hf_key(meta_key)
+    except KeyError:
+        return meta_key
+
+
+def load_tokenizer(folder: Path):
+    """Our Tokenizer from tokenizer.json (keeps the special-token names) or a tiktoken tokenizer.model."""
+    from ..tokenizer import Tokenizer
+
+    for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+        path = folder / name
+        if path.is_file():
+            try:
+                return Tokenizer.from_file(path)
+            except (ValueError, KeyError, TypeError) as e:
+                message = str(e) if str(path) in str(e) else f"{path}: {e}"
+                raise ValueError(f"{message}; only Llama 3 style byte-level BPE tokenizers are supported") from None
+    raise ValueError(f"{folder}: no tokenizer.json or tokenizer.model; copy the model's tokenizer files here")
+
+
+def load_hf(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
+            dtype: str | torch.dtype | None = None):
+    """(model, tokenizer) from a Hugging Face folder of any Llama-architecture model."""
+    folder = Path(folder)
+    args = read_hf_args(folder)
+    files = hf_weight_files(folder)
+    tensors = _iter_hf_tensors(files, args, folder / INDEX_NAME)
+    model = materialize_model(args, tensors, device=device, dtype=parse_dtype(dtype), what=str(folder),
+                              stored_name=_stored_name)
+    return model, load_tokenizer(folder)
+
+
+# ----- writing -----
+
+def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Greedy, in order: start a new shard when the next tensor would pass the limit (a tensor larger than
+    the limit gets a shard of its own, as transformers does)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def _special_token_fields(tokenizer) -> dict[str, Any]:
+    ids = {v: k for k, v in tokenizer.special_tokens.items()}
+    pad = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in tokenizer.special_tokens else None
+    return {"bos_token": ids[tokenizer.bos_id], "eos_token": ids[tokenizer.eos_id], "pad_token": pad}
+
+
+def write_hf_tokenizer(tokenizer, out: Path, *, max_seq_len: int) -> None:
+    """tokenizer.json, tokenizer_config.json (chat template), special_tokens_map.json and tokenizer.model."""
+    from ..tokenizer import CHAT_TEMPLATE
+
+    specials = _special_token_fields(tokenizer)
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_hf_json(), ensure_ascii=False), encoding="utf-8")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{k: v for k, v in specials.items() if v is not None},
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": True,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": max_seq_len,
+    }
+    write_json(out / "tokenizer_config.json", config)
+    write_json(out / "special_tokens_map.json", {k: v for k, v in specials.items() if v is not None})
+    tokenizer.save_tiktoken(out / "tokenizer.model")
+
+
+def write_hf_configs(args: ModelArgs, tokenizer, out: Path, *, dtype: torch.dtype) -> None:
+    stop_ids = sorted(tokenizer.stop_tokens)
+    config = args.to_hf_config(torch_dtype=dtype_name(dtype), bos_token_id=tokenizer.bos_id,
+                               eos_token_id=tokenizer.eos_id)
+    write_json(out / "config.json", config)
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop_ids,
+                  # Meta's instruct defaults (llama-models generation.py): temperature 0.6, top_p 0.9.
+                  "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    if "<|finetune_right_pad_id|>" in tokenizer.special_tokens:
+        generation["pad_token_id"] = tokenizer.special_tokens["<|finetune_right_pad_id|>"]
+    write_json(out / "generation_config.json", generation)
+
+
+def save_hf(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+            max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False) -> Path:
+    """Write a Hugging Face folder at `path` (atomically: a temp folder beside it, renamed when complete).
+
+    dtype: weights' dtype in the files (default: the model's). Weights over `max_shard_size` are split into
+    `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`."""
+    from safetensors.torch import save_file
+
+    args: ModelArgs = model.args
+    state = model.state_dict()
+    dtype = parse_dtype(dtype) or state["tok_embeddings.weight"].dtype
+    names = [k for k in state if not (k == "output.weight" and args.tie_word_embeddings)]
+    sizes = {k: state[k].numel() * dtype.itemsize for k in names}
+    shards = _plan_shards(sizes, parse_size(max_shard_size))
+    with atomic_output_dir(path, overwrite=overwrite) as out:
+        bar = tqdm(total=len(names), desc=f"writing {Path(path).name} (hf)", unit="tensor", disable=not progress)
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            file_name = SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors: dict[str, torch.Tensor] = {}
+            for key in shard:
+                tensor = state[key].detach().to(device="cpu", dtype=dtype)
+                for hf_key, hf_tensor in meta_to_hf_state_dict({key: tensor}, args).items():
+                    tensors[hf_key] = hf_tensor.contiguous()
+                    weight_map[hf_key] = file_name
+                bar.update()
+            save_file(tensors, str(out / file_name), metadata={"format": "pt"})
+            del tensors  # one shard's converted copies at a time
+        bar.close()
+        if len(shards) > 1:
+            write_json(out / INDEX_NAME, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+        write_hf_configs(args, tokenizer, out, dtype=dtype)
+        write_hf_tokenizer(tokenizer, out, max_seq_len=args.max_seq_len)
+    return Path(path)

@@ -1,0 +1,139 @@
+"""`llama3.load` and `llama3.save`: one entry point for every checkpoint format.
+
+The format is detected from the files present:
+- a Hugging Face folder: `config.json` + `model.safetensors` (or shards + `model.safetensors.index.json`)
+  + `tokenizer.json` or `tokenizer.model`;
+- a Meta folder: `params.json` + `consolidated.NN.pth` + `tokenizer.model`;
+- one of our training checkpoints (`llama3.checkpoint.native` decides);
+- a `.gguf` file (llama.cpp).
+
+Models are built on the meta device (no memory) and the loaded tensors are assigned in place
+(`load_state_dict(assign=True)`), so peak memory stays near the size of the weights, not twice it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..config import ModelArgs
+from .safety import check_state_dict, parse_dtype
+
+__all__ = ["load", "save", "detect_format", "materialize_model"]
+
+Format = Literal["hf", "meta", "gguf", "training"]
+
+
+def detect_format(path: str | os.PathLike) -> Format:
+    """Which checkpoint format `path` holds, from the files present (never from its name alone)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; give a model folder (Hugging Face or Meta), a training "
+                         "checkpoint or a .gguf file")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise ValueError(f"{path} is a file; give the folder that holds the model (config.json or params.json "
+                         "and the weights), or a .gguf file")
+    try:
+        from .native import is_training_checkpoint
+    except ImportError:  # training checkpoints not available in this build
+        is_training_checkpoint = None
+    if is_training_checkpoint is not None and is_training_checkpoint(path):
+        return "training"
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / "params.json").is_file():
+        return "meta"
+    raise ValueError(f"{path}: no config.json (Hugging Face), params.json (Meta) or training checkpoint "
+                     "marker found; is this a model folder?")
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
+    """Load `(model, tokenizer)` from a Hugging Face folder, a Meta folder, a training checkpoint or a GGUF
+    file. `dtype=None` keeps the stored dtype (bf16 stays bf16). The model is returned in eval mode."""
+    path = Path(path)
+    dtype = parse_dtype(dtype)
+    fmt = detect_format(path)
+    if fmt == "training":
+        from .native import load_training_checkpoint
+
+        model, tokenizer = load_training_checkpoint(path, device=device, dtype=dtype)
+    elif fmt == "hf":
+        from .hf import load_hf
+
+        model, tokenizer = load_hf(path, device=device, dtype=dtype)
+    elif fmt == "meta":
+        from .meta import load_meta
+
+        model, tokenizer = load_meta(path, device=device, dtype=dtype)
+    else:
+        from .gguf import load_gguf
+
+        model, tokenizer = load_gguf(path, device=device, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def save(model: Any, tokenizer: Any, path: str | os.PathLike, *, format: str = "hf",
+         dtype: str | torch.dtype | None = None, **kwargs: Any) -> Path:
+    """Write `model` and `tokenizer` to `path` as a Hugging Face folder (`format="hf"`, kwargs:
+    `max_shard_size`), a Meta folder (`"meta"`, kwargs: `num_shards`) or a GGUF file (`"gguf"`, dtype one of
+    f32/f16/bf16/q8_0). Common kwargs: `overwrite`, `progress`. Returns the path written."""
+    if format == "hf":
+        from .hf import save_hf
+
+        return save_hf(model, tokenizer, path, dtype=dtype, **kwargs)
+    if format == "meta":
+        from .meta import save_meta
+
+        return save_meta(model, tokenizer, path, dtype=dtype, **kwargs)
+    if format == "gguf":
+        from .gguf import save_gguf
+
+        return save_gguf(model, tokenizer, path, dtype=dtype, **kwargs)
+    raise ValueError(f"unknown checkpoint format {format!r}; choose hf, meta or gguf")
+
+
+def materialize_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor, str]], *,
+                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      what: str, stored_name=None) -> Any:
+    """Build a Transformer on the meta device and assign `tensors` (Meta names) to it, one at a time.
+
+    tensors: (meta_name, tensor, source file) triples, read lazily so each is converted to `device`/`dtype`
+    right after it is read (peak memory ~ weights + one tensor). `dtype=None` takes the dtype of the first
+    floating-point tensor. A tied model ignores a stored `output.weight` (some exports keep the copy).
+    Raises ValueError naming the file and tensor for duplicates, missing/unexpected tensors and wrong shapes.
+    """
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings:
+        expected.pop("output.weight")
+    state: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    for key, tensor, source in tensors:
+        if key in state:
+            raise ValueError(f"{source}: tensor {key!r} appears twice (also in {sources[key]})")
+        if args.tie_word_embeddings and key == "output.weight":
+            continue
+        if key in expected and tuple(tensor.shape) != tuple(expected[key]):
+            name = stored_name(key) if stored_name else key
+            raise ValueError(f"{source}: tensor {name!r} has shape {list(tensor.shape)} but the config implies "
+                             f"{list(expected[key])}; config and weights do not match")
+        if dtype is None and tensor.is_floating_point():
+            dtype = tensor.dtype
+        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        sources[key] = source
+    check_state_dict(state, expected, sources, what=what, stored_name=stored_name)
+    model.load_state_dict(state, strict=False, assign=True)  # strict checks done above; tied output is re-tied
+    model.init_buffers(device)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model.eval()
