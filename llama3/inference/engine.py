@@ -72,9 +72,13 @@ class EngineRequest:
 
 @dataclass
 class TokenEvent:
+    """A generated token. `is_stop`: one of the request's stop tokens, sent (for its log-probability) just
+    before the FinishEvent; it is not part of the output text."""
+
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    is_stop: bool = False
 
 
 @dataclass
@@ -187,11 +191,11 @@ class Engine:
         engine.stop()
     """
 
-    def __init__(self, model: nn.Module, *, num_slots: int = 8, max_seq_len: int | None = None,
+    def __init__(self, model: nn.Module, tokenizer=None, *, num_slots: int = 8, max_seq_len: int | None = None,
                  max_queue: int = 64, prefill_chunk: int = 256):
         if num_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("num_slots and prefill_chunk must be >= 1 and max_queue >= 0")
-        self.model = model
+        self.model, self.tokenizer = model, tokenizer  # the tokenizer is for callers (the server); not used here
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.vocab_size = model.args.vocab_size
@@ -266,7 +270,7 @@ class Engine:
     def generate(self, prompt_ids, max_new_tokens: int, **kwargs) -> list[int]:
         """Blocking convenience: the generated ids of one request (for scripts and tests)."""
         request = EngineRequest(prompt_ids=tuple(prompt_ids), max_new_tokens=max_new_tokens, **kwargs)
-        return [e.token_id for e in self.submit(request) if isinstance(e, TokenEvent)]
+        return [e.token_id for e in self.submit(request) if isinstance(e, TokenEvent) and not e.is_stop]
 
     def num_free_slots(self) -> int:
         return sum(s is None for s in self._slots)
@@ -464,7 +468,9 @@ class Engine:
             if self._token_counts is not None:
                 self._token_counts[slot.index, token] += 1
             if token in request.stop_token_ids:
-                self._finish(slot, "stop")  # the stop token itself is not part of the output
+                event.is_stop = True
+                slot.handle._emit(event)
+                self._finish(slot, "stop")
                 continue
             slot.handle._emit(event)
             if slot.num_generated >= request.max_new_tokens:

@@ -1,0 +1,155 @@
+"""Request bodies of the OpenAI API we serve, with every field bounded.
+
+Field names and ranges follow the OpenAI API reference (temperature in [0, 2], top_p in (0, 1], at most 4
+stop sequences, top_logprobs <= 20, penalties in [-2, 2]); a few server-side caps (`ServerLimits`) bound
+what the API leaves open (n, message count, string lengths). Validation failures become 400 errors naming
+the field (see `app.py`). Responses are plain dicts built in `app.py`, shaped exactly as OpenAI's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+__all__ = ["ServerLimits", "ChatMessage", "ChatCompletionRequest", "CompletionRequest", "StreamOptions",
+           "ToolDefinition", "MAX_N", "MAX_STOP", "MAX_TOP_LOGPROBS"]
+
+MAX_N = 8
+MAX_STOP = 4
+MAX_STOP_CHARS = 200
+MAX_TOP_LOGPROBS = 20
+MAX_MESSAGES = 1024
+MAX_PROMPTS = 64
+MAX_TOOLS = 64
+MAX_TOKEN_ID = 2**31 - 1
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1, strict=True)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Server-side bounds. `max_body_bytes` caps a request body; `max_prompt_chars` caps any text field."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_chars: int = 1_000_000
+    max_n: int = MAX_N
+    request_timeout_s: float = 600.0
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored (clients send vendor extras), but known ones are type-checked.
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    arguments: str = "{}"
+
+
+class ToolCall(_Strict):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    """One message. `developer` is OpenAI's newer name for `system`; `tool` carries a tool's result."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: dict[str, str]
+
+    @field_validator("function")
+    @classmethod
+    def _has_name(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value.get("name"):
+            raise ValueError("tool_choice.function needs a 'name'")
+        return value
+
+
+class _SamplingFields(_Strict):
+    model: Annotated[str, Field(max_length=256)] = ""
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] = 1
+    stop: Union[StopText, Annotated[list[StopText], Field(max_length=MAX_STOP)], None] = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    seed: Seed | None = None
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    # Extensions most open servers (vLLM, llama.cpp) accept as well.
+    top_k: Annotated[int, Field(ge=0, le=1000, strict=True)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] = 1.0
+    user: Annotated[str, Field(max_length=256)] | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)] | None = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: StrictBool = True
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, strict=True)]], Field(min_length=1)]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    max_tokens: Annotated[int, Field(ge=0, strict=True)] = 16  # the OpenAI default for completions
+    echo: StrictBool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)] | None = None
+    suffix: None = Field(default=None, description="not supported: insertion needs a fill-in-the-middle model")
+    best_of: Annotated[int, Field(ge=1, le=1, strict=True)] | None = None
