@@ -41,11 +41,11 @@ def test_assistant_mask_at_hand_computed_positions(byte_chat):
     assert example.ids[trained[-1]] == tok.eot_id
     assert bytes(example.ids[answer_start:trained[-1]]).decode() == answer
     batch = pad_batch([example], tok.pad_id)
-    labels = batch["labels"][0]
+    labels = batch["targets"][0]
     # label t predicts ids[t + 1]: labelled exactly at trained positions minus one, prompt unweighted
     assert (labels != IGNORE_INDEX).nonzero().flatten().tolist() == [t - 1 for t in trained]
     assert labels[answer_start - 1: trained[-1]].tolist() == example.ids[answer_start:]
-    assert batch["tokens"][0].tolist() == example.ids[:-1]
+    assert batch["inputs"][0].tolist() == example.ids[:-1]
 
 
 def test_mask_with_the_llama3_tokenizer(llama3_tokenizer):
@@ -163,16 +163,16 @@ def test_packed_rows_equal_separate_forwards(byte_chat):
     seq_len = max(sum(len(e.ids) - 1 for e in row) for row in rows) + 5  # leave some padding
     batch = pack_batch(rows, byte_chat.tokenizer.pad_id, seq_len)
     with torch.no_grad():
-        packed = model(batch["tokens"], input_pos=batch["input_pos"], document_ids=batch["document_ids"])
+        packed = model(batch["inputs"], input_pos=batch["input_pos"], document_ids=batch["document_ids"])
         for b, row in enumerate(rows):
             start = 0
             for example in row:
                 alone = model(torch.tensor([example.ids[:-1]]))[0]
                 torch.testing.assert_close(packed[b, start: start + len(alone)], alone, atol=1e-5, rtol=1e-5)
                 start += len(alone)
-    alone_labels = torch.cat([pad_batch([e], 0)["labels"][0] for e in rows[0]])
-    assert batch["labels"][0, : len(alone_labels)].tolist() == alone_labels.tolist()
-    assert (batch["labels"][0, len(alone_labels):] == IGNORE_INDEX).all()
+    alone_labels = torch.cat([pad_batch([e], 0)["targets"][0] for e in rows[0]])
+    assert batch["targets"][0, : len(alone_labels)].tolist() == alone_labels.tolist()
+    assert (batch["targets"][0, len(alone_labels):] == IGNORE_INDEX).all()
 
 
 def test_batches_resume_and_fill_rows(byte_chat):
@@ -187,10 +187,10 @@ def test_batches_resume_and_fill_rows(byte_chat):
     for want in expected:
         got = next(resumed)
         assert all(torch.equal(got[k], want[k]) for k in want)
-        assert got["tokens"].shape == (2, 256)
+        assert got["inputs"].shape == (2, 256)
     # an epoch visits every dialog once
     padded = SFTBatches(examples, batch_size=7, pad_id=0, seq_len=256, pack=False)
-    seen = sum(next(padded)["tokens"].shape[0] for _ in range(len(examples) // 7))
+    seen = sum(next(padded)["inputs"].shape[0] for _ in range(len(examples) // 7))
     assert seen == len(examples) // 7 * 7 and padded.epoch == 0
 
 

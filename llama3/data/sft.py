@@ -16,8 +16,9 @@ Each line of a preference file is one DPO pair:
 
 Every malformed line raises `ValueError("FILE:LINE: what is wrong ...")`; nothing is skipped quietly.
 
-Training targets follow the usual shift: `tokens = ids[:-1]`, `labels = ids[1:]`, and a label is
-`IGNORE_INDEX` wherever the loss mask of the predicted token is False (prompts, headers, padding).
+Batches are what the training loop takes: `inputs = ids[:-1]` and `targets = ids[1:]` (B, T), a target
+being `IGNORE_INDEX` wherever the loss mask of the predicted token is False (prompts, headers, padding);
+packed rows add `document_ids` and `input_pos` (B, T).
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ def _inputs_and_labels(ids: list[int], mask: list[bool]) -> tuple[list[int], lis
 
 
 def pad_batch(examples: Sequence[ChatExample], pad_id: int, *, seq_len: int | None = None) -> dict[str, torch.Tensor]:
-    """One row per dialog, right-padded to the longest (or `seq_len`): tokens and labels (B, T).
+    """One row per dialog, right-padded to the longest (or `seq_len`): inputs and targets (B, T).
     Right padding needs no attention mask: causal attention never looks ahead at the pads."""
     rows = [_inputs_and_labels(e.ids, e.loss_mask) for e in examples]
     T = seq_len or max(len(tokens) for tokens, _ in rows)
@@ -325,7 +326,7 @@ def pad_batch(examples: Sequence[ChatExample], pad_id: int, *, seq_len: int | No
         assert len(row_tokens) <= T, "examples are truncated to max_seq_len when loaded"
         tokens[b, : len(row_tokens)] = torch.tensor(row_tokens)
         labels[b, : len(row_labels)] = torch.tensor(row_labels)
-    return {"tokens": tokens, "labels": labels}
+    return {"inputs": tokens, "targets": labels}
 
 
 def pack_batch(rows: Sequence[Sequence[ChatExample]], pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -333,8 +334,8 @@ def pack_batch(rows: Sequence[Sequence[ChatExample]], pad_id: int, seq_len: int)
     inside each dialog and `input_pos` restarting at 0 per dialog, as if each were alone. The tail of a row
     is padding with its own document id and no labels. rows: B lists of dialogs -> tensors (B, seq_len)."""
     B = len(rows)
-    out = {"tokens": torch.full((B, seq_len), pad_id, dtype=torch.long),
-           "labels": torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long),
+    out = {"inputs": torch.full((B, seq_len), pad_id, dtype=torch.long),
+           "targets": torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long),
            "document_ids": torch.zeros((B, seq_len), dtype=torch.long),
            "input_pos": torch.zeros((B, seq_len), dtype=torch.long)}
     for b, row in enumerate(rows):
@@ -344,8 +345,8 @@ def pack_batch(rows: Sequence[Sequence[ChatExample]], pad_id: int, seq_len: int)
             end = start + len(tokens)
             if end > seq_len:
                 raise ValueError(f"row {b} holds {end} tokens, more than seq_len={seq_len}")
-            out["tokens"][b, start:end] = torch.tensor(tokens)
-            out["labels"][b, start:end] = torch.tensor(labels)
+            out["inputs"][b, start:end] = torch.tensor(tokens)
+            out["targets"][b, start:end] = torch.tensor(labels)
             out["document_ids"][b, start:end] = doc
             out["input_pos"][b, start:end] = torch.arange(len(tokens))
             start = end

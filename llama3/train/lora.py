@@ -1,0 +1,250 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") as a model transform.
+
+`apply_lora(model, LoRAConfig(...))` swaps chosen projections (`wq`, `wk`, `wv`, `wo`, `w1`, `w2`, `w3` by
+default) for `LoRALinear`: y = x Wᵀ + (alpha / r) · dropout(x) Aᵀ Bᵀ, with W frozen, A (r, in) initialized
+as nn.Linear's weight (Kaiming-uniform, as PEFT does) and B (out, r) zero, so the adapted model starts
+exactly equal to the base. Every other parameter is frozen too; only A and B train.
+
+`merge_lora(model)` folds W + (alpha / r) · B A back into plain nn.Linear layers for export;
+`save_peft_adapter` writes the adapters alone in Hugging Face PEFT's layout (`adapter_config.json` +
+`adapter_model.safetensors`), which `peft.PeftModel.from_pretrained` loads onto an HF `LlamaForCausalLM`.
+
+The frozen base weight keeps its Meta name (`layers.N.attention.wq.weight`), so a LoRA model's state dict
+is the base's plus `.lora_A` / `.lora_B` entries, and checkpoints of the base still load into it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.keymap import meta_to_hf_key, permute_qk_to_hf, permute_qk_to_meta
+
+__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "lora_parameters", "lora_state_dict",
+           "save_peft_adapter", "load_peft_adapter", "DEFAULT_TARGETS"]
+
+DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# Our projection name -> (the module that holds it, HF's module name), for PEFT's `target_modules`.
+_TARGET_PLACES = {"wq": ("attention", "q_proj"), "wk": ("attention", "k_proj"), "wv": ("attention", "v_proj"),
+                  "wo": ("attention", "o_proj"), "w1": ("feed_forward", "gate_proj"),
+                  "w2": ("feed_forward", "down_proj"), "w3": ("feed_forward", "up_proj")}
+
+
+@dataclass
+class LoRAConfig:
+    """rank r, scale alpha (the update is multiplied by alpha / r), dropout on the adapter's input,
+    and which projections of every block get adapters."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        unknown = set(self.targets) - set(_TARGET_PLACES)
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets {sorted(unknown) or '(none)'} unknown; choose from {list(_TARGET_PLACES)}")
+        self.targets = tuple(t for t in _TARGET_PLACES if t in self.targets)  # canonical order
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (no bias: Llama has none)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError("LoRALinear wraps bias-free projections only")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A as nn.Linear initializes its weight (PEFT's default), B zero: the update starts at exactly 0."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out)
+        return F.linear(x, self.weight) + update * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) · B A, computed in fp32: (out, in)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear holding W + (alpha / r) · B A, in W's dtype."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=False,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, parent module, attribute) for every targeted projection in every block."""
+    found = []
+    for i, layer in enumerate(model.layers):
+        for target in targets:
+            holder_name, _ = _TARGET_PLACES[target]
+            found.append((f"layers.{i}.{holder_name}.{target}", getattr(layer, holder_name), target))
+    return found
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Freeze every parameter of `model` and add LoRA adapters to the configured projections, in place.
+    Returns the model, whose trainable parameters are then exactly the adapters."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("this model already has LoRA adapters; merge_lora() it first")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, parent, attr in _targets(model, config.targets):
+        base = getattr(parent, attr)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"cannot add LoRA to {type(base).__name__}; only nn.Linear projections")
+        setattr(parent, attr, LoRALinear(base, config.rank, config.alpha, config.dropout))
+    model.lora_config = config  # read back by save_peft_adapter
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by the equivalent plain nn.Linear (W + scaling·BA), in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters (what the optimizer should see)."""
+    return [p for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors under our names: `layers.N.attention.wq.lora_A` ..."""
+    return {name: p.detach() for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+
+
+def _peft_key(meta_name: str, which: str) -> str:
+    """layers.3.attention.wq.lora_A -> base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"""
+    hf_module = meta_to_hf_key(f"{meta_name}.weight").removesuffix(".weight")
+    return f"base_model.model.{hf_module}.{which}.weight"
+
+
+def _peft_config(config: LoRAConfig, base_model_name_or_path: str | None) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": sorted(_TARGET_PLACES[t][1] for t in config.targets),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+
+
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> None:
+    """Write the adapters alone in PEFT's layout, atomically (temp folder, then rename).
+
+    Keys are HF's module names (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`). HF's
+    q/k rows are a permutation P of ours (rotate-half instead of interleaved RoPE pairs): W_hf = P W, so
+    (W + BA)_hf = P W + (P B) A, and only lora_B of wq/wk is permuted."""
+    from safetensors.torch import save_file
+
+    config: LoRAConfig | None = getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("this model has no LoRA adapters to save (apply_lora first)")
+    args = model.args
+    tensors = {}
+    for name, tensor in lora_state_dict(model).items():
+        module_name, which = name.rsplit(".", 1)
+        if which == "lora_B" and module_name.endswith(("attention.wq", "attention.wk")):
+            n_heads = args.n_heads if module_name.endswith("wq") else args.n_kv_heads
+            tensor = permute_qk_to_hf(tensor, n_heads)
+        tensors[_peft_key(module_name, which)] = tensor.contiguous().cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(_peft_config(config, base_model_name_or_path), indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add the adapters of a PEFT LoRA folder (ours or from `peft`) to a base model, in place."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a PEFT adapter folder (adapter_config.json: {e})") from None
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern"):
+        raise ValueError(f"{path}: only plain LoRA adapters load (no DoRA, rsLoRA or per-module ranks)")
+    hf_to_ours = {hf: ours for ours, (_, hf) in _TARGET_PLACES.items()}
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    unknown = [t for t in targets if t not in hf_to_ours]
+    if unknown:
+        raise ValueError(f"{path}: adapters on {unknown}; only {sorted(hf_to_ours)} are supported")
+    config = LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0)),
+                        targets=tuple(hf_to_ours[t] for t in targets))
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    apply_lora(model, config)
+    args = model.args
+    for module_name, parent, attr in _targets(model, config.targets):
+        lora = getattr(parent, attr)
+        for which in ("lora_A", "lora_B"):
+            key = _peft_key(module_name, which)
+            if key not in tensors:
+                raise ValueError(f"{path}: missing tensor {key}")
+            tensor = tensors.pop(key)
+            if which == "lora_B" and attr in ("wq", "wk"):
+                tensor = permute_qk_to_meta(tensor, args.n_heads if attr == "wq" else args.n_kv_heads)
+            getattr(lora, which).data.copy_(tensor)
+    if tensors:
+        raise ValueError(f"{path}: unexpected tensors {sorted(tensors)[:3]}...")
+    return model
+
+
+def lora_config_dict(config: LoRAConfig) -> dict[str, Any]:
+    """The config as plain data (for the run's saved config)."""
+    d = asdict(config)
+    d["targets"] = list(config.targets)
+    return d
