@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..model import KVCache
+from .fast import setup_caches
 from .sampling import GREEDY, SamplingParams, make_generator, sample
 
 __all__ = ["Engine", "EngineRequest", "RequestHandle", "TokenEvent", "PromptLogprobsEvent", "FinishEvent",
@@ -185,7 +186,7 @@ class _Histogram:
 class Engine:
     """A continuous-batching generator over `num_slots` KV-cache rows of `max_seq_len` positions.
 
-        engine = Engine(model, num_slots=8).start()
+        engine = Engine(model, tokenizer, num_slots=8).start()
         handle = engine.submit(EngineRequest(prompt_ids=(...), max_new_tokens=64))
         for event in handle: ...
         engine.stop()
@@ -199,7 +200,7 @@ class Engine:
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.vocab_size = model.args.vocab_size
-        self.device = next(model.parameters()).device
+        self.device = model.tok_embeddings.weight.device
         self._cond = threading.Condition()
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._slots: list[_Slot | None] = [None] * num_slots
@@ -218,7 +219,7 @@ class Engine:
         """Allocate the KV cache and start the engine thread."""
         if self._thread is not None:
             return self
-        self.model.setup_caches(self.num_slots, self.max_seq_len)
+        setup_caches(self.model, self.num_slots, self.max_seq_len)  # works for fused layers too
         self._full_caches = [layer.attention.kv_cache for layer in self.model.layers]
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llama3-engine", daemon=True)

@@ -1,0 +1,101 @@
+"""`llama3 serve`: the OpenAI-compatible API and the web chat page for one model folder."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+HELP = "serve a model over an OpenAI-compatible HTTP API with a web chat page at /"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama3 serve", description=HELP)
+    parser.add_argument("--model", required=True, help="model folder or file that llama3.load reads")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+    parser.add_argument("--model-name", default=None, help="the model id clients use (default: the folder name)")
+    parser.add_argument("--num-slots", type=int, default=8, help="sequences decoded together (KV-cache rows)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="context per slot (default: the model's, at most 8192)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body size limit")
+    return parser
+
+
+def usage_banner(url: str, model_name: str, api_key: str | None) -> str:
+    """What to print once the server is up: where it is, and how to call it."""
+    key = api_key if api_key is not None else "unused"
+    auth = f' -H "Authorization: Bearer {api_key}"' if api_key is not None else ""
+    return "\n".join([
+        f"llama3 serve: {model_name} at {url}",
+        f"  chat page:  {url}/",
+        f"  metrics:    {url}/metrics",
+        "",
+        "curl:",
+        f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\",
+        f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+        "",
+        "python (pip install openai):",
+        "  from openai import OpenAI",
+        f"  client = OpenAI(base_url=\"{url}/v1\", api_key=\"{key}\")",
+        f"  reply = client.chat.completions.create(model=\"{model_name}\",",
+        "                                         messages=[{\"role\": \"user\", \"content\": \"Hello!\"}])",
+        "  print(reply.choices[0].message.content)",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.port < 65536:
+        print(f"llama3 serve: --port must be in 1..65535, got {args.port}", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+    except ImportError:
+        print("llama3 serve needs the serve extra: pip install 'llama3[serve]'", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    import llama3
+
+    from ..inference.engine import Engine
+    from ..inference.fast import optimize_for_inference
+    from ..serve.app import create_app
+    from ..serve.schema import ServerLimits
+
+    try:
+        model, tokenizer = llama3.load(args.model, device=args.device, dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"llama3 serve: cannot load {args.model}: {exc}", file=sys.stderr)
+        return 2
+    optimize_for_inference(model, quantize=args.quantize)
+    max_seq_len = args.max_seq_len or min(model.args.max_seq_len, 8192)
+    engine = Engine(model, tokenizer, num_slots=args.num_slots, max_queue=args.max_queue,
+                    max_seq_len=max_seq_len).start()
+    model_name = args.model_name or Path(args.model).resolve().name
+    app = create_app(engine, api_key=args.api_key, model_name=model_name,
+                     limits=ServerLimits(max_body_bytes=args.max_body_bytes))
+    host_shown = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host_shown}:{args.port}"
+    print(usage_banner(url, model_name, args.api_key), flush=True)
+    if args.api_key is None and not _is_loopback(args.host):
+        print(f"warning: {args.host} is reachable from other machines and no --api-key is set", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        engine.stop()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
