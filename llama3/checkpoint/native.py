@@ -1,0 +1,151 @@
+"""Training checkpoints: `RUN/step-NNNNNNNN/` folders that count only once complete.
+
+A step folder holds
+
+    model.safetensors     the weights, Meta names (tied output weight stored once, as tok_embeddings)
+    train_state.pt        optimizer state, step, data-loader state, RNG states, skipped-step count
+    config.json           the resolved TrainConfig of the run
+    model_args.json       the ModelArgs (so the weights load without the training config)
+    tokenizer.model       the tokenizer (tiktoken format)
+    COMPLETE              the completion marker, written last
+
+It is written into `RUN/.tmp-step-NNNNNNNN/` and renamed into place after the marker, so a crash mid-save
+leaves only a temp folder that no reader counts (and the next save removes). Older complete checkpoints
+beyond `keep` are deleted only after the new one is in place, so the last good checkpoint always exists.
+`train_state.pt` loads with `torch.load(weights_only=True)`: it holds tensors, numbers, strings and lists only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["save_training_checkpoint", "load_train_state", "latest_checkpoint", "complete_checkpoints",
+           "is_training_checkpoint", "load_training_checkpoint", "MARKER"]
+
+MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights with a tied output weight dropped (safetensors refuses shared storage)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+        state.pop("output.weight", None)
+    return state
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step folders of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if _STEP_RE.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete step folder of a run, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer | None, train_state: dict[str, Any],
+                             config_json: str, tokenizer: Any, keep: int = 3) -> Path:
+    """Write `run_dir/step-<step>/` atomically and prune older complete checkpoints to the last `keep`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final, tmp = run_dir / name, run_dir / f".tmp-{name}"
+    for stale in run_dir.glob(".tmp-step-*"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    state = dict(train_state)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    torch.save(state, tmp / "train_state.pt")
+    (tmp / "config.json").write_text(config_json)
+    (tmp / "model_args.json").write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
+    tokenizer.save_tiktoken(tmp / "tokenizer.model")
+    _fsync_dir_files(tmp)
+    (tmp / MARKER).write_text(f"{step}\n")
+    if final.exists():  # a re-save of the same step (e.g. the final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep > 0:
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    """Flush the files to disk before the marker makes them count (a power loss must not leave a
+    complete-looking folder with empty files)."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def load_train_state(step_dir: str | Path, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load weights into `model` and optimizer state into `optimizer`; return the rest of train_state."""
+    step_dir = Path(step_dir)
+    if not (step_dir / MARKER).is_file():
+        raise ValueError(f"{step_dir} is not a complete training checkpoint (no {MARKER} marker)")
+    _load_weights(model, step_dir)
+    state = torch.load(step_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state.pop("optimizer"))
+    return state
+
+
+def _load_weights(model: torch.nn.Module, step_dir: Path) -> None:
+    weights = load_file(str(step_dir / "model.safetensors"))
+    device = next(model.parameters()).device
+    missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
+    missing = [k for k in missing if not (k == "output.weight" and model.args.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{step_dir}: checkpoint does not match the model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}); was it written with another model config?")
+
+
+def _resolve_step_dir(path: Path) -> Path | None:
+    if _STEP_RE.match(path.name) and (path / MARKER).is_file():
+        return path
+    return latest_checkpoint(path) if path.is_dir() else None
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """True for a complete `step-N` folder, or a run folder holding at least one."""
+    return _resolve_step_dir(Path(path)) is not None
+
+
+def load_training_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
+                             dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a step folder or a run folder (its newest complete step), in eval mode."""
+    from ..config import ModelArgs
+    from ..model import Transformer
+    from ..tokenizer import Tokenizer
+
+    step_dir = _resolve_step_dir(Path(path))
+    if step_dir is None:
+        raise ValueError(f"{path}: no complete training checkpoint (step-NNNNNNNN folder with {MARKER})")
+    args = ModelArgs.from_dict(json.loads((step_dir / "model_args.json").read_text()))
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    _load_weights(model, step_dir)
+    model.init_buffers(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), Tokenizer.from_file(step_dir / "tokenizer.model")

@@ -1,0 +1,82 @@
+"""`llama3 pretrain`: train a Llama 3 from scratch on a folder written by `llama3 prepare`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "pretrain from scratch on prepared token shards (recipes, --section.key=value overrides, --resume)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..train.recipes import recipe_names
+
+    parser = argparse.ArgumentParser(
+        prog="llama3 pretrain", description=HELP,
+        epilog="Any config field can be set as --section.key=value, e.g. --train.steps=50 --optim.lr=1e-3 "
+               "--model.n_layers=4 (sections: model, data, optim, schedule, train, checkpoint, parallel, "
+               "logging). --print-config shows them all.")
+    parser.add_argument("--recipe", default="debug", choices=recipe_names(), help="starting config (default: debug)")
+    parser.add_argument("--data", help="dataset folder from `llama3 prepare` (sets data.path)")
+    parser.add_argument("--out", help="run folder for checkpoints, metrics.jsonl and the HF export "
+                                      "(sets train.out_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, overrides: list[str]):
+    """The TrainConfig for parsed arguments: recipe, then --data/--out, then --section.key overrides."""
+    from ..train.config import apply_overrides
+    from ..train.recipes import recipe
+
+    cfg = recipe(args.recipe)
+    if args.data:
+        cfg.data.path = args.data
+    if args.out:
+        cfg.train.out_dir = args.out
+    return apply_overrides(cfg, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = resolve_config(args, overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.print_config:
+        print(cfg.to_json(), end="")
+        return 0
+    if not cfg.data.path:
+        parser.error("no dataset: pass --data DIR (a folder written by `llama3 prepare`)")
+    try:
+        run(cfg, resume=args.resume)
+    except ValueError as e:
+        print(f"llama3 pretrain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(cfg, *, resume: bool = False):
+    """Build the data pipeline for `cfg` and run the training loop; returns the TrainResult."""
+    from pathlib import Path
+
+    from ..data.pretrain import PackedBatches, load_index
+    from ..tokenizer import Tokenizer
+    from ..train.loop import setup_runtime, train
+
+    runtime = setup_runtime(cfg)
+    data_dir = Path(cfg.data.path)
+    index = load_index(data_dir)
+    tokenizer = Tokenizer.from_file(data_dir / index["tokenizer"])
+    batch_args = dict(batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
+                      dp_rank=runtime.dp_rank, dp_world_size=runtime.dp_world_size,
+                      document_mask=cfg.data.document_mask)
+    train_batches = PackedBatches(data_dir, "train", seed=cfg.data.seed, **batch_args)
+    val_batches = None
+    if index["splits"].get("val", {}).get("num_tokens", 0) > cfg.data.seq_len * cfg.data.batch_size:
+        def val_batches():
+            return PackedBatches(data_dir, "val", shuffle=False, **batch_args)
+    return train(cfg, tokenizer=tokenizer, train_batches=train_batches, val_batches=val_batches,
+                 resume=resume, runtime=runtime)

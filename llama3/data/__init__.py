@@ -1,0 +1,1 @@
+"""Training data: `pretrain` (token shards and packed, resumable batches) and `sft` (chat data)."""
