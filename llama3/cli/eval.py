@@ -1,0 +1,185 @@
+"""`llama3 eval`: perplexity and benchmark tasks for a model folder; a printed table and a JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HELP = "evaluate a model: perplexity / bits per byte, MMLU, HellaSwag, ARC, GSM8K or your own task files"
+
+EPILOG = """\
+tasks (--task, comma-separated for several):
+  mmlu, hellaswag, arc_easy, gsm8k   bundled samples, or the full data with --data-dir DIR
+  FILE.jsonl / .json / .csv          a task file in the MMLU, HellaSwag, ARC, GSM8K or custom layout
+  FILE.txt, or .jsonl with "text"    perplexity and bits per byte of the documents
+  DIR (from `llama3 prepare`)        perplexity of a split of prepared shards (--split, --packed)
+
+examples:
+  llama3 eval --model runs/demo/hf --task arc_easy,hellaswag --num-fewshot 2
+  llama3 eval --model runs/demo/hf --task data/austen/persuasion.txt --stride 128
+  llama3 eval --model runs/demo/hf --task runs/data --split val --packed --window 256
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama3 eval", description=HELP, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder (Hugging Face, Meta, training checkpoint)")
+    parser.add_argument("--task", required=True, help="task name(s), task file(s), text file or shard folder")
+    parser.add_argument("--num-fewshot", type=int, default=0, help="solved examples before each question (0)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples (documents, or windows "
+                                                  "with --packed)")
+    parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--format", choices=["mmlu", "hellaswag", "arc", "gsm8k", "custom"],
+                        help="layout of a task file (default: detected from its fields)")
+    parser.add_argument("--fewshot-file", help="draw few-shot examples from this file (same layout)")
+    parser.add_argument("--data-dir", help="folder laid out like data/tasks/ holding the full benchmark files")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
+    parser.add_argument("--max-gen-toks", type=int, default=256, help="generation tasks: new-token limit (256)")
+    parser.add_argument("--window", type=int, help="perplexity: tokens per window (default: model context)")
+    parser.add_argument("--stride", type=int, help="perplexity: new tokens predicted per window after the "
+                                                   "first (default: the window, i.e. disjoint windows)")
+    parser.add_argument("--split", default="val", help="split of a prepared shard folder (val)")
+    parser.add_argument("--packed", action="store_true", help="shards: score packed windows of --window tokens "
+                        "as the training loop's validation does (its loss equals token_nll)")
+    parser.add_argument("--no-document-mask", action="store_true",
+                        help="with --packed: attention crosses documents (runs with data.document_mask=false)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as stored)")
+    parser.add_argument("--log-samples", action="store_true", help="include per-example details in --output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _is_perplexity_source(spec: str) -> bool:
+    path = Path(spec)
+    if path.is_dir() or path.suffix == ".txt":
+        return True
+    if path.suffix == ".jsonl" and path.is_file():
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            record = json.loads(first)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(record, dict) and set(record) <= {"text", "id", "meta", "source", "title"} \
+            and "text" in record
+    return False
+
+
+def _run_perplexity(spec: str, model, tokenizer, args) -> dict[str, Any]:
+    from ..eval.perplexity import perplexity_of_shards, perplexity_of_text, read_text_documents
+    from ..eval.scoring import LogLikelihoodScorer
+
+    scorer = LogLikelihoodScorer(model, batch_size=args.batch_size, max_length=args.window)
+    progress = not args.quiet
+    if Path(spec).is_dir():
+        result = perplexity_of_shards(scorer, tokenizer, spec, split=args.split, stride=args.stride,
+                                      packed=args.packed, document_mask=not args.no_document_mask,
+                                      limit=args.limit, progress=progress)
+    else:
+        if args.packed:
+            raise ValueError("--packed applies to a prepared shard folder, not to a text file")
+        texts = read_text_documents(spec)[: args.limit]
+        result = perplexity_of_text(scorer, tokenizer, texts, stride=args.stride, progress=progress)
+    return {"metrics": result.to_dict(), "window": scorer.max_length, "stride": args.stride or scorer.max_length,
+            "packed": bool(args.packed)}
+
+
+def _run_task(spec: str, model, tokenizer, args) -> dict[str, Any]:
+    from ..eval.tasks import evaluate_task, resolve_task
+
+    task = resolve_task(spec, fmt=args.format, fewshot_file=args.fewshot_file, data_dir=args.data_dir)
+    task.max_gen_toks = args.max_gen_toks
+    return evaluate_task(model, tokenizer, task, num_fewshot=args.num_fewshot, limit=args.limit,
+                         batch_size=args.batch_size, progress=not args.quiet)
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per (task, metric): value, standard error and number of examples."""
+    rows = [("task", "metric", "value", "stderr", "n")]
+    for name, result in results.items():
+        metrics = result["metrics"]
+        count = result.get("num_samples", metrics.get("num_tokens", ""))
+        for key, value in metrics.items():
+            if key.endswith("_stderr") or key.startswith("num_"):
+                continue
+            stderr = metrics.get(f"{key}_stderr")
+            stderr_text = "" if stderr is None or math.isnan(stderr) else f"{stderr:.4f}"
+            rows.append((name, key, f"{value:.4f}", stderr_text, str(count)))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the model and run every task named in `args.task`; returns the results document."""
+    from ..checkpoint.load import load
+
+    specs = [s.strip() for s in args.task.split(",") if s.strip()]
+    if not specs:
+        raise ValueError("--task is empty; name a task, a task file, a text file or a shard folder")
+    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
+    results: dict[str, dict[str, Any]] = {}
+    samples: dict[str, Any] = {}
+    for spec in specs:
+        start = time.perf_counter()
+        result = _run_perplexity(spec, model, tokenizer, args) if _is_perplexity_source(spec) \
+            else _run_task(spec, model, tokenizer, args)
+        name = spec if spec not in results else f"{spec}#{len(results)}"
+        samples[name] = result.pop("samples", None)
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        results[name] = result
+    document = {"model": str(args.model), "results": results,
+                "config": {"num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size,
+                           "device": args.device, "dtype": args.dtype, "max_gen_toks": args.max_gen_toks},
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.log_samples:
+        document["samples"] = samples
+    return document
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("num_fewshot", "batch_size", "max_gen_toks"):
+        if getattr(args, name) < (0 if name == "num_fewshot" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'num_fewshot' else '>= 1'}")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    try:
+        document = evaluate(args)
+    except ValueError as e:
+        print(f"llama3 eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(document["results"]))
+    if args.output:
+        write_json_atomic(args.output, document)
+        print(f"results written to {args.output}")
+    return 0

@@ -1,0 +1,17 @@
+"""Evaluation: perplexity and bits per byte, benchmark tasks (multiple choice by log-likelihood, generation
+with answer extraction), and an lm-evaluation-harness adapter (`llama3.eval.lm_eval`, imported on its own
+since it needs the `lm-eval` package).
+
+    from llama3.eval import LogLikelihoodScorer, resolve_task, evaluate_task
+    task = resolve_task("arc_easy")                       # bundled sample, or a JSONL path
+    evaluate_task(model, tokenizer, task, num_fewshot=3)["metrics"]   # {"acc": ..., "acc_norm": ...}
+"""
+
+from .formats import Example, load_examples
+from .perplexity import PerplexityResult, perplexity_of_documents, perplexity_of_text, rolling_windows
+from .scoring import LogLikelihoodScorer, encode_pair
+from .tasks import Task, build_context, evaluate_task, resolve_task
+
+__all__ = ["Example", "load_examples", "PerplexityResult", "perplexity_of_documents", "perplexity_of_text",
+           "rolling_windows", "LogLikelihoodScorer", "encode_pair", "Task", "build_context", "evaluate_task",
+           "resolve_task"]
