@@ -16,6 +16,7 @@ All of it is plain PyTorch; without `torch.compile` it is the eager fallback.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from ..model import Attention, FeedForward, KVCache, Transformer, apply_rope
 
 __all__ = ["FusedAttention", "FusedFeedForward", "fuse_projections", "setup_caches", "compile_options",
+           "optimize_for_inference", "load_for_inference",
            "is_fused"]
 
 
@@ -137,7 +139,7 @@ def fuse_projections(model: Transformer) -> Transformer:
 def _kv_heads(attn: nn.Module) -> int:
     if isinstance(attn, FusedAttention):
         return attn.n_kv_heads
-    return attn.wk.weight.shape[0] // attn.head_dim  # local heads under tensor parallel
+    return attn.wk.out_features // attn.head_dim  # local heads under tensor parallel
 
 
 def _cache_dtype(model: Transformer) -> torch.dtype:
@@ -159,4 +161,45 @@ def setup_caches(model: Transformer, batch_size: int, max_seq_len: int, dtype: t
 
 def compile_options() -> dict:
     """Inductor options for the decode step on CPU: freezing + max-autotune (no CUDA graphs on CPU)."""
-    return {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True}
+    return {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True,
+            "max_autotune_report_choices_stats": False}
+
+
+@contextlib.contextmanager
+def quiet_autotune():
+    """Inductor prints a table per autotuned matmul to stderr; a user waiting for a reply needs none of it."""
+    from torch._inductor import select_algorithm
+
+    previous = select_algorithm.PRINT_AUTOTUNE
+    select_algorithm.PRINT_AUTOTUNE = False
+    try:
+        yield
+    finally:
+        select_algorithm.PRINT_AUTOTUNE = previous
+
+
+@torch.no_grad()
+def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = None, fuse: bool = True,
+                           quantize: str | None = None, group_size: int = 32) -> Transformer:
+    """The load-time pipeline, in place: cast to `dtype`, fuse projections, then weight-only quantize
+    (`"int8"` or `"int4"`, see `quantize.py`). Returns the model in eval mode without gradients."""
+    model.clear_caches()
+    if dtype is not None:
+        model.to(dtype)
+        model.init_buffers()  # keep the RoPE table in fp32 and the tied embedding tied
+    if fuse:
+        fuse_projections(model)
+    if quantize is not None:
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize, group_size=group_size)
+    return model.eval().requires_grad_(False)
+
+
+def load_for_inference(path, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                       quantize: str | None = None, fuse: bool = True):
+    """`llama3.load` a model folder, then `optimize_for_inference` it. Returns (model, tokenizer)."""
+    from ..checkpoint.load import load
+
+    model, tokenizer = load(path, device=device, dtype=dtype)
+    return optimize_for_inference(model, fuse=fuse, quantize=quantize), tokenizer

@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..model import Transformer
-from .fast import compile_options, setup_caches
+from .fast import compile_options, quiet_autotune, setup_caches
 from .sampling import SamplingParams, make_generator, sample
 
 __all__ = ["Generator", "GenerationResult", "GenerationTiming"]
@@ -121,7 +121,8 @@ class _Row:
 class Generator:
     """Prefill + decode for one model and tokenizer. See the module docstring for the API."""
 
-    def __init__(self, model: Transformer, tokenizer, *, compile: bool = False, cache_bucket: int = 256):
+    def __init__(self, model: Transformer, tokenizer, *, compile: bool = False, cache_bucket: int = 256,
+                 inductor_options: dict | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.tok_embeddings.weight.device
@@ -133,7 +134,8 @@ class Generator:
         self._decode_fn = self._decode_eager
         if compile:
             self._decode_fn = torch.compile(self._decode_eager, fullgraph=True, dynamic=False,
-                                            options=compile_options())
+                                            options=compile_options() if inductor_options is None
+                                            else inductor_options)
 
     # ----- model steps -----
     def _decode_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -167,8 +169,9 @@ class Generator:
         start = time.perf_counter()
         tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         positions = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        for _ in range(2):  # the first call compiles, the second runs what later calls run
-            self.decode_step(tokens, positions)
+        with quiet_autotune():
+            for _ in range(2):  # the first call compiles, the second runs what later calls run
+                self.decode_step(tokens, positions)
         self._warm_shapes.add(current)
         return time.perf_counter() - start
 
