@@ -102,6 +102,10 @@ def load_train_state(step_dir: str | Path, model: torch.nn.Module,
     step_dir = Path(step_dir)
     if not (step_dir / MARKER).is_file():
         raise ValueError(f"{step_dir} is not a complete training checkpoint (no {MARKER} marker)")
+    if (step_dir / ".metadata").is_file():  # sharded, written by distributed training (any mesh can resume)
+        from ..distributed.checkpoint import load_sharded_checkpoint
+
+        return load_sharded_checkpoint(step_dir, model, optimizer)
     _load_weights(model, step_dir)
     state = torch.load(step_dir / "train_state.pt", map_location="cpu", weights_only=True)
     if optimizer is not None:
@@ -110,6 +114,11 @@ def load_train_state(step_dir: str | Path, model: torch.nn.Module,
 
 
 def _load_weights(model: torch.nn.Module, step_dir: Path) -> None:
+    if (step_dir / ".metadata").is_file():  # sharded, written by distributed training
+        from ..distributed.checkpoint import load_sharded_checkpoint
+
+        load_sharded_checkpoint(step_dir, model, None)
+        return
     weights = load_file(str(step_dir / "model.safetensors"))
     device = next(model.parameters()).device
     missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)

@@ -63,6 +63,12 @@ def build_generator(args: argparse.Namespace, *, cache_bucket: int = 256):
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    from ..distributed.mesh import launched_by_torchrun
+
+    if launched_by_torchrun():  # under torchrun: one model split over the ranks (tensor parallel)
+        from ..distributed.inference import tp_generator_from_args
+
+        return tp_generator_from_args(args, cache_bucket=cache_bucket)
     model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     generator = Generator(model, tokenizer, compile=not args.no_compile, cache_bucket=cache_bucket)
     if args.draft_model is None:

@@ -63,10 +63,24 @@ class Runtime:
     parallelize: Callable[[Transformer, ParallelSection], Transformer] | None = None
     # mean of a scalar tensor over data-parallel ranks (for logged losses); identity on one process
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    world_size: int = 1  # processes in the job (MFU is per device)
+    # Distributed training (llama3.distributed.runtime) swaps these in; None = the single-device default.
+    init_weights: Callable[[Transformer], None] | None = None  # instead of model.init_weights()
+    loss_fn: LossFn | None = None  # the default loss when the caller gives none
+    clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None  # global norm
+    save_checkpoint: Callable[..., Path] | None = None  # called on every rank (sharded checkpoints)
+    export_hf: Callable[[Transformer, Any, Path, Callable[[str], None]], None] | None = None  # every rank
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """The single-process runtime for `cfg.train.device` (`auto`: CUDA when available, else CPU)."""
+    """The single-process runtime for `cfg.train.device` (`auto`: CUDA when available, else CPU); under
+    torchrun, the distributed one (`llama3.distributed.runtime`)."""
+    from ..distributed.mesh import launched_by_torchrun
+
+    if launched_by_torchrun():
+        from ..distributed.runtime import distributed_runtime
+
+        return distributed_runtime(cfg)
     name = cfg.train.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,7 +117,9 @@ def build_model(args: ModelArgs, cfg: TrainConfig, runtime: Runtime, *,
                 block.compile()
     model.to_empty(device=runtime.device)
     torch.manual_seed(cfg.train.seed)
-    if initialize is None:
+    if initialize is None and runtime.init_weights is not None:
+        runtime.init_weights(model)
+    elif initialize is None:
         model.init_weights(buffer_device=runtime.device)
     else:
         model.init_buffers(runtime.device)
@@ -171,7 +187,8 @@ class _StepRunner:
             (loss / cfg.grad_accum).backward()
             loss_total += loss.detach() / cfg.grad_accum
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        clip = self.runtime.clip_grad_norm or functools.partial(torch.nn.utils.clip_grad_norm_, foreach=True)
+        grad_norm = clip(self.params, max_norm)
         loss_value = float(self.runtime.all_reduce_mean(loss_total))
         grad_norm_value = float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
@@ -211,7 +228,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
         model = transform(model) or model
     model.train()
     optimizer = build_optimizer(model, cfg.optim, runtime.device.type)
-    loss_fn = loss_fn or functools.partial(causal_lm_loss, chunk_size=cfg.train.loss_chunk_size)
+    loss_fn = (loss_fn or runtime.loss_fn
+               or functools.partial(causal_lm_loss, chunk_size=cfg.train.loss_chunk_size))
 
     start_step, skipped_in_row, checkpoint_dir = 0, 0, None
     if resume:
@@ -241,16 +259,18 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
     def validate() -> float | None:
         if val_batches is None:
             return None
-        return evaluate(model, val_batches(), num_batches=cfg.train.val_batches, loss_fn=loss_fn,
-                        device=runtime.device, autocast_dtype=run_step.autocast_dtype)
+        val_loss = evaluate(model, val_batches(), num_batches=cfg.train.val_batches, loss_fn=loss_fn,
+                            device=runtime.device, autocast_dtype=run_step.autocast_dtype)
+        return float(runtime.all_reduce_mean(torch.tensor(val_loss, device=runtime.device)))
 
     def save(step: int) -> None:
         state = {"step": step, "skipped_in_row": skipped_in_row, "data": train_batches.state_dict(),
                  "rng_cpu": torch.get_rng_state()}
         if runtime.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(runtime.device)
-        if runtime.is_main:
-            result.last_checkpoint = native.save_training_checkpoint(
+        writer = runtime.save_checkpoint or (native.save_training_checkpoint if runtime.is_main else None)
+        if writer is not None:
+            result.last_checkpoint = writer(
                 out_dir, step, model=model, optimizer=optimizer, train_state=state, config_json=cfg.to_json(),
                 tokenizer=tokenizer, keep=cfg.checkpoint.keep)
 
@@ -276,7 +296,10 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
         tokens_per_s = out["num_tokens"] * runtime.dp_world_size / dt
         elapsed = time.perf_counter() - t_start
         rec = {"step": step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
-               "tokens_per_s": tokens_per_s, "mfu": flops_per_token * out["num_tokens"] / dt / peak,
+               "tokens_per_s": tokens_per_s,
+               # per device: this step's FLOPs over all data-parallel ranks, shared by all devices
+               "mfu": flops_per_token * out["num_tokens"] * runtime.dp_world_size / runtime.world_size
+               / dt / peak,
                "memory_gib": memory_gib(runtime.device), "elapsed_s": elapsed,
                "eta_s": elapsed / (step - start_step) * (cfg.train.steps - step), "skipped": out["skipped"],
                "data_checksum": out["data_checksum"]}
@@ -309,8 +332,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
         bar.close()
     metrics.close()
     result.step = step
-    if cfg.checkpoint.export_hf and runtime.is_main:
-        _export_hf(model, tokenizer, out_dir / "hf", log)
+    if cfg.checkpoint.export_hf and (runtime.export_hf is not None or runtime.is_main):
+        (runtime.export_hf or _export_hf)(model, tokenizer, out_dir / "hf", log)
     return result
 
 

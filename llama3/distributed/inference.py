@@ -1,0 +1,107 @@
+"""Tensor-parallel inference: one model split across the ranks of a torchrun job, for models that do not
+fit one device.
+
+    torchrun --nproc_per_node 2 -m llama3 generate --model out/hf --prompt "..." --temperature 0
+
+Every rank runs the same prompts; the weights of each block are split by heads and FFN columns (the
+training plan without sequence parallelism, since a decode step has one position), each rank keeps the
+KV cache of its own kv heads only, and the logits are gathered so every rank samples the same token.
+Rank 0 reads the checkpoint once into host memory and scatters the shards; only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ..inference.generate import Generator
+from ..model import KVCache, Transformer
+from .mesh import init_distributed
+from .parallelize import apply_tensor_parallel, check_tp_shapes
+
+__all__ = ["load_tensor_parallel", "setup_local_caches", "TensorParallelGenerator", "tp_generator_from_args"]
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly DTensor) weight."""
+    return weight.to_local() if hasattr(weight, "to_local") else weight
+
+
+def setup_local_caches(model: Transformer, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> None:
+    """Attach KV caches sized for this rank's kv heads (a DTensor's `.shape` is the global one, so
+    `Transformer.setup_caches` would size them for all heads)."""
+    if max_seq_len > model.args.max_seq_len:
+        raise ValueError(f"cache length {max_seq_len} exceeds the model's context ({model.args.max_seq_len})")
+    weight = _local(model.tok_embeddings.weight)
+    dtype, device = dtype or weight.dtype, device or weight.device
+    for layer in model.layers:
+        attn = layer.attention
+        n_kv_local = _local(attn.wk.weight).shape[0] // attn.head_dim
+        attn.kv_cache = KVCache(batch_size, n_kv_local, max_seq_len, attn.head_dim, dtype, device)
+
+
+class TensorParallelGenerator(Generator):
+    """`Generator` over a tensor-parallel model: the same API, eager decode, per-rank KV caches."""
+
+    def __init__(self, model: Transformer, tokenizer, *, cache_bucket: int = 256):
+        super().__init__(model, tokenizer, compile=False, cache_bucket=cache_bucket)
+        self.device = _local(model.tok_embeddings.weight).device
+
+    def prepare_cache(self, batch_size: int, needed_len: int) -> float:
+        limit = self.model.args.max_seq_len
+        cache_len = min(-(-needed_len // self.cache_bucket) * self.cache_bucket, limit)
+        current = self._cache_shape
+        if current is None or current[0] != batch_size or current[1] < needed_len:
+            setup_local_caches(self.model, batch_size, cache_len)
+            self._cache_shape = (batch_size, cache_len)
+        return 0.0
+
+
+def load_tensor_parallel(path: str | Path, tp_mesh: DeviceMesh, *, device: torch.device,
+                         dtype: str | torch.dtype | None = None):
+    """(model, tokenizer) with the model split over `tp_mesh`. A collective: every rank of the mesh calls
+    it. Rank 0 holds the full checkpoint in host memory once; each rank's device gets only its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from ..checkpoint.load import load
+
+    # Shapes and tokenizer on every rank, without keeping any weights (the meta device holds no data).
+    shape_model, tokenizer = load(path, device="meta", dtype=dtype)
+    args, weight_dtype = shape_model.args, shape_model.tok_embeddings.weight.dtype
+    check_tp_shapes(args, tp_mesh.size())
+    with torch.device("meta"):
+        model = Transformer(args).to(weight_dtype)
+    apply_tensor_parallel(model, tp_mesh, sequence_parallel=False)
+    model.to_empty(device=device)
+    full = load(path, device="cpu", dtype=dtype)[0].state_dict() if tp_mesh.get_rank() == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.init_buffers(device)
+    return model.eval(), tokenizer
+
+
+def tp_generator_from_args(args, *, cache_bucket: int = 256) -> TensorParallelGenerator:
+    """The `llama3 generate`/`chat` hook under torchrun: all ranks form one tensor-parallel group.
+
+    Uses the CLI's --model, --dtype, --device (cuda: one GPU per rank) and --seed. Sampling stays in step
+    across ranks because all ranks draw from the same seed (rank 0's, when none is given) on the same
+    gathered logits. Ranks other than 0 send their stdout to /dev/null so the text prints once."""
+    if getattr(args, "quantize", None) or getattr(args, "draft_model", None):
+        raise ValueError("--quantize and --draft-model are not supported with tensor parallel (torchrun)")
+    device_type = "cuda" if str(args.device).startswith("cuda") else "cpu"
+    info = init_distributed(device_type)
+    mesh = init_device_mesh(device_type, (info.world_size,), mesh_dim_names=("tp",))
+    seed = torch.tensor([args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")])
+    dist.broadcast(seed, src=0)
+    torch.manual_seed(int(seed))
+    model, tokenizer = load_tensor_parallel(args.model, mesh, device=info.device, dtype=args.dtype)
+    if info.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    elif not getattr(args, "no_compile", True):
+        print("tensor parallel: decoding eagerly (no torch.compile)", file=sys.stderr)
+    return TensorParallelGenerator(model, tokenizer, cache_bucket=cache_bucket)
