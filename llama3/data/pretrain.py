@@ -312,11 +312,19 @@ class PackedBatches:
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
-                "dp_world_size": self.dp_world_size, "num_windows": self.num_windows}
+                "dp_world_size": self.dp_world_size, "num_windows": self.num_windows,
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "dp_world_size", "num_windows"):
+        for key in ("seed", "num_windows"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume the data order: the checkpoint has {key}={state[key]}, this run "
                                  f"has {getattr(self, key)}; use the same dataset and data settings")
+        # The cursor counts global batches, so any split of the same global batch over data-parallel ranks
+        # resumes at the same windows (e.g. 2 ranks × 4 rows -> 1 process × 8 rows).
+        saved_global = state.get("batch_size", self.batch_size) * state["dp_world_size"]
+        if saved_global != self.global_batch:
+            raise ValueError(f"cannot resume the data order: the checkpoint's global batch (data.batch_size × "
+                             f"data-parallel ranks) is {saved_global}, this run's is {self.global_batch}; "
+                             "keep data.batch_size × ranks equal when resuming on another mesh")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
