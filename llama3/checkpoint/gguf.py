@@ -1,0 +1,285 @@
+"""GGUF (llama.cpp, Ollama): write and read single-file models with llama.cpp's own `gguf` package.
+
+Layout as llama.cpp's converter writes Llama 3: architecture "llama", tensors `token_embd`, `blk.N.attn_q`
+... `output`, q/k rows in Meta's interleaved RoPE order (llama.cpp's rope is the interleaved one, so Meta's
+weights go in unchanged; the HF converter has to undo its permutation), norms in f32, and for Llama 3.1+
+scaled RoPE a `rope_freqs` tensor of per-frequency divisors. The tokenizer travels as "gpt2" BPE metadata
+(tokens, types, merges) with `tokenizer.ggml.pre = "llama-bpe"`, which selects Llama 3's split regex.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ModelArgs
+from .safety import atomic_output_file, parse_dtype
+
+__all__ = ["save_gguf", "load_gguf", "GGUF_DTYPES", "gguf_tensor_name", "rope_freq_divisors"]
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+_TORCH_TO_GGUF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_LAYER_NAMES = {
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight",
+    "feed_forward.w2.weight": "ffn_down.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+    "attention_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+              "output.weight": "output.weight"}
+_LAYER_NAMES_INV = {v: k for k, v in _LAYER_NAMES.items()}
+_TOP_NAMES_INV = {v: k for k, v in _TOP_NAMES.items()}
+
+
+def gguf_tensor_name(meta_key: str) -> str:
+    """Meta name -> llama.cpp name, e.g. layers.3.attention.wq.weight -> blk.3.attn_q.weight."""
+    if meta_key in _TOP_NAMES:
+        return _TOP_NAMES[meta_key]
+    layer, rest = re.match(r"^layers\.(\d+)\.(.+)$", meta_key).groups()
+    return f"blk.{layer}.{_LAYER_NAMES[rest]}"
+
+
+def _meta_name(gguf_key: str) -> str | None:
+    if gguf_key in _TOP_NAMES_INV:
+        return _TOP_NAMES_INV[gguf_key]
+    match = re.match(r"^blk\.(\d+)\.(.+)$", gguf_key)
+    if match and match.group(2) in _LAYER_NAMES_INV:
+        return f"layers.{match.group(1)}.{_LAYER_NAMES_INV[match.group(2)]}"
+    return None
+
+
+def rope_freq_divisors(args: ModelArgs) -> torch.Tensor:
+    """llama.cpp's `rope_freqs` for Llama 3.1 scaling: base frequency / scaled frequency, per pair
+    (1 for short wavelengths, `factor` for long ones, interpolated between), as its HF converter writes."""
+    from ..model import rope_frequencies
+
+    base = rope_frequencies(args.replace(use_scaled_rope=False))
+    return (base / rope_frequencies(args)).float()
+
+
+def _resolve_dtype(model, dtype) -> str:
+    if dtype is None:
+        return _TORCH_TO_GGUF.get(model.tok_embeddings.weight.dtype, "f32")
+    if isinstance(dtype, str) and dtype.lower() in GGUF_DTYPES:
+        return dtype.lower()
+    try:
+        return _TORCH_TO_GGUF[parse_dtype(dtype)]
+    except (ValueError, KeyError):
+        raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}") from None
+
+
+# llama.cpp reads Llama 3.1 scaling only from the rope_freqs tensor; these keys (which llama.cpp ignores)
+# keep the exact parameters so a GGUF loads back into the same ModelArgs.
+_ROPE_KEY = "llama3.rope_scaling"
+_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
+
+
+def _add_metadata(writer, args: ModelArgs, file_type: int, name: str) -> None:
+    import gguf
+
+    writer.add_name(name)
+    writer.add_context_length(args.max_seq_len)
+    writer.add_embedding_length(args.dim)
+    writer.add_block_count(args.n_layers)
+    writer.add_feed_forward_length(args.hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.n_kv_heads)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_vocab_size(args.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if args.use_scaled_rope:
+        for field, value in zip(_ROPE_FIELDS, (args.rope_scaling_factor, args.rope_low_freq_factor,
+                                               args.rope_high_freq_factor, args.rope_original_max_seq_len)):
+            writer.add_float32(f"{_ROPE_KEY}.{field}", float(value))
+
+
+def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Llama 3 BPE as llama.cpp reads it: tokens as byte-level unicode strings, specials as CONTROL,
+    merges "left right" in rank order, and the Llama 3 pre-tokenizer."""
+    import gguf
+
+    from ..tokenizer import CHAT_TEMPLATE, _bytes_to_hf
+
+    if tokenizer.n_words > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.n_words} ids but the model only {vocab_size} embeddings")
+    specials = {i: tok for tok, i in tokenizer.special_tokens.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in specials:
+            tokens.append(specials[i])
+            types.append(gguf.TokenType.CONTROL)
+        elif i < tokenizer.n_words:
+            tokens.append(_bytes_to_hf(tokenizer.token_bytes(i)))
+            types.append(gguf.TokenType.NORMAL)
+        else:  # embedding rows beyond the tokenizer (padded vocab)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [f"{left} {right}" for left, right in tokenizer.to_hf_json()["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_eot_token_id(tokenizer.eot_id)
+    if tokenizer.eom_id is not None:
+        writer.add_eom_token_id(tokenizer.eom_id)
+    if "<|finetune_right_pad_id|>" in tokenizer.special_tokens:
+        writer.add_pad_token_id(tokenizer.special_tokens["<|finetune_right_pad_id|>"])
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def _encode_tensor(tensor: torch.Tensor, qtype) -> np.ndarray:
+    """A weight as the numpy array GGUFWriter stores: f32/f16 natively, bf16/q8_0 as raw bytes."""
+    import gguf
+
+    data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return data
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, qtype)
+
+
+def save_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+              overwrite: bool = False, progress: bool = False) -> Path:
+    """Write a GGUF file llama.cpp and Ollama load. dtype: f32, f16, bf16 or q8_0 (2-D weights; norms and
+    rope_freqs stay f32 as llama.cpp expects; q8_0 rows not made of whole 32-value blocks are f16); default: the model's dtype. Written to a temp file, then renamed.
+    Tensors are converted and written one at a time (peak memory ~ weights + one tensor)."""
+    import gguf
+
+    args: ModelArgs = model.args
+    dtype = _resolve_dtype(model, dtype)
+    Q = gguf.GGMLQuantizationType
+    qtype, file_type = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+                        "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+                        "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}[dtype]
+    state = model.state_dict()
+    plan: list[tuple[str, torch.Tensor, object]] = []  # (gguf name, tensor, ggml type)
+    if args.use_scaled_rope:
+        plan.append(("rope_freqs.weight", rope_freq_divisors(args), Q.F32))
+    for key, tensor in state.items():
+        if key == "output.weight" and args.tie_word_embeddings:
+            continue  # llama.cpp uses token_embd when output is absent
+        ttype = qtype if tensor.dim() == 2 else Q.F32
+        if ttype == Q.Q8_0 and tensor.shape[-1] % 32:
+            ttype = Q.F16  # rows must be whole 32-value blocks; llama.cpp's converter falls back the same way
+        plan.append((gguf_tensor_name(key), tensor, ttype))
+    with atomic_output_file(path, overwrite=overwrite) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        _add_metadata(writer, args, int(file_type), Path(path).stem)
+        _add_tokenizer(writer, tokenizer, args.vocab_size)
+        for name, tensor, ttype in plan:
+            shape = tuple(tensor.shape)
+            if ttype in (Q.F32, Q.F16):
+                np_dtype = np.float32 if ttype == Q.F32 else np.float16
+                writer.add_tensor_info(name, shape, np.dtype(np_dtype), tensor.numel() * np.dtype(np_dtype).itemsize)
+            else:
+                byte_shape = gguf.quant_shape_to_byte_shape(shape, ttype)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=ttype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, tensor, ttype in tqdm(plan, desc=f"writing {Path(path).name} ({dtype})", unit="tensor",
+                                        disable=not progress):
+            writer.write_tensor_data(_encode_tensor(tensor, ttype))
+        writer.close()
+    return Path(path)
+
+
+# ----- reading -----
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+              dtype: str | torch.dtype | None = None):
+    """(model, tokenizer) from a llama-architecture GGUF with a Llama 3 style BPE vocabulary. Quantized
+    weights are dequantized; dtype=None gives float32 for quantized files, else the stored float type."""
+    import gguf
+
+    from ..tokenizer import Tokenizer, _hf_to_bytes
+    from .load import materialize_model
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({e}); it may be truncated or corrupt") from None
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: architecture {arch!r}; only 'llama' GGUF files load here")
+
+    def need(key):
+        value = _field(reader, f"llama.{key}")
+        if value is None:
+            raise ValueError(f"{path}: missing metadata llama.{key}")
+        return value
+
+    tensors = {t.name: t for t in reader.tensors}
+    args = ModelArgs(dim=int(need("embedding_length")), n_layers=int(need("block_count")),
+                     n_heads=int(need("attention.head_count")), n_kv_heads=int(need("attention.head_count_kv")),
+                     vocab_size=int(tensors["token_embd.weight"].shape[-1]),
+                     ffn_hidden_dim=int(need("feed_forward_length")),
+                     norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+                     rope_theta=float(need("rope.freq_base")), max_seq_len=int(need("context_length")),
+                     tie_word_embeddings="output.weight" not in tensors)
+    if "rope_freqs.weight" in tensors:
+        args = _scaled_rope_args(args, reader, torch.from_numpy(np.array(tensors["rope_freqs.weight"].data)), path)
+
+    def items():
+        for name, t in tensors.items():
+            key = _meta_name(name)
+            if key is None:
+                if name == "rope_freqs.weight":
+                    continue
+                raise ValueError(f"{path}: unexpected tensor {name!r}; not part of a Llama model")
+            data = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type in (
+                gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16) else np.array(t.data)
+            tensor = torch.from_numpy(data)
+            if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+                tensor = tensor.to(torch.bfloat16)  # exact: the values were bf16
+            yield key, tensor.reshape([int(n) for n in reversed(t.shape)]), f"{path} ({name})"
+
+    model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    if tokens is None or _field(reader, "tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"{path}: no byte-level BPE ('gpt2') vocabulary in the metadata")
+    ranks = {_hf_to_bytes(tok): i for i, (tok, kind) in enumerate(zip(tokens, types))
+             if kind == gguf.TokenType.NORMAL}
+    specials = [tok for tok, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
+    return model, Tokenizer(ranks, special_tokens=specials)
+
+
+def _scaled_rope_args(args: ModelArgs, reader, divisors: torch.Tensor, path: Path) -> ModelArgs:
+    """Llama 3.1 scaling parameters from our `llama3.rope_scaling.*` keys (llama.cpp keeps only the
+    `rope_freqs` divisors), else the 3.1 defaults; either way they must reproduce the stored divisors."""
+    stored = {name: _field(reader, f"{_ROPE_KEY}.{name}") for name in _ROPE_FIELDS}
+    if any(v is None for v in stored.values()):
+        stored = {"factor": float(divisors.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_context_length": 8192}
+    candidate = args.replace(use_scaled_rope=True, rope_scaling_factor=float(stored["factor"]),
+                             rope_low_freq_factor=float(stored["low_freq_factor"]),
+                             rope_high_freq_factor=float(stored["high_freq_factor"]),
+                             rope_original_max_seq_len=int(stored["original_context_length"]))
+    if not torch.allclose(rope_freq_divisors(candidate), divisors, rtol=1e-4):
+        raise ValueError(f"{path}: rope_freqs matches no Llama 3.1 scaling we can express; cannot load it")
+    return candidate
