@@ -23,7 +23,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["count_chunks", "train_bpe", "train_tokenizer", "iter_text_pieces"]
+__all__ = ["count_chunks", "iter_text_pieces", "train_bpe", "train_tokenizer"]
 
 _PIECE_CHARS = 1 << 20  # texts are counted in pieces of ~1M characters, cut at newlines
 

@@ -27,8 +27,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_training_checkpoint", "load_train_state", "latest_checkpoint", "complete_checkpoints",
-           "is_training_checkpoint", "load_training_checkpoint", "MARKER"]
+__all__ = [
+    "MARKER",
+    "complete_checkpoints",
+    "is_training_checkpoint",
+    "latest_checkpoint",
+    "load_train_state",
+    "load_training_checkpoint",
+    "save_training_checkpoint",
+]
 
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d{8})$")

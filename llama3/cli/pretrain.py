@@ -77,6 +77,6 @@ def run(cfg, *, resume: bool = False):
     val_batches = None
     if index["splits"].get("val", {}).get("num_tokens", 0) > cfg.data.seq_len * cfg.data.batch_size:
         def val_batches():
-            return PackedBatches(data_dir, "val", shuffle=False, **batch_args)
+            return PackedBatches(data_dir, "val", shuffle=False, repeat=False, **batch_args)
     return train(cfg, tokenizer=tokenizer, train_batches=train_batches, val_batches=val_batches,
                  resume=resume, runtime=runtime)

@@ -22,6 +22,7 @@ permutation and rank r takes its own `batch_size`. Its whole state is (epoch, cu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["prepare_dataset", "read_documents", "PackedBatches", "load_index", "FORMAT"]
+__all__ = ["FORMAT", "PackedBatches", "load_index", "prepare_dataset", "read_documents"]
 
 FORMAT = "llama3-tokens-v1"
 SHARD_TOKENS = 64 * 1024 * 1024  # tokens per shard file: 128 MiB in uint16
@@ -184,10 +185,17 @@ def prepare_dataset(inputs: Sequence[str | Path], output_dir: str | Path, tokeni
     total_chars = sum(len(d) for d in documents)
     bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress)
     batch_size = 64
-    ctx = mp.get_context("spawn")  # fork is unsafe once torch has started threads
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
-        # imap keeps document order, so the output does not depend on the number of workers.
-        for batch_index, encoded in enumerate(pool.imap(_encode_documents, _batched(documents, batch_size))):
+    with contextlib.ExitStack() as stack:
+        if num_workers > 1:
+            ctx = mp.get_context("spawn")  # fork is unsafe once torch has started threads
+            pool = stack.enter_context(ctx.Pool(num_workers, initializer=_init_worker,
+                                                initargs=(str(tokenizer_path),)))
+            # imap keeps document order, so the output does not depend on the number of workers.
+            encoded_batches = pool.imap(_encode_documents, _batched(documents, batch_size))
+        else:
+            encoded_batches = ([tokenizer.encode(t, bos=True, eos=True) for t in texts]
+                               for texts in _batched(documents, batch_size))
+        for batch_index, encoded in enumerate(encoded_batches):
             for offset, ids in enumerate(encoded):
                 doc_index = batch_index * batch_size + offset
                 writers["val" if doc_index in val_set else "train"].add(ids)
@@ -253,10 +261,12 @@ class PackedBatches:
     """Deterministic, resumable packed batches of one split, sharded across data-parallel ranks.
 
     Each `next()` returns {"inputs": (B, T), "targets": (B, T), "document_ids": (B, T)} int64 tensors
-    (CPU; the loop moves them). With `shuffle=False` windows come in file order (validation)."""
+    (CPU; the loop moves them). With `shuffle=False` windows come in file order, and with `repeat=False`
+    iteration ends after one epoch (validation)."""
 
     def __init__(self, data_dir: str | Path, split: str, *, batch_size: int, seq_len: int, seed: int = 0,
-                 dp_rank: int = 0, dp_world_size: int = 1, shuffle: bool = True, document_mask: bool = True):
+                 dp_rank: int = 0, dp_world_size: int = 1, shuffle: bool = True, document_mask: bool = True,
+                 repeat: bool = True):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} must be in [0, {dp_world_size})")
         self.data_dir = Path(data_dir)
@@ -267,7 +277,7 @@ class PackedBatches:
         self.stream = _TokenStream(self.data_dir, index["splits"][split]["shards"], index["dtype"])
         self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
         self.dp_rank, self.dp_world_size, self.shuffle = dp_rank, dp_world_size, shuffle
-        self.document_mask = document_mask
+        self.document_mask, self.repeat = document_mask, repeat
         # Windows of seq_len+1 tokens with stride seq_len: the last token of one is the first of the next.
         self.num_windows = (self.stream.num_tokens - 1) // seq_len
         self.global_batch = batch_size * dp_world_size
@@ -289,13 +299,15 @@ class PackedBatches:
             self._order_epoch = self.epoch
         return self._order
 
-    def __iter__(self) -> "PackedBatches":
+    def __iter__(self) -> PackedBatches:
         return self
 
     def __next__(self) -> dict[str, Any]:
         import torch  # imported here so tokenizing workers (which import this module) stay light
 
         if self.cursor >= self.batches_per_epoch:
+            if not self.repeat:
+                raise StopIteration
             self.epoch, self.cursor = self.epoch + 1, 0
         order = self._window_order()
         first = self.cursor * self.global_batch + self.dp_rank * self.batch_size

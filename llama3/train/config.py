@@ -26,9 +26,20 @@ from typing import Any, Literal
 
 from ..config import ModelArgs, preset
 
-__all__ = ["ModelSection", "DataSection", "OptimSection", "ScheduleSection", "TrainSection",
-           "CheckpointSection", "ParallelSection", "LoggingSection", "TrainConfig", "apply_overrides",
-           "parse_value"]
+__all__ = [
+    "CheckpointSection",
+    "DataSection",
+    "FinetuneSection",
+    "LoggingSection",
+    "ModelSection",
+    "OptimSection",
+    "ParallelSection",
+    "ScheduleSection",
+    "TrainConfig",
+    "TrainSection",
+    "apply_overrides",
+    "parse_value",
+]
 
 
 @dataclass
@@ -117,7 +128,25 @@ class LoggingSection:
     progress_bar: bool = False  # a tqdm bar instead of one line per step
 
 
-SECTIONS = ("model", "data", "optim", "schedule", "train", "checkpoint", "parallel", "logging")
+@dataclass
+class FinetuneSection:
+    """`llama3 finetune` only (pretraining ignores it): the starting model, the data format, LoRA and DPO."""
+    method: Literal["sft", "dpo"] = "sft"  # chat JSONL with cross-entropy, or preference pairs with DPO
+    model_path: str = ""  # the starting weights: an HF or Meta folder, or a training checkpoint
+    train_on: Literal["assistant", "all"] = "assistant"  # SFT: which messages' tokens carry loss
+    pack: bool = True  # SFT: pack dialogs into rows of data.seq_len (attention kept per dialog), else pad
+    overlong: Literal["truncate", "error"] = "truncate"  # SFT: a dialog longer than data.seq_len
+    val_fraction: float = 0.05  # held out (seeded by data.seed) for validation
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float | None = None  # the update is scaled by alpha / rank; None = 2 × rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"  # comma-separated projections of every block
+    dpo_beta: float = 0.1  # Llama 3 recipe
+    dpo_nll_weight: float = 0.2  # NLL term on chosen responses (Llama 3 recipe); 0 = plain DPO
+    dpo_mask_formatting: bool = True  # leave end-of-turn tokens out of the DPO log-probs (headers always are)
+
+
+SECTIONS = ("model", "data", "optim", "schedule", "train", "checkpoint", "parallel", "logging", "finetune")
 
 
 @dataclass
@@ -130,6 +159,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     recipe: str = ""  # the recipe this config started from (informational)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +169,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Strict inverse of `to_dict`: unknown sections or keys raise ValueError."""
         unknown = set(d) - set(SECTIONS) - {"recipe"}
         if unknown:
@@ -157,7 +187,7 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "TrainConfig":
+    def from_json(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))

@@ -44,8 +44,15 @@ from .metrics import MetricsWriter, format_duration, measure_peak_flops, memory_
 from .optim import build_optimizer
 from .schedule import lr_at
 
-__all__ = ["Runtime", "TrainResult", "setup_runtime", "build_model", "apply_activation_checkpointing",
-           "train", "evaluate"]
+__all__ = [
+    "Runtime",
+    "TrainResult",
+    "apply_activation_checkpointing",
+    "build_model",
+    "evaluate",
+    "setup_runtime",
+    "train",
+]
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["IGNORE_INDEX", "linear_cross_entropy", "causal_lm_loss"]
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "linear_cross_entropy"]
 
 IGNORE_INDEX = -100
 
@@ -79,7 +79,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024) -> torch.Tensor:
-    """Next-token loss of a Transformer on a batch of `inputs`/`targets` (targets already shifted)."""
-    hidden = model(batch["inputs"], document_ids=batch.get("document_ids"), return_hidden=True)  # (B, T, D)
+    """Next-token loss of a Transformer on a batch of `inputs`/`targets` (targets already shifted).
+    Optional `input_pos` (B, T) gives positions that restart per packed document (chat SFT)."""
+    hidden = model(batch["inputs"], input_pos=batch.get("input_pos"), document_ids=batch.get("document_ids"),
+                   return_hidden=True)  # (B, T, D)
     return linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, batch["targets"].flatten(),
                                 chunk_size=chunk_size)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsWriter", "measure_peak_flops", "memory_gib", "format_duration"]
+__all__ = ["MetricsWriter", "format_duration", "measure_peak_flops", "memory_gib"]
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from .config import TrainConfig
 
-__all__ = ["RECIPES", "recipe", "recipe_names"]
+__all__ = ["FINETUNE_RECIPES", "RECIPES", "finetune_recipe", "finetune_recipe_names", "recipe", "recipe_names"]
 
 
 def debug() -> TrainConfig:
@@ -31,7 +31,9 @@ def demo() -> TrainConfig:
     `llama3 demo` sets `train.steps` from the time budget it is given."""
     cfg = TrainConfig(recipe="demo")
     cfg.model.preset = "debug"
-    cfg.model.overrides = {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 64}
+    # Untied embeddings: with tied ones the initial logits favour repeating the input token (loss ≫ ln V).
+    cfg.model.overrides = {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 64,
+                           "tie_word_embeddings": False}
     cfg.data.batch_size, cfg.data.seq_len = 16, 256
     cfg.optim.lr, cfg.optim.weight_decay = 2e-3, 0.1
     cfg.schedule.name, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio = "cosine", 30, 0.05
@@ -78,6 +80,40 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "15m": small_15m,
     "llama3-8b": llama3_8b,
 }
+
+
+def _finetune(name: str, method: str, lr: float, lora_rank: int) -> TrainConfig:
+    """Post-training defaults (Llama 3 paper §4.1: SFT and DPO at lr 1e-5; DPO beta 0.1 with a 0.2 NLL
+    term). The model shape comes from the starting weights, so the `model` section is unused."""
+    cfg = TrainConfig(recipe=name)
+    cfg.finetune.method, cfg.finetune.lora_rank = method, lora_rank
+    cfg.data.batch_size, cfg.data.seq_len = (8, 1024) if method == "sft" else (4, 1024)
+    cfg.optim.lr, cfg.optim.weight_decay = lr, 0.0
+    cfg.schedule.name, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio = "cosine", 10, 0.1
+    cfg.train.steps, cfg.train.val_interval, cfg.train.val_batches = 200, 50, 8
+    cfg.checkpoint.interval, cfg.checkpoint.keep = 100, 1
+    cfg.train.out_dir = f"runs/{name}"
+    return cfg
+
+
+FINETUNE_RECIPES: dict[str, Callable[[], TrainConfig]] = {
+    "sft": lambda: _finetune("sft", "sft", 1e-5, 0),
+    # LoRA trains a few million parameters from zero: it needs a learning rate ~10x a full fine-tune's.
+    "sft-lora": lambda: _finetune("sft-lora", "sft", 2e-4, 16),
+    "dpo": lambda: _finetune("dpo", "dpo", 1e-5, 0),
+    "dpo-lora": lambda: _finetune("dpo-lora", "dpo", 5e-5, 16),
+}
+
+
+def finetune_recipe_names() -> list[str]:
+    return list(FINETUNE_RECIPES)
+
+
+def finetune_recipe(name: str) -> TrainConfig:
+    """A fresh TrainConfig for `llama3 finetune` from the named recipe."""
+    if name not in FINETUNE_RECIPES:
+        raise ValueError(f"unknown fine-tuning recipe {name!r}; choose one of: {', '.join(FINETUNE_RECIPES)}")
+    return FINETUNE_RECIPES[name]()
 
 
 def recipe_names() -> list[str]:
