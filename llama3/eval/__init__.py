@@ -12,6 +12,17 @@ from .perplexity import PerplexityResult, perplexity_of_documents, perplexity_of
 from .scoring import LogLikelihoodScorer, encode_pair
 from .tasks import Task, build_context, evaluate_task, resolve_task
 
-__all__ = ["Example", "load_examples", "PerplexityResult", "perplexity_of_documents", "perplexity_of_text",
-           "rolling_windows", "LogLikelihoodScorer", "encode_pair", "Task", "build_context", "evaluate_task",
-           "resolve_task"]
+__all__ = [
+           "Example",
+           "LogLikelihoodScorer",
+           "PerplexityResult",
+           "Task",
+           "build_context",
+           "encode_pair",
+           "evaluate_task",
+           "load_examples",
+           "perplexity_of_documents",
+           "perplexity_of_text",
+           "resolve_task",
+           "rolling_windows",
+]

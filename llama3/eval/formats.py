@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Example", "FORMATS", "detect_format", "read_records", "load_examples"]
+__all__ = ["FORMATS", "Example", "detect_format", "load_examples", "read_records"]
 
 
 @dataclass

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .perplexity import rolling_windows
 from .scoring import LogLikelihoodScorer, encode_pair
 
-__all__ = ["Llama3LM", "register", "cli_main"]
+__all__ = ["Llama3LM", "cli_main", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Llama3LM(LM):
         self._name = str(path)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer, **kwargs: Any) -> "Llama3LM":
+    def from_model(cls, model: torch.nn.Module, tokenizer, **kwargs: Any) -> Llama3LM:
         """Wrap a model already in memory (our `Transformer` and `Tokenizer`)."""
         self = cls.__new__(cls)
         LM.__init__(self)
@@ -138,7 +138,7 @@ class Llama3LM(LM):
         groups: dict[tuple, list[int]] = {}
         settings: dict[tuple, tuple[list[str], int, SamplingParams]] = {}
         for index, request in enumerate(requests):
-            context, gen_kwargs = request.args
+            _context, gen_kwargs = request.args
             until, max_gen_toks, sampling = self._generation_settings(dict(gen_kwargs))
             key = (tuple(until), max_gen_toks, sampling)
             groups.setdefault(key, []).append(index)

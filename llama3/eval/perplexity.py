@@ -14,6 +14,7 @@ Bits per byte does not depend on the tokenizer, so it compares models with diffe
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,8 +26,16 @@ import numpy as np
 from ..tokenizer import Tokenizer
 from .scoring import LogLikelihoodScorer
 
-__all__ = ["rolling_windows", "PerplexityResult", "perplexity_of_documents", "perplexity_of_text",
-           "read_text_documents", "shard_documents", "packed_window_requests", "perplexity_of_shards"]
+__all__ = [
+    "PerplexityResult",
+    "packed_window_requests",
+    "perplexity_of_documents",
+    "perplexity_of_shards",
+    "perplexity_of_text",
+    "read_text_documents",
+    "rolling_windows",
+    "shard_documents",
+]
 
 
 def rolling_windows(token_ids: Sequence[int], window: int, stride: int | None = None
@@ -147,7 +156,7 @@ def shard_documents(data_dir: str | Path, split: str = "val") -> Iterator[np.nda
     starts = np.flatnonzero(tokens == index["bos_id"]).tolist() + [len(tokens)]
     if starts[0] != 0:
         raise ValueError(f"{data_dir} split {split!r} does not start with a BOS token; re-run `llama3 prepare`")
-    for begin, end in zip(starts[:-1], starts[1:]):
+    for begin, end in itertools.pairwise(starts):
         yield np.asarray(tokens[begin:end], dtype=np.int64)
 
 
@@ -172,7 +181,7 @@ def packed_window_requests(data_dir: str | Path, split: str, window: int, *, max
         inputs, targets = batch["inputs"][0].tolist(), batch["targets"][0].tolist()
         bos_positions = {i for i, t in enumerate(inputs) if t == batches.bos_id} if document_mask else set()
         starts = sorted({0} | bos_positions) + [len(inputs)]
-        for begin, end in zip(starts[:-1], starts[1:]):
+        for begin, end in itertools.pairwise(starts):
             requests.append((inputs[begin: begin + 1], targets[begin:end]))
     return requests
 

@@ -32,8 +32,19 @@ from ..tokenizer import Tokenizer
 from .formats import Example, load_examples
 from .scoring import LogLikelihoodScorer, encode_pair
 
-__all__ = ["Extractor", "Task", "BUILTIN_TASKS", "SAMPLE_DIR", "resolve_task", "build_context",
-           "multiple_choice_metrics", "extract_answer", "normalize_answer", "evaluate_task", "generate_texts"]
+__all__ = [
+    "BUILTIN_TASKS",
+    "SAMPLE_DIR",
+    "Extractor",
+    "Task",
+    "build_context",
+    "evaluate_task",
+    "extract_answer",
+    "generate_texts",
+    "multiple_choice_metrics",
+    "normalize_answer",
+    "resolve_task",
+]
 
 # The bundled sample files (small, original questions in each benchmark's published layout).
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "tasks"
