@@ -53,7 +53,7 @@ def broadcast_init_weights(model: Transformer, *, device: torch.device) -> None:
     model.init_buffers(device)
 
 
-def distributed_runtime(cfg) -> Any:
+def distributed_runtime(cfg, *, compile_backend: str = "inductor") -> Any:
     """A `llama3.train.loop.Runtime` for this torchrun process and `cfg` (a `TrainConfig`)."""
     from ..train.loop import Runtime
 
@@ -72,7 +72,7 @@ def distributed_runtime(cfg) -> Any:
         if dims.tp > 1:
             check_tp_shapes(model.args, dims.tp, cfg.data.seq_len)
         return parallelize(model, mesh, parallel_cfg, param_dtype=param_dtype, reduce_dtype=torch.float32,
-                           loss_parallel=loss_parallel)
+                           loss_parallel=loss_parallel, compile_backend=compile_backend)
 
     log_rank0(f"distributed: {info.world_size} ranks on {info.device.type} ({info.backend}); mesh "
               f"dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp}")
