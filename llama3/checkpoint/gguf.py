@@ -127,7 +127,9 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         else:  # embedding rows beyond the tokenizer (padded vocab)
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-    merges = [f"{left} {right}" for left, right in tokenizer.to_hf_json()["model"]["merges"]]
+    from .hf import tokenizer_hf_json
+
+    merges = [f"{left} {right}" for left, right in tokenizer_hf_json(tokenizer)["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("llama-bpe")
     writer.add_token_list(tokens)

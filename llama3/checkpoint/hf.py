@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from .load import materialize_model
 from .safety import (atomic_output_dir, contained_path, dtype_name, open_safetensors, parse_dtype, parse_size,
                      read_json, read_safetensors_tensor, write_json)
 
-__all__ = ["load_hf", "save_hf", "read_hf_args", "hf_weight_files", "load_tokenizer"]
+__all__ = ["load_hf", "save_hf", "read_hf_args", "hf_weight_files", "load_tokenizer", "tokenizer_hf_json"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -37,9 +38,19 @@ def read_hf_args(folder: Path) -> ModelArgs:
     path = folder / "config.json"
     config = read_json(path, what="config.json")
     try:
-        return ModelArgs.from_hf_config(config)
+        args = ModelArgs.from_hf_config(config)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from None
+    if isinstance(config.get("multiple_of"), int) and config["multiple_of"] > 0:
+        # Our exports keep Meta's FFN sizing rule beside intermediate_size, so HF -> Meta restores params.json.
+        try:
+            derived = args.replace(multiple_of=config["multiple_of"], ffn_hidden_dim=None,
+                                   ffn_dim_multiplier=config.get("ffn_dim_multiplier"))
+        except (ValueError, TypeError):
+            derived = None
+        if derived is not None and derived.hidden_dim == args.hidden_dim:
+            args = derived
+    return args
 
 
 def hf_weight_files(folder: Path) -> list[tuple[Path, list[str] | None]]:
@@ -106,19 +117,55 @@ def _stored_name(meta_key: str) -> str:
         return meta_key
 
 
+def _special_names(tokenizer_json: Path, num_base: int) -> list[str] | None:
+    """Special-token names (in id order) from tokenizer.json's added_tokens, if they follow the BPE ranks."""
+    if not tokenizer_json.is_file():
+        return None
+    added = sorted((t["id"], t["content"]) for t in read_json(tokenizer_json, what="tokenizer.json")
+                   .get("added_tokens", []) if isinstance(t, dict) and "id" in t and "content" in t)
+    if [i for i, _ in added] != list(range(num_base, num_base + len(added))) or not added:
+        return None
+    return [name for _, name in added]
+
+
 def load_tokenizer(folder: Path):
-    """Our Tokenizer from tokenizer.json (keeps the special-token names) or a tiktoken tokenizer.model."""
+    """Our Tokenizer from a folder. A tiktoken tokenizer.model loads fastest; its special-token names come
+    from tokenizer.json when both exist (3.0 and 3.1 name the reserved ids differently). Otherwise the
+    byte-level BPE in tokenizer.json."""
     from ..tokenizer import Tokenizer
 
-    for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+    for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
         path = folder / name
-        if path.is_file():
-            try:
-                return Tokenizer.from_file(path)
-            except (ValueError, KeyError, TypeError) as e:
-                message = str(e) if str(path) in str(e) else f"{path}: {e}"
-                raise ValueError(f"{message}; only Llama 3 style byte-level BPE tokenizers are supported") from None
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".json":
+                return Tokenizer.from_hf_json(path)
+            tokenizer = Tokenizer.from_tiktoken_file(path)
+            names = _special_names(folder / "tokenizer.json", len(tokenizer.mergeable_ranks))
+            return tokenizer if names is None else Tokenizer(tokenizer.mergeable_ranks, special_tokens=names,
+                                                             pattern=tokenizer.pattern)
+        except (ValueError, KeyError, TypeError) as e:
+            message = str(e) if str(path) in str(e) else f"{path}: {e}"
+            raise ValueError(f"{message}; only Llama 3 style byte-level BPE tokenizers are supported") from None
     raise ValueError(f"{folder}: no tokenizer.json or tokenizer.model; copy the model's tokenizer files here")
+
+
+_HF_JSON_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_hf_json(tokenizer) -> dict[str, Any]:
+    """`tokenizer.to_hf_json()`, computed once per tokenizer object (listing the merges of a 128K vocab takes
+    seconds, and HF and GGUF exports both need them). Callers must not modify the result."""
+    try:
+        return _HF_JSON_CACHE[tokenizer]
+    except (KeyError, TypeError):
+        data = tokenizer.to_hf_json()
+        try:
+            _HF_JSON_CACHE[tokenizer] = data
+        except TypeError:  # not weak-referenceable
+            pass
+        return data
 
 
 def load_hf(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -160,7 +207,7 @@ def write_hf_tokenizer(tokenizer, out: Path, *, max_seq_len: int) -> None:
     from ..tokenizer import CHAT_TEMPLATE
 
     specials = _special_token_fields(tokenizer)
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_hf_json(), ensure_ascii=False), encoding="utf-8")
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_hf_json(tokenizer), ensure_ascii=False), encoding="utf-8")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **{k: v for k, v in specials.items() if v is not None},
@@ -178,6 +225,10 @@ def write_hf_configs(args: ModelArgs, tokenizer, out: Path, *, dtype: torch.dtyp
     stop_ids = sorted(tokenizer.stop_tokens)
     config = args.to_hf_config(torch_dtype=dtype_name(dtype), bos_token_id=tokenizer.bos_id,
                                eos_token_id=tokenizer.eos_id)
+    if args.ffn_hidden_dim is None:  # Meta's FFN sizing rule; transformers ignores these two keys
+        config["multiple_of"] = args.multiple_of
+        if args.ffn_dim_multiplier is not None:
+            config["ffn_dim_multiplier"] = args.ffn_dim_multiplier
     write_json(out / "config.json", config)
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop_ids,
                   # Meta's instruct defaults (llama-models generation.py): temperature 0.6, top_p 0.9.

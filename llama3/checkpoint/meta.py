@@ -133,6 +133,22 @@ def _check_num_shards(args: ModelArgs, num_shards: int) -> None:
                              f"divisible by {num_shards}")
 
 
+def meta_ffn_args(args: ModelArgs) -> ModelArgs:
+    """Express an explicit FFN size (from an HF config) as Meta's (multiple_of, ffn_dim_multiplier) rule when one
+    of the released pairs reproduces it, so Meta's own loaders (which know only that rule) build the right
+    shapes. Otherwise params.json keeps `ffn_hidden_dim`."""
+    from ..config import PRESETS
+
+    if args.ffn_hidden_dim is None:
+        return args
+    pairs = [(p["multiple_of"], p.get("ffn_dim_multiplier")) for p in PRESETS.values()]
+    for multiple_of, multiplier in [(args.multiple_of, args.ffn_dim_multiplier), *pairs]:
+        candidate = args.replace(multiple_of=multiple_of, ffn_dim_multiplier=multiplier, ffn_hidden_dim=None)
+        if candidate.hidden_dim == args.ffn_hidden_dim:
+            return candidate
+    return args
+
+
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
     """torch.save writes a tensor's whole storage; copy views so a shard holds only its slice."""
     t = t.contiguous()
@@ -163,6 +179,6 @@ def save_meta(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.d
             torch.save(shard, out / f"consolidated.{rank:02d}.pth")
             del shard
         bar.close()
-        write_json(out / "params.json", args.to_params_json())
+        write_json(out / "params.json", meta_ffn_args(args).to_params_json())
         tokenizer.save_tiktoken(out / "tokenizer.model")
     return Path(path)

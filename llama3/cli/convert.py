@@ -1,0 +1,60 @@
+"""`llama3 convert`: move a model between Meta's format, Hugging Face and GGUF.
+
+    llama3 convert Llama3.1-8B/ llama31-8b-hf --to hf                      # Meta download -> HF folder
+    llama3 convert llama31-8b-hf llama31-8b.Q8_0.gguf --to gguf --dtype q8_0 # HF -> llama.cpp / Ollama
+    llama3 convert llama3-70b-hf llama3-70b-meta --to meta --shards 8        # HF -> Meta, 8 model-parallel shards
+    llama3 convert out/pretrain/step-00001000 out/hf --to hf --dtype bf16    # training checkpoint -> HF
+
+The source format is detected from its files. Output is written to a temporary path beside DST and renamed
+when complete, so DST never holds a half-written model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+HELP = "convert a model between Meta, Hugging Face and GGUF formats (sharding, dtype, q8_0)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama3 convert", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("src", help="model folder (Hugging Face, Meta, training checkpoint) or .gguf file")
+    parser.add_argument("dst", help="output folder (hf, meta) or file (gguf)")
+    parser.add_argument("--to", required=True, choices=["hf", "meta", "gguf"], help="output format")
+    parser.add_argument("--dtype", default=None,
+                        help="weights' dtype: float32 | bfloat16 | float16; for gguf also f32 | f16 | bf16 | q8_0 "
+                             "(default: as stored)")
+    parser.add_argument("--shards", type=int, default=1, help="meta: number of model-parallel shards (default 1)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="hf: split safetensors above this size, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..checkpoint.load import detect_format, load, save
+
+    try:
+        if args.to != "meta" and args.shards != 1:
+            raise ValueError("--shards applies to --to meta; use --max-shard-size for hf")
+        started = time.perf_counter()
+        src_format = detect_format(args.src)
+        print(f"loading {args.src} ({src_format})", file=sys.stderr)
+        # GGUF quantized types are chosen at write time; the model itself loads in its stored float dtype.
+        load_dtype = None if args.to == "gguf" else args.dtype
+        model, tokenizer = load(args.src, dtype=load_dtype)
+        print(f"loaded {model.num_params() / 1e6:.1f}M parameters in {time.perf_counter() - started:.1f}s",
+              file=sys.stderr)
+        extra = {"hf": {"max_shard_size": args.max_shard_size}, "meta": {"num_shards": args.shards},
+                 "gguf": {}}[args.to]
+        path = save(model, tokenizer, args.dst, format=args.to, dtype=args.dtype, overwrite=args.overwrite,
+                    progress=True, **extra)
+    except ValueError as e:
+        print(f"llama3 convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({args.to}) in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return 0
