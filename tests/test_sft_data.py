@@ -16,6 +16,16 @@ CHAT_FILE = REPO / "data" / "chat" / "austen_chat.jsonl"
 DPO_FILE = REPO / "data" / "chat" / "austen_dpo.jsonl"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning threads make
+    each op 10x slower when other processes compete; restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def byte_chat():
     """A real Tokenizer over single bytes (ids 0-255, specials 256-511): every character is one token,
@@ -192,6 +202,13 @@ def test_batches_resume_and_fill_rows(byte_chat):
     padded = SFTBatches(examples, batch_size=7, pad_id=0, seq_len=256, pack=False)
     seen = sum(next(padded)["inputs"].shape[0] for _ in range(len(examples) // 7))
     assert seen == len(examples) // 7 * 7 and padded.epoch == 0
+    # validation: one pass in file order, the last batch short, then the iterator ends
+    one_pass = list(SFTBatches(examples, batch_size=7, pad_id=0, seq_len=256, pack=False, shuffle=False,
+                               num_epochs=1))
+    assert sum(b["inputs"].shape[0] for b in one_pass) == len(examples)
+    assert one_pass[0]["inputs"][0, :5].tolist() == examples[0].ids[:5]
+    packed = list(SFTBatches(examples, batch_size=2, pad_id=0, seq_len=256, shuffle=False, num_epochs=1))
+    assert sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in packed) == sum(e.num_loss_tokens for e in examples)
 
 
 def test_split_train_val():

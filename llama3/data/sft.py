@@ -369,14 +369,17 @@ def preference_batch(examples: Sequence[PreferenceExample], pad_id: int) -> dict
 
 @dataclass
 class SFTBatches:
-    """Endless, resumable batches of dialogs: a seeded shuffle per epoch, then `pack_batch` (rows of
-    `seq_len`, attention kept within each dialog) or `pad_batch`. `state_dict()` records where it is."""
+    """Resumable batches of dialogs: a seeded shuffle per epoch, then `pack_batch` (rows of `seq_len`,
+    attention kept within each dialog) or `pad_batch`. Endless unless `num_epochs` is set, in which case
+    the last batch may be short. `state_dict()` records where it is."""
     examples: Sequence[ChatExample]
     batch_size: int
     pad_id: int
     seq_len: int
     pack: bool = True
     seed: int = 0
+    shuffle: bool = True  # False: the examples' own order every epoch (validation)
+    num_epochs: int | None = None  # stop after this many passes (validation: 1); None = endless
     epoch: int = 0
     position: int = 0
     _order: list[int] = field(default_factory=list, repr=False)
@@ -390,11 +393,15 @@ class SFTBatches:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.examples)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def _peek(self) -> Any:
+    def _peek(self) -> Any | None:
+        """The next example without consuming it; None once `num_epochs` passes are done."""
         if self.position >= len(self._order):
+            if self.num_epochs is not None and self.epoch + 1 >= self.num_epochs:
+                return None
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._epoch_order(self.epoch)
         return self.examples[self._order[self.position]]
@@ -405,26 +412,31 @@ class SFTBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         if not self.pack:
             chosen = []
-            for _ in range(self.batch_size):
-                chosen.append(self._peek())
+            while len(chosen) < self.batch_size and (example := self._peek()) is not None:
+                chosen.append(example)
                 self.position += 1
+            if not chosen:
+                raise StopIteration
             return self._collate(chosen)
         # Packing: fill `batch_size` rows in stream order; a dialog that does not fit in the current row
         # starts the next one (and stays unconsumed if the batch is full, so resuming loses nothing).
         rows: list[list[ChatExample]] = [[]]
         used = 0
-        while True:
-            example = self._peek()
+        while (example := self._peek()) is not None:
             length = len(example.ids) - 1
             if used + length <= self.seq_len:
                 rows[-1].append(example)
                 used += length
                 self.position += 1
             elif len(rows) == self.batch_size:
-                return pack_batch(rows, self.pad_id, self.seq_len)
+                break
             else:
                 rows.append([])
                 used = 0
+        rows = [row for row in rows if row]
+        if not rows:
+            raise StopIteration
+        return pack_batch(rows, self.pad_id, self.seq_len)
 
     def _collate(self, chosen: list[Any]) -> dict[str, torch.Tensor]:
         return pad_batch(chosen, self.pad_id)
