@@ -1,0 +1,106 @@
+"""`llama3 generate` and `llama3 chat` on a tiny random model saved as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, random_model, tiny_args
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, llama3_tokenizer):
+    """A tiny model with the full Llama 3 vocabulary (so any text prompt encodes), saved with llama3.save."""
+    import llama3
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model = random_model(tiny_args("tied", vocab_size=llama3_tokenizer.n_words, max_seq_len=256))
+    llama3.save(model, llama3_tokenizer, path)
+    return path
+
+
+def expected_greedy(model_dir, prompt_ids: list[int], n: int) -> list[int]:
+    import llama3
+    from llama3.inference import Generator, SamplingParams
+
+    model, tokenizer = llama3.load(model_dir)
+    [result] = Generator(model, tokenizer).generate([prompt_ids], max_new_tokens=n,
+                                                    sampling=SamplingParams(temperature=0))
+    return result.token_ids
+
+
+def test_generate_json(model_dir, llama3_tokenizer, capsys):
+    from llama3.cli.generate import main
+
+    prompt = "It is a truth universally acknowledged"
+    code = main(["--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0",
+                 "--json", "--no-compile"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"text", "token_ids", "timing"}
+    assert set(out["timing"]) == {"prefill_s", "decode_s", "num_prompt_tokens", "num_new_tokens",
+                                  "decode_tokens_per_s"}
+    prompt_ids = llama3_tokenizer.encode(prompt, bos=True)
+    assert out["timing"]["num_prompt_tokens"] == len(prompt_ids)
+    assert out["token_ids"] == expected_greedy(model_dir, prompt_ids, 6)
+    assert out["text"] == llama3_tokenizer.decode(out["token_ids"])
+
+
+def test_generate_plain_prints_only_continuation_and_errors_are_clear(model_dir, capsys):
+    from llama3.cli.generate import main
+
+    assert main(["--model", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "4", "--temperature", "0",
+                 "--no-compile", "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    assert main(["--model", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "400", "--no-compile"]) == 2
+    assert "context length is 256" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_chat_with_piped_stdin(model_dir, llama3_tokenizer):
+    from llama3.tokenizer import ChatFormat
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    stdin = "Hello there\n/reset\nHello there\nAnd then?\n/exit\nnever read\n"
+    proc = subprocess.run([sys.executable, "-m", "llama3", "chat", "--model", str(model_dir), "--no-compile",
+                           "--temperature", "0", "--max-new-tokens", "5", "--system", "Be brief."],
+                          input=stdin, capture_output=True, text=True, timeout=200, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "[conversation reset]" in proc.stderr
+    # /reset forgot the first turn: the same question gets the same reply.
+    chat = ChatFormat(llama3_tokenizer)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    first_ids = expected_greedy(model_dir, chat.encode_dialog_prompt(dialog), 5)
+    first = llama3_tokenizer.decode(first_ids)
+    # The second turn saw the first one: its prompt holds the reply in the history.
+    dialog += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    second_ids = expected_greedy(model_dir, chat.encode_dialog_prompt(dialog), 5)
+    second = llama3_tokenizer.decode(second_ids)
+    assert proc.stdout == f"{first}\n{first}\n{second}\n"
+
+
+def test_chat_session_survives_interrupt(model_dir):
+    """Ctrl-C during a reply ends that reply only; the conversation goes on."""
+    import llama3
+    from llama3.cli.chat import ChatSession
+    from llama3.inference import Generator, SamplingParams
+
+    model, tokenizer = llama3.load(model_dir)
+    session = ChatSession(Generator(model, tokenizer), system=None, max_new_tokens=8,
+                          sampling=SamplingParams(temperature=0))
+    written = []
+
+    def interrupting_write(piece):
+        written.append(piece)
+        raise KeyboardInterrupt
+
+    partial = session.reply("Hi", interrupting_write)
+    assert partial == written[0] and session.messages[-1] == {"role": "assistant", "content": partial}
+    full = session.reply("Again", lambda piece: None)
+    assert len(session.messages) == 4 and isinstance(full, str)
+    assert torch.is_grad_enabled()
