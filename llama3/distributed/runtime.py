@@ -27,7 +27,7 @@ from ..model import Transformer
 from .checkpoint import export_hf, save_sharded_checkpoint
 from .collectives import all_reduce_mean, clip_grad_norm_
 from .loss import vocab_parallel_lm_loss
-from .mesh import build_mesh, data_parallel_mesh, init_distributed, log_rank0, mesh_dims
+from .mesh import build_mesh, data_parallel_mesh, init_distributed, mesh_dims
 from .parallelize import check_tp_shapes, parallelize
 
 __all__ = ["distributed_runtime", "broadcast_init_weights"]
@@ -74,8 +74,9 @@ def distributed_runtime(cfg, *, compile_backend: str = "inductor") -> Any:
         return parallelize(model, mesh, parallel_cfg, param_dtype=param_dtype, reduce_dtype=torch.float32,
                            loss_parallel=loss_parallel, compile_backend=compile_backend)
 
-    log_rank0(f"distributed: {info.world_size} ranks on {info.device.type} ({info.backend}); mesh "
-              f"dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp}")
+    if info.rank == 0:  # the training loop logs with print on rank 0; this line joins them
+        print(f"distributed: {info.world_size} ranks on {info.device.type} ({info.backend}), mesh "
+              f"dp_replicate={dims.dp_replicate} × dp_shard={dims.dp_shard} × tp={dims.tp}", flush=True)
     return Runtime(
         device=info.device,
         dp_rank=dp_mesh.get_local_rank(),

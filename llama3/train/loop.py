@@ -227,6 +227,9 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
     """Run `cfg.train.steps` optimizer steps (from the newest complete checkpoint in `cfg.train.out_dir`
     when `resume`), validating, logging and checkpointing as configured; export an HF folder at the end."""
     runtime = runtime or setup_runtime(cfg)
+    if not runtime.is_main:  # one log line per job, not one per rank
+        def log(message: str) -> None:
+            pass
     out_dir = Path(cfg.train.out_dir)
     if model_args is None:
         model_args = cfg.model.model_args(vocab_size=tokenizer.n_words, max_seq_len=cfg.data.seq_len)

@@ -3,7 +3,8 @@
 Three torchrun launches (starting processes is the slow part, so each runs several checks):
 - 2 ranks: `llama3 pretrain` with FSDP (dp_shard=2), then with TP (tp=2); TP inference logits and greedy
   tokens; `llama3 generate` under torchrun.
-- 4 ranks: `llama3 pretrain` with FSDP×TP (2×2), and a resume of the 2-rank FSDP run's step-3 checkpoint.
+- 4 ranks: `llama3 pretrain` with FSDP×TP (2×2), a resume of the 2-rank FSDP run's step-3 checkpoint on
+  that 2×2 mesh, and HSDP (2 replicas × 2 shards) with selective activation checkpointing.
 - 1 plain process (in this test process): the reference run, and a resume of the same checkpoint.
 Every run sees the same global batch (4 rows of 32 tokens) in the same order, so fp32 losses must agree to
 1e-5 and the exported weights must agree too.
@@ -97,7 +98,7 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
     from llama3.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("dist-runs")
-    r = {name: root / name for name in ("single", "fsdp2", "tp2", "fsdp2x2", "resume4", "resume1")}
+    r = {name: root / name for name in ("single", "fsdp2", "tp2", "fsdp2x2", "hsdp2x2", "resume4", "resume1")}
     assert cli_main(_pretrain_argv(dataset, r["single"], "--data.batch_size=4")) == 0
 
     # A random model (norm weights perturbed so they matter) for tensor-parallel inference.
@@ -135,6 +136,10 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
                                                "--parallel.tp=2")},
         {"kind": "cli", "argv": _pretrain_argv(dataset, r["resume4"], "--data.batch_size=2", "--parallel.dp_shard=2",
                                                "--parallel.tp=2", "--resume")},
+        # HSDP: shard within pairs, replicate across them; with selective activation checkpointing.
+        {"kind": "cli", "argv": _pretrain_argv(dataset, r["hsdp2x2"], "--data.batch_size=1",
+                                               "--parallel.dp_replicate=2", "--parallel.dp_shard=2",
+                                               "--parallel.activation_checkpoint=selective")},
     ], root)
 
     _interrupted_copy(r["fsdp2"], r["resume1"])
@@ -143,7 +148,7 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("name", ["fsdp2", "tp2", "fsdp2x2"])
+@pytest.mark.parametrize("name", ["fsdp2", "tp2", "fsdp2x2", "hsdp2x2"])
 def test_distributed_training_equals_one_process(runs, name):
     single, dist_losses = _losses(runs["single"]), _losses(runs[name])
     assert sorted(dist_losses) == list(range(1, STEPS + 1))
