@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import AUSTEN, REPO, random_model, tiny_args
+
 from llama3.cli import main as cli_main
 from llama3.tokenizer import Tokenizer
 
@@ -80,7 +80,7 @@ def test_lm_eval_adapter_agrees_with_llama3_eval(tmp_path, offline_datasets):
     from lm_eval.tasks import TaskManager
 
     import llama3
-    import llama3.eval.lm_eval  # noqa: F401  (registers the model name "llama3")
+    import llama3.eval.lm_eval  # registers the model name "llama3" with lm-evaluation-harness
 
     model_dir = tmp_path / "model"
     tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
