@@ -96,6 +96,21 @@ def test_sft_lora_end_to_end(base_dir, tmp_path, capsys):
         torch.testing.assert_close(adapted(tokens).logits, ours, atol=1e-4, rtol=1e-4)
         assert (ours - llama3.load(base_dir)[0](tokens)).abs().max() > 1e-2  # and it did change the model
 
+    # served with the format it was trained on: HF's chat template gives our training ids
+    from transformers import AutoTokenizer
+
+    messages = json.loads(data.read_text().splitlines()[0])["messages"]
+    hf_tokenizer = AutoTokenizer.from_pretrained(out / "hf")
+    hf_ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert hf_ids == ChatFormat(llama3.load(out / "hf")[1]).encode_dialog(messages)[0]
+    # and our own generate command runs on the export
+    from llama3.cli.generate import main as generate_main
+
+    capsys.readouterr()
+    assert generate_main(["--model", str(out / "hf"), "--prompt", "Who is Emma?", "--max-new-tokens", "4",
+                          "--temperature", "0", "--no-compile", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
+
 
 @pytest.mark.timeout(240)
 def test_dpo_end_to_end(base_dir, tmp_path, capsys):
@@ -110,6 +125,21 @@ def test_dpo_end_to_end(base_dir, tmp_path, capsys):
     assert not (out / "adapter").exists()  # full fine-tuning: no adapter folder
     model, _ = llama3.load(out / "hf")
     assert model.args.vocab_size == 512
+
+
+@pytest.mark.timeout(240)
+def test_resumed_lora_run_equals_uninterrupted(base_dir, tmp_path):
+    data = _subset(CHAT_FILE, tmp_path / "chat.jsonl", 40)
+    flags = ["--model", str(base_dir), "--data", str(data), "--lora-rank", "4", "--optim.lr=1e-2",
+             "--data.batch_size=2", "--schedule.name=constant", *COMMON]
+    assert finetune_main([*flags, "--out", str(tmp_path / "whole"), "--train.steps=6"]) == 0
+    assert finetune_main([*flags, "--out", str(tmp_path / "parts"), "--train.steps=3"]) == 0
+    assert finetune_main([*flags, "--out", str(tmp_path / "parts"), "--train.steps=6", "--resume"]) == 0
+    whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    parts = load_file(str(tmp_path / "parts" / "adapter" / "adapter_model.safetensors"))
+    assert whole.keys() == parts.keys()
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert any(not torch.equal(whole[k], torch.zeros_like(whole[k])) for k in whole)
 
 
 def test_bad_data_stops_with_the_line_number(base_dir, tmp_path, capsys):
