@@ -7,8 +7,16 @@ import json
 import pytest
 import torch
 
-from llama3.data.sft import (IGNORE_INDEX, SFTBatches, encode_chat_record, load_chat_jsonl,
-                             load_preference_jsonl, pack_batch, pad_batch, split_train_val)
+from llama3.data.sft import (
+    IGNORE_INDEX,
+    SFTBatches,
+    encode_chat_record,
+    load_chat_jsonl,
+    load_preference_jsonl,
+    pack_batch,
+    pad_batch,
+    split_train_val,
+)
 from llama3.tokenizer import ChatFormat, Tokenizer
 from tests.conftest import REPO, random_model, tiny_args
 
@@ -102,12 +110,12 @@ BAD_CHAT_LINES = [
     ('{"messages": [{"role": "wizard", "content": "x"}]}', "messages[0]: role 'wizard'"),
     ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}', "empty assistant"),
     ('{"messages": [{"role": "user", "content": "Hi"}]}', "no assistant reply"),
-    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "x"}, '
-     '{"role": "assistant", "content": "y"}]}', "system message may only come first"),
+    (('{"messages": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "x"}, '
+      '{"role": "assistant", "content": "y"}]}'), "system message may only come first"),
     ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}', "'content' must be"),
     ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}', "missing 'content'"),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": '
-     '[{"function": {"name": "f", "arguments": "{oops"}}]}]}', "not valid JSON: '{oops'"),
+    (('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": '
+      '[{"function": {"name": "f", "arguments": "{oops"}}]}]}'), "not valid JSON: '{oops'"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]}',
      "'weight' must be 0 or 1"),
     ('{"messages": [{"role": "user", "content": "x", "mood": "glad"}, {"role": "assistant", "content": "y"}]}',

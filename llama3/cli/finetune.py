@@ -124,8 +124,8 @@ def run(cfg, *, resume: bool = False, log=print) -> dict[str, Any]:
     from ..checkpoint.load import load, save
     from ..tokenizer import ChatFormat
     from ..train.dpo import DPOConfig, DPOLoss, compute_reference_logps
-    from ..train.lora import apply_lora, merge_lora, save_peft_adapter
     from ..train.loop import setup_runtime, train
+    from ..train.lora import apply_lora, merge_lora, save_peft_adapter
 
     ft = cfg.finetune
     if ft.method not in ("sft", "dpo"):

@@ -35,10 +35,24 @@ import torch
 
 from ..tokenizer import ChatFormat
 
-__all__ = ["IGNORE_INDEX", "ChatExample", "PreferenceExample", "read_jsonl", "validate_messages",
-           "encode_chat_record", "encode_preference_record", "load_chat_jsonl", "load_preference_jsonl",
-           "split_train_val", "pad_batch", "pack_batch", "preference_batch", "SFTBatches", "PreferenceBatches",
-           "with_reference_logps"]
+__all__ = [
+    "IGNORE_INDEX",
+    "ChatExample",
+    "PreferenceBatches",
+    "PreferenceExample",
+    "SFTBatches",
+    "encode_chat_record",
+    "encode_preference_record",
+    "load_chat_jsonl",
+    "load_preference_jsonl",
+    "pack_batch",
+    "pad_batch",
+    "preference_batch",
+    "read_jsonl",
+    "split_train_val",
+    "validate_messages",
+    "with_reference_logps",
+]
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch.nn.functional.cross_entropy's default)
 _ROLES = ("system", "user", "assistant", "tool", "ipython")

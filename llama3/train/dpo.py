@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.sft import IGNORE_INDEX, PreferenceExample, preference_batch, with_reference_logps
 
-__all__ = ["DPOConfig", "DPOLoss", "dpo_loss", "sequence_logprobs", "compute_reference_logps"]
+__all__ = ["DPOConfig", "DPOLoss", "compute_reference_logps", "dpo_loss", "sequence_logprobs"]
 
 
 @dataclass

@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,17 @@ from torch import nn
 
 from ..checkpoint.keymap import meta_to_hf_key, permute_qk_to_hf, permute_qk_to_meta
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "lora_parameters", "lora_state_dict",
-           "save_peft_adapter", "load_peft_adapter", "DEFAULT_TARGETS"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LoRAConfig",
+    "LoRALinear",
+    "apply_lora",
+    "load_peft_adapter",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_lora",
+    "save_peft_adapter",
+]
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # Our projection name -> (the module that holds it, HF's module name), for PEFT's `target_modules`.
@@ -242,9 +251,3 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path}: unexpected tensors {sorted(tensors)[:3]}...")
     return model
 
-
-def lora_config_dict(config: LoRAConfig) -> dict[str, Any]:
-    """The config as plain data (for the run's saved config)."""
-    d = asdict(config)
-    d["targets"] = list(config.targets)
-    return d
