@@ -6,8 +6,15 @@ import json
 import pytest
 import torch
 
-from llama3.train.lora import (LoRAConfig, LoRALinear, apply_lora, load_peft_adapter, lora_parameters,
-                               merge_lora, save_peft_adapter)
+from llama3.train.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    load_peft_adapter,
+    lora_parameters,
+    merge_lora,
+    save_peft_adapter,
+)
 from tests.conftest import hf_model_from, random_model, tiny_args
 
 TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
