@@ -282,3 +282,40 @@ def test_readers_report_file_line_and_field(tmp_path):
         load_examples(path)
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         resolve_task("nope")
+
+
+# ----- the lm-evaluation-harness adapter's own request types -----
+@pytest.mark.timeout(120)
+def test_adapter_rolling_and_generation_match_hf(tiny_model, hf_reference, byte_tokenizer):
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from llama3.eval.lm_eval import Llama3LM
+
+    lm = Llama3LM.from_model(tiny_model, byte_tokenizer, batch_size=2, max_length=64)
+    text = (AUSTEN / "emma.txt").read_text(encoding="utf-8")[2000:2150]
+    [rolling] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    want = 0.0  # lm-evaluation-harness's own windowing, each window scored by HF
+    for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+            byte_tokenizer.encode(text), byte_tokenizer.bos_id, 64, 1)):
+        want += _hf_logprob(hf_reference, context + continuation, len(continuation))[0]
+    assert rolling == pytest.approx(want, abs=1e-3)
+
+    # generate_until: HF greedy decoding of the same prompt, cut before the first stop string.
+    prompts = ["Question: What is 2 + 2?\nAnswer:", "It is a truth universally"]
+    requests = [Instance("generate_until", {}, (p, {"until": ["\n\n", "Qu"], "max_gen_toks": 12, "do_sample": False}), i)
+                for i, p in enumerate(prompts)]
+    outputs = lm.generate_until(requests, disable_tqdm=True)
+    for prompt, output in zip(prompts, outputs):
+        ids = [byte_tokenizer.bos_id] + byte_tokenizer.encode(prompt)
+        for _ in range(12):
+            with torch.no_grad():
+                next_id = int(hf_reference(torch.tensor([ids])).logits[0, -1].argmax())
+            if next_id in byte_tokenizer.stop_tokens:
+                break
+            ids.append(next_id)
+        text_out = byte_tokenizer.decode(ids[len(byte_tokenizer.encode(prompt)) + 1:])
+        for stop in ("\n\n", "Qu"):
+            text_out = text_out.split(stop)[0]
+        assert output == text_out
+    assert tiny_model.cache_len is None  # generation leaves no KV cache behind for later scoring
