@@ -113,3 +113,29 @@ def test_bad_configs():
         apply_lora(model, LoRAConfig())
     with pytest.raises(ValueError, match="no LoRA adapters to save"):
         save_peft_adapter(random_model(tiny_args("gqa")), "/nonexistent/x")
+
+
+def test_int8_base_qlora_style():
+    base = random_model(tiny_args("gqa"))
+    expected = base(TOKENS)
+    # The reference: the same model with each projection's weight rounded to int8 and back, by hand.
+    rounded = random_model(tiny_args("gqa"))
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if name.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight",
+                              "w3.weight")):
+                scale = p.abs().amax(dim=1, keepdim=True) / 127.0
+                p.copy_(torch.round(p / scale) * scale)
+    model = apply_lora(base, LoRAConfig(rank=4, alpha=8, quantize_base=True))
+    state = model.state_dict()
+    assert state["layers.0.attention.wq.weight_int8"].dtype == torch.int8
+    assert "layers.0.attention.wq.weight" not in state
+    assert all(n.endswith((".lora_A", ".lora_B")) for n, p in model.named_parameters() if p.requires_grad)
+    zero_b = model(TOKENS)
+    torch.testing.assert_close(zero_b, rounded(TOKENS), atol=1e-5, rtol=1e-5)
+    assert (zero_b - expected).abs().max() < 0.05 * expected.abs().max()  # int8 rounding, small but not zero
+    _randomize_adapters(model)
+    adapted = model(TOKENS)
+    merged = merge_lora(model)
+    assert merged.layers[0].attention.wq.weight.dtype == torch.float32
+    torch.testing.assert_close(merged(TOKENS), adapted, atol=1e-5, rtol=1e-5)

@@ -114,7 +114,8 @@ def lora_config_of(cfg):
         return None
     targets = tuple(t.strip() for t in ft.lora_targets.split(",") if t.strip())
     alpha = 2.0 * ft.lora_rank if ft.lora_alpha is None else ft.lora_alpha
-    return LoRAConfig(rank=ft.lora_rank, alpha=alpha, dropout=ft.lora_dropout, targets=targets)
+    return LoRAConfig(rank=ft.lora_rank, alpha=alpha, dropout=ft.lora_dropout, targets=targets,
+                      quantize_base=ft.lora_quantize_base)
 
 
 def run(cfg, *, resume: bool = False, log=print) -> dict[str, Any]:

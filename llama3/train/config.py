@@ -141,6 +141,7 @@ class FinetuneSection:
     lora_alpha: float | None = None  # the update is scaled by alpha / rank; None = 2 × rank
     lora_dropout: float = 0.0
     lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"  # comma-separated projections of every block
+    lora_quantize_base: bool = False  # QLoRA-style: adapted projections keep their frozen weight in int8
     dpo_beta: float = 0.1  # Llama 3 recipe
     dpo_nll_weight: float = 0.2  # NLL term on chosen responses (Llama 3 recipe); 0 = plain DPO
     dpo_mask_formatting: bool = True  # leave end-of-turn tokens out of the DPO log-probs (headers always are)

@@ -5,6 +5,11 @@ default) for `LoRALinear`: y = x Wᵀ + (alpha / r) · dropout(x) Aᵀ Bᵀ, wit
 as nn.Linear's weight (Kaiming-uniform, as PEFT does) and B (out, r) zero, so the adapted model starts
 exactly equal to the base. Every other parameter is frozen too; only A and B train.
 
+With `quantize_base=True` (QLoRA-style, after Dettmers et al. 2023, with int8 instead of NF4) each adapted
+projection keeps its frozen W as int8 with one absmax scale per output row, a quarter of fp32's memory, and
+dequantizes it on the fly; the adapters then learn on top of the rounded base, and merging folds them into
+the dequantized W.
+
 `merge_lora(model)` folds W + (alpha / r) · B A back into plain nn.Linear layers for export;
 `save_peft_adapter` writes the adapters alone in Hugging Face PEFT's layout (`adapter_config.json` +
 `adapter_model.safetensors`), which `peft.PeftModel.from_pretrained` loads onto an HF `LlamaForCausalLM`.
@@ -57,6 +62,7 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    quantize_base: bool = False  # keep the frozen W of adapted projections in int8
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -77,15 +83,25 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (no bias: Llama has none)."""
+    """A frozen linear layer plus a trainable low-rank update (no bias: Llama has none). The frozen weight is
+    `weight` (the base's own tensor), or `weight_int8` and `weight_scale` (out,) with `quantize_base`."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, *,
+                 quantize_base: bool = False):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free projections only")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
+        self.base_dtype = base.weight.dtype
+        if quantize_base:
+            w = base.weight.detach().float()  # (out, in)
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,): symmetric absmax per row
+            self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            self.register_buffer("weight_scale", scale)
+            self.weight = None
+        else:
+            self.weight = base.weight
+            self.weight.requires_grad_(False)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
@@ -98,24 +114,32 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The frozen W (out, in); dequantized into `dtype` (default: the base's dtype) when stored in int8."""
+        if self.weight is not None:
+            return self.weight
+        dtype = dtype or self.base_dtype
+        return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out)
-        return F.linear(x, self.weight) + update * self.scaling
+        return F.linear(x, self.base_weight(x.dtype)) + update * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) · B A, computed in fp32: (out, in)."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding W + (alpha / r) · B A, in W's dtype."""
+        """A plain nn.Linear holding W + (alpha / r) · B A, in the base's dtype."""
         linear = nn.Linear(self.in_features, self.out_features, bias=False,
-                           device=self.weight.device, dtype=self.weight.dtype)
+                           device=self.lora_A.device, dtype=self.base_dtype)
         with torch.no_grad():
-            linear.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            linear.weight.copy_((self.base_weight(torch.float32).float() + self.delta_weight()).to(self.base_dtype))
         return linear
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+        base = "int8" if self.weight is None else str(self.base_dtype).removeprefix("torch.")
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, base={base}"
 
 
 def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Module, str]]:
@@ -139,7 +163,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         base = getattr(parent, attr)
         if not isinstance(base, nn.Linear):
             raise ValueError(f"cannot add LoRA to {type(base).__name__}; only nn.Linear projections")
-        setattr(parent, attr, LoRALinear(base, config.rank, config.alpha, config.dropout))
+        setattr(parent, attr, LoRALinear(base, config.rank, config.alpha, config.dropout,
+                                         quantize_base=config.quantize_base))
     model.lora_config = config  # read back by save_peft_adapter
     return model
 
