@@ -79,8 +79,13 @@ def _bytes_to_hf(token: bytes) -> str:
     return "".join(table[b] for b in token)
 
 
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in _byte_to_unicode().items()}
+
+
 def _hf_to_bytes(token: str) -> bytes:
-    inverse = {c: b for b, c in _byte_to_unicode().items()}
+    inverse = _unicode_to_byte()
     try:
         return bytes(inverse[c] for c in token)
     except KeyError:

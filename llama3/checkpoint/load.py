@@ -39,11 +39,9 @@ def detect_format(path: str | os.PathLike) -> Format:
             return "gguf"
         raise ValueError(f"{path} is a file; give the folder that holds the model (config.json or params.json "
                          "and the weights), or a .gguf file")
-    try:
-        from .native import is_training_checkpoint
-    except ImportError:  # training checkpoints not available in this build
-        is_training_checkpoint = None
-    if is_training_checkpoint is not None and is_training_checkpoint(path):
+    from .native import is_training_checkpoint
+
+    if is_training_checkpoint(path):
         return "training"
     if (path / "config.json").is_file():
         return "hf"

@@ -1,0 +1,135 @@
+"""GGUF export runs in llama.cpp (llama-cpp-python) with the same greedy tokens and close logits as our
+model, and loads back into our model. The model has Llama 3's real 128,256-token vocabulary (llama.cpp's
+"llama-bpe" tokenizer expects it) with tiny layers (dim 64, 2 layers)."""
+
+import numpy as np
+import pytest
+import torch
+
+import llama3
+from tests.conftest import random_model, tiny_args
+
+PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+NUM_NEW_TOKENS = 8
+# Logit tolerances against our fp32 model (logits here span about ±5): f32 differs only by summation order;
+# f16 rounds weights and llama.cpp's activations for the f16 matmuls to 11 bits.
+TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "q8_0": 0.15}
+
+
+def _sharp_attention_model(args):
+    """Random weights with q/k scaled up, so attention is far from uniform and positions (RoPE) matter."""
+    model = random_model(args, seed=11)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wq.weight.mul_(8)
+            layer.attention.wk.weight.mul_(8)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(llama3_tokenizer):
+    return _sharp_attention_model(tiny_args("rope31", vocab_size=128256, max_seq_len=512)), llama3_tokenizer
+
+
+@pytest.fixture(scope="module")
+def gguf_files(model_and_tokenizer, tmp_path_factory):
+    """One export per dtype, shared by the tests (writing 128K tokens and 280K merges takes seconds)."""
+    model, tokenizer = model_and_tokenizer
+    folder = tmp_path_factory.mktemp("gguf")
+    return {dtype: llama3.save(model, tokenizer, folder / f"model-{dtype}.gguf", format="gguf", dtype=dtype)
+            for dtype in ("f32", "f16", "q8_0")}
+
+
+def _llama_cpp(path, num_ctx=128):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=num_ctx, logits_all=True, verbose=False, n_threads=2, seed=0)
+
+
+def _ours_greedy(model, ids, num_new):
+    """Greedy continuation and the logits of every position, by full forward passes."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(num_new):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        logits = model(torch.tensor([ids]))[0].numpy()
+    return ids, logits
+
+
+def _cpp_greedy(llm, ids, num_new):
+    llm.reset()
+    ids = list(ids)
+    llm.eval(ids)
+    for _ in range(num_new):
+        next_id = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        ids.append(next_id)
+        llm.eval([next_id])
+    return ids, np.array(llm.scores[: llm.n_tokens])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_gguf_runs_in_llama_cpp_with_equal_greedy_tokens(model_and_tokenizer, gguf_files, dtype):
+    model, tokenizer = model_and_tokenizer
+    path = gguf_files[dtype]
+    prompt = tokenizer.encode(PROMPT, bos=True)
+    llm = _llama_cpp(path)
+    try:
+        assert llm.tokenize(PROMPT.encode(), add_bos=True, special=True) == prompt  # llama-bpe = our tokenizer
+        assert llm.token_eos() == tokenizer.eos_id and llm.token_bos() == tokenizer.bos_id
+        cpp_ids, cpp_logits = _cpp_greedy(llm, prompt, NUM_NEW_TOKENS)
+    finally:
+        llm.close()
+    our_ids, our_logits = _ours_greedy(model, prompt, NUM_NEW_TOKENS)
+    # logits on llama.cpp's own continuation; the full sequence is compared (prompt + generated)
+    with torch.no_grad():
+        our_logits_on_cpp = model(torch.tensor([cpp_ids[:-1]]))[0].numpy()
+    assert np.abs(cpp_logits[: len(cpp_ids) - 1] - our_logits_on_cpp).max() <= TOLERANCE[dtype]
+    if dtype != "q8_0":  # 8-bit weights may legitimately flip a near-tie; their logits are checked above
+        assert cpp_ids == our_ids
+    else:
+        assert cpp_ids[: len(prompt) + 1] == our_ids[: len(prompt) + 1]
+
+
+@pytest.mark.timeout(120)
+def test_gguf_rope_scaling_reaches_llama_cpp(model_and_tokenizer, gguf_files):
+    """rope_freqs carries Llama 3.1 scaling: llama.cpp matches the scaled model, not the unscaled one."""
+    model, tokenizer = model_and_tokenizer
+    path = gguf_files["f32"]
+    ids = tokenizer.encode(PROMPT * 3, bos=True)[:100]
+    llm = _llama_cpp(path)
+    try:
+        llm.eval(ids)
+        cpp = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    unscaled = _sharp_attention_model(model.args.replace(use_scaled_rope=False))
+    with torch.no_grad():
+        ours, plain = model(torch.tensor([ids]))[0].numpy(), unscaled(torch.tensor([ids]))[0].numpy()
+    assert np.abs(cpp - ours).max() <= 1e-4
+    assert np.abs(cpp - plain).max() > 100 * np.abs(cpp - ours).max()
+
+
+@pytest.mark.timeout(120)
+def test_gguf_loads_back(tmp_path):
+    """GGUF -> our model: f32 exactly, f16 as rounded, q8_0 dequantized within its error bound. (A small
+    byte-level vocabulary keeps gguf's pure-Python metadata reader fast.)"""
+    from tests.test_checkpoint_hf import byte_tokenizer
+
+    model = random_model(tiny_args("rope31", vocab_size=512, multiple_of=32), seed=12)
+    tokenizer = byte_tokenizer()
+    files = {dtype: llama3.save(model, tokenizer, tmp_path / f"m-{dtype}.gguf", format="gguf", dtype=dtype)
+             for dtype in ("f32", "f16", "q8_0")}
+    loaded, loaded_tok = llama3.load(files["f32"])
+    assert loaded.args.use_scaled_rope and loaded.args.rope_original_max_seq_len == model.args.rope_original_max_seq_len
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded_tok.special_tokens == tokenizer.special_tokens
+    assert loaded_tok.encode(PROMPT) == tokenizer.encode(PROMPT)
+    half, _ = llama3.load(files["f16"])
+    assert half.tok_embeddings.weight.dtype == torch.float16
+    assert torch.equal(half.tok_embeddings.weight, model.tok_embeddings.weight.half())
+    q8, _ = llama3.load(files["q8_0"], dtype="float32")  # dequantized
+    weight = model.layers[0].feed_forward.w2.weight
+    error = (q8.layers[0].feed_forward.w2.weight - weight).abs().max()
+    assert 0 < error <= weight.abs().max() / 127  # Q8_0: int8 with one scale per 32 values
