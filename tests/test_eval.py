@@ -65,9 +65,15 @@ def _hf_logprob(hf, ids: list[int], num_continuation: int) -> tuple[float, bool]
 # ----- log-likelihoods -----
 @pytest.mark.timeout(120)
 def test_loglikelihood_matches_hf(tiny_model, hf_reference, byte_tokenizer):
-    texts = [("The cat sat on the", " mat"), ("Question: 2+2?\nAnswer:", " 4"), ("", "Hello there"),
-             ("A much longer context that goes on for a while, about Emma Woodhouse, handsome, clever,",
-              " and rich, with a comfortable home")]
+    texts = [
+        ("The cat sat on the", " mat"),
+        ("Question: 2+2?\nAnswer:", " 4"),
+        ("", "Hello there"),
+        (
+            "A much longer context that goes on for a while, about Emma Woodhouse, handsome, clever,",
+            " and rich, with a comfortable home",
+        ),
+    ]
     pairs = [encode_pair(byte_tokenizer, c, x) for c, x in texts]
     scorer = LogLikelihoodScorer(tiny_model, batch_size=3)  # 2 batches, padded rows of different lengths
     got = scorer.score(pairs)
@@ -136,19 +142,21 @@ def test_perplexity_equals_exp_mean_nll(tiny_model, hf_reference, byte_tokenizer
     result = perplexity_of_text(scorer, byte_tokenizer, [text])
     assert result.num_tokens == len(ids) - 1 and result.num_bytes == len(text.encode("utf-8"))
     assert result.perplexity == pytest.approx(math.exp(mean_nll), rel=1e-5)
-    assert result.bits_per_byte == pytest.approx(mean_nll * (len(ids) - 1) / math.log(2) / len(text.encode()),
-                                                 rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(
+        mean_nll * (len(ids) - 1) / math.log(2) / len(text.encode()), rel=1e-5
+    )
     # Sliding windows of 64 with stride 24, against a plain loop over HF: each window predicts its tail.
-    windowed = perplexity_of_text(LogLikelihoodScorer(tiny_model, max_length=64, batch_size=4),
-                                  byte_tokenizer, [text], stride=24)
+    windowed = perplexity_of_text(
+        LogLikelihoodScorer(tiny_model, max_length=64, batch_size=4), byte_tokenizer, [text], stride=24
+    )
     total, next_target = 0.0, 1
     while next_target < len(ids):
         last = min(next_target + (64 if next_target == 1 else 24) - 1, len(ids) - 1)
         start = max(0, last - 64)
         with torch.no_grad():
             window_logits = hf_reference(torch.tensor([ids[start:last]])).logits[0].double()
-        nll = F.cross_entropy(window_logits, torch.tensor(ids[start + 1: last + 1]), reduction="none")
-        total += nll[next_target - start - 1:].sum().item()
+        nll = F.cross_entropy(window_logits, torch.tensor(ids[start + 1 : last + 1]), reduction="none")
+        total += nll[next_target - start - 1 :].sum().item()
         next_target = last + 1
     assert windowed.perplexity == pytest.approx(math.exp(total / (len(ids) - 1)), rel=1e-5)
     assert windowed.perplexity != pytest.approx(result.perplexity, rel=1e-6)  # less context, other value
@@ -157,38 +165,48 @@ def test_perplexity_equals_exp_mean_nll(tiny_model, hf_reference, byte_tokenizer
 # ----- prompts, metrics, extraction -----
 def test_prompts_have_lm_eval_layout():
     arc = resolve_task("arc_easy")
-    assert build_context(arc, 0, 1) == ("Question: Which of these is a source of light?\nAnswer: the Sun\n\n"
-                                        "Question: Which tool is best for measuring the mass of a small stone?"
-                                        "\nAnswer:")
+    assert build_context(arc, 0, 1) == (
+        "Question: Which of these is a source of light?\nAnswer: the Sun\n\n"
+        "Question: Which tool is best for measuring the mass of a small stone?"
+        "\nAnswer:"
+    )
     mmlu = resolve_task("mmlu")
     assert build_context(mmlu, 5, 1) == (
         "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
         "What is 7 multiplied by 8?\nA. 54\nB. 56\nC. 58\nD. 64\nAnswer: B\n\n"
-        "What is 9 + 16?\nA. 23\nB. 24\nC. 25\nD. 26\nAnswer:")  # shots from the same subject
+        "What is 9 + 16?\nA. 23\nB. 24\nC. 25\nD. 26\nAnswer:"
+    )  # shots from the same subject
     hellaswag = resolve_task("hellaswag")
     example = hellaswag.examples[4]  # WikiHow artifacts removed as lm-evaluation-harness does
-    assert example.prompt == ("Personal Care and Style: How to brush your teeth. Wet the toothbrush. "
-                              "put a pea-sized amount of")
+    assert example.prompt == (
+        "Personal Care and Style: How to brush your teeth. Wet the toothbrush. put a pea-sized amount of"
+    )
     assert example.choices[0] == "toothpaste on the bristles and brush in small circles."
     from lm_eval.tasks.hellaswag.utils import preprocess
+
     for example in hellaswag.examples:
         doc = example.fields
         ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
         assert example.prompt == preprocess(doc["activity_label"] + ": " + ctx)
         assert example.choices == [preprocess(e) for e in doc["endings"]]
     gsm8k = resolve_task("gsm8k")
-    assert build_context(gsm8k, 0, 0) == ("Question: Lena buys 3 notebooks at $4 each and a pen for $2. "
-                                          "How much does she spend?\nAnswer:")
+    assert build_context(gsm8k, 0, 0) == (
+        "Question: Lena buys 3 notebooks at $4 each and a pen for $2. How much does she spend?\nAnswer:"
+    )
     with pytest.raises(ValueError, match="only 4 are available"):
         build_context(gsm8k, 0, 5)
 
 
 def test_acc_and_acc_norm_by_hand():
     # acc: highest log-likelihood; acc_norm: highest log-likelihood per character, ties to the first.
-    assert multiple_choice_metrics([-10.0, -12.0, -30.0], ["a", "bbbb", "cccccccccc"], 0) == \
-        {"acc": 1.0, "acc_norm": 0.0}  # per char: -10, -3, -3 -> choice 1
-    assert multiple_choice_metrics([-10.0, -12.0, -30.0], ["a", "bbbb", "cccccccccc"], 1) == \
-        {"acc": 0.0, "acc_norm": 1.0}
+    assert multiple_choice_metrics([-10.0, -12.0, -30.0], ["a", "bbbb", "cccccccccc"], 0) == {
+        "acc": 1.0,
+        "acc_norm": 0.0,
+    }  # per char: -10, -3, -3 -> choice 1
+    assert multiple_choice_metrics([-10.0, -12.0, -30.0], ["a", "bbbb", "cccccccccc"], 1) == {
+        "acc": 0.0,
+        "acc_norm": 1.0,
+    }
     assert multiple_choice_metrics([-5.0, -5.0], ["xx", "yy"], 0) == {"acc": 1.0, "acc_norm": 1.0}
 
 
@@ -220,36 +238,62 @@ def test_gsm8k_extraction_matches_lm_eval():
     from lm_eval.filters.extraction import RegexFilter
 
     reference = "Half of 2,468 is 1,234.\n#### 1,234"
-    generations = ["So the total is 1,234.\n#### 1,234.", " She pays $1,234 in all.", "no numbers here",
-                   "First 12, then 15, so #### 15", "#### -7", " The answer is 1234"]
+    generations = [
+        "So the total is 1,234.\n#### 1,234.",
+        " She pays $1,234 in all.",
+        "no numbers here",
+        "First 12, then 15, so #### 15",
+        "#### -7",
+        " The answer is 1234",
+    ]
     strict = ["1,234.", "[invalid]", "[invalid]", "15", "-7", "[invalid]"]
     flexible = ["1,234.", "$1,234", "[invalid]", "15", "-7", "1234"]
     assert [extract_answer(g, GSM8K_EXTRACTORS["strict-match"]) for g in generations] == strict
     assert [extract_answer(g, GSM8K_EXTRACTORS["flexible-extract"]) for g in generations] == flexible
     ours_target = normalize_answer(reference, GSM8K_IGNORE)
     assert ours_target == "1234"
-    assert [normalize_answer(a, GSM8K_IGNORE) == ours_target for a in flexible] == [True, True, False, False,
-                                                                                     False, True]
+    assert [normalize_answer(a, GSM8K_IGNORE) == ours_target for a in flexible] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
     for name, extractor in GSM8K_EXTRACTORS.items():
         lm_eval_filter = RegexFilter(extractor.pattern, extractor.group_select)
         theirs = [r[0] for r in lm_eval_filter.apply([[g] for g in generations], [{}] * len(generations))]
         assert theirs == [extract_answer(g, extractor) for g in generations], name
         for answer in theirs:
-            their_match = exact_match_hf_evaluate([answer], [reference], regexes_to_ignore=list(GSM8K_IGNORE),
-                                                  ignore_case=True)["exact_match"]
+            their_match = exact_match_hf_evaluate(
+                [answer], [reference], regexes_to_ignore=list(GSM8K_IGNORE), ignore_case=True
+            )["exact_match"]
             assert their_match == float(normalize_answer(answer, GSM8K_IGNORE) == ours_target)
 
 
 # ----- readers -----
 def test_readers_accept_published_layouts(tmp_path):
-    arc_nested = {"id": "x1", "question": {"stem": "Which is a gas?", "choices": [
-        {"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}]}, "answerKey": "B"}
+    arc_nested = {
+        "id": "x1",
+        "question": {
+            "stem": "Which is a gas?",
+            "choices": [{"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}],
+        },
+        "answerKey": "B",
+    }
     mmlu_columns = {"input": "1+1?", "A": "1", "B": "2", "C": "3", "D": "4", "target": "B"}
-    hellaswag_int = {"activity_label": "Cooking", "ctx_a": "A man cracks an egg.", "ctx_b": "he",
-                     "endings": ["fries it.", "eats the shell."], "label": 0}
-    for record, fmt, prompt_start, gold in [(arc_nested, "arc", "Question: Which is a gas?", 1),
-                                            (mmlu_columns, "mmlu", "1+1?\nA. 1", 1),
-                                            (hellaswag_int, "hellaswag", "Cooking: A man cracks an egg. He", 0)]:
+    hellaswag_int = {
+        "activity_label": "Cooking",
+        "ctx_a": "A man cracks an egg.",
+        "ctx_b": "he",
+        "endings": ["fries it.", "eats the shell."],
+        "label": 0,
+    }
+    for record, fmt, prompt_start, gold in [
+        (arc_nested, "arc", "Question: Which is a gas?", 1),
+        (mmlu_columns, "mmlu", "1+1?\nA. 1", 1),
+        (hellaswag_int, "hellaswag", "Cooking: A man cracks an egg. He", 0),
+    ]:
         path = tmp_path / f"{fmt}.jsonl"
         path.write_text(json.dumps(record) + "\n")
         detected, [example] = load_examples(path)
@@ -264,8 +308,10 @@ def test_readers_accept_published_layouts(tmp_path):
 
 def test_readers_report_file_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "A"}\n'
-                    '{"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "C"}\n')
+    path.write_text(
+        '{"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "A"}\n'
+        '{"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "C"}\n'
+    )
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: answerKey 'C' is not one of"):
         load_examples(path)
     path.write_text('{"question": "q", "answer": "42"}\n')
@@ -294,17 +340,25 @@ def test_adapter_rolling_and_generation_match_hf(tiny_model, hf_reference, byte_
 
     lm = Llama3LM.from_model(tiny_model, byte_tokenizer, batch_size=2, max_length=64)
     text = (AUSTEN / "emma.txt").read_text(encoding="utf-8")[2000:2150]
-    [rolling] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    [rolling] = lm.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True
+    )
     want = 0.0  # lm-evaluation-harness's own windowing, each window scored by HF
-    for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-            byte_tokenizer.encode(text), byte_tokenizer.bos_id, 64, 1)):
+    for context, continuation in map(
+        make_disjoint_window,
+        get_rolling_token_windows(byte_tokenizer.encode(text), byte_tokenizer.bos_id, 64, 1),
+    ):
         want += _hf_logprob(hf_reference, context + continuation, len(continuation))[0]
     assert rolling == pytest.approx(want, abs=1e-3)
 
     # generate_until: HF greedy decoding of the same prompt, cut before the first stop string.
     prompts = ["Question: What is 2 + 2?\nAnswer:", "It is a truth universally"]
-    requests = [Instance("generate_until", {}, (p, {"until": ["\n\n", "Qu"], "max_gen_toks": 12, "do_sample": False}), i)
-                for i, p in enumerate(prompts)]
+    requests = [
+        Instance(
+            "generate_until", {}, (p, {"until": ["\n\n", "Qu"], "max_gen_toks": 12, "do_sample": False}), i
+        )
+        for i, p in enumerate(prompts)
+    ]
     outputs = lm.generate_until(requests, disable_tqdm=True)
     for prompt, output in zip(prompts, outputs):
         ids = [byte_tokenizer.bos_id] + byte_tokenizer.encode(prompt)
@@ -314,7 +368,7 @@ def test_adapter_rolling_and_generation_match_hf(tiny_model, hf_reference, byte_
             if next_id in byte_tokenizer.stop_tokens:
                 break
             ids.append(next_id)
-        text_out = byte_tokenizer.decode(ids[len(byte_tokenizer.encode(prompt)) + 1:])
+        text_out = byte_tokenizer.decode(ids[len(byte_tokenizer.encode(prompt)) + 1 :])
         for stop in ("\n\n", "Qu"):
             text_out = text_out.split(stop)[0]
         assert output == text_out

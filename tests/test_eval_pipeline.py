@@ -31,20 +31,54 @@ def test_perplexity_matches_training_validation_loss(tmp_path):
     corpus = tmp_path / "austen.txt"
     corpus.write_text((AUSTEN / "persuasion.txt").read_text(encoding="utf-8")[:60000], encoding="utf-8")
     data = tmp_path / "data"
-    prepare_dataset([corpus], data, tmp_path / "tokenizer.model", val_fraction=0.25, num_workers=1,
-                    progress=False)
+    prepare_dataset(
+        [corpus], data, tmp_path / "tokenizer.model", val_fraction=0.25, num_workers=1, progress=False
+    )
     run = tmp_path / "run"
-    assert cli_main(["pretrain", "--recipe", "debug", "--data", str(data), "--out", str(run),
-                     "--train.steps=4", "--train.val_interval=0", "--train.val_batches=3",
-                     "--checkpoint.interval=0"]) == 0
+    assert (
+        cli_main(
+            [
+                "pretrain",
+                "--recipe",
+                "debug",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--train.steps=4",
+                "--train.val_interval=0",
+                "--train.val_batches=3",
+                "--checkpoint.interval=0",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val_loss" in r][-1]
     assert final["step"] == 4
 
     # The debug recipe validates on the first val_batches × batch_size windows of seq_len tokens (8 × 128).
     packed = tmp_path / "packed.json"
-    assert cli_main(["eval", "--model", str(run / "hf"), "--task", str(data), "--packed", "--window", "128",
-                     "--limit", "24", "--quiet", "--output", str(packed)]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--model",
+                str(run / "hf"),
+                "--task",
+                str(data),
+                "--packed",
+                "--window",
+                "128",
+                "--limit",
+                "24",
+                "--quiet",
+                "--output",
+                str(packed),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(packed.read_text())["results"][str(data)]["metrics"]
     assert metrics["num_tokens"] == 24 * 128
     assert metrics["token_nll"] == pytest.approx(final["val_loss"], rel=1e-5)
@@ -53,11 +87,31 @@ def test_perplexity_matches_training_validation_loss(tmp_path):
     # Per-document scoring of the whole split (each document from its own BOS, sliding windows) measures
     # the same model on more text with more context: close to, not equal to, the validation loss.
     whole = tmp_path / "whole.json"
-    assert cli_main(["eval", "--model", str(run / "hf"), "--task", str(data), "--window", "128",
-                     "--stride", "64", "--quiet", "--output", str(whole)]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--model",
+                str(run / "hf"),
+                "--task",
+                str(data),
+                "--window",
+                "128",
+                "--stride",
+                "64",
+                "--quiet",
+                "--output",
+                str(whole),
+            ]
+        )
+        == 0
+    )
     per_document = json.loads(whole.read_text())["results"][str(data)]["metrics"]
     index = json.loads((data / "index.json").read_text())
-    assert per_document["num_tokens"] == index["splits"]["val"]["num_tokens"] - index["splits"]["val"]["num_documents"]
+    assert (
+        per_document["num_tokens"]
+        == index["splits"]["val"]["num_tokens"] - index["splits"]["val"]["num_documents"]
+    )
     assert per_document["token_nll"] == pytest.approx(final["val_loss"], rel=0.05)
 
 
@@ -75,7 +129,7 @@ def offline_datasets(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_lm_eval_adapter_agrees_with_llama3_eval(tmp_path, offline_datasets):
+def test_lm_eval_adapter_agrees_with_llama3_eval(tmp_path, offline_datasets, capsys):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -84,19 +138,54 @@ def test_lm_eval_adapter_agrees_with_llama3_eval(tmp_path, offline_datasets):
 
     model_dir = tmp_path / "model"
     tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
-    llama3.save(random_model(tiny_args("gqa", vocab_size=512, max_seq_len=1024), seed=5), tokenizer, model_dir)
+    llama3.save(
+        random_model(tiny_args("gqa", vocab_size=512, max_seq_len=1024), seed=5), tokenizer, model_dir
+    )
 
-    tasks = {"arc_easy": "llama3_sample_arc_easy", "mmlu": "llama3_sample_mmlu",
-             "hellaswag": "llama3_sample_hellaswag", "gsm8k": "llama3_sample_gsm8k"}
+    tasks = {
+        "arc_easy": "llama3_sample_arc_easy",
+        "mmlu": "llama3_sample_mmlu",
+        "hellaswag": "llama3_sample_hellaswag",
+        "gsm8k": "llama3_sample_gsm8k",
+    }
     harness = lm_eval.simple_evaluate(
-        model="llama3", model_args=f"model={model_dir},max_gen_toks=32", tasks=list(tasks.values()),
-        num_fewshot=2, limit=5, batch_size=4, log_samples=True,
-        task_manager=TaskManager(include_path=str(REPO / "data" / "tasks" / "lm_eval"), include_defaults=False))
+        model="llama3",
+        model_args=f"model={model_dir},max_gen_toks=32",
+        tasks=list(tasks.values()),
+        num_fewshot=2,
+        limit=5,
+        batch_size=4,
+        log_samples=True,
+        task_manager=TaskManager(
+            include_path=str(REPO / "data" / "tasks" / "lm_eval"), include_defaults=False
+        ),
+    )
 
     output = tmp_path / "ours.json"
-    assert cli_main(["eval", "--model", str(model_dir), "--task", ",".join(tasks), "--num-fewshot", "2",
-                     "--limit", "5", "--max-gen-toks", "32", "--batch-size", "4", "--log-samples", "--quiet",
-                     "--output", str(output)]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--model",
+                str(model_dir),
+                "--task",
+                ",".join(tasks),
+                "--num-fewshot",
+                "2",
+                "--limit",
+                "5",
+                "--max-gen-toks",
+                "32",
+                "--batch-size",
+                "4",
+                "--log-samples",
+                "--quiet",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     ours = json.loads(output.read_text())
 
     for name, harness_name in tasks.items():
@@ -113,10 +202,27 @@ def test_lm_eval_adapter_agrees_with_llama3_eval(tmp_path, offline_datasets):
                 strict = by_filter[(sample["index"], "strict-match")]
                 assert sample["generation"] == strict["resps"][0][0]  # the raw text, cut at "Question:"
                 assert sample["strict-match"] == strict["filtered_resps"][0]
-                assert sample["flexible-extract"] == by_filter[(sample["index"], "flexible-extract")]["filtered_resps"][0]
+                assert (
+                    sample["flexible-extract"]
+                    == by_filter[(sample["index"], "flexible-extract")]["filtered_resps"][0]
+                )
             continue
         assert our_metrics["acc"] == their_metrics["acc,none"]
         assert our_metrics["acc_norm"] == their_metrics["acc_norm,none"]
         for sample in our_samples:
             theirs = [resp[0][0] for resp in their_samples[sample["index"]]["resps"]]
             assert sample["logprobs"] == pytest.approx(theirs, abs=1e-4)
+
+    # Bad input names what was wrong.
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", str(model_dir), "--task", "nope"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert (
+        cli_main(["eval", "--model", str(model_dir), "--task", "mmlu", "--num-fewshot", "9", "--quiet"]) == 2
+    )
+    assert (
+        "9 few-shot examples requested but only 5 are available with group 'astronomy'"
+        in capsys.readouterr().err
+    )
+    assert cli_main(["eval", "--model", str(model_dir), "--task", str(REPO / "README.md")]) == 2
+    assert "README.md, line 1: not valid JSON" in capsys.readouterr().err

@@ -28,29 +28,63 @@ examples:
 """
 
 
+# Llama 3.1's 128K context would make one perplexity window a 128K-token forward; longer windows are an
+# explicit choice (--window).
+DEFAULT_MAX_WINDOW = 8192
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama3 eval", description=HELP, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (Hugging Face, Meta, training checkpoint)")
+    parser = argparse.ArgumentParser(
+        prog="llama3 eval",
+        description=HELP,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", required=True, help="model folder (Hugging Face, Meta, training checkpoint)"
+    )
     parser.add_argument("--task", required=True, help="task name(s), task file(s), text file or shard folder")
     parser.add_argument("--num-fewshot", type=int, default=0, help="solved examples before each question (0)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N examples (documents, or windows "
-                                                  "with --packed)")
+    parser.add_argument(
+        "--limit", type=int, help="evaluate only the first N examples (documents, or windows with --packed)"
+    )
     parser.add_argument("--output", help="write the results as JSON to this file")
-    parser.add_argument("--format", choices=["mmlu", "hellaswag", "arc", "gsm8k", "custom"],
-                        help="layout of a task file (default: detected from its fields)")
+    parser.add_argument(
+        "--format",
+        choices=["mmlu", "hellaswag", "arc", "gsm8k", "custom"],
+        help="layout of a task file (default: detected from its fields)",
+    )
     parser.add_argument("--fewshot-file", help="draw few-shot examples from this file (same layout)")
-    parser.add_argument("--data-dir", help="folder laid out like data/tasks/ holding the full benchmark files")
+    parser.add_argument(
+        "--data-dir", help="folder laid out like data/tasks/ holding the full benchmark files"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
-    parser.add_argument("--max-gen-toks", type=int, default=256, help="generation tasks: new-token limit (256)")
-    parser.add_argument("--window", type=int, help="perplexity: tokens per window (default: model context)")
-    parser.add_argument("--stride", type=int, help="perplexity: new tokens predicted per window after the "
-                                                   "first (default: the window, i.e. disjoint windows)")
+    parser.add_argument(
+        "--max-gen-toks", type=int, default=256, help="generation tasks: new-token limit (256)"
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        help=f"perplexity: tokens per window (default: the model's context, at most {DEFAULT_MAX_WINDOW})",
+    )
+    parser.add_argument(
+        "--stride",
+        type=int,
+        help="perplexity: new tokens predicted per window after the "
+        "first (default: the window, i.e. disjoint windows)",
+    )
     parser.add_argument("--split", default="val", help="split of a prepared shard folder (val)")
-    parser.add_argument("--packed", action="store_true", help="shards: score packed windows of --window tokens "
-                        "as the training loop's validation does (its loss equals token_nll)")
-    parser.add_argument("--no-document-mask", action="store_true",
-                        help="with --packed: attention crosses documents (runs with data.document_mask=false)")
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="shards: score packed windows of --window tokens "
+        "as the training loop's validation does (its loss equals token_nll)",
+    )
+    parser.add_argument(
+        "--no-document-mask",
+        action="store_true",
+        help="with --packed: attention crosses documents (runs with data.document_mask=false)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as stored)")
     parser.add_argument("--log-samples", action="store_true", help="include per-example details in --output")
@@ -69,8 +103,11 @@ def _is_perplexity_source(spec: str) -> bool:
             record = json.loads(first)
         except json.JSONDecodeError:
             return False
-        return isinstance(record, dict) and set(record) <= {"text", "id", "meta", "source", "title"} \
+        return (
+            isinstance(record, dict)
+            and set(record) <= {"text", "id", "meta", "source", "title"}
             and "text" in record
+        )
     return False
 
 
@@ -78,19 +115,32 @@ def _run_perplexity(spec: str, model, tokenizer, args) -> dict[str, Any]:
     from ..eval.perplexity import perplexity_of_shards, perplexity_of_text, read_text_documents
     from ..eval.scoring import LogLikelihoodScorer
 
-    scorer = LogLikelihoodScorer(model, batch_size=args.batch_size, max_length=args.window)
+    window = args.window or min(model.args.max_seq_len, DEFAULT_MAX_WINDOW)
+    scorer = LogLikelihoodScorer(model, batch_size=args.batch_size, max_length=window)
     progress = not args.quiet
     if Path(spec).is_dir():
-        result = perplexity_of_shards(scorer, tokenizer, spec, split=args.split, stride=args.stride,
-                                      packed=args.packed, document_mask=not args.no_document_mask,
-                                      limit=args.limit, progress=progress)
+        result = perplexity_of_shards(
+            scorer,
+            tokenizer,
+            spec,
+            split=args.split,
+            stride=args.stride,
+            packed=args.packed,
+            document_mask=not args.no_document_mask,
+            limit=args.limit,
+            progress=progress,
+        )
     else:
         if args.packed:
             raise ValueError("--packed applies to a prepared shard folder, not to a text file")
         texts = read_text_documents(spec)[: args.limit]
         result = perplexity_of_text(scorer, tokenizer, texts, stride=args.stride, progress=progress)
-    return {"metrics": result.to_dict(), "window": scorer.max_length, "stride": args.stride or scorer.max_length,
-            "packed": bool(args.packed)}
+    return {
+        "metrics": result.to_dict(),
+        "window": scorer.max_length,
+        "stride": args.stride or scorer.max_length,
+        "packed": bool(args.packed),
+    }
 
 
 def _run_task(spec: str, model, tokenizer, args) -> dict[str, Any]:
@@ -98,8 +148,15 @@ def _run_task(spec: str, model, tokenizer, args) -> dict[str, Any]:
 
     task = resolve_task(spec, fmt=args.format, fewshot_file=args.fewshot_file, data_dir=args.data_dir)
     task.max_gen_toks = args.max_gen_toks
-    return evaluate_task(model, tokenizer, task, num_fewshot=args.num_fewshot, limit=args.limit,
-                         batch_size=args.batch_size, progress=not args.quiet)
+    return evaluate_task(
+        model,
+        tokenizer,
+        task,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -117,7 +174,11 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for j, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(
+                cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+            )
+        )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -150,16 +211,28 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, Any] = {}
     for spec in specs:
         start = time.perf_counter()
-        result = _run_perplexity(spec, model, tokenizer, args) if _is_perplexity_source(spec) \
+        result = (
+            _run_perplexity(spec, model, tokenizer, args)
+            if _is_perplexity_source(spec)
             else _run_task(spec, model, tokenizer, args)
+        )
         name = spec if spec not in results else f"{spec}#{len(results)}"
         samples[name] = result.pop("samples", None)
         result["seconds"] = round(time.perf_counter() - start, 3)
         results[name] = result
-    document = {"model": str(args.model), "results": results,
-                "config": {"num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size,
-                           "device": args.device, "dtype": args.dtype, "max_gen_toks": args.max_gen_toks},
-                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    document = {
+        "model": str(args.model),
+        "results": results,
+        "config": {
+            "num_fewshot": args.num_fewshot,
+            "limit": args.limit,
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "dtype": args.dtype,
+            "max_gen_toks": args.max_gen_toks,
+        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if args.log_samples:
         document["samples"] = samples
     return document

@@ -13,16 +13,16 @@ from .scoring import LogLikelihoodScorer, encode_pair
 from .tasks import Task, build_context, evaluate_task, resolve_task
 
 __all__ = [
-           "Example",
-           "LogLikelihoodScorer",
-           "PerplexityResult",
-           "Task",
-           "build_context",
-           "encode_pair",
-           "evaluate_task",
-           "load_examples",
-           "perplexity_of_documents",
-           "perplexity_of_text",
-           "resolve_task",
-           "rolling_windows",
+    "Example",
+    "LogLikelihoodScorer",
+    "PerplexityResult",
+    "Task",
+    "build_context",
+    "encode_pair",
+    "evaluate_task",
+    "load_examples",
+    "perplexity_of_documents",
+    "perplexity_of_text",
+    "resolve_task",
+    "rolling_windows",
 ]

@@ -105,9 +105,16 @@ def _mmlu(record: dict[str, Any]) -> Example:
         raise RecordError(f"MMLU items have 4 choices, this one has {len(choices)}")
     subject = str(record.get("subject", ""))
     choices = [str(c) for c in choices]
-    prompt = f"{question.strip()}\n" + "".join(f"{letter}. {text}\n" for letter, text in zip(MMLU_LETTERS, choices)) + "Answer:"
-    description = (f"The following are multiple choice questions (with answers) about "
-                   f"{subject.replace('_', ' ')}.\n\n") if subject else ""
+    prompt = (
+        f"{question.strip()}\n"
+        + "".join(f"{letter}. {text}\n" for letter, text in zip(MMLU_LETTERS, choices))
+        + "Answer:"
+    )
+    description = (
+        (f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n")
+        if subject
+        else ""
+    )
     return Example(prompt, choices=list(MMLU_LETTERS), gold=answer, description=description, group=subject)
 
 
@@ -123,8 +130,11 @@ def _hellaswag(record: dict[str, Any]) -> Example:
     context = _get(record, "ctx_a", str) + " " + _get(record, "ctx_b", str).capitalize()
     endings = _string_list(record, "endings")
     label = _index(_get(record, "label", (str, int)), [str(i) for i in range(len(endings))], "label")
-    return Example(_hellaswag_clean(_get(record, "activity_label", str) + ": " + context),
-                   choices=[_hellaswag_clean(e) for e in endings], gold=label)
+    return Example(
+        _hellaswag_clean(_get(record, "activity_label", str) + ": " + context),
+        choices=[_hellaswag_clean(e) for e in endings],
+        gold=label,
+    )
 
 
 # ----- ARC -----
@@ -134,7 +144,7 @@ def _arc(record: dict[str, Any]) -> Example:
         stem = _get(question, "stem", str)
         items = _get(question, "choices", list)
         if not all(isinstance(c, dict) and "text" in c and "label" in c for c in items):
-            raise RecordError("question.choices must be a list of {\"text\", \"label\"} objects")
+            raise RecordError('question.choices must be a list of {"text", "label"} objects')
         texts, labels = [str(c["text"]) for c in items], [str(c["label"]) for c in items]
     else:
         stem = question
@@ -168,11 +178,15 @@ def _custom(record: dict[str, Any]) -> Example:
         return Example(query, choices=choices, gold=gold, description=description)
     if "target" in record:
         return Example(query, target=str(_get(record, "target", (str, int, float))), description=description)
-    raise RecordError("a custom record needs \"choices\" and \"gold\" (multiple choice) or \"target\" (generation)")
+    raise RecordError('a custom record needs "choices" and "gold" (multiple choice) or "target" (generation)')
 
 
 FORMATS: dict[str, Callable[[dict[str, Any]], Example]] = {
-    "mmlu": _mmlu, "hellaswag": _hellaswag, "arc": _arc, "gsm8k": _gsm8k, "custom": _custom,
+    "mmlu": _mmlu,
+    "hellaswag": _hellaswag,
+    "arc": _arc,
+    "gsm8k": _gsm8k,
+    "custom": _custom,
 }
 
 
@@ -189,8 +203,10 @@ def detect_format(record: dict[str, Any]) -> str:
         return "gsm8k"
     if "query" in keys:
         return "custom"
-    raise ValueError(f"cannot tell the task format from the fields {sorted(keys)}; give the format explicitly "
-                     f"(one of {', '.join(FORMATS)}) or use the custom layout {{\"query\", \"choices\", \"gold\"}}")
+    raise ValueError(
+        f"cannot tell the task format from the fields {sorted(keys)}; give the format explicitly "
+        f'(one of {", ".join(FORMATS)}) or use the custom layout {{"query", "choices", "gold"}}'
+    )
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
@@ -204,8 +220,10 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         out = []
         for lineno, row in enumerate(rows, 1):
             if len(row) != 6:
-                raise ValueError(f"{path}, line {lineno}: MMLU CSV rows are question,A,B,C,D,answer "
-                                 f"(6 columns), this one has {len(row)}")
+                raise ValueError(
+                    f"{path}, line {lineno}: MMLU CSV rows are question,A,B,C,D,answer "
+                    f"(6 columns), this one has {len(row)}"
+                )
             out.append((lineno, {"input": row[0], **dict(zip(MMLU_LETTERS, row[1:5])), "target": row[5]}))
         return out
     text = path.read_text(encoding="utf-8")
@@ -213,8 +231,10 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); use one record per "
-                             "line in a .jsonl file, or a JSON list") from None
+            raise ValueError(
+                f"{path}: not valid JSON ({e.msg} at line {e.lineno}); use one record per "
+                "line in a .jsonl file, or a JSON list"
+            ) from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: a .json task file must hold a list of objects")
         return list(enumerate(data, 1))
@@ -227,7 +247,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {lineno}: each line must be a JSON object")
+            raise ValueError(f"{path}, line {lineno}: each line must be a JSON object")  # noqa: TRY004
         records.append((lineno, record))
     return records
 

@@ -56,10 +56,20 @@ def _pick_device(device: str | None) -> str:
 class Llama3LM(LM):
     """lm-evaluation-harness's three request types on a Llama 3 model of this package."""
 
-    def __init__(self, model: str | None = None, pretrained: str | None = None, *, batch_size: int | str | None = 8,
-                 max_batch_size: int | None = None, device: str | None = None, dtype: str | None = None,
-                 max_length: int | str | None = None, max_gen_toks: int | str = 256, add_bos: bool | str = True,
-                 **unused: Any):
+    def __init__(
+        self,
+        model: str | None = None,
+        pretrained: str | None = None,
+        *,
+        batch_size: int | str | None = 8,
+        max_batch_size: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | str | None = None,
+        max_gen_toks: int | str = 256,
+        add_bos: bool | str = True,
+        **unused: Any,
+    ):
         super().__init__()
         path = model or pretrained
         if path is None:
@@ -69,8 +79,14 @@ class Llama3LM(LM):
         from ..checkpoint.load import load
 
         loaded_model, tokenizer = load(path, device=_pick_device(device), dtype=dtype)
-        self._setup(loaded_model, tokenizer, batch_size=batch_size, max_length=max_length,
-                    max_gen_toks=max_gen_toks, add_bos=add_bos)
+        self._setup(
+            loaded_model,
+            tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            max_gen_toks=max_gen_toks,
+            add_bos=add_bos,
+        )
         self._name = str(path)
 
     @classmethod
@@ -82,8 +98,16 @@ class Llama3LM(LM):
         self._name = "in-memory"
         return self
 
-    def _setup(self, model, tokenizer, *, batch_size: int | str | None = 8, max_length: int | str | None = None,
-               max_gen_toks: int | str = 256, add_bos: bool | str = True) -> None:
+    def _setup(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int | str | None = 8,
+        max_length: int | str | None = None,
+        max_gen_toks: int | str = 256,
+        add_bos: bool | str = True,
+    ) -> None:
         # "auto" (the harness's automatic batch size search) is not supported: use a fixed size instead.
         if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
             batch_size = 8
@@ -92,8 +116,9 @@ class Llama3LM(LM):
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos = _as_bool(add_bos)
-        self.scorer = LogLikelihoodScorer(model, batch_size=self.batch_size,
-                                          max_length=int(max_length) if max_length else None)
+        self.scorer = LogLikelihoodScorer(
+            model, batch_size=self.batch_size, max_length=int(max_length) if max_length else None
+        )
         self._device = model.tok_embeddings.weight.device
 
     @property
@@ -107,8 +132,10 @@ class Llama3LM(LM):
     # ----- requests -----
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(context, continuation) -> (log P(continuation | context), is_greedy)."""
-        pairs = [encode_pair(self.tokenizer, context, continuation, add_bos=self.add_bos)
-                 for context, continuation in (request.args for request in requests)]
+        pairs = [
+            encode_pair(self.tokenizer, context, continuation, add_bos=self.add_bos)
+            for context, continuation in (request.args for request in requests)
+        ]
         if not self.add_bos and any(not context for context, _ in pairs):
             raise ValueError("an empty context needs a BOS token to condition on; use add_bos=true")
         results = self.scorer.score(pairs, progress=not disable_tqdm, desc="loglikelihood")
@@ -145,10 +172,19 @@ class Llama3LM(LM):
             settings[key] = (until, max_gen_toks, sampling)
         for key, indices in tqdm(groups.items(), desc="generate_until", disable=disable_tqdm):
             until, max_gen_toks, sampling = settings[key]
-            prompts = [([self.tokenizer.bos_id] if self.add_bos else []) + self.tokenizer.encode(requests[i].args[0])
-                       for i in indices]
-            texts = generate_texts(self.model, self.tokenizer, prompts, until=until, max_gen_toks=max_gen_toks,
-                                   batch_size=self.batch_size, sampling=sampling)
+            prompts = [
+                ([self.tokenizer.bos_id] if self.add_bos else []) + self.tokenizer.encode(requests[i].args[0])
+                for i in indices
+            ]
+            texts = generate_texts(
+                self.model,
+                self.tokenizer,
+                prompts,
+                until=until,
+                max_gen_toks=max_gen_toks,
+                batch_size=self.batch_size,
+                sampling=sampling,
+            )
             for i, text in zip(indices, texts):
                 outputs[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -165,7 +201,9 @@ class Llama3LM(LM):
         top_p = float(gen_kwargs.pop("top_p", 1.0) or 1.0)
         top_k = int(gen_kwargs.pop("top_k", 0) or 0)
         if gen_kwargs:
-            logger.warning("generate_until ignores these generation arguments: %s", ", ".join(sorted(gen_kwargs)))
+            logger.warning(
+                "generate_until ignores these generation arguments: %s", ", ".join(sorted(gen_kwargs))
+            )
         if not do_sample or temperature == 0:
             return until, max_gen_toks, SamplingParams(temperature=0.0)
         return until, max_gen_toks, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)

@@ -38,8 +38,9 @@ __all__ = [
 ]
 
 
-def rolling_windows(token_ids: Sequence[int], window: int, stride: int | None = None
-                    ) -> list[tuple[list[int], list[int]]]:
+def rolling_windows(
+    token_ids: Sequence[int], window: int, stride: int | None = None
+) -> list[tuple[list[int], list[int]]]:
     """Split one document into (context_ids, continuation_ids) scoring requests.
 
     token_ids[0] is the prefix (BOS) and is never predicted; every later token is predicted exactly once.
@@ -55,7 +56,7 @@ def rolling_windows(token_ids: Sequence[int], window: int, stride: int | None = 
         span = window if next_target == 1 else stride
         last = min(next_target + span - 1, len(token_ids) - 1)  # index of the last token this window predicts
         start = max(0, last - window)  # the input ids[start:last] predicts ids[start+1 : last+1]
-        requests.append((list(token_ids[start:next_target]), list(token_ids[next_target: last + 1])))
+        requests.append((list(token_ids[start:next_target]), list(token_ids[next_target : last + 1])))
         next_target = last + 1
     return requests
 
@@ -83,8 +84,14 @@ class PerplexityResult:
         return self.nll_sum / (math.log(2) * max(self.num_bytes, 1))
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte, "token_nll": self.token_nll,
-                "num_tokens": self.num_tokens, "num_bytes": self.num_bytes, "num_documents": self.num_documents}
+        return {
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+            "token_nll": self.token_nll,
+            "num_tokens": self.num_tokens,
+            "num_bytes": self.num_bytes,
+            "num_documents": self.num_documents,
+        }
 
 
 def _predicted_bytes(tokenizer: Tokenizer, token_ids: Sequence[int]) -> int:
@@ -92,9 +99,14 @@ def _predicted_bytes(tokenizer: Tokenizer, token_ids: Sequence[int]) -> int:
     return sum(len(tokenizer.token_bytes(t)) for t in token_ids[1:] if not tokenizer.is_special(t))
 
 
-def perplexity_of_documents(scorer: LogLikelihoodScorer, tokenizer: Tokenizer,
-                            documents: Iterable[Sequence[int]], *, stride: int | None = None,
-                            progress: bool = False) -> PerplexityResult:
+def perplexity_of_documents(
+    scorer: LogLikelihoodScorer,
+    tokenizer: Tokenizer,
+    documents: Iterable[Sequence[int]],
+    *,
+    stride: int | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
     """Perplexity of token documents, each starting with its BOS and scored separately (no context flows
     from one document into the next)."""
     requests: list[tuple[list[int], list[int]]] = []
@@ -129,13 +141,20 @@ def read_text_documents(path: str | Path) -> list[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}, line {lineno}: expected an object with a string field \"text\"")
+                message = f'{path}, line {lineno}: expected an object with a string field "text"'
+                raise ValueError(message)  # noqa: TRY004  (a bad file, not a bad call)
             documents.append(record["text"])
     return documents
 
 
-def perplexity_of_text(scorer: LogLikelihoodScorer, tokenizer: Tokenizer, texts: Sequence[str], *,
-                       stride: int | None = None, progress: bool = False) -> PerplexityResult:
+def perplexity_of_text(
+    scorer: LogLikelihoodScorer,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    *,
+    stride: int | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
     """Perplexity of text documents, each encoded with a leading `<|begin_of_text|>`."""
     documents = [tokenizer.encode(text, bos=True) for text in texts]
     return perplexity_of_documents(scorer, tokenizer, documents, stride=stride, progress=progress)
@@ -150,18 +169,28 @@ def shard_documents(data_dir: str | Path, split: str = "val") -> Iterator[np.nda
     index = load_index(data_dir)
     if split not in index["splits"]:
         raise ValueError(f"{data_dir}: no split {split!r}; available: {sorted(index['splits'])}")
-    shards = [np.memmap(data_dir / shard["file"], dtype=index["dtype"], mode="r")
-              for shard in index["splits"][split]["shards"]]
+    shards = [
+        np.memmap(data_dir / shard["file"], dtype=index["dtype"], mode="r")
+        for shard in index["splits"][split]["shards"]
+    ]
     tokens = np.concatenate(shards) if len(shards) > 1 else shards[0]
     starts = np.flatnonzero(tokens == index["bos_id"]).tolist() + [len(tokens)]
     if starts[0] != 0:
-        raise ValueError(f"{data_dir} split {split!r} does not start with a BOS token; re-run `llama3 prepare`")
+        raise ValueError(
+            f"{data_dir} split {split!r} does not start with a BOS token; re-run `llama3 prepare`"
+        )
     for begin, end in itertools.pairwise(starts):
         yield np.asarray(tokens[begin:end], dtype=np.int64)
 
 
-def packed_window_requests(data_dir: str | Path, split: str, window: int, *, max_windows: int | None = None,
-                           document_mask: bool = True) -> list[tuple[list[int], list[int]]]:
+def packed_window_requests(
+    data_dir: str | Path,
+    split: str,
+    window: int,
+    *,
+    max_windows: int | None = None,
+    document_mask: bool = True,
+) -> list[tuple[list[int], list[int]]]:
     """Scoring requests that reproduce the training loop's validation loss exactly.
 
     Training validation reads the split as consecutive windows of `window + 1` tokens (inputs and shifted
@@ -182,14 +211,22 @@ def packed_window_requests(data_dir: str | Path, split: str, window: int, *, max
         bos_positions = {i for i, t in enumerate(inputs) if t == batches.bos_id} if document_mask else set()
         starts = sorted({0} | bos_positions) + [len(inputs)]
         for begin, end in itertools.pairwise(starts):
-            requests.append((inputs[begin: begin + 1], targets[begin:end]))
+            requests.append((inputs[begin : begin + 1], targets[begin:end]))
     return requests
 
 
-def perplexity_of_shards(scorer: LogLikelihoodScorer, tokenizer: Tokenizer, data_dir: str | Path, *,
-                         split: str = "val", stride: int | None = None, packed: bool = False,
-                         document_mask: bool = True, limit: int | None = None, progress: bool = False
-                         ) -> PerplexityResult:
+def perplexity_of_shards(
+    scorer: LogLikelihoodScorer,
+    tokenizer: Tokenizer,
+    data_dir: str | Path,
+    *,
+    split: str = "val",
+    stride: int | None = None,
+    packed: bool = False,
+    document_mask: bool = True,
+    limit: int | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
     """Perplexity of a prepared dataset split.
 
     Default: each document scored on its own with sliding windows (`limit`: the first N documents).
@@ -198,11 +235,20 @@ def perplexity_of_shards(scorer: LogLikelihoodScorer, tokenizer: Tokenizer, data
     if not packed:
         documents = list(shard_documents(data_dir, split))[:limit]
         return perplexity_of_documents(scorer, tokenizer, documents, stride=stride, progress=progress)
-    requests = packed_window_requests(data_dir, split, scorer.max_length, max_windows=limit,
-                                      document_mask=document_mask)
+    requests = packed_window_requests(
+        data_dir, split, scorer.max_length, max_windows=limit, document_mask=document_mask
+    )
     scores = scorer.score(requests, progress=progress, desc="perplexity")
     num_tokens = sum(len(continuation) for _, continuation in requests)
-    num_bytes = sum(len(tokenizer.token_bytes(t)) for _, continuation in requests for t in continuation
-                    if not tokenizer.is_special(t))
-    return PerplexityResult(-sum(logprob for logprob, _ in scores), num_tokens, num_bytes,
-                            sum(1 for context, _ in requests if context[0] == tokenizer.bos_id))
+    num_bytes = sum(
+        len(tokenizer.token_bytes(t))
+        for _, continuation in requests
+        for t in continuation
+        if not tokenizer.is_special(t)
+    )
+    return PerplexityResult(
+        -sum(logprob for logprob, _ in scores),
+        num_tokens,
+        num_bytes,
+        sum(1 for context, _ in requests if context[0] == tokenizer.bos_id),
+    )

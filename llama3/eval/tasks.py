@@ -70,8 +70,10 @@ class Extractor:
 
 
 # GSM8K's reference answers end in "#### 42"; normalization drops everything up to that marker.
-GSM8K_EXTRACTORS = {"strict-match": Extractor(r"#### (\-?[0-9\.\,]+)"),
-                    "flexible-extract": Extractor(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1)}
+GSM8K_EXTRACTORS = {
+    "strict-match": Extractor(r"#### (\-?[0-9\.\,]+)"),
+    "flexible-extract": Extractor(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1),
+}
 GSM8K_IGNORE = (",", "\\$", "(?s).*#### ", "\\.$")
 
 
@@ -106,22 +108,32 @@ def _task_from_files(name: str, fmt: str | None, path: Path, fewshot_path: Path 
     return task
 
 
-def resolve_task(spec: str, *, fmt: str | None = None, fewshot_file: str | Path | None = None,
-                 data_dir: str | Path | None = None) -> Task:
+def resolve_task(
+    spec: str,
+    *,
+    fmt: str | None = None,
+    fewshot_file: str | Path | None = None,
+    data_dir: str | Path | None = None,
+) -> Task:
     """A task from a built-in name (`mmlu`, `hellaswag`, `arc_easy`, `gsm8k`: files under `data_dir`,
     default the bundled samples) or from a task file (format detected unless `fmt` is given)."""
     if spec in BUILTIN_TASKS:
         builtin_fmt, test_file, fewshot_name = BUILTIN_TASKS[spec]
         root = Path(data_dir) if data_dir is not None else SAMPLE_DIR
         if not (root / test_file).is_file():
-            raise ValueError(f"task {spec!r} expects {root / test_file}; lay the data out as data/tasks/ is "
-                             "(see the README), or pass the task file itself")
+            raise ValueError(
+                f"task {spec!r} expects {root / test_file}; lay the data out as data/tasks/ is "
+                "(see the README), or pass the task file itself"
+            )
         fewshot_path = Path(fewshot_file) if fewshot_file else root / fewshot_name
-        return _task_from_files(spec, fmt or builtin_fmt, root / test_file,
-                                fewshot_path if fewshot_path.is_file() else None)
+        return _task_from_files(
+            spec, fmt or builtin_fmt, root / test_file, fewshot_path if fewshot_path.is_file() else None
+        )
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"unknown task {spec!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) nor a file")
+        raise ValueError(
+            f"unknown task {spec!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) nor a file"
+        )
     return _task_from_files(path.stem, fmt, path, Path(fewshot_file) if fewshot_file else None)
 
 
@@ -130,12 +142,17 @@ def _fewshot_shots(task: Task, index: int, num_fewshot: int) -> list[Example]:
     example = task.examples[index]
     own_file = task.fewshot_examples is None
     pool = task.examples if own_file else task.fewshot_examples
-    shots = [shot for i, shot in enumerate(pool)
-             if not (own_file and i == index) and (not example.group or shot.group == example.group)]
+    shots = [
+        shot
+        for i, shot in enumerate(pool)
+        if not (own_file and i == index) and (not example.group or shot.group == example.group)
+    ]
     if len(shots) < num_fewshot:
         where = f" with group {example.group!r}" if example.group else ""
-        raise ValueError(f"task {task.name}: {num_fewshot} few-shot examples requested but only {len(shots)} "
-                         f"are available{where}; lower --num-fewshot or give a larger few-shot file")
+        raise ValueError(
+            f"task {task.name}: {num_fewshot} few-shot examples requested but only {len(shots)} "
+            f"are available{where}; lower --num-fewshot or give a larger few-shot file"
+        )
     return shots[:num_fewshot]
 
 
@@ -150,12 +167,13 @@ def build_context(task: Task, index: int, num_fewshot: int = 0) -> str:
 
 
 # ----- metrics -----
-def _mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample standard deviation / sqrt(n), as lm-evaluation-harness)."""
+def _mean_and_stderr(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n), as lm-evaluation-harness);
+    no standard error from a single example."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
-        return mean, float("nan")
+        return mean, None
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(variance / n)
 
@@ -193,8 +211,16 @@ def normalize_answer(text: str, ignore_patterns: Sequence[str] = (), *, ignore_c
 
 
 # ----- running -----
-def generate_texts(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], *,
-                   until: Sequence[str], max_gen_toks: int, batch_size: int = 8, sampling=None) -> list[str]:
+def generate_texts(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    until: Sequence[str],
+    max_gen_toks: int,
+    batch_size: int = 8,
+    sampling=None,
+) -> list[str]:
     """Continuations of token prompts (greedy unless `sampling`, a `SamplingParams`, says otherwise), each
     cut before the first stop string or at a stop token. Prompts longer than the context minus
     `max_gen_toks` keep their last tokens, as lm-evaluation-harness does."""
@@ -203,17 +229,23 @@ def generate_texts(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequen
     sampling = sampling or SamplingParams(temperature=0.0)
     limit = model.args.max_seq_len - max_gen_toks
     if limit < 1:
-        raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in the model's "
-                         f"{model.args.max_seq_len}-token context")
+        raise ValueError(
+            f"max_gen_toks={max_gen_toks} leaves no room for a prompt in the model's "
+            f"{model.args.max_seq_len}-token context"
+        )
     prompts = [list(p)[-limit:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(prompts)
     try:
         for start in range(0, len(order), batch_size):
-            batch = order[start: start + batch_size]
+            batch = order[start : start + batch_size]
             generator = Generator(model, tokenizer)
-            results = generator.generate([prompts[i] for i in batch], max_new_tokens=max_gen_toks,
-                                         sampling=sampling, stop_strings=list(until))
+            results = generator.generate(
+                [prompts[i] for i in batch],
+                max_new_tokens=max_gen_toks,
+                sampling=sampling,
+                stop_strings=list(until),
+            )
             for i, result in zip(batch, results):
                 texts[i] = result.text
     finally:
@@ -221,8 +253,9 @@ def generate_texts(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequen
     return texts
 
 
-def _run_multiple_choice(task: Task, contexts: list[str], scorer: LogLikelihoodScorer, tokenizer: Tokenizer,
-                         progress: bool) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
+def _run_multiple_choice(
+    task: Task, contexts: list[str], scorer: LogLikelihoodScorer, tokenizer: Tokenizer, progress: bool
+) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
     requests, owners = [], []
     for i, context in enumerate(contexts):
         for choice in task.examples[i].choices:
@@ -243,11 +276,13 @@ def _run_multiple_choice(task: Task, contexts: list[str], scorer: LogLikelihoodS
     return values, samples
 
 
-def _run_generation(task: Task, contexts: list[str], model, tokenizer: Tokenizer, batch_size: int
-                    ) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
+def _run_generation(
+    task: Task, contexts: list[str], model, tokenizer: Tokenizer, batch_size: int
+) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
     prompts = [[tokenizer.bos_id] + tokenizer.encode(context) for context in contexts]
-    generations = generate_texts(model, tokenizer, prompts, until=task.until, max_gen_toks=task.max_gen_toks,
-                                 batch_size=batch_size)
+    generations = generate_texts(
+        model, tokenizer, prompts, until=task.until, max_gen_toks=task.max_gen_toks, batch_size=batch_size
+    )
     values: dict[str, list[float]] = {f"exact_match,{name}": [] for name in task.extractors}
     samples = []
     for i, text in enumerate(generations):
@@ -262,8 +297,16 @@ def _run_generation(task: Task, contexts: list[str], model, tokenizer: Tokenizer
     return values, samples
 
 
-def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, num_fewshot: int = 0,
-                  limit: int | None = None, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+def evaluate_task(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    task: Task,
+    *,
+    num_fewshot: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Run a task; returns {"metrics": {name: value, name_stderr: ...}, "num_samples", "num_fewshot",
     "samples": per-example details}."""
     if num_fewshot < 0:
@@ -277,8 +320,13 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, n
         values, samples = _run_multiple_choice(task, contexts, scorer, tokenizer, progress)
     else:
         values, samples = _run_generation(task, contexts, model, tokenizer, batch_size)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     for name, per_example in values.items():
         metrics[name], metrics[f"{name}_stderr"] = _mean_and_stderr(per_example)
-    return {"metrics": metrics, "num_samples": count, "num_fewshot": num_fewshot, "format": task.format,
-            "samples": samples}
+    return {
+        "metrics": metrics,
+        "num_samples": count,
+        "num_fewshot": num_fewshot,
+        "format": task.format,
+        "samples": samples,
+    }
