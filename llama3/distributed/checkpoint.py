@@ -27,14 +27,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..checkpoint.native import MARKER, complete_checkpoints
 
-__all__ = ["save_sharded_checkpoint", "load_sharded_checkpoint", "is_sharded_checkpoint", "full_state_dict",
-           "export_hf", "DCP_METADATA"]
+__all__ = [
+    "DCP_METADATA",
+    "export_hf",
+    "full_state_dict",
+    "is_sharded_checkpoint",
+    "load_sharded_checkpoint",
+    "save_sharded_checkpoint",
+]
 
 DCP_METADATA = ".metadata"  # the file DCP writes once every rank's shards are in place
 

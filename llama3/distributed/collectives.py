@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-__all__ = ["clip_grad_norm_", "all_reduce_mean"]
+__all__ = ["all_reduce_mean", "clip_grad_norm_"]
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from ..model import KVCache, Transformer
 from .mesh import init_distributed
 from .parallelize import apply_tensor_parallel, check_tp_shapes
 
-__all__ = ["load_tensor_parallel", "setup_local_caches", "TensorParallelGenerator", "tp_generator_from_args"]
+__all__ = ["TensorParallelGenerator", "load_tensor_parallel", "setup_local_caches", "tp_generator_from_args"]
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def load_tensor_parallel(path: str | Path, tp_mesh: DeviceMesh, *, device: torch
 
 
 def tp_generator_from_args(args, *, cache_bucket: int = 256) -> TensorParallelGenerator:
-    """The `llama3 generate`/`chat` hook under torchrun: all ranks form one tensor-parallel group.
+    """The `llama3 generate` hook under torchrun: all ranks form one tensor-parallel group.
 
     Uses the CLI's --model, --dtype, --device (cuda: one GPU per rank) and --seed. Sampling stays in step
     across ranks because all ranks draw from the same seed (rank 0's, when none is given) on the same

@@ -22,8 +22,20 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["MESH_AXES", "DistInfo", "ParallelDims", "init_distributed", "build_mesh", "resolve_degrees",
-           "data_parallel_rank", "data_parallel_mesh", "mesh_dims", "is_rank0", "log_rank0", "launched_by_torchrun"]
+__all__ = [
+    "MESH_AXES",
+    "DistInfo",
+    "ParallelDims",
+    "build_mesh",
+    "data_parallel_mesh",
+    "data_parallel_rank",
+    "init_distributed",
+    "is_rank0",
+    "launched_by_torchrun",
+    "log_rank0",
+    "mesh_dims",
+    "resolve_degrees",
+]
 
 MESH_AXES = ("dp_replicate", "dp_shard", "tp")
 

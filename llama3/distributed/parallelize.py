@@ -21,13 +21,26 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
-                                               RowwiseParallel, SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from ..model import Transformer
 
-__all__ = ["parallelize", "apply_tensor_parallel", "apply_activation_checkpointing", "apply_compile",
-           "apply_fsdp", "check_tp_shapes", "ActivationCheckpoint"]
+__all__ = [
+    "ActivationCheckpoint",
+    "apply_activation_checkpointing",
+    "apply_compile",
+    "apply_fsdp",
+    "apply_tensor_parallel",
+    "check_tp_shapes",
+    "parallelize",
+]
 
 ActivationCheckpoint = Literal["none", "full", "selective"]
 

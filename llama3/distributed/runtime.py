@@ -30,7 +30,7 @@ from .loss import vocab_parallel_lm_loss
 from .mesh import build_mesh, data_parallel_mesh, init_distributed, mesh_dims
 from .parallelize import check_tp_shapes, parallelize
 
-__all__ = ["distributed_runtime", "broadcast_init_weights"]
+__all__ = ["broadcast_init_weights", "distributed_runtime"]
 
 
 @torch.no_grad()
