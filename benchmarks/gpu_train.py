@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = {"inputs": ids[:, :-1].to(device), "targets": ids[:, 1:].to(device)}
 
     for attempt in range(3):  # on out-of-memory, drop two layers and try again
+        model = optimizer = None
         try:
             model, optimizer = build(cfg, runtime, shape)
             t0 = time.perf_counter()
@@ -186,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         except torch.cuda.OutOfMemoryError:
             if attempt == 2 or shape.n_layers <= 2 or args.layers:
                 raise
-            print(f"out of memory with {shape.n_layers} layers; retrying with {shape.n_layers - 2}", flush=True)
-            model = optimizer = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            shape = preset("llama3-8b", vocab_size=128256, max_seq_len=cfg.data.seq_len, n_layers=shape.n_layers - 2)
+        # Freed here, after the except block: its traceback kept the failed attempt's tensors alive.
+        print(f"out of memory with {shape.n_layers} layers; retrying with {shape.n_layers - 2}", flush=True)
+        model = optimizer = None
+        torch._dynamo.reset()  # compiled graphs may still refer to the old blocks
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        shape = preset("llama3-8b", vocab_size=128256, max_seq_len=cfg.data.seq_len, n_layers=shape.n_layers - 2)
 
     step_s = statistics.median(times)
     tokens_per_s = tokens / step_s
