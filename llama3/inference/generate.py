@@ -45,6 +45,7 @@ class GenerationTiming:
     num_prompt_tokens: int = 0
     num_new_tokens: int = 0
     compile_s: float = 0.0  # warm-up/compilation before the timed region (0 when nothing new compiled)
+    step_s: list[float] = field(default_factory=list, repr=False)  # duration of each decode step
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -200,7 +201,7 @@ class Generator:
         assert rows is not None and timing is not None
         return [GenerationResult(r.ids, r.text, r.finish_reason or "length",
                                  GenerationTiming(timing.prefill_s, timing.decode_s, len(r.prompt),
-                                                  len(r.ids), timing.compile_s), r.prompt)
+                                                  len(r.ids), timing.compile_s, timing.step_s), r.prompt)
                 for r in rows]
 
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
@@ -249,14 +250,16 @@ class Generator:
         self._add(rows, next_ids, stop_set, max_new_tokens, counts)
         yield rows, timing
 
-        start = time.perf_counter()
+        start = step_start = time.perf_counter()
         input_pos = lengths.view(batch, 1).clone()  # (B, 1) position of each row's newest token
         while any(r.finish_reason is None for r in rows):
             logits = self.decode_step(next_ids.view(batch, 1), input_pos)
             next_ids = self._pick(logits, params, generator, counts)
             input_pos += 1
             self._add(rows, next_ids, stop_set, max_new_tokens, counts)
-            timing.decode_s = time.perf_counter() - start
+            now = time.perf_counter()
+            timing.step_s.append(now - step_start)
+            timing.decode_s, step_start = now - start, now
             yield rows, timing
 
     def _check_context(self, encoded: list[list[int]], max_new_tokens: int) -> None:
