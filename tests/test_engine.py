@@ -9,7 +9,14 @@ import time
 import pytest
 import torch
 
-from llama3.inference.engine import Engine, EngineRequest, FinishEvent, PromptLogprobsEvent, QueueFull, TokenEvent
+from llama3.inference.engine import (
+    Engine,
+    EngineRequest,
+    FinishEvent,
+    PromptLogprobsEvent,
+    QueueFull,
+    TokenEvent,
+)
 from llama3.inference.generate import Generator
 from llama3.inference.sampling import GREEDY, SamplingParams
 from tests.conftest import random_model, tiny_args
@@ -20,7 +27,7 @@ pytestmark = pytest.mark.timeout(120)
 class _Vocab:
     """The few tokenizer facts Generator needs for id prompts over a 256-token vocabulary."""
 
-    stop_tokens: set[int] = set()
+    stop_tokens = frozenset()
 
     def stream_decoder(self):
         class _Decoder:
@@ -128,7 +135,7 @@ def test_cancel_frees_the_slot_and_full_queue_refuses(model):
         first = iter(long[0])
         assert isinstance(next(first), TokenEvent)
         long[0].cancel()
-        finish = [e for e in first if isinstance(e, FinishEvent)][0]
+        finish = next(e for e in first if isinstance(e, FinishEvent))
         assert finish.reason == "cancelled" and finish.num_generated_tokens < 400
         deadline = time.monotonic() + 5
         while engine.snapshot()["queue_depth"] and time.monotonic() < deadline:

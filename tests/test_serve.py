@@ -124,7 +124,7 @@ def test_async_greedy_while_eight_other_streams_run(setup):
 
 
 def test_completions_echo_logprobs_are_the_models(setup, client):
-    server, reference, tokenizer = setup
+    _, reference, tokenizer = setup
     prompt = [tokenizer.bos_id, *tokenizer.encode("It is a truth universally acknowledged")]
     # the lm-evaluation-harness `local-completions` loglikelihood request
     reply = client.completions.create(model=MODEL, prompt=[prompt], max_tokens=1, echo=True, logprobs=1,
@@ -140,13 +140,12 @@ def test_completions_echo_logprobs_are_the_models(setup, client):
     assert lp.token_logprobs[1:len(prompt)] == pytest.approx(expected, abs=1e-4)
     greedy_next = int(logprobs[-1].argmax())
     assert lp.token_logprobs[-1] == pytest.approx(float(logprobs[-1, greedy_next]), abs=1e-4)
-    assert list(lp.top_logprobs[-1].values())[0] == pytest.approx(lp.token_logprobs[-1], abs=1e-6)
+    assert next(iter(lp.top_logprobs[-1].values())) == pytest.approx(lp.token_logprobs[-1], abs=1e-6)
     assert choice.text.startswith(tokenizer.decode(prompt))
     assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 1
 
 
-def test_completions_text_prompts_n_seed_and_stop(setup, client):
-    _, reference, tokenizer = setup
+def test_completions_text_prompts_n_seed_and_stop(client):
     reply = client.completions.create(model=MODEL, prompt=["Once upon a time", "Call me"], max_tokens=8, n=2,
                                       temperature=1.0, seed=7)
     assert sorted(c.index for c in reply.choices) == [0, 1, 2, 3]

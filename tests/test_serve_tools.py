@@ -14,7 +14,6 @@ import pytest
 from llama3.inference.engine import Engine
 from llama3.serve.tools import TOOL_INSTRUCTION
 from llama3.tokenizer import ChatFormat
-from tests.conftest import tiny_args
 from tests.serve_server import RunningServer, scripted_model
 
 pytestmark = pytest.mark.timeout(120)

@@ -35,8 +35,17 @@ from ..model import KVCache
 from .fast import setup_caches
 from .sampling import GREEDY, SamplingParams, make_generator, sample
 
-__all__ = ["Engine", "EngineRequest", "RequestHandle", "TokenEvent", "PromptLogprobsEvent", "FinishEvent",
-           "QueueFull", "EngineClosed", "MAX_TOP_LOGPROBS"]
+__all__ = [
+    "MAX_TOP_LOGPROBS",
+    "Engine",
+    "EngineClosed",
+    "EngineRequest",
+    "FinishEvent",
+    "PromptLogprobsEvent",
+    "QueueFull",
+    "RequestHandle",
+    "TokenEvent",
+]
 
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API
 _POSITION_BUCKET = 128  # the attention window grows in steps of this many positions
@@ -215,7 +224,7 @@ class Engine:
         self.ttft_hist, self.latency_hist = _Histogram(), _Histogram()
 
     # ----- lifecycle -----
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         """Allocate the KV cache and start the engine thread."""
         if self._thread is not None:
             return self
@@ -305,7 +314,7 @@ class Engine:
                     self._prefill_step()
                     self._drop_cancelled()
                     self._decode_step()
-                except Exception as exc:  # a failed step must not kill the server: fail the running requests
+                except Exception as exc:  # noqa: BLE001 -- a failed step must not kill the server: fail the running requests
                     for slot in list(filter(None, self._slots)):
                         self._finish(slot, "error", f"generation failed: {exc}")
                 self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)

@@ -29,7 +29,7 @@ from .responses import GenerationFailed, chat_chunks, chat_response, completion_
 from .schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, ServerLimits
 from .tools import build_dialog, forced_prefix
 
-__all__ = ["create_app", "APIError"]
+__all__ = ["APIError", "create_app"]
 
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
@@ -115,11 +115,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = "llama3",
-               limits: ServerLimits = ServerLimits()) -> FastAPI:
+               limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (already started; its `tokenizer` must be set)."""
     if engine.tokenizer is None:
         raise ValueError("the engine needs a tokenizer to serve text: Engine(model, tokenizer, ...)")
     tokenizer = engine.tokenizer
+    limits = limits or ServerLimits()
     from ..tokenizer import ChatFormat
 
     chat_format = ChatFormat(tokenizer)

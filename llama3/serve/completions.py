@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ..inference.engine import FinishEvent, PromptLogprobsEvent, RequestHandle, TokenEvent
 
-__all__ = ["Choice", "merge_events", "new_id", "token_text", "chat_logprob_entry", "usage_dict"]
+__all__ = ["Choice", "chat_logprob_entry", "merge_events", "new_id", "token_text", "usage_dict"]
 
 
 def new_id(prefix: str) -> str:

@@ -30,6 +30,11 @@ def _histogram(lines: list[str], name: str, help_text: str, hist) -> None:
     lines += [f"{name}_sum {hist.total:.6f}", f"{name}_count {hist.num}"]
 
 
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def render_metrics(snapshot: dict, http: HttpCounters, model_name: str) -> str:
     """The /metrics body from an engine snapshot and the HTTP counters."""
     counters = snapshot["counters"]
@@ -63,7 +68,7 @@ def render_metrics(snapshot: dict, http: HttpCounters, model_name: str) -> str:
         f"llama3_slots {snapshot['num_slots']}",
         "# HELP llama3_model_info The model served.",
         "# TYPE llama3_model_info gauge",
-        f'llama3_model_info{{model="{model_name}"}} 1',
+        f'llama3_model_info{{model="{_label(model_name)}"}} 1',
     ]
     _histogram(lines, "llama3_time_to_first_token_seconds", "From submission to the first generated token.",
                snapshot["ttft"])

@@ -9,12 +9,13 @@ usage), and `text_completion` with legacy logprobs (`tokens`, `token_logprobs`, 
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from .completions import Choice, chat_logprob_entry, merge_events, token_text, usage_dict
 from .tools import parse_tool_calls, tools_active
 
-__all__ = ["chat_response", "chat_chunks", "completion_response", "completion_chunks", "GenerationFailed"]
+__all__ = ["GenerationFailed", "chat_chunks", "chat_response", "completion_chunks", "completion_response"]
 
 
 class GenerationFailed(RuntimeError):

@@ -9,12 +9,21 @@ the field (see `app.py`). Responses are plain dicts built in `app.py`, shaped ex
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-__all__ = ["ServerLimits", "ChatMessage", "ChatCompletionRequest", "CompletionRequest", "StreamOptions",
-           "ToolDefinition", "MAX_N", "MAX_STOP", "MAX_TOP_LOGPROBS"]
+__all__ = [
+    "MAX_N",
+    "MAX_STOP",
+    "MAX_TOP_LOGPROBS",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "ServerLimits",
+    "StreamOptions",
+    "ToolDefinition",
+]
 
 MAX_N = 8
 MAX_STOP = 4
@@ -71,7 +80,7 @@ class ChatMessage(_Strict):
     """One message. `developer` is OpenAI's newer name for `system`; `tool` carries a tool's result."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -110,7 +119,7 @@ class _SamplingFields(_Strict):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] = 1
-    stop: Union[StopText, Annotated[list[StopText], Field(max_length=MAX_STOP)], None] = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     seed: Seed | None = None
@@ -135,7 +144,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)] | None = None
     tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
 
     def max_new_tokens(self) -> int | None:
@@ -146,8 +155,7 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, strict=Tru
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
-                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: Annotated[int, Field(ge=0, strict=True)] = 16  # the OpenAI default for completions
     echo: StrictBool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)] | None = None
