@@ -66,9 +66,13 @@ def _torchrun(nproc: int, plan: list[dict], workdir: Path, timeout: int = 240) -
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
+def _records(run_dir: Path) -> dict[int, dict]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r for r in records}
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in _records(run_dir).items()}
 
 
 def _max_weight_diff(a: Path, b: Path) -> float:
@@ -155,6 +159,10 @@ def test_distributed_training_equals_one_process(runs, name):
     for step in range(1, STEPS + 1):
         assert abs(dist_losses[step] - single[step]) < LOSS_TOL, (name, step, dist_losses[step], single[step])
     assert single[1] != single[STEPS]  # the runs actually trained
+    # Clipping and the non-finite check see the norm of the whole gradient, as one process computes it.
+    single_norms, dist_norms = _records(runs["single"]), _records(runs[name])
+    for step in range(1, STEPS + 1):
+        assert dist_norms[step]["grad_norm"] == pytest.approx(single_norms[step]["grad_norm"], rel=5e-5)
     # The HF export gathered from the shards by rank 0 holds the single-process run's weights.
     assert _max_weight_diff(runs["single"] / "hf", runs[name] / "hf") < WEIGHT_TOL
     # The sharded checkpoint holds them too (loaded in one process, as `llama3.load` does).
