@@ -83,8 +83,11 @@ def _take(batches, n):
 
 def test_packed_batches_shapes_targets_and_document_ids(dataset):
     bos = load_index(dataset)["bos_id"]
-    batch = next(PackedBatches(dataset, "train", batch_size=3, seq_len=64))
+    batches = PackedBatches(dataset, "train", batch_size=3, seq_len=64)
+    batch = next(b for b in batches if "document_ids" in b)  # the first batch holding a document boundary
     assert batch["inputs"].shape == batch["targets"].shape == batch["document_ids"].shape == (3, 64)
+    plain = next(b for b in batches if "document_ids" not in b)  # no boundary: plain causal attention
+    assert not (plain["inputs"][:, 1:] == bos).any()
     assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])  # targets are inputs shifted by one
     for row_inputs, row_ids in zip(batch["inputs"], batch["document_ids"]):
         starts = (row_inputs == bos).long()
@@ -119,6 +122,12 @@ def test_data_parallel_ranks_partition_the_global_batch(dataset):
     for step in range(3):
         joined = torch.cat([ranks[r][step]["inputs"] for r in range(3)])
         assert torch.equal(joined, whole[step]["inputs"])
+    # the state is that of the global batch: 3 ranks × 2 rows resume as 1 process × 6 rows
+    rank0 = PackedBatches(dataset, "train", batch_size=2, seq_len=64, dp_rank=0, dp_world_size=3)
+    _take(rank0, 2)
+    single = PackedBatches(dataset, "train", batch_size=6, seq_len=64)
+    single.load_state_dict(rank0.state_dict())
+    assert torch.equal(next(single)["inputs"], whole[2]["inputs"])
 
 
 def test_validation_batches_stop_after_one_pass(dataset):

@@ -144,12 +144,13 @@ def run_demo(files: list[Path], out: Path, *, minutes: float, vocab_size: int) -
 
 
 def _samples(model, tokenizer, max_new_tokens: int = 60) -> list[tuple[str, str]]:
-    """Greedy-ish continuations (temperature 0.7, top-k 40, fixed seed) of the demo prompts."""
+    """Continuations of the demo prompts (temperature 0.7, top-k 40, seed i for prompt i: reproducible, and
+    each row draws its own random numbers)."""
     from ..inference.generate import Generator
     from ..inference.sampling import SamplingParams
 
     generator = Generator(model, tokenizer)
-    params = SamplingParams(temperature=0.7, top_k=40, seed=0)
+    params = [SamplingParams(temperature=0.7, top_k=40, seed=i) for i in range(len(PROMPTS))]
     results = generator.generate(PROMPTS, max_new_tokens=max_new_tokens, sampling=params)
     return [(prompt, r.text) for prompt, r in zip(PROMPTS, results)]
 

@@ -260,9 +260,10 @@ class _TokenStream:
 class PackedBatches:
     """Deterministic, resumable packed batches of one split, sharded across data-parallel ranks.
 
-    Each `next()` returns {"inputs": (B, T), "targets": (B, T), "document_ids": (B, T)} int64 tensors
-    (CPU; the loop moves them). With `shuffle=False` windows come in file order, and with `repeat=False`
-    iteration ends after one epoch (validation)."""
+    Each `next()` returns {"inputs": (B, T), "targets": (B, T), "document_ids": (B, T)} int64 tensors on
+    the CPU (the loop moves them); `document_ids` only when some row holds a document boundary. With
+    `shuffle=False` windows come in file order, and with `repeat=False` iteration ends after one epoch
+    (validation)."""
 
     def __init__(self, data_dir: str | Path, split: str, *, batch_size: int, seq_len: int, seed: int = 0,
                  dp_rank: int = 0, dp_world_size: int = 1, shuffle: bool = True, document_mask: bool = True,
@@ -317,9 +318,12 @@ class PackedBatches:
         tokens = torch.from_numpy(rows)  # (B, T+1)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         batch = {"inputs": inputs.contiguous(), "targets": targets.contiguous()}
-        if self.document_mask:
-            # A new document starts at each BOS; the ids only need to differ between documents of a row.
-            batch["document_ids"] = torch.cumsum(inputs == self.bos_id, dim=1)
+        starts = inputs == self.bos_id
+        # A new document starts at each BOS; the ids only need to differ between documents of a row. When no
+        # row has a boundary after its first token the mask is plain causal, and leaving the ids out lets
+        # attention take its faster causal path (same result).
+        if self.document_mask and bool(starts[:, 1:].any()):
+            batch["document_ids"] = torch.cumsum(starts, dim=1)
         return batch
 
     def state_dict(self) -> dict[str, int]:
