@@ -84,17 +84,34 @@ def hf_weight_files(folder: Path) -> list[tuple[Path, list[str] | None]]:
     raise ValueError(f"{folder}: no model.safetensors or {INDEX_NAME}; the weights are missing")
 
 
-def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs,
-                     index_path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(meta_name, tensor, file) for every tensor, read one at a time, q/k rows back in Meta's order."""
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _can_map(handle, device, dtype: torch.dtype | None) -> bool:
+    """Tensors used as stored (CPU, one dtype, the one asked for) can stay views of the mapped file."""
+    if torch.device(device).type != "cpu":
+        return False
+    stored = {_SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype()) for k in handle.keys()}
+    return len(stored) == 1 and (dtype is None or stored == {dtype})
+
+
+def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs, index_path: Path, *,
+                     device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(meta_name, tensor, file) for every tensor, read one at a time, q/k rows back in Meta's order.
+
+    Tensors used as stored are zero-copy views of the memory-mapped file; those that get converted or
+    permuted are read (pread) into their own memory instead, so a converted copy never sits beside resident
+    pages of its source: peak memory stays near the size of the weights."""
+    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
     for path, promised in files:
-        with open_safetensors(path) as handle:
-            keys = list(handle.keys())
+        with open_safetensors(path, low_memory=False) as mapped, open_safetensors(path) as reader:
+            keys = list(mapped.keys())
             if promised is not None:
                 absent = sorted(set(promised) - set(keys))
                 if absent:
                     raise ValueError(f"{index_path}: tensor {absent[0]!r} is listed in {path.name} but that file "
                                      "does not hold it; the shard is incomplete or the index is stale")
+            use_map = _can_map(mapped, device, dtype)
             for key in keys:
                 if key.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved; recomputed here
                     continue
@@ -102,9 +119,8 @@ def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs
                     meta_key = hf_to_meta_key(key)
                 except KeyError:
                     raise ValueError(f"{path}: unexpected tensor {key!r}; not part of a Llama model") from None
-                tensor = read_safetensors_tensor(handle, key, path)
-                n_heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}.get(
-                    meta_key.split(".", 2)[-1])
+                n_heads = heads.get(meta_key.split(".", 2)[-1])
+                tensor = read_safetensors_tensor(mapped if use_map and n_heads is None else reader, key, path)
                 if n_heads is not None and tensor.dim() == 2 and tensor.shape[0] == n_heads * args.head_dim:
                     tensor = permute_qk_to_meta(tensor, n_heads)  # wrong shapes are reported by the caller
                 yield meta_key, tensor, str(path)
@@ -174,10 +190,13 @@ def load_hf(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
     folder = Path(folder)
     args = read_hf_args(folder)
     files = hf_weight_files(folder)
-    tensors = _iter_hf_tensors(files, args, folder / INDEX_NAME)
-    model = materialize_model(args, tensors, device=device, dtype=parse_dtype(dtype), what=str(folder),
+    # The tokenizer first: parsing tokenizer.json briefly takes ~100 MB, better before the weights than on top.
+    tokenizer = load_tokenizer(folder)
+    dtype = parse_dtype(dtype)
+    tensors = _iter_hf_tensors(files, args, folder / INDEX_NAME, device=device, dtype=dtype)
+    model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(folder),
                               stored_name=_stored_name)
-    return model, load_tokenizer(folder)
+    return model, tokenizer
 
 
 # ----- writing -----
