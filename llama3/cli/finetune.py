@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (0 = full fine-tuning)")
     parser.add_argument("--recipe", choices=finetune_recipe_names(),
                         help="starting config (default: METHOD, or METHOD-lora with --lora-rank > 0)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a busy "
+                                                    "machine 1 can be faster than 2)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return parser
@@ -74,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no starting model: pass --model PATH (an HF or Meta folder, or a training checkpoint)")
     if not cfg.data.path:
         parser.error("no data: pass --data FILE.jsonl")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         run(cfg, resume=args.resume)
     except ValueError as e:
@@ -95,7 +103,7 @@ def _load_examples(cfg, chat_format):
     return split_train_val(examples, ft.val_fraction, seed=cfg.data.seed)
 
 
-def _batches(cfg, examples, pad_id, *, shuffle: bool):
+def _batches(cfg, examples, pad_id, *, shuffle: bool = True):
     from ..data.sft import PreferenceBatches, SFTBatches
 
     kind = SFTBatches if cfg.finetune.method == "sft" else PreferenceBatches
@@ -120,31 +128,23 @@ def lora_config_of(cfg):
 
 def run(cfg, *, resume: bool = False, log=print) -> dict[str, Any]:
     """Fine-tune as `cfg` says; returns the report also written to OUT/finetune_report.json."""
-    import torch
+    import copy
 
-    from ..checkpoint.load import load, save
-    from ..tokenizer import ChatFormat
-    from ..train.dpo import DPOConfig, DPOLoss, compute_reference_logps
+    from ..distributed.mesh import launched_by_torchrun
+    from ..train.dpo import DPOConfig, DPOLoss
     from ..train.loop import setup_runtime, train
-    from ..train.lora import apply_lora, merge_lora, save_peft_adapter
+    from ..train.lora import apply_lora
 
+    cfg = copy.deepcopy(cfg)
     ft = cfg.finetune
     if ft.method not in ("sft", "dpo"):
         raise ValueError(f"finetune.method must be sft or dpo, got {ft.method!r}")
     lora = lora_config_of(cfg)  # validates the LoRA settings before anything heavy
     dpo_config = DPOConfig(beta=ft.dpo_beta, nll_weight=ft.dpo_nll_weight) if ft.method == "dpo" else None
+    if launched_by_torchrun():
+        raise ValueError("llama3 finetune runs in one process (one device); start it without torchrun")
     runtime = setup_runtime(cfg)
-    base, tokenizer = load(ft.model_path, device=runtime.device, dtype=torch.float32)
-    if cfg.data.seq_len > base.args.max_seq_len:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context ({base.args.max_seq_len})")
-    train_examples, val_examples = _load_examples(cfg, ChatFormat(tokenizer))
-    log(f"{cfg.data.path}: {len(train_examples)} training and {len(val_examples)} validation "
-        f"{'dialogs' if ft.method == 'sft' else 'pairs'}")
-    if ft.method == "dpo":
-        # The reference is the starting model; its log-probs are computed once, so no second copy is kept.
-        train_examples = compute_reference_logps(base, train_examples, tokenizer.pad_id)
-        if val_examples:
-            val_examples = compute_reference_logps(base, val_examples, tokenizer.pad_id)
+    base, tokenizer, train_examples, val_examples = _prepare(cfg, runtime.device, log)
     model_args, holder = base.args, {"base": base}
     del base
 
@@ -152,27 +152,64 @@ def run(cfg, *, resume: bool = False, log=print) -> dict[str, Any]:
         model.load_state_dict(holder.pop("base").state_dict())  # the loaded weights, then drop the copy
 
     loss_fn = DPOLoss(dpo_config) if dpo_config else None  # None: the loop's chunked cross-entropy
-    val_batches = (lambda: _batches(cfg, val_examples, tokenizer.pad_id, shuffle=False)) if val_examples else None
+    val_batches = None
+    if val_examples:
+        def val_batches():
+            return _batches(cfg, val_examples, tokenizer.pad_id, shuffle=False)
     cfg.checkpoint.export_hf = False  # exported below, after merging the adapters
-    result = train(cfg, tokenizer=tokenizer, train_batches=_batches(cfg, train_examples, tokenizer.pad_id, shuffle=True),
+    result = train(cfg, tokenizer=tokenizer, train_batches=_batches(cfg, train_examples, tokenizer.pad_id),
                    val_batches=val_batches, model_args=model_args, initialize=initialize,
                    transform=(lambda m: apply_lora(m, lora)) if lora else None, loss_fn=loss_fn,
                    resume=resume, runtime=runtime, log=log)
-    model = result.model.eval()
-    out = Path(cfg.train.out_dir)
     report: dict[str, Any] = {"method": ft.method, "lora_rank": ft.lora_rank, "steps": result.step,
                               "val_loss": {str(k): v for k, v in result.val_losses.items()}}
     if ft.method == "dpo" and val_examples:
-        report["val_reward"] = _dpo_val_metrics(model, val_examples, tokenizer.pad_id, loss_fn)
+        report["val_reward"] = _dpo_val_metrics(result.model.eval(), val_examples, tokenizer.pad_id, loss_fn)
     if runtime.is_main:
-        if lora:
-            save_peft_adapter(model, out / "adapter", base_model_name_or_path=str(ft.model_path))
-            log(f"saved the LoRA adapters (PEFT layout) to {out / 'adapter'}")
-            merge_lora(model)
-        save(model, tokenizer, out / "hf", format="hf", overwrite=True)
-        log(f"exported the fine-tuned model (Hugging Face folder) to {out / 'hf'}")
-        (out / "finetune_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _export(cfg, result.model.eval(), tokenizer, report, log)
     return report
+
+
+def _prepare(cfg, device, log):
+    """The starting model and tokenizer, and the encoded train/validation examples (for DPO with the
+    starting model's reference log-probs attached)."""
+    import torch
+
+    from ..checkpoint.load import load
+    from ..tokenizer import ChatFormat
+    from ..train.dpo import compute_reference_logps
+
+    base, tokenizer = load(cfg.finetune.model_path, device=device, dtype=torch.float32)
+    if cfg.data.seq_len > base.args.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context ({base.args.max_seq_len})")
+    train_examples, val_examples = _load_examples(cfg, ChatFormat(tokenizer))
+    log(f"{cfg.data.path}: {len(train_examples)} training and {len(val_examples)} validation "
+        f"{'dialogs' if cfg.finetune.method == 'sft' else 'pairs'}")
+    if cfg.finetune.method == "dpo":
+        # The reference is the starting model; its log-probs are computed once, so no second copy is kept.
+        train_examples = compute_reference_logps(base, train_examples, tokenizer.pad_id)
+        if val_examples:
+            val_examples = compute_reference_logps(base, val_examples, tokenizer.pad_id)
+    return base, tokenizer, train_examples, val_examples
+
+
+def _export(cfg, model, tokenizer, report: dict[str, Any], log) -> None:
+    """OUT/adapter (PEFT, when LoRA), OUT/hf (merged), OUT/finetune_report.json."""
+    import os
+
+    from ..checkpoint.load import save
+    from ..train.lora import merge_lora, save_peft_adapter
+
+    out = Path(cfg.train.out_dir)
+    if cfg.finetune.lora_rank > 0:
+        save_peft_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.finetune.model_path))
+        log(f"saved the LoRA adapters (PEFT layout) to {out / 'adapter'}")
+        merge_lora(model)
+    save(model, tokenizer, out / "hf", format="hf", overwrite=True)
+    log(f"exported the fine-tuned model (Hugging Face folder) to {out / 'hf'}")
+    tmp = out / f".finetune_report.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / "finetune_report.json")
 
 
 def _dpo_val_metrics(model, examples, pad_id: int, loss_fn) -> dict[str, float]:
