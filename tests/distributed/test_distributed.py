@@ -199,3 +199,13 @@ def test_tensor_parallel_inference_matches_one_process(runs):
     assert result["tp_tokens"] == result["ref_tokens"] and len(set(result["ref_tokens"])) > 3
     cli = json.loads(runs["generate_tp"].read_text())
     assert cli["token_ids"] == result["ref_tokens"]
+
+
+@pytest.mark.timeout(420)
+def test_resume_with_another_global_batch_is_a_clear_error(runs, dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["fsdp2"], run)
+    # The 2-rank run used 2 rows per rank (global 4); one process with 3 rows would read other windows.
+    code = cli_main(_pretrain_argv(dataset, run, "--data.batch_size=3", "--resume"))
+    assert code == 2
+    assert "global batch" in capsys.readouterr().err
