@@ -104,3 +104,17 @@ def test_chat_session_survives_interrupt(model_dir):
     full = session.reply("Again", lambda piece: None)
     assert len(session.messages) == 4 and isinstance(full, str)
     assert torch.is_grad_enabled()
+
+
+def test_generate_with_draft_model_equals_plain_greedy(model_dir, capsys):
+    from llama3.cli.generate import main
+
+    common = ["--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "6",
+              "--temperature", "0", "--no-compile"]
+    assert main(common + ["--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(common + ["--json", "--draft-model", str(model_dir), "--num-draft-tokens", "3"]) == 0
+    speculative = json.loads(capsys.readouterr().out)
+    assert speculative["token_ids"] == plain["token_ids"] and speculative["text"] == plain["text"]
+    assert main(common + ["--draft-model", str(model_dir)]) == 0  # streamed through the speculative path
+    assert capsys.readouterr().out == plain["text"] + "\n"
