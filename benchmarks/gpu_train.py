@@ -85,7 +85,8 @@ def layers_that_fit(args_8b, free_bytes: int, tokens: int) -> int:
     """Blocks whose training state (fp32 weights + grads + AdamW moments + bf16 copies: ~18 B/param) and
     activations (no recomputation; ~2·(10·d + 5·ffn) + 16·d bytes per token, with 20% slack) fit in 85% of
     `free_bytes` next to the embeddings, the output projection and one loss chunk."""
-    per_layer_params = (args_8b.num_params() - dataclasses.replace(args_8b, n_layers=0).num_params()) / args_8b.n_layers
+    one, two = (dataclasses.replace(args_8b, n_layers=n).num_params() for n in (1, 2))
+    per_layer_params = two - one
     d, h = args_8b.dim, args_8b.hidden_dim
     act_per_layer = 1.2 * tokens * (2 * (10 * d + 5 * h) + 16 * d)
     fixed = 18 * 2 * args_8b.vocab_size * d + 4 * 4096 * args_8b.vocab_size * 2  # embeddings+output, logits

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _dcp(operation, state: dict[str, Any], path: Path) -> None:
+    """dcp.save / dcp.load, also in one process without a process group (resuming or exporting on one
+    machine is intended, so DCP's warning about it is silenced)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        operation(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
 
 
 def is_sharded_checkpoint(step_dir: str | Path) -> bool:
@@ -107,7 +116,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
             state[_rank_key(_rank(), key)] = value
         else:
             shared[key] = value
-    dcp.save(state, checkpoint_id=str(tmp))  # collective; rank 0 writes .metadata after all shards
+    _dcp(dcp.save, state, tmp)  # a collective; rank 0 writes .metadata once every rank's shards are written
     if _rank() == 0:
         meta = {**shared, "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "optimizer_param_groups": hparams}
@@ -160,7 +169,7 @@ def load_sharded_checkpoint(step_dir: str | Path, model: torch.nn.Module,
         if key.startswith(source_prefix):
             per_rank[key[len(source_prefix):]] = state[key] = torch.empty(
                 tuple(item.size), dtype=item.properties.dtype)
-    dcp.load(state, checkpoint_id=str(step_dir))
+    _dcp(dcp.load, state, step_dir)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         optim_state["state"] = state["optim"]["state"]

@@ -35,3 +35,19 @@ def test_gpu_benchmark_refuses_without_cuda_unless_dry_run(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_train.py"), "--layers", "1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "--dry-run" in proc.stderr
+
+
+def test_layers_that_fit_the_gpu():
+    """The layer count the GPU run picks from free memory (only the dry run exercises the rest)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_train import layers_that_fit
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from llama3.config import preset
+
+    shape = preset("llama3-8b", vocab_size=128256, max_seq_len=8192)
+    h100, h200 = (layers_that_fit(shape, gib * 2**30, 8192) for gib in (79, 139))
+    assert 4 <= h100 < h200 <= 32
+    assert layers_that_fit(shape, 2000 * 2**30, 8192) == 32  # never more than the model has
+    assert layers_that_fit(shape, 30 * 2**30, 8192) == 1  # at least one block; OOM retries handle the rest
