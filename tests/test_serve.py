@@ -179,6 +179,16 @@ def test_disconnect_mid_stream_frees_the_slot(setup):
                                   AUTH) == cancelled_before + 1
 
 
+def test_non_streaming_client_that_gives_up_frees_the_slot(setup):
+    server = setup[0]
+    cancelled_before = server.metric('llama3_requests_finished_total{reason="cancelled"}', AUTH)
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1900}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=0.5)
+    assert server.wait_for_metric("llama3_active_slots", 0, AUTH) == 0
+    assert server.metric('llama3_requests_finished_total{reason="cancelled"}', AUTH) == cancelled_before + 1
+
+
 def test_full_queue_answers_429_with_retry_after(setup, client):
     server = setup[0]
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 1900, "stream": True}

@@ -195,6 +195,10 @@ class _Histogram:
 class Engine:
     """A continuous-batching generator over `num_slots` KV-cache rows of `max_seq_len` positions.
 
+    `tokenizer` is carried for callers that need text (the server); the engine itself works on ids.
+    `max_queue` requests may wait for a free slot; `prefill_chunk` bounds the prompt tokens one step
+    prefills, so running streams wait at most one chunk's forward pass for their next token.
+
         engine = Engine(model, tokenizer, num_slots=8).start()
         handle = engine.submit(EngineRequest(prompt_ids=(...), max_new_tokens=64))
         for event in handle: ...
@@ -220,7 +224,10 @@ class Engine:
         self._windows: dict[tuple[int, int, int], list[KVCache]] = {}
         self._token_counts: torch.Tensor | None = None  # (num_slots, V), made on first use of penalties
         self._step_seconds = 0.05  # running mean of one loop iteration, for Retry-After
-        self.stats = collections.Counter()
+        # Every key exists from the start, so /metrics can copy the dict while the engine thread counts.
+        self.stats = collections.Counter({k: 0 for k in (
+            "requests_total", "prompt_tokens_total", "generation_tokens_total", "finished_stop",
+            "finished_length", "finished_cancelled", "finished_error")})
         self.ttft_hist, self.latency_hist = _Histogram(), _Histogram()
 
     # ----- lifecycle -----
@@ -340,6 +347,14 @@ class Engine:
                 self._token_counts[index].zero_()
 
     def _drop_cancelled(self) -> None:
+        """Free the slots of cancelled requests, and forget cancelled ones still waiting."""
+        with self._cond:
+            if any(h.cancelled for h in self._pending):
+                gone = [h for h in self._pending if h.cancelled]
+                self._pending = collections.deque(h for h in self._pending if not h.cancelled)
+                for handle in gone:
+                    self._count_finish("cancelled")
+                    handle._emit(FinishEvent("cancelled", len(handle.request.prompt_ids), 0))
         for slot in filter(None, list(self._slots)):
             if slot.handle.cancelled:
                 self._finish(slot, "cancelled")
@@ -361,6 +376,8 @@ class Engine:
         length = min(self.max_seq_len, -(-num_positions // _POSITION_BUCKET) * _POSITION_BUCKET)
         key = (row_start, row_stop, length)
         if key not in self._windows:
+            if len(self._windows) > 1024:  # views are cheap to rebuild; keep the dict bounded
+                self._windows.clear()
             views = []
             for full in self._full_caches:
                 view = KVCache.__new__(KVCache)

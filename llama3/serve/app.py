@@ -153,7 +153,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
     def check_context(num_prompt: int, max_new: int | None, param: str) -> int:
         limit = engine.max_seq_len
         if max_new is None:
-            max_new = limit - num_prompt
+            # Default: the rest of the context, at least one token (so a full prompt gets the error below).
+            max_new = max(limit - num_prompt, 1)
         if num_prompt + max_new > limit or max_new < 0:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{num_prompt + max_new} tokens ({num_prompt} in the {param}, {max_new} in the "

@@ -128,13 +128,19 @@ async def merge_events(choices: list[Choice], is_disconnected=None, poll_s: floa
 
     tasks = [asyncio.ensure_future(pump(c)) for c in choices]
     remaining = len(choices)
+    loop = asyncio.get_running_loop()
+    last_check = loop.time()
     try:
         while remaining:
             try:
                 choice, event = await asyncio.wait_for(queue.get(), timeout=poll_s)
             except asyncio.TimeoutError:
-                if is_disconnected is not None and await is_disconnected():
+                choice, event = None, None
+            if is_disconnected is not None and loop.time() - last_check >= poll_s:
+                last_check = loop.time()
+                if await is_disconnected():
                     return
+            if event is None:
                 continue
             if isinstance(event, FinishEvent):
                 remaining -= 1
