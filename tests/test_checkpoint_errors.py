@@ -54,7 +54,7 @@ def test_truncated_safetensors(saved, tmp_path):
 
 def test_corrupt_safetensors_header(saved, tmp_path):
     folder = _copy(saved, "hf", tmp_path)
-    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    shard = min(folder.glob("model-*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[8:16] = b"garbage!"  # inside the JSON header
     shard.write_bytes(bytes(data))

@@ -80,7 +80,7 @@ def test_gguf_runs_in_llama_cpp_with_equal_greedy_tokens(model_and_tokenizer, gg
         cpp_ids, cpp_logits = _cpp_greedy(llm, prompt, NUM_NEW_TOKENS)
     finally:
         llm.close()
-    our_ids, our_logits = _ours_greedy(model, prompt, NUM_NEW_TOKENS)
+    our_ids, _ = _ours_greedy(model, prompt, NUM_NEW_TOKENS)
     # logits on llama.cpp's own continuation; the full sequence is compared (prompt + generated)
     with torch.no_grad():
         our_logits_on_cpp = model(torch.tensor([cpp_ids[:-1]]))[0].numpy()

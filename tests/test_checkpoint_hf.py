@@ -34,8 +34,8 @@ def test_transformers_save_pretrained_loads_with_equal_logits(tmp_path, name, sh
     if shard:
         assert (tmp_path / "model.safetensors.index.json").is_file()
     config = json.loads((tmp_path / "config.json").read_text())
-    if name == "rope31":  # transformers 5 writes the new spelling; both must load
-        assert "rope_parameters" in config or "rope_scaling" in config
+    if name == "rope31":  # transformers 5 writes the new spelling (our export, read below, the released one)
+        assert config["rope_parameters"]["rope_type"] == "llama3" and not config.get("rope_scaling")
 
     loaded, tokenizer = llama3.load(tmp_path)
     assert loaded.args.tie_word_embeddings == args.tie_word_embeddings
@@ -85,7 +85,8 @@ def test_our_export_loads_in_transformers(tmp_path, llama3_tokenizer):
     assert list(ids) == ChatFormat(llama3_tokenizer).encode_dialog_prompt(dialog)
 
     reloaded, tokenizer = llama3.load(out)
-    assert tokenizer.special_tokens == llama3_tokenizer.special_tokens
+    # the 3.2 file adds <|image|> (128256) after the usual 256 specials
+    assert {k: tokenizer.special_tokens[k] for k in llama3_tokenizer.special_tokens} == llama3_tokenizer.special_tokens
     assert tokenizer.mergeable_ranks == llama3_tokenizer.mergeable_ranks
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
@@ -104,3 +105,20 @@ def test_bf16_stays_bf16_and_dtype_is_the_callers(tmp_path):
     assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
     assert torch.equal(as_fp32.tok_embeddings.weight, model.tok_embeddings.weight.float())
     assert not loaded.training and not as_fp32.training
+
+
+@pytest.mark.timeout(60)
+def test_folder_with_only_the_released_tokenizer_json(tmp_path, llama3_tokenizer):
+    """Meta's HF repos ship tokenizer.json (without ignore_merges); our ids still equal tiktoken's."""
+    import shutil
+
+    from tests.conftest import llama3_tokenizer_dir
+
+    model = random_model(tiny_args("gqa", vocab_size=512), seed=14)
+    hf_model_from(model).save_pretrained(tmp_path)
+    shutil.copy(llama3_tokenizer_dir() / "tokenizer.json", tmp_path / "tokenizer.json")
+    _, tokenizer = llama3.load(tmp_path)
+    text = "Xin chào thế giới! This is a test sentence. 12345 <|eot_id|>"
+    assert tokenizer.encode(text) == llama3_tokenizer.encode(text)
+    # the 3.2 file adds <|image|> (128256) after the usual 256 specials
+    assert {k: tokenizer.special_tokens[k] for k in llama3_tokenizer.special_tokens} == llama3_tokenizer.special_tokens

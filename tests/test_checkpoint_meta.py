@@ -19,11 +19,11 @@ def _files_state(folder):
 
 def _assert_identical(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].keys() == b[name].keys(), name
-        for key in a[name]:
-            assert a[name][key].dtype == b[name][key].dtype, key
-            assert torch.equal(a[name][key], b[name][key]), f"{name}: {key}"
+    for name, tensors in a.items():
+        assert tensors.keys() == b[name].keys(), name
+        for key, tensor in tensors.items():
+            assert tensor.dtype == b[name][key].dtype, key
+            assert torch.equal(tensor, b[name][key]), f"{name}: {key}"
 
 
 @pytest.mark.timeout(60)

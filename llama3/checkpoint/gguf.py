@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..config import ModelArgs
 from .safety import atomic_output_file, parse_dtype
 
-__all__ = ["save_gguf", "load_gguf", "GGUF_DTYPES", "gguf_tensor_name", "rope_freq_divisors"]
+__all__ = ["GGUF_DTYPES", "gguf_tensor_name", "load_gguf", "rope_freq_divisors", "save_gguf"]
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 _TORCH_TO_GGUF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -212,7 +212,7 @@ def _field(reader, key: str, default=None):
 
 
 def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-              dtype: str | torch.dtype | None = None):
+              dtype: str | torch.dtype | None = None, progress: bool = False):
     """(model, tokenizer) from a llama-architecture GGUF with a Llama 3 style BPE vocabulary. Quantized
     weights are dequantized; dtype=None gives float32 for quantized files, else the stored float type."""
     import gguf
@@ -260,7 +260,8 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                 tensor = tensor.to(torch.bfloat16)  # exact: the values were bf16
             yield key, tensor.reshape([int(n) for n in reversed(t.shape)]), f"{path} ({name})"
 
-    model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path))
+    model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path),
+                              progress=progress)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
     if tokens is None or _field(reader, "tokenizer.ggml.model") != "gpt2":

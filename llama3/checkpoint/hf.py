@@ -22,10 +22,19 @@ from tqdm.auto import tqdm
 from ..config import ModelArgs
 from .keymap import hf_to_meta_key, meta_to_hf_key, meta_to_hf_state_dict, permute_qk_to_meta
 from .load import materialize_model
-from .safety import (atomic_output_dir, contained_path, dtype_name, open_safetensors, parse_dtype, parse_size,
-                     read_json, read_safetensors_tensor, write_json)
+from .safety import (
+    atomic_output_dir,
+    contained_path,
+    dtype_name,
+    open_safetensors,
+    parse_dtype,
+    parse_size,
+    read_json,
+    read_safetensors_tensor,
+    write_json,
+)
 
-__all__ = ["load_hf", "save_hf", "read_hf_args", "hf_weight_files", "load_tokenizer", "tokenizer_hf_json"]
+__all__ = ["hf_weight_files", "load_hf", "load_tokenizer", "read_hf_args", "save_hf", "tokenizer_hf_json"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -91,7 +100,7 @@ def _can_map(handle, device, dtype: torch.dtype | None) -> bool:
     """Tensors used as stored (CPU, one dtype, the one asked for) can stay views of the mapped file."""
     if torch.device(device).type != "cpu":
         return False
-    stored = {_SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype()) for k in handle.keys()}
+    stored = {_SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype()) for k in handle.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
     return len(stored) == 1 and (dtype is None or stored == {dtype})
 
 
@@ -167,7 +176,7 @@ def load_tokenizer(folder: Path):
     raise ValueError(f"{folder}: no tokenizer.json or tokenizer.model; copy the model's tokenizer files here")
 
 
-_HF_JSON_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HF_JSON_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def tokenizer_hf_json(tokenizer) -> dict[str, Any]:
@@ -185,7 +194,7 @@ def tokenizer_hf_json(tokenizer) -> dict[str, Any]:
 
 
 def load_hf(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
-            dtype: str | torch.dtype | None = None):
+            dtype: str | torch.dtype | None = None, progress: bool = False):
     """(model, tokenizer) from a Hugging Face folder of any Llama-architecture model."""
     folder = Path(folder)
     args = read_hf_args(folder)
@@ -194,7 +203,7 @@ def load_hf(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
     tokenizer = load_tokenizer(folder)
     dtype = parse_dtype(dtype)
     tensors = _iter_hf_tensors(files, args, folder / INDEX_NAME, device=device, dtype=dtype)
-    model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(folder),
+    model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(folder), progress=progress,
                               stored_name=_stored_name)
     return model, tokenizer
 

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import ModelArgs
 from .safety import check_state_dict, parse_dtype
 
-__all__ = ["load", "save", "detect_format", "materialize_model"]
+__all__ = ["detect_format", "load", "materialize_model", "save"]
 
 Format = Literal["hf", "meta", "gguf", "training"]
 
@@ -52,9 +53,10 @@ def detect_format(path: str | os.PathLike) -> Format:
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
+         dtype: str | torch.dtype | None = None, progress: bool = False) -> tuple[Any, Any]:
     """Load `(model, tokenizer)` from a Hugging Face folder, a Meta folder, a training checkpoint or a GGUF
-    file. `dtype=None` keeps the stored dtype (bf16 stays bf16). The model is returned in eval mode."""
+    file. `dtype=None` keeps the stored dtype (bf16 stays bf16). The model is returned in eval mode.
+    `progress` shows a progress bar over the tensors (Meta, HF and GGUF)."""
     path = Path(path)
     dtype = parse_dtype(dtype)
     fmt = detect_format(path)
@@ -65,15 +67,15 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     elif fmt == "hf":
         from .hf import load_hf
 
-        model, tokenizer = load_hf(path, device=device, dtype=dtype)
+        model, tokenizer = load_hf(path, device=device, dtype=dtype, progress=progress)
     elif fmt == "meta":
         from .meta import load_meta
 
-        model, tokenizer = load_meta(path, device=device, dtype=dtype)
+        model, tokenizer = load_meta(path, device=device, dtype=dtype, progress=progress)
     else:
         from .gguf import load_gguf
 
-        model, tokenizer = load_gguf(path, device=device, dtype=dtype)
+        model, tokenizer = load_gguf(path, device=device, dtype=dtype, progress=progress)
     return model.eval(), tokenizer
 
 
@@ -99,7 +101,7 @@ def save(model: Any, tokenizer: Any, path: str | os.PathLike, *, format: str = "
 
 def materialize_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor, str]], *,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      what: str, stored_name=None) -> Any:
+                      what: str, stored_name=None, progress: bool = False) -> Any:
     """Build a Transformer on the meta device and assign `tensors` (Meta names) to it, one at a time.
 
     tensors: (meta_name, tensor, source file) triples, read lazily so each is converted to `device`/`dtype`
@@ -116,6 +118,7 @@ def materialize_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor
         expected.pop("output.weight")
     state: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
+    bar = tqdm(total=len(expected), desc=f"loading {Path(what).name}", unit="tensor", disable=not progress)
     for key, tensor, source in tensors:
         if key in state:
             raise ValueError(f"{source}: tensor {key!r} appears twice (also in {sources[key]})")
@@ -129,6 +132,8 @@ def materialize_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor
             dtype = tensor.dtype
         state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
         sources[key] = source
+        bar.update()
+    bar.close()
     check_state_dict(state, expected, sources, what=what, stored_name=stored_name)
     model.load_state_dict(state, strict=False, assign=True)  # strict checks done above; tied output is re-tied
     model.init_buffers(device)

@@ -21,7 +21,7 @@ from ..config import ModelArgs
 from .load import materialize_model
 from .safety import atomic_output_dir, parse_dtype, read_json, write_json
 
-__all__ = ["load_meta", "save_meta", "read_meta_args", "shard_paths", "split_dim", "load_pth"]
+__all__ = ["load_meta", "load_pth", "read_meta_args", "save_meta", "shard_paths", "split_dim"]
 
 _SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
 _DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
@@ -103,7 +103,7 @@ def _merged_tensors(shards: list[dict[str, torch.Tensor]], paths: list[Path]) ->
 
 
 def load_meta(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
-              dtype: str | torch.dtype | None = None):
+              dtype: str | torch.dtype | None = None, progress: bool = False):
     """(model, tokenizer) from a Meta folder with any number of model-parallel shards."""
     from ..tokenizer import Tokenizer
 
@@ -114,7 +114,7 @@ def load_meta(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
     if "output.weight" not in shards[0] and not args.tie_word_embeddings:
         args = args.replace(tie_word_embeddings=True)  # Meta's 3.2 1B/3B files omit the tied output matrix
     model = materialize_model(args, _merged_tensors(shards, paths), device=device, dtype=parse_dtype(dtype),
-                              what=str(folder))
+                              what=str(folder), progress=progress)
     del shards
     tok_path = folder / "tokenizer.model"
     if not tok_path.is_file():

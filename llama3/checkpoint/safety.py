@@ -18,9 +18,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["read_json", "write_json", "contained_path", "check_state_dict", "open_safetensors",
-           "read_safetensors_tensor", "atomic_output_dir", "atomic_output_file", "parse_dtype", "dtype_name",
-           "parse_size"]
+__all__ = [
+    "atomic_output_dir",
+    "atomic_output_file",
+    "check_state_dict",
+    "contained_path",
+    "dtype_name",
+    "open_safetensors",
+    "parse_dtype",
+    "parse_size",
+    "read_json",
+    "read_safetensors_tensor",
+    "write_json",
+]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -75,7 +85,7 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> dict[str, 
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: {what} is not valid JSON ({e}); the file may be truncated or corrupt") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: {what} must hold a JSON object, found {type(data).__name__}")
+        raise ValueError(f"{path}: {what} must hold a JSON object, found {type(data).__name__}")  # noqa: TRY004
     return data
 
 

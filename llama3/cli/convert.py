@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loading {args.src} ({src_format})", file=sys.stderr)
         # GGUF quantized types are chosen at write time; the model itself loads in its stored float dtype.
         load_dtype = None if args.to == "gguf" else args.dtype
-        model, tokenizer = load(args.src, dtype=load_dtype)
+        model, tokenizer = load(args.src, dtype=load_dtype, progress=src_format != "training")
         print(f"loaded {model.num_params() / 1e6:.1f}M parameters in {time.perf_counter() - started:.1f}s",
               file=sys.stderr)
         extra = {"hf": {"max_shard_size": args.max_shard_size}, "meta": {"num_shards": args.shards},
