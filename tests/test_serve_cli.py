@@ -1,0 +1,60 @@
+"""`llama3 serve --model PATH`: loads a saved model folder, prints the URL and a usage snippet, serves it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+import llama3
+from tests.conftest import random_model, tiny_args
+from tests.serve_server import free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
+    model = random_model(tiny_args("gqa", vocab_size=llama3_tokenizer.n_words, max_seq_len=256))
+    folder = llama3.save(model, llama3_tokenizer, tmp_path / "tiny-chat")
+    port = free_port()
+    command = [sys.executable, "-m", "llama3", "serve", "--model", str(folder), "--port", str(port),
+               "--api-key", "s3cret", "--num-slots", "2"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = []
+        while not any("print(reply.choices[0].message.content)" in line for line in banner):
+            line = server.stdout.readline()
+            assert line, "llama3 serve exited early:\n" + "".join(banner)
+            banner.append(line)
+        text = "".join(banner)
+        url = f"http://127.0.0.1:{port}"
+        assert f"tiny-chat at {url}" in text
+        assert f"curl {url}/v1/chat/completions -H \"Authorization: Bearer s3cret\"" in text
+        assert f'OpenAI(base_url="{url}/v1", api_key="s3cret")' in text
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "the server never became healthy"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        reply = client.chat.completions.create(model="tiny-chat", max_tokens=5, temperature=0,
+                                               messages=[{"role": "user", "content": "Hi"}])
+        assert reply.usage.completion_tokens == 5 and reply.model == "tiny-chat"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_command_rejects_a_missing_model(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "llama3", "serve", "--model", str(tmp_path / "nope")],
+                            check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "cannot load" in result.stderr
