@@ -145,6 +145,33 @@ def test_completions_echo_logprobs_are_the_models(setup, client):
     assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 1
 
 
+def test_lm_eval_local_completions_loglikelihood(setup, tmp_path):
+    """lm-evaluation-harness's `local-completions` model, pointed at the server, scores continuations with
+    the model's own log-probabilities."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    server, reference, tokenizer = setup
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer.to_hf_json()))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    lm = LocalCompletionsAPI(model=MODEL, base_url=server.url + "/v1/completions", tokenizer=str(tmp_path),
+                             tokenizer_backend="huggingface", header=AUTH, max_length=2048, max_retries=1)
+    pairs = [("It is a truth universally", " acknowledged"), ("Call me", " Ishmael. Some years ago")]
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                               disable_tqdm=True)
+    plain = copy.deepcopy(reference.model)
+    plain.clear_caches()
+    for (context, continuation), (loglikelihood, is_greedy) in zip(pairs, results):
+        context_ids = tokenizer.encode(context)
+        whole = tokenizer.encode(context + continuation)
+        with torch.no_grad():
+            logprobs = plain(torch.tensor([whole]))[0].log_softmax(-1)  # (T, V)
+        targets = range(len(context_ids), len(whole))
+        expected = sum(float(logprobs[i - 1, whole[i]]) for i in targets)
+        assert loglikelihood == pytest.approx(expected, abs=1e-3)
+        assert is_greedy == all(int(logprobs[i - 1].argmax()) == whole[i] for i in targets)
+
+
 def test_completions_text_prompts_n_seed_and_stop(client):
     reply = client.completions.create(model=MODEL, prompt=["Once upon a time", "Call me"], max_tokens=8, n=2,
                                       temperature=1.0, seed=7)
