@@ -132,3 +132,7 @@ def test_training_checkpoint_loads_as_a_model(reference):
     assert model.args.vocab_size == tokenizer.n_words == 512 + 256
     ids = torch.tensor([tokenizer.encode("It was a truth", bos=True)])
     assert torch.isfinite(model(ids)).all()
+    import llama3
+
+    same, _ = llama3.load(reference / f"step-{STEPS:08d}")  # the package's loader detects the format
+    torch.testing.assert_close(same(ids), model(ids), rtol=0, atol=0)

@@ -34,8 +34,11 @@ def demo() -> TrainConfig:
     # Untied embeddings: with tied ones the initial logits favour repeating the input token (loss ≫ ln V).
     cfg.model.overrides = {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 64,
                            "tie_word_embeddings": False}
-    cfg.data.batch_size, cfg.data.seq_len = 16, 256
-    cfg.optim.lr, cfg.optim.weight_decay = 2e-3, 0.1
+    # Measured on the Austen shards at an equal token budget (240K tokens): batch 8 at lr 3e-3 reached
+    # validation loss 5.38, batch 16 at 2e-3 5.84 (and tied embeddings 6.07): with minutes of CPU time,
+    # more and smaller steps win.
+    cfg.data.batch_size, cfg.data.seq_len = 8, 256
+    cfg.optim.lr, cfg.optim.weight_decay = 3e-3, 0.1
     cfg.schedule.name, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio = "cosine", 30, 0.05
     cfg.train.dtype = "bf16"
     cfg.train.steps, cfg.train.val_interval, cfg.train.val_batches = 600, 100, 16

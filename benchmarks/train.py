@@ -1,0 +1,169 @@
+"""Training throughput on this CPU: our training step vs HF transformers on the same config and batch.
+
+Each step is forward + loss + backward + AdamW update. Ours is the loop's own code (`build_model`, the
+chunked `causal_lm_loss`, `build_optimizer`); the peer is `LlamaForCausalLM` with `labels=` (its own loss)
+and `torch.optim.AdamW`. Both start from the same weights and see the same batches; runs alternate
+(ours, HF, ours, HF, ...) so that load from other processes hits both alike, and the median step time of
+each is reported. MFU = ModelArgs.flops_per_token · tokens/s over the matmul peak measured here in the
+same dtype. Also: data preparation (`prepare_dataset` over all cores) vs single-threaded tiktoken encoding
+of the same documents.
+
+    python benchmarks/train.py                # demo shape, fp32 and bf16, plus data prep
+    python benchmarks/train.py --compile      # also ours with per-block torch.compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: F401  (kept for ad-hoc experiments)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4352)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per implementation and dtype")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd blocks")
+    p.add_argument("--skip-data", action="store_true")
+    return p.parse_args(argv)
+
+
+def _ours(args, cfg, initial):
+    from llama3.train.loop import Runtime, build_model
+    from llama3.train.optim import build_optimizer
+
+    state = initial.state_dict()
+    model = build_model(args, cfg, Runtime(device=torch.device("cpu")),
+                        initialize=lambda m: m.load_state_dict(state)).train()
+    return model, build_optimizer(model, cfg.optim, "cpu")
+
+
+def _hf(initial, cfg):
+    from conftest import hf_model_from
+
+    model = hf_model_from(initial).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95), foreach=True)
+    return model, opt
+
+
+def _step_ours(model, opt, batch, dtype):
+    from llama3.train.loss import causal_lm_loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        loss = causal_lm_loss(model, batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def _step_hf(model, opt, batch, dtype):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        # HF shifts labels itself: labels = inputs; our targets are already shifted, so give it one token more.
+        out = model(input_ids=batch["inputs"], labels=batch["labels"])
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(out.loss)
+
+
+def bench_training(a) -> list[dict]:
+    from conftest import random_model
+
+    from llama3.config import ModelArgs
+    from llama3.train.config import TrainConfig
+    from llama3.train.metrics import measure_peak_flops
+
+    args = ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab,
+                     multiple_of=64, max_seq_len=a.seq)
+    initial = random_model(args, seed=0)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "labels": tokens[:, :-1]}
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        peak = measure_peak_flops(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                  size=1024, repeats=10)
+        impls = {"ours": (*_ours(args, TrainConfig(), initial), _step_ours),
+                 "HF transformers": (*_hf(initial, TrainConfig()), _step_hf)}
+        if a.compile:
+            cfg = TrainConfig()
+            cfg.parallel.compile = True
+            impls["ours + compile"] = (*_ours(args, cfg, initial), _step_ours)
+        times = {name: [] for name in impls}
+        for name, (model, opt, step) in impls.items():  # warm-up (and compilation)
+            for _ in range(2):
+                step(model, opt, batch, dtype)
+        for _ in range(a.steps):
+            for name, (model, opt, step) in impls.items():
+                start = time.perf_counter()
+                step(model, opt, batch, dtype)
+                times[name].append(time.perf_counter() - start)
+        num_tokens = a.batch * a.seq
+        hf_tps = num_tokens / statistics.median(times["HF transformers"])
+        for name in impls:
+            tps = num_tokens / statistics.median(times[name])
+            rows.append({"dtype": dtype, "impl": name, "tokens_per_s": tps, "vs_hf": tps / hf_tps,
+                         "mfu": args.flops_per_token(a.seq) * tps / peak, "peak_gflops": peak / 1e9})
+    return rows
+
+
+def bench_data() -> dict:
+    from llama3.bpe import train_tokenizer
+    from llama3.data.pretrain import prepare_dataset, read_documents
+    from llama3.tokenizer import Tokenizer
+
+    files = sorted((REPO / "data" / "austen").glob("*.txt"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_path = Path(tmp) / "tokenizer.model"
+        train_tokenizer(files, 4096, tok_path, progress=False)
+        tokenizer = Tokenizer.from_file(tok_path)
+        docs = [d for f in files for d in read_documents(f)]
+        num_bytes = sum(len(d.encode()) for d in docs)
+        start = time.perf_counter()
+        for d in docs:
+            tokenizer.model.encode_ordinary(d)
+        tiktoken_s = time.perf_counter() - start
+        start = time.perf_counter()
+        prepare_dataset(files, Path(tmp) / "data", tok_path, progress=False)
+        prepare_s = time.perf_counter() - start
+    return {"mb": num_bytes / 1e6, "tiktoken_mb_s": num_bytes / 1e6 / tiktoken_s,
+            "prepare_mb_s": num_bytes / 1e6 / prepare_s}
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model dim {a.dim}, {a.layers} layers, "
+          f"vocab {a.vocab}, batch {a.batch}x{a.seq}\n")
+    print("| dtype | implementation | tokens/s | vs HF | MFU (vs measured matmul peak) |")
+    print("|---|---|---:|---:|---:|")
+    for r in bench_training(a):
+        print(f"| {r['dtype']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['vs_hf']:.2f}x | "
+              f"{100 * r['mfu']:.1f}% of {r['peak_gflops']:.0f} GFLOP/s |")
+    if not a.skip_data:
+        d = bench_data()
+        print(f"\n| data prep ({d['mb']:.1f} MB Austen) | MB/s | vs tiktoken 1 thread |\n|---|---:|---:|")
+        print(f"| tiktoken encode_ordinary, 1 thread | {d['tiktoken_mb_s']:.2f} | 1.00x |")
+        print(f"| llama3 prepare (all cores, incl. process start and writing shards) | {d['prepare_mb_s']:.2f} | "
+              f"{d['prepare_mb_s'] / d['tiktoken_mb_s']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
