@@ -283,6 +283,14 @@ def test_invalid_json_oversized_body_and_unknown_model(setup, client):
     big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 70_000}]}
     r = httpx.post(server.url + "/v1/chat/completions", json=big, headers=AUTH)
     assert r.status_code == 413 and "65536 bytes" in r.json()["error"]["message"]
+
+    def chunked_body():  # no Content-Length: the limit holds while the body streams in
+        yield b'{"model": "tiny-llama3", "messages": [{"role": "user", "content": "'
+        yield from (b"x" * 1000 for _ in range(70))
+        yield b'"}]}'
+
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunked_body(), headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4", messages=HELLO, max_tokens=2)
     assert info.value.body["code"] == "model_not_found"

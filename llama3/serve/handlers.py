@@ -1,0 +1,164 @@
+"""The two generation endpoints: validated OpenAI requests -> engine requests -> responses or SSE streams.
+
+`CompletionService` holds what both need: the engine, its tokenizer and chat format, the served model's name
+and the server limits. Each check raises `APIError` with the field at fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..inference.engine import Engine, EngineClosed, EngineRequest, QueueFull
+from ..inference.sampling import SamplingParams
+from ..tokenizer import ChatFormat
+from .completions import Choice, created, merge_events, new_id
+from .errors import APIError
+from .responses import chat_chunks, chat_response, completion_chunks, completion_response
+from .schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, ServerLimits
+from .tools import build_dialog, forced_prefix
+
+__all__ = ["CompletionService"]
+
+
+def _sse(chunks) -> StreamingResponse:
+    """Server-sent events: one `data: {json}` per chunk, then `data: [DONE]`."""
+    async def body():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _collect(choices: list[Choice], request: Request) -> None:
+    async for choice, event in merge_events(choices, request.is_disconnected):
+        choice.feed(event)
+
+
+class CompletionService:
+    """Chat and text completions over one engine."""
+
+    def __init__(self, engine: Engine, model_name: str, limits: ServerLimits):
+        if engine.tokenizer is None:
+            raise ValueError("the engine needs a tokenizer to serve text: Engine(model, tokenizer, ...)")
+        self.engine, self.model_name, self.limits = engine, model_name, limits
+        self.tokenizer = engine.tokenizer
+        self.chat_format = ChatFormat(self.tokenizer)
+        self.stop_ids = frozenset(self.tokenizer.stop_tokens)
+
+    # ----- checks -----
+    def check_model(self, name: str) -> None:
+        if name and name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+    def check_context(self, num_prompt: int, max_new: int | None, param: str) -> int:
+        """The number of new tokens to generate; a 400 stating the limit if the request cannot fit."""
+        limit = self.engine.max_seq_len
+        if max_new is None:
+            # Default: the rest of the context, at least one token (so a full prompt gets the error below).
+            max_new = max(limit - num_prompt, 1)
+        if num_prompt + max_new > limit or max_new < 0:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{num_prompt + max_new} tokens ({num_prompt} in the {param}, {max_new} in the "
+                                f"completion). Please reduce the length of the {param} or the completion.",
+                           param=param, code="context_length_exceeded")
+        return max_new
+
+    def check_text_size(self, total_chars: int, param: str) -> None:
+        if total_chars > self.limits.max_prompt_chars:
+            raise APIError(400, f"The {param} hold {total_chars} characters, over the limit of "
+                                f"{self.limits.max_prompt_chars}.", param=param)
+
+    @staticmethod
+    def sampling_for(body, index: int) -> SamplingParams:
+        seed = None if body.seed is None else (body.seed + index) % 2**63  # choices differ, reproducibly
+        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                              repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+                              presence_penalty=body.presence_penalty, seed=seed)
+
+    def submit_all(self, requests: list[EngineRequest], stop: list[str]) -> list[Choice]:
+        """Queue every sequence of a request, or none: a refusal cancels those already queued."""
+        loop = asyncio.get_running_loop()
+        handles = []
+        try:
+            for r in requests:
+                handles.append(self.engine.submit(r, loop=loop))
+        except (QueueFull, EngineClosed, ValueError) as exc:
+            for h in handles:
+                h.cancel()
+            if isinstance(exc, QueueFull):
+                raise APIError(429, str(exc), code="queue_full",
+                               headers={"Retry-After": str(int(exc.retry_after_s))}) from None
+            if isinstance(exc, EngineClosed):
+                raise APIError(503, f"{exc}; retry shortly.", headers={"Retry-After": "5"}) from None
+            raise APIError(400, str(exc)) from None
+        return [Choice(i, h, self.tokenizer, stop) for i, h in enumerate(handles)]
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "llama3",
+                "max_model_len": self.engine.max_seq_len}
+
+    # ----- endpoints -----
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        """POST /v1/chat/completions."""
+        self.check_model(body.model)
+        self.check_text_size(sum(len(m.text()) for m in body.messages), "messages")
+        try:
+            prefix = forced_prefix(body)
+            prompt_ids = self.chat_format.encode_dialog_prompt(build_dialog(body)) + self.tokenizer.encode(prefix)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        max_new = self.check_context(len(prompt_ids), body.max_new_tokens(), "messages")
+        num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        requests = [EngineRequest(tuple(prompt_ids), max_new, self.sampling_for(body, i), self.stop_ids,
+                                  num_logprobs) for i in range(body.n)]
+        choices = self.submit_all(requests, body.stop_list())
+        meta = {"id": new_id("chatcmpl"), "created": created(), "model": self.model_name}
+        if body.stream:
+            return _sse(chat_chunks(choices, body, meta, prefix, request.is_disconnected))
+        await _collect(choices, request)
+        return chat_response(choices, body, meta, prefix, len(prompt_ids))
+
+    async def complete(self, body: CompletionRequest, request: Request):
+        """POST /v1/completions."""
+        self.check_model(body.model)
+        prompts, texts = self._prompt_ids(body)
+        requests = []
+        for p, ids in enumerate(prompts):
+            max_new = self.check_context(len(ids), body.max_tokens, "prompt")
+            for i in range(body.n):
+                requests.append(EngineRequest(tuple(ids), max_new, self.sampling_for(body, p * body.n + i),
+                                              self.stop_ids, body.logprobs,
+                                              prompt_logprobs=body.echo and body.logprobs is not None))
+        choices = self.submit_all(requests, body.stop_list())
+        for choice in choices:  # echo returns the prompt as given (text), or decoded (token ids)
+            p = choice.index // body.n
+            choice.prompt_text = texts[p] if texts is not None else self.tokenizer.decode(prompts[p])
+        meta = {"id": new_id("cmpl"), "created": created(), "model": self.model_name}
+        if body.stream:
+            return _sse(completion_chunks(choices, body, meta, request.is_disconnected))
+        await _collect(choices, request)
+        return completion_response(choices, body, meta, sum(len(ids) for ids in prompts))
+
+    def _prompt_ids(self, body: CompletionRequest) -> tuple[list[list[int]], list[str] | None]:
+        """The completions API's four prompt forms -> (token-id lists, the texts if given as text). Text gets
+        a BOS token in front, as Llama 3 saw in training; token ids are taken as they are."""
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        if len(prompt) * body.n > MAX_PROMPTS:
+            raise APIError(400, f"{len(prompt)} prompts × n={body.n} is over the limit of {MAX_PROMPTS} "
+                                "sequences per request; split the request.", param="prompt")
+        if isinstance(prompt[0], str):
+            self.check_text_size(sum(map(len, prompt)), "prompt")
+            return [self.tokenizer.encode(text, bos=True) for text in prompt], list(prompt)
+        return [list(ids) for ids in prompt], None
