@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -20,6 +21,11 @@ pytestmark = pytest.mark.timeout(180)
 def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
     model = random_model(tiny_args("gqa", vocab_size=llama3_tokenizer.n_words, max_seq_len=256))
     folder = llama3.save(model, llama3_tokenizer, tmp_path / "tiny-chat")
+    prompt = "It is a truth universally acknowledged"
+    generated = subprocess.run([sys.executable, "-m", "llama3", "generate", "--model", str(folder), "--prompt", prompt,
+                                "--temperature", "0", "--max-new-tokens", "12", "--json", "--no-compile"],
+                               check=True, capture_output=True, text=True, timeout=120)
+    expected = json.loads(generated.stdout.strip().splitlines()[-1])
     port = free_port()
     command = [sys.executable, "-m", "llama3", "serve", "--model", str(folder), "--port", str(port),
                "--api-key", "s3cret", "--num-slots", "2"]
@@ -48,6 +54,11 @@ def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
         reply = client.chat.completions.create(model="tiny-chat", max_tokens=5, temperature=0,
                                                messages=[{"role": "user", "content": "Hi"}])
         assert reply.usage.completion_tokens == 5 and reply.model == "tiny-chat"
+        # greedy through the server = `llama3 generate` on the same folder
+        completion = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=12, temperature=0)
+        ids = [t for t in expected["token_ids"] if not llama3_tokenizer.is_special(t)]
+        assert completion.choices[0].text == llama3_tokenizer.decode(ids)
+        assert completion.usage.completion_tokens == len(expected["token_ids"]) == 12
     finally:
         server.terminate()
         server.wait(timeout=30)
