@@ -105,3 +105,15 @@ def test_new_chat_clears_the_conversation(server, page):
     page.click("#new-chat")
     page.wait_for_function("document.querySelectorAll('.message').length === 0")
     assert server.wait_for_metric("llama3_active_slots", 0) == 0
+
+
+def test_server_errors_are_shown_and_the_turn_is_dropped(server, page):
+    page.goto(server.url + "/")
+    page.click("summary")
+    page.fill("#max-tokens", "100000")  # over the 4096-token context: the server answers 400
+    page.fill("#input", "Too long")
+    page.press("#input", "Enter")
+    error = page.wait_for_selector(".message.error")
+    assert "maximum context length is 4096 tokens" in error.inner_text()
+    assert page.locator(".message.assistant").count() == 0
+    assert page.is_enabled("#send") and page.is_hidden("#stop")
