@@ -94,6 +94,32 @@ def test_streaming_with_usage_matches_the_whole_reply(setup, client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_chat_logprobs_and_several_streamed_choices(setup, client):
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 8
+    assert "".join(c.token for c in content) == reply.choices[0].message.content
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert entry.logprob <= 0 and bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=1.0, n=3,
+                                            seed=11, stream=True)
+    texts, finishes, roles = {}, {}, set()
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.delta.role:
+                roles.add(choice.index)
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert roles == {0, 1, 2} and finishes == {0: "length", 1: "length", 2: "length"}
+    again = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=1.0, n=3, seed=11)
+    assert [c.message.content for c in again.choices] == [texts[i] for i in range(3)]
+    assert len(set(texts.values())) > 1  # each choice samples with its own seed
+
+
 def test_async_greedy_while_eight_other_streams_run(setup):
     server, reference, tokenizer = setup
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
