@@ -186,10 +186,13 @@ def _prepare(cfg, device, log):
     log(f"{cfg.data.path}: {len(train_examples)} training and {len(val_examples)} validation "
         f"{'dialogs' if cfg.finetune.method == 'sft' else 'pairs'}")
     if cfg.finetune.method == "dpo":
-        # The reference is the starting model; its log-probs are computed once, so no second copy is kept.
-        train_examples = compute_reference_logps(base, train_examples, tokenizer.pad_id)
-        if val_examples:
-            val_examples = compute_reference_logps(base, val_examples, tokenizer.pad_id)
+        # The reference is the starting model; its log-probs are computed once, so no second copy is kept,
+        # under the same autocast as training so that policy and reference agree exactly at step 0.
+        bf16 = cfg.train.dtype == "bf16"
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            train_examples = compute_reference_logps(base, train_examples, tokenizer.pad_id)
+            if val_examples:
+                val_examples = compute_reference_logps(base, val_examples, tokenizer.pad_id)
     return base, tokenizer, train_examples, val_examples
 
 
