@@ -216,6 +216,8 @@ def test_batches_resume_and_fill_rows(byte_chat):
     assert sum(b["inputs"].shape[0] for b in one_pass) == len(examples)
     assert one_pass[0]["inputs"][0, :5].tolist() == examples[0].ids[:5]
     packed = list(SFTBatches(examples, batch_size=2, pad_id=0, seq_len=256, shuffle=False, num_epochs=1))
+    with pytest.raises(ValueError, match="do not fit a packed row of 64"):
+        SFTBatches(examples, batch_size=2, pad_id=0, seq_len=64)
     assert sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in packed) == sum(e.num_loss_tokens for e in examples)
 
 

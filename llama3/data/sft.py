@@ -403,6 +403,11 @@ class SFTBatches:
             raise ValueError("no examples to batch")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.pack:
+            too_long = next((e for e in self.examples if len(e.ids) - 1 > self.seq_len), None)
+            if too_long is not None:
+                raise ValueError(f"{too_long.source}: {len(too_long.ids) - 1} tokens do not fit a packed row of "
+                                 f"{self.seq_len}; load the data with max_seq_len <= seq_len")
         self._order = self._epoch_order(self.epoch)
 
     def _epoch_order(self, epoch: int) -> list[int]:
