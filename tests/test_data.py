@@ -149,3 +149,13 @@ def test_bad_inputs_get_clear_errors(tmp_path, tokenizer_path):
     tiny.write_text("one short document")
     with pytest.raises(ValueError, match="too few for a validation split"):
         prepare_dataset([tiny], tmp_path / "x", tokenizer_path, num_workers=1, progress=False)
+
+
+def test_fast_document_encoding_equals_tokenizer_encode(tokenizer_path):
+    from llama3.data.pretrain import encode_document
+
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    texts = ["plain <|begin_of_text|> and <|eot_id|> stay text", (AUSTEN / "emma.txt").read_text()[:50_000],
+             "x" * 30_000 + " tail", " " * 26_000 + "after a long space run", ""]
+    for text in texts:
+        assert encode_document(tokenizer, text) == tokenizer.encode(text, bos=True, eos=True)

@@ -27,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = ["FORMAT", "PackedBatches", "load_index", "prepare_dataset", "read_doc
 
 FORMAT = "llama3-tokens-v1"
 SHARD_TOKENS = 64 * 1024 * 1024  # tokens per shard file: 128 MiB in uint16
+MAX_RUN_CHARS = 25_000  # as llama3.tokenizer: longer runs take the slow, run-cutting encoder
 
 
 # ----- reading documents -----
@@ -113,9 +115,23 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
 
 
+_LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (MAX_RUN_CHARS, MAX_RUN_CHARS))
+
+
+def encode_document(tokenizer, text: str) -> list[int]:
+    """`<|begin_of_text|> text <|end_of_text|>` with special-token strings in `text` encoded as plain text.
+
+    Straight to tiktoken's ordinary encoder unless the text holds a run of 25k+ whitespace or
+    non-whitespace characters (where tiktoken slows down quadratically and `Tokenizer.encode` cuts the run):
+    `Tokenizer.encode` checks every character in Python, which would make it the bottleneck of preparation."""
+    if _LONG_RUN.search(text):
+        return tokenizer.encode(text, bos=True, eos=True)
+    return [tokenizer.bos_id, *tokenizer.model.encode_ordinary(text), tokenizer.eos_id]
+
+
 def _encode_documents(texts: list[str]) -> list[list[int]]:
     assert _worker_tokenizer is not None
-    return [_worker_tokenizer.encode(t, bos=True, eos=True) for t in texts]
+    return [encode_document(_worker_tokenizer, t) for t in texts]
 
 
 def _batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
@@ -193,7 +209,7 @@ def prepare_dataset(inputs: Sequence[str | Path], output_dir: str | Path, tokeni
             # imap keeps document order, so the output does not depend on the number of workers.
             encoded_batches = pool.imap(_encode_documents, _batched(documents, batch_size))
         else:
-            encoded_batches = ([tokenizer.encode(t, bos=True, eos=True) for t in texts]
+            encoded_batches = ([encode_document(tokenizer, t) for t in texts]
                                for texts in _batched(documents, batch_size))
         for batch_index, encoded in enumerate(encoded_batches):
             for offset, ids in enumerate(encoded):
