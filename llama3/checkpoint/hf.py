@@ -100,7 +100,8 @@ def _can_map(handle, device, dtype: torch.dtype | None) -> bool:
     """Tensors used as stored (CPU, one dtype, the one asked for) can stay views of the mapped file."""
     if torch.device(device).type != "cpu":
         return False
-    stored = {_SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype()) for k in handle.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    names = handle.keys()  # a safe_open handle is not a dict: iterate its key list
+    stored = {_SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype()) for k in names}
     return len(stored) == 1 and (dtype is None or stored == {dtype})
 
 
