@@ -4,8 +4,8 @@ The cache (`model.setup_caches(num_slots, max_seq_len)`) is a pool of slots, one
 A single engine thread owns the model and loops:
 
 1. admit waiting requests into free slots (a bounded queue in front: `QueueFull` when it is full);
-2. prefill one chunk of one newly admitted prompt (chunked, so a long prompt never stalls running streams
-   for more than one chunk);
+2. prefill at most `prefill_chunk` prompt tokens of newly admitted requests (a long prompt is split over
+   steps, several short ones share a step), so running streams never stall for more than one chunk;
 3. run one decode step for every running sequence at once, each at its own position (per-row `input_pos`);
 4. drop finished and cancelled sequences, which frees their slots for the next iteration.
 
@@ -400,14 +400,20 @@ class Engine:
 
     # ----- prefill -----
     def _prefill_step(self) -> None:
-        """One chunk of the earliest-admitted prompt still prefilling; its last chunk yields the first token."""
-        waiting = [s for s in self._slots if s is not None and s.prefilling]
-        if not waiting:
-            return
-        slot = min(waiting, key=lambda s: s.handle.request_id)
+        """Prefill up to `prefill_chunk` prompt tokens, earliest-admitted prompts first (several short prompts
+        share one step's budget); a prompt's last chunk yields its first token."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            waiting = [s for s in self._slots if s is not None and s.prefilling and not s.handle.cancelled]
+            if not waiting:
+                return
+            budget -= self._prefill_chunk(min(waiting, key=lambda s: s.handle.request_id), budget)
+
+    def _prefill_chunk(self, slot: _Slot, max_tokens: int) -> int:
+        """Prefill the next at most `max_tokens` prompt tokens of one slot; returns how many."""
         request = slot.handle.request
         start = slot.num_prefilled
-        chunk = request.prompt_ids[start:start + self.prefill_chunk]
+        chunk = request.prompt_ids[start:start + max_tokens]
         tokens = torch.tensor([chunk], device=self.device)  # (1, T)
         positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)  # (1, T)
         hidden = self._forward(self._window(slot.index, slot.index + 1, start + len(chunk)), tokens, positions)
@@ -416,14 +422,14 @@ class Engine:
         if request.prompt_logprobs:
             self._score_prompt_chunk(slot, hidden[0], start)
         if slot.prefilling:
-            return
+            return len(chunk)
         if request.prompt_logprobs:
             slot.handle._emit(PromptLogprobsEvent([None] + slot.prompt_logprobs, [None] + slot.prompt_top))
         if request.max_new_tokens == 0:
             self._finish(slot, "length")
-            return
-        logits = self.model.logits(hidden[:, -1])  # (1, V)
-        self._emit_tokens([slot], logits)
+        else:
+            self._emit_tokens([slot], self.model.logits(hidden[:, -1]))  # (1, V)
+        return len(chunk)
 
     def _score_prompt_chunk(self, slot: _Slot, hidden: torch.Tensor, start: int) -> None:
         """Log-probabilities of prompt tokens start+1 .. start+T (those this chunk's positions predict)."""
