@@ -212,7 +212,8 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_n
 
     Keys are HF's module names (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`). HF's
     q/k rows are a permutation P of ours (rotate-half instead of interleaved RoPE pairs): W_hf = P W, so
-    (W + BA)_hf = P W + (P B) A, and only lora_B of wq/wk is permuted."""
+    (W + BA)_hf = P W + (P B) A, and only lora_B of wq/wk is permuted. Adapters trained with
+    `quantize_base` learned against the int8-rounded W; applied to the original W they differ by that rounding."""
     from safetensors.torch import save_file
 
     config: LoRAConfig | None = getattr(model, "lora_config", None)
