@@ -162,15 +162,20 @@ def worker_llamacpp(spec: dict) -> dict:
     llm = Llama(model_path=spec["gguf"], n_ctx=len(prompt) + n + 8, n_threads=spec["threads"],
                 n_threads_batch=spec["threads"], n_batch=512, verbose=False)
 
+    def last_logits() -> np.ndarray:
+        # Without logits_all, llama.cpp keeps logits for the last token of each batch only (llama-cpp-python
+        # no longer copies them into `scores`), so read them from the context.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
     def run(new: int) -> tuple[float, list[float], list[int]]:
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
-        ids = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        ids = [int(np.argmax(last_logits()))]
         stamps = [time.perf_counter()]
         while len(ids) < new:
             llm.eval([ids[-1]])
-            ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            ids.append(int(np.argmax(last_logits())))
             stamps.append(time.perf_counter())
         return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], ids
 
@@ -240,6 +245,10 @@ def run_worker(spec: dict, timeout: int) -> dict:
     return json.loads(lines[-1])
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 KEY = "step_p10_tok_s"  # the figure ratios and roofline fractions use: the least disturbed steps
 
 
@@ -250,12 +259,14 @@ def report(shape: str, args, results: dict[str, dict], bandwidth: float) -> str:
         family, _, _, group = RUNTIMES[name]
         if "error" not in res and family != "ours":
             peers[(family, group)] = res[KEY]
+    reference = next((res["token_ids"] for name, res in results.items() if name.endswith("fp32") and "token_ids" in res),
+                     [])
     lines = ["| runtime | decode tok/s: run / step p10 / step median | vs HF | vs llama.cpp | roofline tok/s "
-             "| % of roofline | prefill tok/s | TTFT ms |", "|---|---|---|---|---|---|---|---|"]
+             "| % of roofline | prefill tok/s | TTFT ms | greedy ids = fp32 |", "|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         family, precision, bytes_per_weight, group = RUNTIMES[name]
         if "error" in res:
-            lines.append(f"| {name} | failed: {res['error'][0][:80]} | | | | | | |")
+            lines.append(f"| {name} | failed: {res['error'][0][:80]} | | | | | | | |")
             continue
         roof = bandwidth * 1e9 / (weights * bytes_per_weight)
         tps = res[KEY]
@@ -263,7 +274,8 @@ def report(shape: str, args, results: dict[str, dict], bandwidth: float) -> str:
         vs_cpp = f"{tps / peers[('llamacpp', group)]:.2f}x" if ("llamacpp", group) in peers else "-"
         lines.append(f"| {name} | {res['decode_tok_s']:.1f} / {tps:.1f} / {res['step_median_tok_s']:.1f} | {vs_hf} "
                      f"| {vs_cpp} | {roof:.0f} "
-                     f"| {100 * tps / roof:.0f}% | {res['prefill_tok_s']:.0f} | {1000 * res['ttft_s']:.0f} |")
+                     f"| {100 * tps / roof:.0f}% | {res['prefill_tok_s']:.0f} | {1000 * res['ttft_s']:.0f} "
+                     f"| {_common_prefix(res['token_ids'], reference)}/{len(res['token_ids'])} |")
     return f"### {shape}: {args.num_params() / 1e6:.0f}M parameters, {weights / 1e6:.0f}M read per token\n\n" + \
         "\n".join(lines)
 
