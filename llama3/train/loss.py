@@ -49,9 +49,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss_sum += ((lse - picked) * v).sum()
                 if not need_grads:
                     continue
-                probs = (logits - lse.unsqueeze(1)).exp_()  # softmax, reusing the logits buffer
+                # softmax, in place in the logits buffer: no second (n, V) allocation or pass
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()
                 probs[torch.arange(end - start, device=probs.device), t] -= 1.0
-                probs *= (v / num_valid).unsqueeze(1)
+                probs.mul_((v / num_valid).unsqueeze(1).to(probs.dtype))
                 grad_logits = probs.to(compute_dtype)  # (n, V): d(mean loss)/d(logits)
                 grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)
                 grad_weight += (grad_logits.T @ h).to(acc_dtype)
