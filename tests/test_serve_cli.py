@@ -28,7 +28,7 @@ def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
     expected = json.loads(generated.stdout.strip().splitlines()[-1])
     port = free_port()
     command = [sys.executable, "-m", "llama3", "serve", "--model", str(folder), "--port", str(port),
-               "--api-key", "s3cret", "--num-slots", "2"]
+               "--api-key", "s3cret", "--num-slots", "2", "--threads", "1"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         banner = []
