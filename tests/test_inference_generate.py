@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import hf_model_from, random_model, tiny_args
+
 from llama3.inference import Generator, SamplingParams
 from llama3.inference.fast import fuse_projections, optimize_for_inference
 from llama3.inference.speculative import SpeculativeGenerator

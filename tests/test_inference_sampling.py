@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from llama3.inference.sampling import (SamplingParams, apply_penalties, make_generator, min_p_filter, sample,
-                                       top_k_filter, top_p_filter)
+from llama3.inference.sampling import (
+    SamplingParams,
+    apply_penalties,
+    make_generator,
+    min_p_filter,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
 
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
 LOGITS = PROBS.log()

@@ -7,4 +7,4 @@
 from .generate import GenerationResult, GenerationTiming, Generator
 from .sampling import SamplingParams, sample
 
-__all__ = ["Generator", "GenerationResult", "GenerationTiming", "SamplingParams", "sample"]
+__all__ = ["GenerationResult", "GenerationTiming", "Generator", "SamplingParams", "sample"]

@@ -25,9 +25,16 @@ from torch import nn
 
 from ..model import Attention, FeedForward, KVCache, Transformer, apply_rope
 
-__all__ = ["FusedAttention", "FusedFeedForward", "fuse_projections", "setup_caches", "compile_options",
-           "optimize_for_inference", "load_for_inference",
-           "is_fused"]
+__all__ = [
+    "FusedAttention",
+    "FusedFeedForward",
+    "compile_options",
+    "fuse_projections",
+    "is_fused",
+    "load_for_inference",
+    "optimize_for_inference",
+    "setup_caches",
+]
 
 
 class FusedAttention(nn.Module):
@@ -40,7 +47,7 @@ class FusedAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     @classmethod
-    def from_attention(cls, attn: Attention) -> "FusedAttention":
+    def from_attention(cls, attn: Attention) -> FusedAttention:
         n_heads = attn.wq.weight.shape[0] // attn.head_dim
         n_kv_heads = attn.wk.weight.shape[0] // attn.head_dim
         weight = torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight], dim=0)  # ((H+2K)·Dh, D)
@@ -103,7 +110,7 @@ class FusedFeedForward(nn.Module):
         self.w13, self.w2, self.hidden_dim = w13, w2, hidden_dim
 
     @classmethod
-    def from_feed_forward(cls, ffn: FeedForward) -> "FusedFeedForward":
+    def from_feed_forward(cls, ffn: FeedForward) -> FusedFeedForward:
         weight = torch.cat([ffn.w1.weight, ffn.w3.weight], dim=0)  # (2·F, D)
         w13 = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         w13.weight = nn.Parameter(weight.detach(), requires_grad=False)
@@ -159,8 +166,12 @@ def setup_caches(model: Transformer, batch_size: int, max_seq_len: int, dtype: t
         attn.kv_cache = KVCache(batch_size, _kv_heads(attn), max_seq_len, attn.head_dim, dtype, device)
 
 
-def compile_options() -> dict:
-    """Inductor options for the decode step on CPU: freezing + max-autotune (no CUDA graphs on CPU)."""
+def compile_options(dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Inductor options for the decode step on CPU. Half precision: freezing (weights become constants that
+    oneDNN prepacks) + max-autotune. fp32: neither; measured here, a frozen fp32 matrix-vector product ran at
+    half the speed of the unfrozen one (8.5 vs 16.9 GB/s for 2048 x 8192), so fp32 keeps the MKL kernels."""
+    if dtype == torch.float32:
+        return {}
     return {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True,
             "max_autotune_report_choices_stats": False}
 

@@ -26,8 +26,8 @@ Lower-level pieces for other engines: `prefill(tokens, input_pos, last_index)` a
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
@@ -35,7 +35,9 @@ from ..model import Transformer
 from .fast import compile_options, quiet_autotune, setup_caches
 from .sampling import SamplingParams, make_generator, sample
 
-__all__ = ["Generator", "GenerationResult", "GenerationTiming"]
+__all__ = ["GenerationResult", "GenerationTiming", "Generator"]
+
+DEFAULT_SAMPLING = SamplingParams()
 
 
 @dataclass
@@ -70,7 +72,7 @@ class GenerationResult:
 class _Row:
     """Per-prompt decoding state: generated ids, incrementally decoded text, stop handling."""
 
-    def __init__(self, generator: "Generator", prompt: list[int], stop_strings: Sequence[str]):
+    def __init__(self, generator: Generator, prompt: list[int], stop_strings: Sequence[str]):
         self.prompt = prompt
         self.ids: list[int] = []
         self.text = ""
@@ -134,9 +136,10 @@ class Generator:
         self._warm_shapes: set[tuple[int, int]] = set()
         self._decode_fn = self._decode_eager
         if compile:
+            if inductor_options is None:
+                inductor_options = compile_options(model.norm.weight.dtype)
             self._decode_fn = torch.compile(self._decode_eager, fullgraph=True, dynamic=False,
-                                            options=compile_options() if inductor_options is None
-                                            else inductor_options)
+                                            options=inductor_options)
 
     # ----- model steps -----
     def _decode_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -192,7 +195,7 @@ class Generator:
         return encoded
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 256,
-                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                 sampling: SamplingParams | Sequence[SamplingParams] = DEFAULT_SAMPLING,
                  stop_strings: Sequence[str] = (), stop_ids: Sequence[int] | None = None) -> list[GenerationResult]:
         """Generate for a batch of prompts; one result per prompt, in order."""
         rows, timing = None, None
@@ -205,7 +208,7 @@ class Generator:
                 for r in rows]
 
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
-               sampling: SamplingParams = SamplingParams(), stop_strings: Sequence[str] = (),
+               sampling: SamplingParams = DEFAULT_SAMPLING, stop_strings: Sequence[str] = (),
                stop_ids: Sequence[int] | None = None) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece, as soon as each piece is safe to show.
         Closing the iterator early (e.g. on Ctrl-C) stops generation."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "quantize_model", "QUANT_MODES"]
+__all__ = ["QUANT_MODES", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "quantize_model"]
 
 QUANT_MODES = ("int8", "int4")
 

@@ -24,13 +24,21 @@ then softmax and a multinomial draw. Greedy rows take the argmax after penalties
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 
-__all__ = ["SamplingParams", "apply_penalties", "top_k_filter", "top_p_filter", "min_p_filter", "sample",
-           "make_generator", "GREEDY"]
+__all__ = [
+    "GREEDY",
+    "SamplingParams",
+    "apply_penalties",
+    "make_generator",
+    "min_p_filter",
+    "sample",
+    "top_k_filter",
+    "top_p_filter",
+]
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,8 @@ class SamplingParams:
 
 GREEDY = SamplingParams(temperature=0.0)
 
-ParamsArg = Union[SamplingParams, Sequence[SamplingParams]]
-GeneratorArg = Union[torch.Generator, Sequence[Union[torch.Generator, None]], None]
+ParamsArg = SamplingParams | Sequence[SamplingParams]
+GeneratorArg = torch.Generator | Sequence[torch.Generator | None] | None
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:

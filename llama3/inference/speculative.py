@@ -19,12 +19,12 @@ speculative here: ask the plain Generator for it.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from .generate import GenerationResult, GenerationTiming, Generator, _Row
-from .sampling import SamplingParams
+from .sampling import GREEDY, SamplingParams
 
 __all__ = ["SpeculativeGenerator"]
 
@@ -44,7 +44,7 @@ class SpeculativeGenerator:
         self.last_timing: GenerationTiming | None = None
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 256,
-                 sampling: SamplingParams = SamplingParams(temperature=0.0), stop_strings: Sequence[str] = (),
+                 sampling: SamplingParams = GREEDY, stop_strings: Sequence[str] = (),
                  stop_ids: Sequence[int] | None = None) -> list[GenerationResult]:
         """Like `Generator.generate`, prompt by prompt."""
         results = []
@@ -57,7 +57,7 @@ class SpeculativeGenerator:
         return results
 
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
-               sampling: SamplingParams = SamplingParams(temperature=0.0), stop_strings: Sequence[str] = (),
+               sampling: SamplingParams = GREEDY, stop_strings: Sequence[str] = (),
                stop_ids: Sequence[int] | None = None) -> Iterator[str]:
         [prompt_ids] = self.target.encode_prompts([prompt])
         for row, timing in self._run(prompt_ids, max_new_tokens, sampling, stop_strings, stop_ids):
