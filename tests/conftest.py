@@ -12,6 +12,16 @@ import torch
 from llama3.config import ModelArgs
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_intra_op_thread():
+    """Tiny test models gain nothing from intra-op threads, and when the 2 cores are shared (servers,
+    torchrun ranks, subprocesses) OpenMP's spinning threads make each op many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 AUSTEN = REPO / "data" / "austen"
 
 

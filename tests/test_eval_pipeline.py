@@ -14,14 +14,6 @@ from llama3.cli import main as cli_main
 from llama3.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster when the 2 cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.timeout(300)
 def test_perplexity_matches_training_validation_loss(tmp_path):

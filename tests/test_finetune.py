@@ -22,15 +22,6 @@ COMMON = ["--data.seq_len=256", "--train.val_interval=0", "--train.val_batches=4
           "--train.device=cpu", "--schedule.warmup_steps=0", "--checkpoint.interval=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning threads make
-    each op 10x slower when other processes compete; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):

@@ -20,15 +20,6 @@ from tests.conftest import hf_model_from, random_model, tiny_args
 TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning threads make
-    each op 10x slower when other processes compete; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _randomize_adapters(model, seed=1):
     """Non-zero B everywhere, so every adapter changes the output (a missing permutation would show)."""
