@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="feed the training files this many times")
     a = p.parse_args(argv)
 
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
 
     from llama3.bpe import train_tokenizer
     from llama3.tokenizer import LLAMA3_SPLIT_PATTERN

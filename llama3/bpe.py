@@ -17,6 +17,7 @@ Algorithm (Sennrich et al. 2016, byte-level as in GPT-2):
 from __future__ import annotations
 
 import heapq
+import itertools
 import multiprocessing as mp
 import os
 from collections import Counter, defaultdict
@@ -100,7 +101,7 @@ def train_bpe(chunk_counts: dict[str, int] | Counter[str], num_ranks: int, *,
     pair_counts: defaultdict[tuple[int, int], int] = defaultdict(int)
     pair_words: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
     for w, ids in enumerate(words):
-        for pair in zip(ids, ids[1:]):
+        for pair in itertools.pairwise(ids):
             pair_counts[pair] += freqs[w]
             pair_words[pair].add(w)
     heap = [(-count, pair) for pair, count in pair_counts.items()]
@@ -122,10 +123,10 @@ def train_bpe(chunk_counts: dict[str, int] | Counter[str], num_ranks: int, *,
         changed: dict[tuple[int, int], int] = defaultdict(int)
         for w in pair_words.pop(pair):
             ids, n = words[w], freqs[w]
-            for old in zip(ids, ids[1:]):
+            for old in itertools.pairwise(ids):
                 changed[old] -= n
             words[w] = ids = _merge_ids(ids, pair, new_id)
-            for new in zip(ids, ids[1:]):
+            for new in itertools.pairwise(ids):
                 changed[new] += n
                 pair_words[new].add(w)
         for p, delta in changed.items():

@@ -19,7 +19,7 @@ def test_demo_smoke(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "llama3", "demo", "--minutes", "0.1", "--out", str(out),
                            "--corpus", str(corpus), "--vocab-size", "512"],
-                          cwd=REPO, capture_output=True, text=True, timeout=280)
+                          cwd=REPO, capture_output=True, text=True, timeout=280, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] >= 1 and report["val_loss_after"] < report["val_loss_before"]

@@ -179,13 +179,13 @@ def _report(s: dict, samples: list[tuple[str, str]], cfg) -> str:
     m = s["model"]
     lines = [
         "# llama3 demo report", "",
-        f"Corpus: {s['corpus_mb']:.1f} MB of Jane Austen; BPE tokenizer with {s['vocab_ranks']} ranks "
-        f"({s['bytes_per_token']:.2f} bytes/token) trained in {s['tokenizer_s']:.1f} s; "
-        f"{s['train_tokens']:,} training and {s['val_tokens']:,} validation tokens (prepared in "
-        f"{s['prepare_s']:.1f} s).", "",
-        f"Model: {s['params_m']:.2f}M parameters (dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} heads, "
-        f"{m['n_kv_heads']} kv heads, vocab {m['vocab_size']}), {cfg.train.dtype}, batch "
-        f"{cfg.data.batch_size}×{cfg.data.seq_len}, AdamW lr {cfg.optim.lr:g} {cfg.schedule.name}.", "",
+        (f"Corpus: {s['corpus_mb']:.1f} MB of Jane Austen; BPE tokenizer with {s['vocab_ranks']} ranks "
+         f"({s['bytes_per_token']:.2f} bytes/token) trained in {s['tokenizer_s']:.1f} s; "
+         f"{s['train_tokens']:,} training and {s['val_tokens']:,} validation tokens (prepared in "
+         f"{s['prepare_s']:.1f} s)."), "",
+        (f"Model: {s['params_m']:.2f}M parameters (dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} "
+         f"heads, {m['n_kv_heads']} kv heads, vocab {m['vocab_size']}), {cfg.train.dtype}, batch "
+         f"{cfg.data.batch_size}×{cfg.data.seq_len}, AdamW lr {cfg.optim.lr:g} {cfg.schedule.name}."), "",
         "| | value |", "|---|---|",
         f"| steps | {s['steps']} ({s['stop_reason']}) |",
         f"| tokens seen | {s['tokens_seen']:,} |",

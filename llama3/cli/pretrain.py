@@ -70,9 +70,8 @@ def run(cfg, *, resume: bool = False):
     data_dir = Path(cfg.data.path)
     index = load_index(data_dir)
     tokenizer = Tokenizer.from_file(data_dir / index["tokenizer"])
-    batch_args = dict(batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
-                      dp_rank=runtime.dp_rank, dp_world_size=runtime.dp_world_size,
-                      document_mask=cfg.data.document_mask)
+    batch_args = {"batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "dp_rank": runtime.dp_rank,
+                  "dp_world_size": runtime.dp_world_size, "document_mask": cfg.data.document_mask}
     train_batches = PackedBatches(data_dir, "train", seed=cfg.data.seed, **batch_args)
     val_batches = None
     if index["splits"].get("val", {}).get("num_tokens", 0) > cfg.data.seq_len * cfg.data.batch_size:

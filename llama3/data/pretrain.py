@@ -82,7 +82,7 @@ def read_documents(path: str | Path, *, text_chunk_chars: int = 8000) -> Iterato
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}, line {lineno}: expected an object with a string field 'text'")
+                    raise ValueError(f"{path}, line {lineno}: expected an object with a string field 'text'")  # noqa: TRY004
                 yield record["text"]
     elif suffix == ".parquet":
         try:
@@ -116,7 +116,7 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
 
 
-_LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (MAX_RUN_CHARS, MAX_RUN_CHARS))
+_LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS},}}|\S{{{MAX_RUN_CHARS},}}")
 
 
 def encode_document(tokenizer, text: str) -> list[int]:

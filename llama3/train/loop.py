@@ -323,9 +323,9 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
                 "Lower optim.lr or raise schedule.warmup_steps, then resume with --resume.")
         over_budget = cfg.train.time_budget_s > 0 and elapsed >= cfg.train.time_budget_s
         last = step == cfg.train.steps or over_budget
-        if (cfg.train.val_interval and step % cfg.train.val_interval == 0) or last:
-            if (val_loss := validate()) is not None:
-                rec["val_loss"] = result.val_losses[step] = val_loss
+        val_due = (cfg.train.val_interval and step % cfg.train.val_interval == 0) or last
+        if val_due and (val_loss := validate()) is not None:
+            rec["val_loss"] = result.val_losses[step] = val_loss
         metrics.write(rec)
         result.history.append(rec)
         if bar is not None:

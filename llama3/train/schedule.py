@@ -26,7 +26,7 @@ def lr_at(step: int, *, lr: float, total_steps: int, schedule: ScheduleSection) 
         progress = min(1.0, (step - schedule.warmup_steps) / span)
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
     if schedule.name == "wsd":
-        decay_steps = max(1, int(round(total_steps * schedule.decay_fraction)))
+        decay_steps = max(1, round(total_steps * schedule.decay_fraction))
         decay_start = total_steps - decay_steps
         if step < decay_start:
             return lr
