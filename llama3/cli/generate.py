@@ -22,7 +22,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `generate` and `chat`: which model, and how to run it fast."""
     parser.add_argument("--model", required=True, help="model folder (Hugging Face, Meta, training checkpoint) or .gguf")
     parser.add_argument("--dtype", default=None,
-                        help="float32 | bfloat16 | float16 (default: as stored; bfloat16 is fastest on CPU)")
+                        help="float32 | bfloat16 | float16 (default: as stored; float16 decodes fastest on CPU)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="weight-only quantization at load time (int8: ~2x less memory traffic than bf16)")
