@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val assignment")
     parser.add_argument("--text-chunk-chars", type=int, default=8000,
                         help="plain text: characters per document, cut at blank lines (0 = one document per file)")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores, or 1 below 16M characters)")
+    parser.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
     args = parser.parse_args(argv)
     from ..data.pretrain import prepare_dataset
 

@@ -22,9 +22,8 @@ permutation and rank r takes its own `batch_size`. Its whole state is (epoch, cu
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import json
-import multiprocessing as mp
 import os
 import random
 import re
@@ -39,7 +38,6 @@ __all__ = ["FORMAT", "PackedBatches", "load_index", "prepare_dataset", "read_doc
 
 FORMAT = "llama3-tokens-v1"
 SHARD_TOKENS = 64 * 1024 * 1024  # tokens per shard file: 128 MiB in uint16
-PARALLEL_MIN_CHARS = 16_000_000  # smaller inputs are tokenized in this process (see prepare_dataset)
 MAX_RUN_CHARS = 25_000  # as llama3.tokenizer: longer runs take the slow, run-cutting encoder
 
 
@@ -106,16 +104,6 @@ def read_documents(path: str | Path, *, text_chunk_chars: int = 8000) -> Iterato
 
 # ----- tokenizing in parallel -----
 
-_worker_tokenizer = None
-
-
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    from ..tokenizer import Tokenizer
-
-    _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
-
-
 _LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS},}}|\S{{{MAX_RUN_CHARS},}}")
 
 
@@ -128,11 +116,6 @@ def encode_document(tokenizer, text: str) -> list[int]:
     if _LONG_RUN.search(text):
         return tokenizer.encode(text, bos=True, eos=True)
     return [tokenizer.bos_id, *tokenizer.model.encode_ordinary(text), tokenizer.eos_id]
-
-
-def _encode_documents(texts: list[str]) -> list[list[int]]:
-    assert _worker_tokenizer is not None
-    return [encode_document(_worker_tokenizer, t) for t in texts]
 
 
 def _batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
@@ -150,7 +133,7 @@ class _ShardWriter:
         self._buffered = 0
         self.num_documents = 0
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids: list[int] | np.ndarray) -> None:
         self._buffer.append(np.asarray(ids, dtype=self.dtype))
         self._buffered += len(ids)
         self.num_documents += 1
@@ -199,22 +182,18 @@ def prepare_dataset(inputs: Sequence[str | Path], output_dir: str | Path, tokeni
     (output_dir / "index.json").unlink(missing_ok=True)  # the folder is incomplete until index.json returns
     writers = {s: _ShardWriter(output_dir, s, dtype, shard_tokens) for s in ("train", "val")}
     total_chars = sum(len(d) for d in documents)
-    if num_workers is None:
-        # Starting a worker process costs about a second (more on a busy machine): below ~16M characters
-        # (~1.5 s of single-threaded tiktoken) one process finishes sooner than a pool.
-        num_workers = 1 if total_chars < PARALLEL_MIN_CHARS else (os.cpu_count() or 1)
+    num_workers = num_workers or os.cpu_count() or 1
     bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress)
     batch_size = 64
-    with contextlib.ExitStack() as stack:
-        if num_workers > 1:
-            ctx = mp.get_context("spawn")  # fork is unsafe once torch has started threads
-            pool = stack.enter_context(ctx.Pool(num_workers, initializer=_init_worker,
-                                                initargs=(str(tokenizer_path),)))
-            # imap keeps document order, so the output does not depend on the number of workers.
-            encoded_batches = pool.imap(_encode_documents, _batched(documents, batch_size))
-        else:
-            encoded_batches = ([encode_document(tokenizer, t) for t in texts]
-                               for texts in _batched(documents, batch_size))
+
+    def encode_batch(texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(encode_document(tokenizer, t), dtype=dtype) for t in texts]
+
+    # Threads, not processes: tiktoken's encoder releases the GIL, so threads tokenize in parallel without
+    # process start-up or pickling texts and ids between processes. map() keeps document order, so the
+    # output does not depend on the number of workers.
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        encoded_batches = pool.map(encode_batch, _batched(documents, batch_size))
         for batch_index, encoded in enumerate(encoded_batches):
             for offset, ids in enumerate(encoded):
                 doc_index = batch_index * batch_size + offset
