@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -224,3 +225,24 @@ def test_nan_loss_never_reaches_weights_or_checkpoints(tmp_path):
         train(cfg, tokenizer=_byte_tokenizer(), train_batches=ListBatches(_random_batches(6)), model_args=args,
               initialize=_copy_weights(initial), loss_fn=poisoned_loss, log=lambda _: None)
     assert latest_checkpoint(tmp_path / "stop" / "run").name == f"step-{bad_step - 1:08d}"
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_names_and_gradients(mode):
+    from llama3.train.loop import Runtime, build_model
+
+    args = tiny_args("gqa")
+    initial = random_model(args, seed=5)
+    batch = _random_batches(1)[0]
+    grads = []
+    for ac in ("none", mode):
+        cfg = TrainConfig()
+        cfg.parallel.activation_checkpoint = ac
+        model = build_model(args, cfg, Runtime(device=torch.device("cpu")), initialize=_copy_weights(initial))
+        assert list(model.state_dict()) == list(initial.state_dict())  # checkpoints stay loadable
+        wrapped = [isinstance(block.forward, functools.partial) for block in model.layers]
+        assert wrapped == {"none": [False, False], "full": [True, True], "selective": [True, False]}[ac]
+        causal_lm_loss(model, batch, chunk_size=64).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0)
