@@ -107,7 +107,7 @@ def bench_training(a) -> list[dict]:
             cfg.parallel.compile = True
             impls["ours + compile"] = (*_ours(args, cfg, initial), _step_ours)
         times = {name: [] for name in impls}
-        for name, (model, opt, step) in impls.items():  # warm-up (and compilation)
+        for _name, (model, opt, step) in impls.items():  # warm-up (and compilation)
             for _ in range(2):
                 step(model, opt, batch, dtype)
         for _ in range(a.steps):

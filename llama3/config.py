@@ -89,7 +89,7 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
-    def replace(self, **changes: Any) -> "ModelArgs":
+    def replace(self, **changes: Any) -> ModelArgs:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +98,7 @@ class ModelArgs:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = set(d) - known
         if unknown:
@@ -107,7 +107,7 @@ class ModelArgs:
 
     # ----- Meta params.json -----
     @classmethod
-    def from_params_json(cls, source: str | Path | dict[str, Any], **overrides: Any) -> "ModelArgs":
+    def from_params_json(cls, source: str | Path | dict[str, Any], **overrides: Any) -> ModelArgs:
         """Build from Meta's params.json (a path or an already parsed dict).
 
         Unknown keys are kept in `extra`. Later Meta releases may carry `rope_scaling_factor` /
@@ -167,7 +167,7 @@ class ModelArgs:
 
     # ----- Hugging Face config.json -----
     @classmethod
-    def from_hf_config(cls, config: dict[str, Any] | str | Path, **overrides: Any) -> "ModelArgs":
+    def from_hf_config(cls, config: dict[str, Any] | str | Path, **overrides: Any) -> ModelArgs:
         """Build from an HF `LlamaConfig` dict (config.json). Accepts both rope spellings:
         `rope_theta` + `rope_scaling` (released checkpoints) and `rope_parameters` (transformers 5)."""
         if not isinstance(config, dict):

@@ -113,7 +113,7 @@ class StreamDecoder:
     Bytes of an incomplete character are held back until the tokens completing it arrive;
     `flush()` returns what is left (invalid bytes as U+FFFD)."""
 
-    def __init__(self, tokenizer: "Tokenizer", *, skip_special: bool = False):
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = False):
         self._tokenizer = tokenizer
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._skip_special = skip_special
@@ -166,7 +166,7 @@ class Tokenizer:
 
     # ----- construction from files -----
     @classmethod
-    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> Tokenizer:
         """Load `tokenizer.model` (tiktoken format) or `tokenizer.json` (HF), or a folder holding either."""
         path = Path(path)
         if path.is_dir():
@@ -184,7 +184,7 @@ class Tokenizer:
 
     @classmethod
     def from_tiktoken_file(cls, path: str | os.PathLike, *, version: Literal["3.0", "3.1"] = "3.1",
-                           special_tokens: Sequence[str] | None = None) -> "Tokenizer":
+                           special_tokens: Sequence[str] | None = None) -> Tokenizer:
         """Meta's `tokenizer.model`: one `base64(token) rank` per line."""
         path = Path(path)
         ranks: dict[bytes, int] = {}
@@ -204,7 +204,7 @@ class Tokenizer:
         return cls(ranks, special_tokens=special_tokens or special_token_names(version))
 
     @classmethod
-    def from_hf_json(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_hf_json(cls, path: str | os.PathLike) -> Tokenizer:
         """An HF `tokenizer.json` holding a byte-level BPE (Llama 3's own, or one we wrote)."""
         path = Path(path)
         try:

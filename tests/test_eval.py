@@ -27,7 +27,6 @@ from llama3.eval.tasks import (
 from llama3.tokenizer import Tokenizer
 
 
-
 @pytest.fixture(scope="module")
 def byte_tokenizer():
     """Byte-level BPE (256 ranks, no merges) + Llama 3's 256 special tokens: vocab 512, BOS 256."""

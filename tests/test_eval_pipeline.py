@@ -7,12 +7,10 @@ import json
 import math
 
 import pytest
-import torch
 from conftest import AUSTEN, REPO, random_model, tiny_args
 
 from llama3.cli import main as cli_main
 from llama3.tokenizer import Tokenizer
-
 
 
 @pytest.mark.timeout(300)

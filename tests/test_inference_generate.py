@@ -43,7 +43,7 @@ def test_step_logits_equal_hf_full_forward(llama3_tokenizer):
     lengths = torch.tensor([6, 4])
     logits = gen.prefill(prompts, torch.arange(6).expand(2, 6), lengths - 1)
     seqs = [prompts[0].tolist(), prompts[1, :4].tolist()]
-    for step in range(4):
+    for _step in range(4):
         with torch.no_grad():
             for i, seq in enumerate(seqs):
                 ref = hf(torch.tensor([seq])).logits[0, -1]

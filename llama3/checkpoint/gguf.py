@@ -197,7 +197,7 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.d
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for name, tensor, ttype in tqdm(plan, desc=f"writing {Path(path).name} ({dtype})", unit="tensor",
+        for _name, tensor, ttype in tqdm(plan, desc=f"writing {Path(path).name} ({dtype})", unit="tensor",
                                         disable=not progress):
             writer.write_tensor_data(_encode_tensor(tensor, ttype))
         writer.close()

@@ -60,7 +60,7 @@ def parse_size(size: int | str) -> int:
         return size
     text = str(size).strip().upper().replace(" ", "")
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
+    for unit, factor in units.items():  # noqa: B007 - factor is used after the loop
         if text.endswith(unit):
             number = text[: -len(unit)]
             break

@@ -199,7 +199,7 @@ class Generator:
                  stop_strings: Sequence[str] = (), stop_ids: Sequence[int] | None = None) -> list[GenerationResult]:
         """Generate for a batch of prompts; one result per prompt, in order."""
         rows, timing = None, None
-        for rows, timing in self._run(prompts, max_new_tokens, sampling, stop_strings, stop_ids):
+        for rows, timing in self._run(prompts, max_new_tokens, sampling, stop_strings, stop_ids):  # noqa: B007 - keep the last
             pass
         assert rows is not None and timing is not None
         return [GenerationResult(r.ids, r.text, r.finish_reason or "length",

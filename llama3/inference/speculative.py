@@ -50,7 +50,7 @@ class SpeculativeGenerator:
         results = []
         for prompt in self.target.encode_prompts(prompts):
             row, timing = None, None
-            for row, timing in self._run(prompt, max_new_tokens, sampling, stop_strings, stop_ids):
+            for row, timing in self._run(prompt, max_new_tokens, sampling, stop_strings, stop_ids):  # noqa: B007 - keep the last
                 pass
             assert row is not None and timing is not None
             results.append(GenerationResult(row.ids, row.text, row.finish_reason or "length", timing, row.prompt))
