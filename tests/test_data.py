@@ -138,10 +138,10 @@ def test_validation_batches_stop_after_one_pass(dataset):
 def test_bad_inputs_get_clear_errors(tmp_path, tokenizer_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": 3}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: expected an object with a string field 'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string field 'text'"):
         list(read_documents(bad))
     bad.write_text('{"text": "fine"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         list(read_documents(bad))
     with pytest.raises(ValueError, match="no index.json"):
         PackedBatches(tmp_path, "train", batch_size=1, seq_len=8)

@@ -309,7 +309,7 @@ def test_readers_report_file_line_and_field(tmp_path):
     with pytest.raises(ValueError, match=r"line 1: GSM8K answers end with a line '#### <number>'"):
         load_examples(path)
     path.write_text('{"question": "q", "answer": "#### 4"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         load_examples(path)
     path.write_text('{"prompt": "q"}\n')
     with pytest.raises(ValueError, match="cannot tell the task format"):

@@ -215,4 +215,4 @@ def test_lm_eval_adapter_agrees_with_llama3_eval(tmp_path, offline_datasets, cap
         in capsys.readouterr().err
     )
     assert cli_main(["eval", "--model", str(model_dir), "--task", str(REPO / "README.md")]) == 2
-    assert "README.md, line 1: not valid JSON" in capsys.readouterr().err
+    assert "README.md:1: not valid JSON" in capsys.readouterr().err

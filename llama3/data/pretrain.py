@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .jsonl import read_jsonl_texts
+
 __all__ = ["FORMAT", "PackedBatches", "load_index", "prepare_dataset", "read_documents"]
 
 FORMAT = "llama3-tokens-v1"
@@ -71,17 +73,7 @@ def read_documents(path: str | Path, *, text_chunk_chars: int = 8000) -> Iterato
         raise ValueError(f"input file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}, line {lineno}: expected an object with a string field 'text'")  # noqa: TRY004
-                yield record["text"]
+        yield from read_jsonl_texts(path)
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

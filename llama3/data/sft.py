@@ -28,12 +28,12 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from ..tokenizer import ChatFormat
+from .jsonl import read_jsonl
 
 __all__ = [
     "IGNORE_INDEX",
@@ -86,25 +86,6 @@ class PreferenceExample:
 
 
 # ----- reading and validation -----
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; a line that is not a JSON object raises."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                 "each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
 
 def _text_content(content: Any, where: str) -> str:
     """OpenAI content is a string or a list of parts [{"type": "text", "text": ...}]."""

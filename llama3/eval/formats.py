@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.jsonl import read_jsonl
+
 __all__ = ["FORMATS", "Example", "detect_format", "load_examples", "read_records"]
 
 
@@ -238,18 +240,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: a .json task file must hold a list of objects")
         return list(enumerate(data, 1))
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {lineno}: each line must be a JSON object")  # noqa: TRY004
-        records.append((lineno, record))
-    return records
+    return list(read_jsonl(path))
 
 
 def load_examples(path: str | Path, fmt: str | None = None) -> tuple[str, list[Example]]:

@@ -15,7 +15,6 @@ Bits per byte does not depend on the tokenizer, so it compares models with diffe
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.jsonl import read_jsonl_texts
 from ..tokenizer import Tokenizer
 from .scoring import LogLikelihoodScorer
 
@@ -131,20 +131,7 @@ def read_text_documents(path: str | Path) -> list[str]:
         raise ValueError(f"{path}: no such file")
     if path.suffix != ".jsonl":
         return [path.read_text(encoding="utf-8")]
-    documents = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                message = f'{path}, line {lineno}: expected an object with a string field "text"'
-                raise ValueError(message)  # noqa: TRY004  (a bad file, not a bad call)
-            documents.append(record["text"])
-    return documents
+    return list(read_jsonl_texts(path))
 
 
 def perplexity_of_text(
