@@ -69,12 +69,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.
                              config_json: str, tokenizer: Any, keep: int = 3) -> Path:
     """Write `run_dir/step-<step>/` atomically and prune older complete checkpoints to the last `keep`."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    final, tmp = run_dir / name, run_dir / f".tmp-{name}"
-    for stale in run_dir.glob(".tmp-step-*"):  # left by a crash during an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
+    tmp = begin_step_folder(run_dir, step)
     save_file(_unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     state = dict(train_state)
     if optimizer is not None:
@@ -83,6 +78,28 @@ def save_training_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.
     (tmp / "config.json").write_text(config_json)
     (tmp / "model_args.json").write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
     tokenizer.save_tiktoken(tmp / "tokenizer.model")
+    return commit_step_folder(run_dir, step, keep=keep)
+
+
+def _step_folders(run_dir: Path, step: int) -> tuple[Path, Path]:
+    name = f"step-{step:08d}"
+    return run_dir / name, run_dir / f".tmp-{name}"
+
+
+def begin_step_folder(run_dir: Path, step: int) -> Path:
+    """Create the temporary folder a checkpoint is written into (removing any a crash left behind)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = _step_folders(run_dir, step)[1]
+    tmp.mkdir()
+    return tmp
+
+
+def commit_step_folder(run_dir: Path, step: int, *, keep: int) -> Path:
+    """Make the written temporary folder count: flush its files, write the marker, rename it into place,
+    then prune older complete checkpoints to the last `keep` (never the one just written)."""
+    final, tmp = _step_folders(run_dir, step)
     _fsync_dir_files(tmp)
     (tmp / MARKER).write_text(f"{step}\n")
     if final.exists():  # a re-save of the same step (e.g. the final save right after a periodic one)

@@ -19,8 +19,6 @@ Nothing is unpickled: tensors go through DCP, the rest through JSON.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..checkpoint.native import MARKER, complete_checkpoints
+from ..checkpoint.native import MARKER, begin_step_folder, commit_step_folder
 
 __all__ = [
     "DCP_METADATA",
@@ -96,13 +94,9 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
     every rank (step, data-loader position, counters): rank 0's copy is written. Keeps the last `keep`
     complete checkpoints."""
     run_dir = Path(run_dir)
-    name = f"step-{step:08d}"
-    final, tmp = run_dir / name, run_dir / f".tmp-{name}"
+    tmp = run_dir / f".tmp-step-{step:08d}"
     if _rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob(".tmp-step-*"):  # left by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+        begin_step_folder(run_dir, step)
     _barrier()
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     hparams: list[dict[str, Any]] = []
@@ -125,19 +119,9 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
         (tmp / "model_args.json").write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_tiktoken(tmp / "tokenizer.model")
-        for path in tmp.iterdir():  # on disk before the marker makes them count
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        (tmp / MARKER).write_text(f"{step}\n")
-        if final.exists():  # a re-save of the same step
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep > 0:
-            for old in complete_checkpoints(run_dir)[:-keep]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+        commit_step_folder(run_dir, step, keep=keep)
     _barrier()
-    return final
+    return run_dir / f"step-{step:08d}"
 
 
 def load_sharded_checkpoint(step_dir: str | Path, model: torch.nn.Module,
