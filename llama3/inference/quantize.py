@@ -1,9 +1,12 @@
 """Weight-only quantization for decoding: weights stored in int8 or int4, products computed in bf16.
 
 Decode at batch 1 is bound by the bytes of weights read per token, so halving (int8 vs bf16) or quartering
-(int4) them raises the ceiling. Both use torch's own CPU kernels:
+(int4) them raises the ceiling. The products run on torch's CPU kernels, except int8 decoding:
 
-- int8: one symmetric scale per output channel, `aten._weight_int8pack_mm(x, w_int8 (N, K), scales (N,))`.
+- int8: one symmetric scale per output channel. A single row of activations (decode at batch 1) goes to
+  the project's VNNI kernel `llama3::gemv_int8` (activations rounded to int8 per block of 32, as llama.cpp's
+  q8_0 products do; `llama3/kernels/gemv.cpp`), longer ones (prompts) and machines without the kernel to
+  torch's `aten._weight_int8pack_mm(x, w_int8 (N, K), scales (N,))`.
 - int4: asymmetric groups of `group_size` input channels, packed by
   `aten._convert_weight_to_int4pack_for_cpu` and multiplied by `aten._weight_int4pack_mm_for_cpu`;
   dequantized value = (q - 8) · scale + zero, q in [0, 15] (the layout those kernels expect).
@@ -18,6 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import kernels
+from .gemv import MAX_ROWS
 
 __all__ = ["QUANT_MODES", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "quantize_model"]
 
@@ -38,8 +44,16 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("scales", scales.to(torch.bfloat16))
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         self.use_kernel = use_kernel
+        self.use_gemv = use_kernel and kernels.available()
+        # fp32 copy of the (bf16-rounded) scales for the project's kernel
+        self.register_buffer("scales_f32", self.scales.float() if self.use_gemv else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.use_gemv and rows <= MAX_ROWS:
+            x_in = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
+            y = torch.ops.llama3.gemv_int8(x_in.reshape(rows, self.in_features), self.weight_int8, self.scales_f32)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         x_bf16 = x.to(torch.bfloat16)
         if not self.use_kernel:
             return (F.linear(x_bf16, self.weight_int8.to(torch.bfloat16)) * self.scales).to(x.dtype)

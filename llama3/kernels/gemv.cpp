@@ -1,0 +1,287 @@
+// Matrix-vector products for decoding on the CPU: y = x · Wᵀ for a handful of rows of x.
+//
+// Decode at batch 1 reads every weight once per token, so its speed is the speed at which the weights
+// stream from memory. torch's CPU kernels stream long rows well but short ones (576 wide for the ~100M
+// shape's 128K-vocab output projection) slowly, and its int8 kernel spends more time converting than
+// reading. These kernels read W strictly in memory order, one row at a time against up to 4 rows of x
+// (measured here: interleaving several rows cost up to 40% on short rows, because each row's stream
+// restarts the hardware prefetcher), keep 4 independent fp32 accumulators per row of x so the
+// multiply-adds do not wait on each other, and split W's rows over torch's own thread pool
+// (at::parallel_for, so torch.set_num_threads applies and no second OpenMP runtime is loaded).
+//
+//   llama3::gemv_bf16(x bf16 (M, K), w bf16 (N, K)) -> bf16 (M, N)
+//   llama3::gemv_int8(x bf16|fp32 (M, K), w int8 (N, K), scales fp32 (N,)) -> x.dtype (M, N),
+//       y[m, n] = scales[n] · Σ_k x[m, k] · w[n, k], with x rounded to int8 per block of 32 (see below)
+//
+// Three code paths, chosen at compile time for the machine that builds the library (-march=native):
+// AVX-512 with the BF16 dot-product instruction, AVX-512F, and portable C++ that the compiler vectorizes.
+// The Python side (kernels/__init__.py) builds this file once per machine and keeps a pure-PyTorch
+// fallback for when no compiler is available.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LLAMA3_AVX512 1
+#endif
+
+namespace {
+
+constexpr int64_t kMaxRows = 4;  // rows of x per pass over W (more rows: several passes)
+constexpr int kUnroll = 4;       // independent accumulators per row of x
+constexpr int64_t kGrain = 64;   // rows of W per parallel task, at least
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bf16 weights, bf16 activations: out[m] = Σ_k w[k] · x[m, k]
+// ---------------------------------------------------------------------------------------------------------
+
+#ifdef LLAMA3_AVX512
+#ifdef __AVX512BF16__
+constexpr int64_t kBf16Step = 32;  // one 64-byte line of bf16 per vdpbf16ps
+inline __m512 bf16_fma(__m512 acc, const uint16_t* w, const uint16_t* x, __mmask32 mask) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(mask, w), (__m512bh)_mm512_maskz_loadu_epi16(mask, x));
+}
+inline __mmask32 bf16_mask(int64_t n) { return n >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << n) - 1u); }
+#else
+constexpr int64_t kBf16Step = 16;  // widened to fp32, 16 per fused multiply-add
+inline __m512 bf16_widen(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+inline __m512 bf16_fma(__m512 acc, const uint16_t* w, const uint16_t* x, __mmask16 mask) {
+  return _mm512_fmadd_ps(bf16_widen(_mm256_maskz_loadu_epi16(mask, w)), bf16_widen(_mm256_maskz_loadu_epi16(mask, x)), acc);
+}
+inline __mmask16 bf16_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u); }
+#endif
+
+template <int M>
+inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out) {
+  __m512 acc[kUnroll][M];
+  for (int u = 0; u < kUnroll; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+  const auto full = bf16_mask(kBf16Step);
+  int64_t k = 0;
+  for (; k + kUnroll * kBf16Step <= K; k += kUnroll * kBf16Step)
+    for (int u = 0; u < kUnroll; ++u) {
+      for (int m = 0; m < M; ++m) acc[u][m] = bf16_fma(acc[u][m], w + k + u * kBf16Step, x + m * K + k + u * kBf16Step, full);
+    }
+  for (; k < K; k += kBf16Step)
+    for (int m = 0; m < M; ++m) acc[0][m] = bf16_fma(acc[0][m], w + k, x + m * K + k, bf16_mask(K - k));
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = acc[0][m];
+    for (int u = 1; u < kUnroll; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
+    out[m] = _mm512_reduce_add_ps(sum);
+  }
+}
+#else
+template <int M>
+inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out) {
+  for (int m = 0; m < M; ++m) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += bf16_to_float(w[k]) * bf16_to_float(x[m * K + k]);
+    out[m] = s;
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// int8 weights (one scale per output row) against activations quantized to int8 in blocks of 32
+// ---------------------------------------------------------------------------------------------------------
+//
+// Like llama.cpp's q8_0 products, each row of x is quantized per block of 32 values (absmax / 127, a
+// relative error of the order of bf16 rounding), so the inner loop is the VNNI byte dot product: 64
+// weights per instruction, int32 partial sums per 4 bytes, converted to fp32 and scaled per block.
+// vpdpbusd multiplies unsigned by signed bytes, so the weights are read as w + 128 (a XOR of the sign
+// bit); each int32 lane starts from -128 · (the sum of its 4 activation bytes) instead of zero, which takes
+// the offset back out exactly, in integers, before anything is rounded.
+
+constexpr int64_t kQBlock = 32;  // activation values per scale
+constexpr int64_t kChunk = 64;   // bytes per VNNI step: two blocks
+
+struct QuantizedRows {
+  int64_t padded_k = 0;           // K rounded up to kChunk; padding holds zeros
+  std::vector<int8_t> q;          // (M, padded_k)
+  std::vector<float> lane_scale;     // (M, padded_k / 4): the scale of the block each int32 lane belongs to
+  std::vector<int32_t> lane_start;  // (M, padded_k / 4): -128 · the sum of the lane's 4 values of q
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+  QuantizedRows out;
+  out.padded_k = (K + kChunk - 1) / kChunk * kChunk;
+  out.q.assign(M * out.padded_k, 0);
+  out.lane_scale.assign(M * out.padded_k / 4, 0.f);
+  out.lane_start.assign(M * out.padded_k / 4, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int8_t* qr = out.q.data() + m * out.padded_k;
+    float* lr = out.lane_scale.data() + m * out.padded_k / 4;
+    int32_t* starts = out.lane_start.data() + m * out.padded_k / 4;
+    for (int64_t b0 = 0; b0 < K; b0 += kQBlock) {
+      const int64_t b1 = std::min(K, b0 + kQBlock);
+      float amax = 0.f;
+      for (int64_t k = b0; k < b1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float scale = amax / 127.f;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int64_t k = b0; k < b1; ++k) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(xr[k] * inv));
+        qr[k] = static_cast<int8_t>(v);
+        starts[k / 4] -= 128 * v;
+      }
+      for (int64_t lane = b0 / 4; lane < b0 / 4 + kQBlock / 4; ++lane) lr[lane] = scale;
+    }
+  }
+  return out;
+}
+
+#if defined(LLAMA3_AVX512) && defined(__AVX512VNNI__)
+template <int M>
+inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_t m0, float* out) {
+  const int64_t Kp = qx.padded_k;
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[kUnroll][M];
+  for (int u = 0; u < kUnroll; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+  auto step = [&](int u, int64_t k0, __mmask64 mask) {
+    // masked-off weight bytes read as 0 ^ 0x80 = 128, against the zero padding of x: no contribution
+    const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + k0), sign);
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_loadu_si512(qx.q.data() + (m0 + m) * Kp + k0);
+      const __m512 sv = _mm512_loadu_ps(qx.lane_scale.data() + (m0 + m) * Kp / 4 + k0 / 4);
+      const __m512i start = _mm512_loadu_si512(qx.lane_start.data() + (m0 + m) * Kp / 4 + k0 / 4);
+      const __m512i dot = _mm512_dpbusd_epi32(start, wv, xv);  // exactly Σ w · q per lane
+      acc[u][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, acc[u][m]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + kUnroll * kChunk <= K; k += kUnroll * kChunk)
+    for (int u = 0; u < kUnroll; ++u) step(u, k + u * kChunk, ~__mmask64(0));
+  for (; k < K; k += kChunk) step(0, k, K - k >= kChunk ? ~__mmask64(0) : ((__mmask64(1) << (K - k)) - 1));
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = acc[0][m];
+    for (int u = 1; u < kUnroll; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
+    out[m] = _mm512_reduce_add_ps(sum);
+  }
+}
+#else
+template <int M>
+inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_t m0, float* out) {
+  const int64_t Kp = qx.padded_k;
+  for (int m = 0; m < M; ++m) {
+    const int8_t* q = qx.q.data() + (m0 + m) * Kp;
+    const float* ls = qx.lane_scale.data() + (m0 + m) * Kp / 4;
+    float s = 0.f;
+    for (int64_t b0 = 0; b0 < K; b0 += kQBlock) {
+      int32_t dot = 0;
+      for (int64_t k = b0; k < std::min(K, b0 + kQBlock); ++k) dot += int32_t(w[k]) * int32_t(q[k]);
+      s += dot * ls[b0 / 4];
+    }
+    out[m] = s;  // no offset here, so lane_start is not needed
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// Driver: W's rows split over the thread pool, each thread streaming a contiguous range; x in passes of at
+// most kMaxRows rows, with the row count a template parameter so the accumulators stay in registers.
+// ---------------------------------------------------------------------------------------------------------
+
+// Calls row_fn.template operator()<M>(n, out) for every row n of W, for M = m in 1..4.
+template <typename RowFn>
+void for_rows(int64_t N, int64_t m, RowFn row_fn) {
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    float out[kMaxRows];
+    for (int64_t n = begin; n < end; ++n) {
+      switch (m) {
+        case 1: row_fn.template operator()<1>(n, out); break;
+        case 2: row_fn.template operator()<2>(n, out); break;
+        case 3: row_fn.template operator()<3>(n, out); break;
+        default: row_fn.template operator()<4>(n, out); break;
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, op, ": expected x (M, K) and w (N, K), got x ", x.sizes(), " and w ",
+              w.sizes());
+  TORCH_CHECK(x.size(1) == w.size(1), op, ": x has ", x.size(1), " columns but w has ", w.size(1));
+  TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous");
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
+  check_inputs(x_in, w, "llama3::gemv_bf16");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "llama3::gemv_bf16: x and w must be bfloat16");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.const_data_ptr());
+  auto* yp = y.mutable_data_ptr<c10::BFloat16>();
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t mb = std::min(kMaxRows, M - m0);
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr()) + m0 * K;
+    for_rows(N, mb, [&]<int R>(int64_t n, float* out) {
+      bf16_row<R>(wp + n * K, xp, K, out);
+      for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = c10::BFloat16(out[m]);
+    });
+  }
+  return y;
+}
+
+at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales) {
+  check_inputs(x_in, w, "llama3::gemv_int8");
+  TORCH_CHECK(w.scalar_type() == at::kChar, "llama3::gemv_int8: w must be int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == w.size(0) &&
+                  scales.is_contiguous(),
+              "llama3::gemv_int8: scales must be a contiguous float32 vector of w.size(0)");
+  const auto out_dtype = x_in.scalar_type();
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "llama3::gemv_int8: x must be float32 or bfloat16");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  const auto* wp = w.const_data_ptr<int8_t>();
+  const auto* sp = scales.const_data_ptr<float>();
+  float* y32 = out_dtype == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
+  c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
+  const QuantizedRows qx = quantize_rows(x.const_data_ptr<float>(), M, K);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t mb = std::min(kMaxRows, M - m0);
+    for_rows(N, mb, [&]<int R>(int64_t n, float* out) {
+      int8_row<R>(wp + n * K, K, qx, m0, out);
+      for (int m = 0; m < R; ++m) {
+        const float v = out[m] * sp[n];
+        if (y32 != nullptr) {
+          y32[(m0 + m) * N + n] = v;
+        } else {
+          y16[(m0 + m) * N + n] = c10::BFloat16(v);
+        }
+      }
+    });
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llama3, m) {
+  m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llama3, CPU, m) {
+  m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_int8", &gemv_int8);
+}
