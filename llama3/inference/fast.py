@@ -86,10 +86,13 @@ class FusedAttention(nn.Module):
         grouping q as (B, K, n_rep, Dh) lets each kv head serve its group in one matmul."""
         B, K, S, Dh = keys.shape
         q = q.view(B, K, -1, Dh)  # (B, 1, H, Dh) -> (B, K, n_rep, Dh)
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(Dh))  # (B, K, n_rep, S)
+        # Written as multiply-and-sum (fp32 accumulation) rather than matmul: compiled, each becomes one
+        # fused loop over the cache, where a batched matmul of these tiny shapes costs a library call per
+        # layer (measured: 36-130 us each, 9% of a ~100M model's decode step).
+        scores = (q.unsqueeze(3).float() * keys.unsqueeze(2).float()).sum(-1) * (1.0 / math.sqrt(Dh))  # (B, K, n_rep, S)
         scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
-        probs = scores.softmax(-1).to(values.dtype)
-        out = torch.matmul(probs, values)  # (B, K, n_rep, Dh)
+        probs = scores.softmax(-1)
+        out = (probs.unsqueeze(-1) * values.unsqueeze(2).float()).sum(3).to(values.dtype)  # (B, K, n_rep, Dh)
         return out.reshape(B, 1, -1)  # (B, 1, H·Dh)
 
     def _attend_sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -37,7 +38,8 @@ namespace {
 
 constexpr int64_t kMaxRows = 4;  // rows of x per pass over W (more rows: several passes)
 constexpr int kUnroll = 4;       // independent accumulators per row of x
-constexpr int64_t kGrain = 64;   // rows of W per parallel task, at least
+constexpr int64_t kChunkBytes = 64 * 1024;  // weights per unit of work handed to a thread
+constexpr int64_t kMinChunkRows = 4;
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -197,17 +199,27 @@ inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_
 // most kMaxRows rows, with the row count a template parameter so the accumulators stay in registers.
 // ---------------------------------------------------------------------------------------------------------
 
-// Calls row_fn.template operator()<M>(n, out) for every row n of W, for M = m in 1..4.
+// Calls row_fn.template operator()<M>(n, out) for every row n of W, for M = m in 1..4. The rows are dealt
+// out in chunks of about kChunkBytes of weights, each thread taking the next chunk when it finishes one
+// (an atomic counter): on a shared machine one core is often slower than the other for a while, and a
+// fixed half-and-half split would make the fast core wait.
 template <typename RowFn>
-void for_rows(int64_t N, int64_t m, RowFn row_fn) {
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+void for_rows(int64_t N, int64_t m, int64_t row_bytes, RowFn row_fn) {
+  const int64_t chunk_rows = std::max<int64_t>(kMinChunkRows, kChunkBytes / std::max<int64_t>(row_bytes, 1));
+  const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     float out[kMaxRows];
-    for (int64_t n = begin; n < end; ++n) {
-      switch (m) {
-        case 1: row_fn.template operator()<1>(n, out); break;
-        case 2: row_fn.template operator()<2>(n, out); break;
-        case 3: row_fn.template operator()<3>(n, out); break;
-        default: row_fn.template operator()<4>(n, out); break;
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      const int64_t end = std::min(N, (c + 1) * chunk_rows);
+      for (int64_t n = c * chunk_rows; n < end; ++n) {
+        switch (m) {
+          case 1: row_fn.template operator()<1>(n, out); break;
+          case 2: row_fn.template operator()<2>(n, out); break;
+          case 3: row_fn.template operator()<3>(n, out); break;
+          default: row_fn.template operator()<4>(n, out); break;
+        }
       }
     }
   });
@@ -233,7 +245,7 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t mb = std::min(kMaxRows, M - m0);
     const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr()) + m0 * K;
-    for_rows(N, mb, [&]<int R>(int64_t n, float* out) {
+    for_rows(N, mb, K * 2, [&]<int R>(int64_t n, float* out) {
       bf16_row<R>(wp + n * K, xp, K, out);
       for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = c10::BFloat16(out[m]);
     });
@@ -259,7 +271,7 @@ at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
   const QuantizedRows qx = quantize_rows(x.const_data_ptr<float>(), M, K);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t mb = std::min(kMaxRows, M - m0);
-    for_rows(N, mb, [&]<int R>(int64_t n, float* out) {
+    for_rows(N, mb, K, [&]<int R>(int64_t n, float* out) {
       int8_row<R>(wp + n * K, K, qx, m0, out);
       for (int m = 0; m < R; ++m) {
         const float v = out[m] * sp[n];
