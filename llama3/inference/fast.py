@@ -245,8 +245,8 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
                            quantize: str | None = None, group_size: int = 32, kernels: bool = True,
                            huge_pages: bool = True) -> Transformer:
     """The load-time pipeline, in place: cast to `dtype`, fuse projections, then weight-only quantize
-    (`"int8"` or `"int4"`, see `quantize.py`), or for a bf16 CPU model put its linear layers on the
-    project's matrix-vector kernel (`gemv.py`; `kernels=False` keeps torch's); finally, on the CPU, move
+    (`"int8"` or `"int4"`, see `quantize.py`), or for a bf16/fp32 CPU model put its linear layers on the
+    project's matrix-vector kernels (`gemv.py`; `kernels=False` keeps torch's); finally, on the CPU, move
     the weights to huge pages (`to_huge_pages`). Returns the model in eval mode without gradients."""
     model.clear_caches()
     if dtype is not None:

@@ -1,11 +1,12 @@
 """Decode-time linear layers on the hand-written CPU kernels (`llama3/kernels/gemv.cpp`).
 
 A decode step multiplies a few rows of activations (one per sequence in the batch) by every weight matrix,
-so its speed is the speed at which the weights stream from memory. `Bf16Linear` sends a single row (decode
-at batch 1) to `llama3::gemv_bf16` (measured 1.4-2.3x torch's bf16 linear on this project's CPU, most on the
-short rows of a small model's output projection; BENCHMARKS.md) and more rows to `F.linear`: the kernel's
-cost grows with every extra row (at 2 rows it already loses to oneDNN on long rows), while a GEMM reads
-the weights once for a whole batch or prompt. The int8 counterpart lives in `quantize.Int8WeightOnlyLinear`.
+so its speed is the speed at which the weights stream from memory. `GemvLinear` sends a single row (decode
+at batch 1) to `llama3::gemv_bf16` or `llama3::gemv_f32` (measured 1.4-2.3x torch's linear on this
+project's CPU, most on the short rows of a small model's output projection; BENCHMARKS.md) and more rows to
+`F.linear`: the kernel's cost grows with every extra row (at 2 rows it already loses to oneDNN on long
+rows), while a GEMM reads the weights once for a whole batch or prompt. The int8 counterpart lives in
+`quantize.Int8WeightOnlyLinear`.
 
 `use_gemv_kernels(model)` swaps them in, keeping each weight `Parameter` (so a tied output projection stays
 tied); it does nothing when the kernels cannot be built (`llama3.kernels.available()`), and the eager and
@@ -20,37 +21,41 @@ from torch import nn
 
 from .. import kernels
 
-__all__ = ["MAX_ROWS", "Bf16Linear", "use_gemv_kernels"]
+__all__ = ["MAX_ROWS", "GemvLinear", "use_gemv_kernels"]
 
 MAX_ROWS = 1  # rows of activations up to which the matrix-vector kernel beats torch's (see above)
+_OPS = {torch.bfloat16: "gemv_bf16", torch.float32: "gemv_f32"}
 
 
-class Bf16Linear(nn.Module):
-    """y = x Wᵀ for a bf16 weight (N, K): one row through `llama3::gemv_bf16`, more through `F.linear`."""
+class GemvLinear(nn.Module):
+    """y = x Wᵀ for a bf16 or fp32 weight (N, K): one row through the project's kernel, more through
+    `F.linear`."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
-        if weight.dtype != torch.bfloat16 or weight.dim() != 2:
-            raise ValueError(f"Bf16Linear needs a 2-D bfloat16 weight, got {weight.dtype} {tuple(weight.shape)}")
+        if weight.dtype not in _OPS or weight.dim() != 2:
+            raise ValueError(f"GemvLinear needs a 2-D bfloat16 or float32 weight, got {weight.dtype} "
+                             f"{tuple(weight.shape)}")
         self.weight = weight
         self.out_features, self.in_features = weight.shape
+        self.op = _OPS[weight.dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= MAX_ROWS and x.dtype == torch.bfloat16:
-            y = torch.ops.llama3.gemv_bf16(x.reshape(rows, self.in_features), self.weight)
+        if rows <= MAX_ROWS and x.dtype == self.weight.dtype:
+            y = getattr(torch.ops.llama3, self.op)(x.reshape(rows, self.in_features), self.weight)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 gemv"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.op}"
 
 
 def use_gemv_kernels(model: nn.Module) -> int:
-    """Replace the bias-free bf16 CPU `nn.Linear` layers of `model.layers` and `model.output` by `Bf16Linear`,
-    in place. Returns how many were replaced (0 when the kernels are unavailable)."""
+    """Replace the bias-free bf16/fp32 CPU `nn.Linear` layers of `model.layers` and `model.output` by
+    `GemvLinear`, in place. Returns how many were replaced (0 when the kernels are unavailable)."""
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16
+               if type(module) is nn.Linear and module.bias is None and module.weight.dtype in _OPS
                and module.weight.device.type == "cpu" and type(module.weight) in (torch.Tensor, nn.Parameter)
                and (name.startswith("layers.") or name == "output")]
     if not targets or not kernels.available():
@@ -58,5 +63,5 @@ def use_gemv_kernels(model: nn.Module) -> int:
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Bf16Linear(linear.weight))
+        setattr(parent, attr, GemvLinear(linear.weight))
     return len(targets)

@@ -3,7 +3,7 @@
 `available()` builds `gemv.cpp` with the system C++ compiler against the installed torch (about 20 s the
 first time; the library is cached under `~/.cache/llama3/kernels`, keyed by the source, torch's version and
 the CPU's instruction sets), loads it with `torch.ops.load_library` and returns True. After that,
-`torch.ops.llama3.gemv_bf16` and `torch.ops.llama3.gemv_int8` exist; both work under `torch.compile`
+`torch.ops.llama3.gemv_bf16`, `gemv_f32` and `gemv_int8` exist; all work under `torch.compile`
 (shape functions are registered here).
 
 Everything that uses them keeps a pure-PyTorch path: without a compiler, on a non-x86 CPU, or with
@@ -94,6 +94,10 @@ def build(verbose: bool = False) -> Path:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("llama3::gemv_bf16")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("llama3::gemv_f32")
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 

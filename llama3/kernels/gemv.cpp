@@ -10,6 +10,7 @@
 // (at::parallel_for, so torch.set_num_threads applies and no second OpenMP runtime is loaded).
 //
 //   llama3::gemv_bf16(x bf16 (M, K), w bf16 (N, K)) -> bf16 (M, N)
+//   llama3::gemv_f32(x fp32 (M, K), w fp32 (N, K)) -> fp32 (M, N)
 //   llama3::gemv_int8(x bf16|fp32 (M, K), w int8 (N, K), scales fp32 (N,)) -> x.dtype (M, N),
 //       y[m, n] = scales[n] · Σ_k x[m, k] · w[n, k], with x rounded to int8 per block of 32 (see below)
 //
@@ -38,8 +39,12 @@ namespace {
 
 constexpr int64_t kMaxRows = 4;  // rows of x per pass over W (more rows: several passes)
 constexpr int kUnroll = 4;       // independent accumulators per row of x
-constexpr int64_t kChunkBytes = 64 * 1024;  // weights per unit of work handed to a thread
-constexpr int64_t kMinChunkRows = 4;
+// Weights per unit of work handed to a thread: long runs of consecutive rows stream fastest (measured on a
+// 128256 x 2048 bf16 matrix, 2 threads: 37 GB/s in 64 KiB chunks, 51 in 256 KiB, 56 in 1 MiB), but a small
+// matrix still needs several chunks per thread to keep both busy.
+constexpr int64_t kMinChunkBytes = 64 * 1024;
+constexpr int64_t kMaxChunkBytes = 1024 * 1024;
+constexpr int64_t kChunksPerThread = 8;
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -97,6 +102,41 @@ inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out
   }
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------------------
+// fp32 weights, fp32 activations: out[m] = Σ_k w[k] · x[m, k]
+// ---------------------------------------------------------------------------------------------------------
+
+template <int M>
+inline void f32_row(const float* w, const float* x, int64_t K, float* out) {
+#ifdef LLAMA3_AVX512
+  __m512 acc[kUnroll][M];
+  for (int u = 0; u < kUnroll; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + kUnroll * 16 <= K; k += kUnroll * 16)
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m512 wv = _mm512_loadu_ps(w + k + u * 16);
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + u * 16), acc[u][m]);
+    }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 wv = _mm512_maskz_loadu_ps(mask, w + k);
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[0][m]);
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = acc[0][m];
+    for (int u = 1; u < kUnroll; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
+    out[m] = _mm512_reduce_add_ps(sum);
+  }
+#else
+  for (int m = 0; m < M; ++m) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += w[k] * x[m * K + k];
+    out[m] = s;
+  }
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // int8 weights (one scale per output row) against activations quantized to int8 in blocks of 32
@@ -200,14 +240,16 @@ inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_
 // ---------------------------------------------------------------------------------------------------------
 
 // Calls row_fn.template operator()<M>(n, out) for every row n of W, for M = m in 1..4. The rows are dealt
-// out in chunks of about kChunkBytes of weights, each thread taking the next chunk when it finishes one
-// (an atomic counter): on a shared machine one core is often slower than the other for a while, and a
-// fixed half-and-half split would make the fast core wait.
+// out in chunks of consecutive rows, each thread taking the next chunk when it finishes one (an atomic
+// counter): on a shared machine one core is often slower than the other for a while, and a fixed
+// half-and-half split would make the fast core wait.
 template <typename RowFn>
 void for_rows(int64_t N, int64_t m, int64_t row_bytes, RowFn row_fn) {
-  const int64_t chunk_rows = std::max<int64_t>(kMinChunkRows, kChunkBytes / std::max<int64_t>(row_bytes, 1));
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk_bytes = std::clamp(N * row_bytes / (threads * kChunksPerThread), kMinChunkBytes, kMaxChunkBytes);
+  const int64_t chunk_rows = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
   const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  const int64_t workers = std::min<int64_t>(threads, chunks);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     float out[kMaxRows];
@@ -253,6 +295,26 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
   return y;
 }
 
+at::Tensor gemv_f32(const at::Tensor& x_in, const at::Tensor& w) {
+  check_inputs(x_in, w, "llama3::gemv_f32");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "llama3::gemv_f32: x and w must be float32");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* wp = w.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t mb = std::min(kMaxRows, M - m0);
+    const float* xp = x.const_data_ptr<float>() + m0 * K;
+    for_rows(N, mb, K * 4, [&]<int R>(int64_t n, float* out) {
+      f32_row<R>(wp + n * K, xp, K, out);
+      for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = out[m];
+    });
+  }
+  return y;
+}
+
 at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales) {
   check_inputs(x_in, w, "llama3::gemv_int8");
   TORCH_CHECK(w.scalar_type() == at::kChar, "llama3::gemv_int8: w must be int8");
@@ -290,10 +352,12 @@ at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
 
 TORCH_LIBRARY(llama3, m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama3, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_int8", &gemv_int8);
 }
