@@ -1,12 +1,13 @@
 """Decode-time linear layers on the hand-written CPU kernels (`llama3/kernels/gemv.cpp`).
 
 A decode step multiplies a few rows of activations (one per sequence in the batch) by every weight matrix,
-so its speed is the speed at which the weights stream from memory. `GemvLinear` sends a single row (decode
-at batch 1) to `llama3::gemv_bf16` or `llama3::gemv_f32` (measured 1.4-2.3x torch's linear on this
-project's CPU, most on the short rows of a small model's output projection; BENCHMARKS.md) and more rows to
-`F.linear`: the kernel's cost grows with every extra row (at 2 rows it already loses to oneDNN on long
-rows), while a GEMM reads the weights once for a whole batch or prompt. The int8 counterpart lives in
-`quantize.Int8WeightOnlyLinear`.
+so its speed is the speed at which the weights stream from memory. `GemvLinear` sends the rows of a decode
+step to `llama3::gemv_bf16` or `llama3::gemv_f32` (measured 1.4-3x torch's linear at one row on this
+project's CPU, most on the short rows of a small model's output projection; BENCHMARKS.md) as long as those
+rows of activations stay in the core's L1 cache while the weights stream past (`use_kernel`): the kernel
+reads every activation row once per weight line, so rows that spill to L2 make it slower than oneDNN's
+GEMM (measured: 8 rows x 2048 wide, 1.3x slower; 8 rows x 576 wide, 2x faster). Prompts and wide batches
+go to `F.linear`. The int8 counterpart lives in `quantize.Int8WeightOnlyLinear`.
 
 `use_gemv_kernels(model)` swaps them in, keeping each weight `Parameter` (so a tied output projection stays
 tied); it does nothing when the kernels cannot be built (`llama3.kernels.available()`), and the eager and
@@ -21,15 +22,22 @@ from torch import nn
 
 from .. import kernels
 
-__all__ = ["MAX_ROWS", "GemvLinear", "use_gemv_kernels"]
+__all__ = ["GemvLinear", "use_gemv_kernels", "use_kernel"]
 
-MAX_ROWS = 1  # rows of activations up to which the matrix-vector kernel beats torch's (see above)
+MAX_ROWS = 8  # rows the kernels take in one pass over the weights
+ROW_BYTES = 16 * 1024  # activation bytes (all rows) that stay in L1 next to the streaming weights
 _OPS = {torch.bfloat16: "gemv_bf16", torch.float32: "gemv_f32"}
 
 
+def use_kernel(rows: int, in_features: int, bytes_per_value: int) -> bool:
+    """Whether `rows` activation rows of `in_features` values (`bytes_per_value` each, as the kernel reads
+    them) go to the matrix-vector kernel rather than torch's GEMM (see the module docstring)."""
+    return rows == 1 or (rows <= MAX_ROWS and rows * in_features * bytes_per_value <= ROW_BYTES)
+
+
 class GemvLinear(nn.Module):
-    """y = x Wᵀ for a bf16 or fp32 weight (N, K): one row through the project's kernel, more through
-    `F.linear`."""
+    """y = x Wᵀ for a bf16 or fp32 weight (N, K): decode rows through the project's kernel, prompts and
+    wide batches through `F.linear`."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
@@ -42,7 +50,7 @@ class GemvLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= MAX_ROWS and x.dtype == self.weight.dtype:
+        if x.dtype == self.weight.dtype and use_kernel(rows, self.in_features, self.weight.element_size()):
             y = getattr(torch.ops.llama3, self.op)(x.reshape(rows, self.in_features), self.weight)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)

@@ -3,7 +3,7 @@
 Decode at batch 1 is bound by the bytes of weights read per token, so halving (int8 vs bf16) or quartering
 (int4) them raises the ceiling. The products run on torch's CPU kernels, except int8 decoding:
 
-- int8: one symmetric scale per output channel. A single row of activations (decode at batch 1) goes to
+- int8: one symmetric scale per output channel. The few rows of a decode step (`gemv.use_kernel`) go to
   the project's VNNI kernel `llama3::gemv_int8` (activations rounded to int8 per block of 32, as llama.cpp's
   q8_0 products do; `llama3/kernels/gemv.cpp`), longer ones (prompts) and machines without the kernel to
   torch's `aten._weight_int8pack_mm(x, w_int8 (N, K), scales (N,))`.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .gemv import MAX_ROWS
+from .gemv import use_kernel
 
 __all__ = ["QUANT_MODES", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "quantize_model"]
 
@@ -50,7 +50,8 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.use_gemv and rows <= MAX_ROWS:
+        # the kernel keeps each row as int8 codes plus a scale and an offset per 4 values: ~3 bytes a value
+        if self.use_gemv and use_kernel(rows, self.in_features, 3):
             x_in = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
             y = torch.ops.llama3.gemv_int8(x_in.reshape(rows, self.in_features), self.weight_int8, self.scales_f32)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

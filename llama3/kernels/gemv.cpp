@@ -3,9 +3,9 @@
 // Decode at batch 1 reads every weight once per token, so its speed is the speed at which the weights
 // stream from memory. torch's CPU kernels stream long rows well but short ones (576 wide for the ~100M
 // shape's 128K-vocab output projection) slowly, and its int8 kernel spends more time converting than
-// reading. These kernels read W strictly in memory order, one row at a time against up to 4 rows of x
+// reading. These kernels read W strictly in memory order, one row at a time against up to 8 rows of x
 // (measured here: interleaving several rows cost up to 40% on short rows, because each row's stream
-// restarts the hardware prefetcher), keep 4 independent fp32 accumulators per row of x so the
+// restarts the hardware prefetcher), keep independent fp32 accumulators per row of x so the
 // multiply-adds do not wait on each other, and split W's rows over torch's own thread pool
 // (at::parallel_for, so torch.set_num_threads applies and no second OpenMP runtime is loaded).
 //
@@ -37,8 +37,11 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 4;  // rows of x per pass over W (more rows: several passes)
-constexpr int kUnroll = 4;       // independent accumulators per row of x
+constexpr int64_t kMaxRows = 8;  // rows of x per pass over W (more rows: several passes)
+// Independent accumulators per row of x: enough chains of multiply-adds in flight to hide their latency
+// without running out of the 32 vector registers (unroll x rows <= 8 accumulators... 16 at most).
+template <int M>
+constexpr int unroll_for() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
 // Weights per unit of work handed to a thread: long runs of consecutive rows stream fastest (measured on a
 // 128256 x 2048 bf16 matrix, 2 threads: 37 GB/s in 64 KiB chunks, 51 in 256 KiB, 56 in 1 MiB), but a small
 // matrix still needs several chunks per thread to keep both busy.
@@ -58,34 +61,44 @@ inline float bf16_to_float(uint16_t v) {
 // ---------------------------------------------------------------------------------------------------------
 
 #ifdef LLAMA3_AVX512
+// One step of the bf16 dot product: `step` values of w and x, loaded whole (`mask` only for a row's tail:
+// masked loads cost more on some cores), multiplied and added into fp32 lanes.
 #ifdef __AVX512BF16__
 constexpr int64_t kBf16Step = 32;  // one 64-byte line of bf16 per vdpbf16ps
-inline __m512 bf16_fma(__m512 acc, const uint16_t* w, const uint16_t* x, __mmask32 mask) {
-  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(mask, w), (__m512bh)_mm512_maskz_loadu_epi16(mask, x));
+using Bf16Vec = __m512i;
+inline Bf16Vec bf16_load(const uint16_t* p) { return _mm512_loadu_si512(p); }
+inline Bf16Vec bf16_load_tail(const uint16_t* p, int64_t n) {
+  return _mm512_maskz_loadu_epi16(n >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << n) - 1u), p);
 }
-inline __mmask32 bf16_mask(int64_t n) { return n >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << n) - 1u); }
+inline __m512 bf16_fma(__m512 acc, Bf16Vec w, Bf16Vec x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
 #else
 constexpr int64_t kBf16Step = 16;  // widened to fp32, 16 per fused multiply-add
+using Bf16Vec = __m512;
 inline __m512 bf16_widen(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
-inline __m512 bf16_fma(__m512 acc, const uint16_t* w, const uint16_t* x, __mmask16 mask) {
-  return _mm512_fmadd_ps(bf16_widen(_mm256_maskz_loadu_epi16(mask, w)), bf16_widen(_mm256_maskz_loadu_epi16(mask, x)), acc);
+inline Bf16Vec bf16_load(const uint16_t* p) { return bf16_widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline Bf16Vec bf16_load_tail(const uint16_t* p, int64_t n) {
+  return bf16_widen(_mm256_maskz_loadu_epi16(n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u), p));
 }
-inline __mmask16 bf16_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u); }
+inline __m512 bf16_fma(__m512 acc, Bf16Vec w, Bf16Vec x) { return _mm512_fmadd_ps(w, x, acc); }
 #endif
 
 template <int M>
 inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out) {
+  constexpr int kUnroll = unroll_for<M>();
   __m512 acc[kUnroll][M];
   for (int u = 0; u < kUnroll; ++u)
     for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
-  const auto full = bf16_mask(kBf16Step);
   int64_t k = 0;
   for (; k + kUnroll * kBf16Step <= K; k += kUnroll * kBf16Step)
     for (int u = 0; u < kUnroll; ++u) {
-      for (int m = 0; m < M; ++m) acc[u][m] = bf16_fma(acc[u][m], w + k + u * kBf16Step, x + m * K + k + u * kBf16Step, full);
+      const Bf16Vec wv = bf16_load(w + k + u * kBf16Step);  // read once, used for every row of x
+      for (int m = 0; m < M; ++m) acc[u][m] = bf16_fma(acc[u][m], wv, bf16_load(x + m * K + k + u * kBf16Step));
     }
-  for (; k < K; k += kBf16Step)
-    for (int m = 0; m < M; ++m) acc[0][m] = bf16_fma(acc[0][m], w + k, x + m * K + k, bf16_mask(K - k));
+  for (; k < K; k += kBf16Step) {
+    const int64_t n = std::min(kBf16Step, K - k);
+    const Bf16Vec wv = bf16_load_tail(w + k, n);
+    for (int m = 0; m < M; ++m) acc[0][m] = bf16_fma(acc[0][m], wv, bf16_load_tail(x + m * K + k, n));
+  }
   for (int m = 0; m < M; ++m) {
     __m512 sum = acc[0][m];
     for (int u = 1; u < kUnroll; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
@@ -110,6 +123,7 @@ inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out
 template <int M>
 inline void f32_row(const float* w, const float* x, int64_t K, float* out) {
 #ifdef LLAMA3_AVX512
+  constexpr int kUnroll = unroll_for<M>();
   __m512 acc[kUnroll][M];
   for (int u = 0; u < kUnroll; ++u)
     for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
@@ -192,12 +206,12 @@ template <int M>
 inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_t m0, float* out) {
   const int64_t Kp = qx.padded_k;
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  constexpr int kUnroll = unroll_for<M>();
   __m512 acc[kUnroll][M];
   for (int u = 0; u < kUnroll; ++u)
     for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
-  auto step = [&](int u, int64_t k0, __mmask64 mask) {
-    // masked-off weight bytes read as 0 ^ 0x80 = 128, against the zero padding of x: no contribution
-    const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + k0), sign);
+  auto step = [&](int u, int64_t k0, __m512i w_bytes) {
+    const __m512i wv = _mm512_xor_si512(w_bytes, sign);
     for (int m = 0; m < M; ++m) {
       const __m512i xv = _mm512_loadu_si512(qx.q.data() + (m0 + m) * Kp + k0);
       const __m512 sv = _mm512_loadu_ps(qx.lane_scale.data() + (m0 + m) * Kp / 4 + k0 / 4);
@@ -208,8 +222,10 @@ inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_
   };
   int64_t k = 0;
   for (; k + kUnroll * kChunk <= K; k += kUnroll * kChunk)
-    for (int u = 0; u < kUnroll; ++u) step(u, k + u * kChunk, ~__mmask64(0));
-  for (; k < K; k += kChunk) step(0, k, K - k >= kChunk ? ~__mmask64(0) : ((__mmask64(1) << (K - k)) - 1));
+    for (int u = 0; u < kUnroll; ++u) step(u, k + u * kChunk, _mm512_loadu_si512(w + k + u * kChunk));
+  // the tail: masked-off weight bytes read as 0 ^ 0x80 = 128, against the zero padding of x: no contribution
+  for (; k < K; k += kChunk)
+    step(0, k, _mm512_maskz_loadu_epi8(K - k >= kChunk ? ~__mmask64(0) : ((__mmask64(1) << (K - k)) - 1), w + k));
   for (int m = 0; m < M; ++m) {
     __m512 sum = acc[0][m];
     for (int u = 1; u < kUnroll; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
@@ -239,7 +255,7 @@ inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_
 // most kMaxRows rows, with the row count a template parameter so the accumulators stay in registers.
 // ---------------------------------------------------------------------------------------------------------
 
-// Calls row_fn.template operator()<M>(n, out) for every row n of W, for M = m in 1..4. The rows are dealt
+// Calls row_fn.template operator()<M>(n, out) for every row n of W, for M = m in 1..8. The rows are dealt
 // out in chunks of consecutive rows, each thread taking the next chunk when it finishes one (an atomic
 // counter): on a shared machine one core is often slower than the other for a while, and a fixed
 // half-and-half split would make the fast core wait.
@@ -260,7 +276,11 @@ void for_rows(int64_t N, int64_t m, int64_t row_bytes, RowFn row_fn) {
           case 1: row_fn.template operator()<1>(n, out); break;
           case 2: row_fn.template operator()<2>(n, out); break;
           case 3: row_fn.template operator()<3>(n, out); break;
-          default: row_fn.template operator()<4>(n, out); break;
+          case 4: row_fn.template operator()<4>(n, out); break;
+          case 5: row_fn.template operator()<5>(n, out); break;
+          case 6: row_fn.template operator()<6>(n, out); break;
+          case 7: row_fn.template operator()<7>(n, out); break;
+          default: row_fn.template operator()<8>(n, out); break;
         }
       }
     }
