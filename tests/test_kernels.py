@@ -164,6 +164,30 @@ def test_switched_off_kernels_fall_back_to_torch():
     assert "unavailable" not in out.stderr  # switching off on purpose is not reported as a failure
 
 
+def test_failed_build_falls_back_to_torch_and_says_why(tmp_path):
+    """A machine whose compiler fails (here CXX=false, empty cache): one line on stderr, torch's kernels,
+    the same greedy tokens as a model that never asked for the kernels."""
+    code = ("import torch\n"
+            "from llama3 import kernels\n"
+            "from llama3.inference.fast import optimize_for_inference\n"
+            "from llama3.inference.gemv import GemvLinear\n"
+            "from conftest import random_model, tiny_args\n"
+            "m = optimize_for_inference(random_model(tiny_args('gqa')), dtype=torch.bfloat16)\n"
+            "assert not kernels.available() and 'failed' in kernels.why_unavailable()\n"
+            "assert not any(isinstance(x, GemvLinear) for x in m.modules())\n"
+            "ref = optimize_for_inference(random_model(tiny_args('gqa')), dtype=torch.bfloat16, kernels=False)\n"
+            "x = torch.randint(0, 256, (1, 7))\n"
+            "assert torch.equal(m(x), ref(x))\n"
+            "print('fallback ok')\n")
+    env = {**os.environ, "CXX": "false", "LLAMA3_CACHE": str(tmp_path)}
+    env.pop("LLAMA3_KERNELS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(__file__), timeout=120)
+    assert out.returncode == 0 and "fallback ok" in out.stdout, out.stderr
+    assert out.stderr.count("fast CPU kernels unavailable") == 1
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+
+
 def test_use_gemv_kernels_counts_replaced_layers():
     model = random_model(tiny_args("gqa"))
     n_linear = sum(1 for name, m in model.named_modules()
