@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .gemv import use_kernel
+from . import gemv
 
 __all__ = ["QUANT_MODES", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "quantize_model"]
 
@@ -51,7 +51,7 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         # the kernel keeps each row as int8 codes plus a scale and an offset per 4 values: ~3 bytes a value
-        if self.use_gemv and use_kernel(rows, self.in_features, 3):
+        if self.use_gemv and gemv.use_kernel(rows, self.in_features, 3):
             x_in = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
             y = torch.ops.llama3.gemv_int8(x_in.reshape(rows, self.in_features), self.weight_int8, self.scales_f32)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -1,6 +1,6 @@
 """Hand-written CPU kernels (`gemv.cpp`), built once per machine and registered as torch operators.
 
-`available()` builds `gemv.cpp` with the system C++ compiler against the installed torch (about 20 s the
+`available()` builds `gemv.cpp` with the system C++ compiler against the installed torch (about 15 s the
 first time; the library is cached under `~/.cache/llama3/kernels`, keyed by the source, torch's version and
 the CPU's instruction sets), loads it with `torch.ops.load_library` and returns True. After that,
 `torch.ops.llama3.gemv_bf16`, `gemv_f32` and `gemv_int8` exist; all work under `torch.compile`
@@ -92,18 +92,13 @@ def build(verbose: bool = False) -> Path:
     return target
 
 
+def _gemv_shape(x, w, *scales):
+    return x.new_empty(x.shape[0], w.shape[0])  # (M, N) in x's dtype, for every operator here
+
+
 def _register_fakes() -> None:
-    @torch.library.register_fake("llama3::gemv_bf16")
-    def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.register_fake("llama3::gemv_f32")
-    def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.register_fake("llama3::gemv_int8")
-    def _(x, w, scales):
-        return x.new_empty(x.shape[0], w.shape[0])
+    for name in ("gemv_bf16", "gemv_f32", "gemv_int8"):
+        torch.library.register_fake(f"llama3::{name}")(_gemv_shape)
 
 
 def _load() -> tuple[bool, str]:

@@ -298,44 +298,38 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const char* op) {
   TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous");
 }
 
-at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
-  check_inputs(x_in, w, "llama3::gemv_bf16");
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
-              "llama3::gemv_bf16: x and w must be bfloat16");
+// y = x · Wᵀ with x, w and y of one floating type T (read by the row kernel as Raw).
+template <typename T, typename Raw, typename RowKernel>
+at::Tensor gemv_same_type(const at::Tensor& x_in, const at::Tensor& w, const char* op, at::ScalarType dtype,
+                          const char* dtype_name, RowKernel row) {
+  check_inputs(x_in, w, op);
+  TORCH_CHECK(x_in.scalar_type() == dtype && w.scalar_type() == dtype, op, ": x and w must be ", dtype_name);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.const_data_ptr());
-  auto* yp = y.mutable_data_ptr<c10::BFloat16>();
+  const auto* wp = reinterpret_cast<const Raw*>(w.const_data_ptr());
+  T* yp = y.mutable_data_ptr<T>();
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t mb = std::min(kMaxRows, M - m0);
-    const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr()) + m0 * K;
-    for_rows(N, mb, K * 2, [&]<int R>(int64_t n, float* out) {
-      bf16_row<R>(wp + n * K, xp, K, out);
-      for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = c10::BFloat16(out[m]);
+    const auto* xp = reinterpret_cast<const Raw*>(x.const_data_ptr()) + m0 * K;
+    for_rows(N, mb, K * static_cast<int64_t>(sizeof(Raw)), [&]<int R>(int64_t n, float* out) {
+      row.template operator()<R>(wp + n * K, xp, K, out);
+      for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = T(out[m]);
     });
   }
   return y;
 }
 
-at::Tensor gemv_f32(const at::Tensor& x_in, const at::Tensor& w) {
-  check_inputs(x_in, w, "llama3::gemv_f32");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
-              "llama3::gemv_f32: x and w must be float32");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* wp = w.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mb = std::min(kMaxRows, M - m0);
-    const float* xp = x.const_data_ptr<float>() + m0 * K;
-    for_rows(N, mb, K * 4, [&]<int R>(int64_t n, float* out) {
-      f32_row<R>(wp + n * K, xp, K, out);
-      for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = out[m];
-    });
-  }
-  return y;
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
+  return gemv_same_type<c10::BFloat16, uint16_t>(
+      x, w, "llama3::gemv_bf16", at::kBFloat16, "bfloat16",
+      []<int R>(const uint16_t* wr, const uint16_t* xr, int64_t K, float* out) { bf16_row<R>(wr, xr, K, out); });
+}
+
+at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w) {
+  return gemv_same_type<float, float>(
+      x, w, "llama3::gemv_f32", at::kFloat, "float32",
+      []<int R>(const float* wr, const float* xr, int64_t K, float* out) { f32_row<R>(wr, xr, K, out); });
 }
 
 at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales) {
