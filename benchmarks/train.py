@@ -2,7 +2,7 @@
 
 Each step is forward + loss + backward + AdamW update. Ours is the loop's own code (`build_model`, the
 chunked `causal_lm_loss`, `build_optimizer`); the peer is `LlamaForCausalLM` with `labels=` (its own loss)
-and `torch.optim.AdamW`. Both start from the same weights and see the same batches; runs alternate
+and `torch.optim.AdamW(fused=True)` (what HF's Trainer uses by default with torch >= 2.8). Both start from the same weights and see the same batches; runs alternate
 (ours, HF, ours, HF, ...) so that load from other processes hits both alike, and the median step time of
 each is reported. MFU = ModelArgs.flops_per_token · tokens/s over the matmul peak measured here in the
 same dtype. Also: data preparation (`prepare_dataset` over all cores) vs single-threaded tiktoken encoding
@@ -58,7 +58,7 @@ def _hf(initial, cfg):
     from conftest import hf_model_from
 
     model = hf_model_from(initial).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95), foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95), fused=True)
     return model, opt
 
 
@@ -70,7 +70,7 @@ def _step_ours(model, opt, batch, dtype):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def _step_hf(model, opt, batch, dtype):
@@ -80,7 +80,7 @@ def _step_hf(model, opt, batch, dtype):
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(out.loss)
+    return float(out.loss.detach())
 
 
 def bench_training(a) -> list[dict]:

@@ -1,5 +1,6 @@
-"""The hand-written decode kernels (`llama3/kernels/gemv.cpp`) against float64 references, under
-`torch.compile`, inside a model, and the pure-PyTorch fallback when they are switched off."""
+"""The hand-written CPU kernels against float64 references, under `torch.compile`, inside a model, and the
+pure-PyTorch fallback when they are switched off: the decode products (`llama3/kernels/gemv.cpp`) and the
+training loss's cross-entropy rows (`llama3/kernels/xent.cpp`)."""
 
 from __future__ import annotations
 
@@ -194,3 +195,92 @@ def test_use_gemv_kernels_counts_replaced_layers():
                    if type(m) is torch.nn.Linear and (name.startswith("layers.") or name == "output"))
     assert use_gemv_kernels(model) == n_linear > 0
     assert use_gemv_kernels(model) == 0  # nothing left to replace
+
+
+# ----- cross-entropy rows (xent.cpp) -----
+
+def xent_reference(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+    """float64 per-row loss and (softmax - one_hot) * weight, from the same (possibly bf16) logit values."""
+    x = logits.double()
+    lse = x.logsumexp(-1)
+    nll = lse - x.gather(1, targets[:, None])[:, 0]
+    grad = (x - lse[:, None]).exp()
+    grad[torch.arange(len(targets)), targets] -= 1.0
+    return nll, grad * weights.double()[:, None]
+
+
+# widths around the 16-wide vector and the 256-value summing block, and a vocabulary-sized one
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 255, 256, 257, 4099, 32768])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_xent_rows_equal_float64_reference(vocab, dtype):
+    torch.manual_seed(vocab)
+    rows = 13
+    logits = (torch.randn(rows, vocab) * 5).to(dtype)
+    targets = torch.randint(0, vocab, (rows,))
+    weights = torch.rand(rows) / rows
+    nll_ref, grad_ref = xent_reference(logits, targets, weights)
+    grad = logits.clone()
+    nll = torch.ops.llama3.xent_rows_(grad, targets, weights, True)
+    assert nll.dtype == torch.float32 and nll.shape == (rows,)
+    torch.testing.assert_close(nll.double(), nll_ref, rtol=1e-6, atol=1e-5)
+    # Error bounds. bf16: the gradient is rounded to 8 significant bits (2^-8 relative), plus the fp32
+    # arithmetic below. fp32: e^(x - lse) is computed from x - lse rounded to fp32, so its relative error
+    # grows with |x - lse| (about |x - lse| · 2^-24), plus a few units of the exponential and the division.
+    # The target's entry (p - 1) · w loses its relative accuracy when p is near 1: bounded absolutely.
+    x_minus_lse = logits.double() - (nll_ref + logits.double().gather(1, targets[:, None])[:, 0])[:, None]
+    relative = 2.0 ** -7 if dtype == torch.bfloat16 else (x_minus_lse.abs() + 8) * 2.0 ** -23
+    bound = grad_ref.abs() * relative + weights.double()[:, None] * 2.0 ** -21
+    assert ((grad.double() - grad_ref).abs() <= bound).all()
+    untouched = logits.clone()
+    nll2 = torch.ops.llama3.xent_rows_(untouched, targets, weights, False)
+    assert torch.equal(untouched, logits) and torch.equal(nll2, nll)  # write_grad=False: loss only
+
+
+def test_xent_rows_spread_over_threads_give_the_same_result():
+    torch.manual_seed(1)
+    logits, targets, weights = torch.randn(64, 1000).bfloat16(), torch.randint(0, 1000, (64,)), torch.rand(64)
+    results = []
+    previous = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            grad = logits.clone()
+            results.append((torch.ops.llama3.xent_rows_(grad, targets, weights, True), grad))
+        finally:
+            torch.set_num_threads(previous)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_xent_rows_propagate_non_finite_logits():
+    """A NaN or infinite logit makes that row's loss non-finite (so the training loop skips the step); it
+    must not vanish inside the exponentials."""
+    logits = torch.randn(3, 300)
+    logits[0, 17] = float("nan")
+    logits[1, 250] = float("inf")
+    nll = torch.ops.llama3.xent_rows_(logits.clone(), torch.tensor([0, 1, 2]), torch.ones(3), True)
+    assert not nll[0].isfinite() and not nll[1].isfinite() and nll[2].isfinite()
+
+
+def test_xent_rows_reject_bad_inputs_with_clear_errors():
+    logits = torch.zeros(2, 8)
+    with pytest.raises(RuntimeError, match="target 8 at row 1 is outside the vocabulary"):
+        torch.ops.llama3.xent_rows_(logits, torch.tensor([0, 8]), torch.ones(2), True)
+    with pytest.raises(RuntimeError, match="must be float32 or bfloat16"):
+        torch.ops.llama3.xent_rows_(logits.half(), torch.tensor([0, 1]), torch.ones(2), True)
+    with pytest.raises(RuntimeError, match="contiguous 2-D"):
+        torch.ops.llama3.xent_rows_(torch.zeros(8, 2).T, torch.tensor([0, 1]), torch.ones(2), True)
+    with pytest.raises(RuntimeError, match="weights must be a contiguous float32 vector"):
+        torch.ops.llama3.xent_rows_(logits, torch.tensor([0, 1]), torch.ones(3), True)
+
+
+def test_xent_rows_under_compile_equal_eager():
+    def loss_and_grad(logits, targets, weights):
+        logits = logits.clone()
+        nll = torch.ops.llama3.xent_rows_(logits, targets, weights, True)
+        return nll.sum(), logits
+
+    torch.manual_seed(2)
+    args = (torch.randn(5, 300), torch.randint(0, 300, (5,)), torch.rand(5))
+    compiled = torch.compile(loss_and_grad, fullgraph=True)
+    for got, want in zip(compiled(*args), loss_and_grad(*args)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -73,6 +73,7 @@ def test_optimizer_groups_exempt_norms_and_embeddings():
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(model.tok_embeddings.weight) not in decayed and id(model.norm.weight) not in decayed
     assert id(model.layers[0].attention.wq.weight) in decayed and id(model.output.weight) in decayed
+    assert opt.defaults["fused"]  # torch's fused AdamW on the CPU too (one pass per tensor)
     model.layers[0].attention.wq.weight.requires_grad_(False)  # frozen params never reach the optimizer
     opt = build_optimizer(model, cfg, "cpu")
     assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
@@ -90,6 +91,68 @@ def test_chunked_cross_entropy_matches_full_logits():
     grads, ref_grads = torch.autograd.grad(loss * 3, (hidden, weight)), torch.autograd.grad(ref * 3, (hidden, weight))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_on_the_cpu_kernel_matches_full_logits(dtype, monkeypatch):
+    """fp32 and bf16 (under autocast, as training runs) through the `xent_rows_` kernel against full
+    float64 logits; and the same chunks through torch's own operators (the fallback) agree with the kernel."""
+    from llama3 import kernels
+    from llama3.train import loss as loss_module
+
+    assert kernels.available(), kernels.why_unavailable()
+    calls = []
+    real_op = torch.ops.llama3.xent_rows_
+    monkeypatch.setattr(loss_module, "_fused_rows", lambda logits: calls.append(logits.dtype) or True)
+    torch.manual_seed(0)
+    hidden = torch.randn(45, 32, requires_grad=True)
+    weight = (torch.randn(1003, 32) / 4).requires_grad_()
+    targets = torch.randint(0, 1003, (45,))
+    targets[[0, 17, 44]] = -100
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = linear_cross_entropy(hidden, weight, targets, chunk_size=16)
+        return (loss.detach(), *torch.autograd.grad(loss * 3, (hidden, weight)))
+
+    got = run()
+    assert calls == [dtype] * 3 and real_op is torch.ops.llama3.xent_rows_  # three chunks, all on the kernel
+    rounded = (lambda t: t.to(dtype).double())
+    logits = rounded(hidden) @ rounded(weight).T  # the values the kernel saw (bf16 products, fp64 here)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref_loss = F.cross_entropy(logits, targets)
+    ref = (ref_loss, *torch.autograd.grad(F.cross_entropy(h64 @ w64.T, targets) * 3, (h64, w64)))
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=3e-2, atol=3e-3)}[dtype]
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=0)
+    for g, r in zip(got[1:], ref[1:]):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), r, **tol)
+    monkeypatch.setattr(loss_module, "_fused_rows", lambda logits: False)  # torch's operators
+    fallback = run()
+    for g, r in zip(got, fallback):
+        torch.testing.assert_close(g, r, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-4)
+
+
+def test_chunked_cross_entropy_reuses_scratch_without_corrupting_results():
+    """The CPU scratch buffers carry over between calls (bigger, smaller, other vocabulary): every call still
+    equals its full-logits reference, and gradients handed out earlier are not overwritten later."""
+    torch.manual_seed(1)
+    kept = []
+    for rows, vocab, chunk in [(40, 300, 16), (10, 300, 16), (70, 300, 64), (33, 500, 64)]:
+        hidden = torch.randn(rows, 24, requires_grad=True)
+        weight = torch.randn(vocab, 24, requires_grad=True)
+        targets = torch.randint(0, vocab, (rows,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(hidden, weight, targets, chunk_size=chunk)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        # the kernel sees the matmul's bf16 output: round the float64 products the same way
+        ref_logits = (hidden.detach().bfloat16().double() @ weight.detach().bfloat16().double().T).bfloat16()
+        torch.testing.assert_close(loss.double(), F.cross_entropy(ref_logits.double(), targets), rtol=2e-6, atol=0)
+        kept.append((grads, [g.clone() for g in grads]))
+    for grads, copies in kept:
+        for g, c in zip(grads, copies):
+            assert torch.equal(g, c)
 
 
 # ----- the loop -----

@@ -1,10 +1,14 @@
-"""Hand-written CPU kernels (`gemv.cpp`), built once per machine and registered as torch operators.
+"""Hand-written CPU kernels, built once per machine and registered as torch operators.
 
-`available()` builds `gemv.cpp` with the system C++ compiler against the installed torch (about 15 s the
-first time; the library is cached under `~/.cache/llama3/kernels`, keyed by the source, torch's version and
-the CPU's instruction sets), loads it with `torch.ops.load_library` and returns True. After that,
-`torch.ops.llama3.gemv_bf16`, `gemv_f32` and `gemv_int8` exist; all work under `torch.compile`
-(shape functions are registered here).
+- `gemv.cpp`: `torch.ops.llama3.gemv_bf16`, `gemv_f32`, `gemv_int8`, the decode-time matrix-vector
+  products (used by `llama3.inference.gemv` and `quantize`);
+- `xent.cpp`: `torch.ops.llama3.xent_rows_`, cross-entropy rows and their logit gradients in place (used by
+  the training loss, `llama3.train.loss`).
+
+`available()` builds both files into one library with the system C++ compiler against the installed torch
+(about 20 s the first time; the library is cached under `~/.cache/llama3/kernels`, keyed by the sources,
+torch's version and the CPU's instruction sets), loads it with `torch.ops.load_library` and returns True.
+All operators work under `torch.compile` (shape functions are registered here).
 
 Everything that uses them keeps a pure-PyTorch path: without a compiler, on a non-x86 CPU, or with
 `LLAMA3_KERNELS=0` in the environment, `available()` returns False (and says why once on stderr, unless
@@ -27,7 +31,7 @@ import torch
 
 __all__ = ["available", "build", "cache_dir", "why_unavailable"]
 
-_SOURCE = Path(__file__).with_name("gemv.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "xent.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "why": str
 
@@ -51,40 +55,40 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _command(cxx: str, source: Path, output: Path) -> list[str]:
+def _command(cxx: str, sources: list[Path], output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     libs = library_paths()
     return [cxx, "-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *(f"-I{p}" for p in include_paths()), str(source), "-o", str(output),
+            *(f"-I{p}" for p in include_paths()), *map(str, sources), "-o", str(output),
             *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu"]
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile `gemv.cpp` for this machine (or reuse the cached build) and return the library's path.
+    """Compile the kernels for this machine (or reuse the cached build) and return the library's path.
     Raises RuntimeError with the compiler's message when the build fails."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode() + cxx.encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv-{key}.so"
+    target = cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build into a temporary name in the same folder, then rename: a concurrent process (another rank, a
     # parallel test) never loads a half-written library.
-    fd, tmp = tempfile.mkstemp(prefix=".gemv-", suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = _command(cxx, _SOURCE, Path(tmp))
+        cmd = _command(cxx, _SOURCES, Path(tmp))
         if verbose:
             print(" ".join(cmd), file=sys.stderr)
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"building {_SOURCE.name} failed ({cxx}):\n{result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"building {' + '.join(p.name for p in _SOURCES)} failed ({cxx}):\n{result.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -96,9 +100,14 @@ def _gemv_shape(x, w, *scales):
     return x.new_empty(x.shape[0], w.shape[0])  # (M, N) in x's dtype, for every operator here
 
 
+def _xent_rows_shape(logits, targets, weights, write_grad):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)  # per-row loss; logits change in place
+
+
 def _register_fakes() -> None:
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8"):
         torch.library.register_fake(f"llama3::{name}")(_gemv_shape)
+    torch.library.register_fake("llama3::xent_rows_")(_xent_rows_shape)
 
 
 def _load() -> tuple[bool, str]:

