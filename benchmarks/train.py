@@ -10,6 +10,8 @@ of the same documents.
 
     python benchmarks/train.py                # demo shape, fp32 and bf16, plus data prep
     python benchmarks/train.py --compile      # also ours with per-block torch.compile
+    python benchmarks/train.py --vocab 128256 --batch 4 --skip-data   # Llama 3's vocabulary, small body
+    python benchmarks/train.py --shape 100m --batch 4 --skip-data      # a ~100M Llama 3
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=["custom", "100m"], default="custom",
+                   help="100m: the ~100M Llama 3 of benchmarks/decode.py (dim 576, 9 layers, 9/3 heads, tied "
+                        "embeddings, vocabulary 128256; overrides the shape options below)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -90,8 +96,14 @@ def bench_training(a) -> list[dict]:
     from llama3.train.config import TrainConfig
     from llama3.train.metrics import measure_peak_flops
 
-    args = ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab,
-                     multiple_of=64, max_seq_len=a.seq)
+    if a.shape == "custom":
+        args = ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab,
+                         multiple_of=64, max_seq_len=a.seq)
+    else:
+        from decode import SHAPES
+
+        args = ModelArgs(**SHAPES[a.shape], vocab_size=128256, max_seq_len=a.seq)
+        a.vocab = args.vocab_size
     initial = random_model(args, seed=0)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
@@ -155,8 +167,9 @@ def bench_data() -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model dim {a.dim}, {a.layers} layers, "
-          f"vocab {a.vocab}, batch {a.batch}x{a.seq}\n")
+    shape = (f"the {a.shape} shape" if a.shape != "custom" else
+             f"model dim {a.dim}, {a.layers} layers, {a.heads}/{a.kv_heads} heads, vocab {a.vocab}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {shape}, batch {a.batch}x{a.seq}\n")
     print("| dtype | implementation | tokens/s | vs HF | MFU (vs measured matmul peak) |")
     print("|---|---|---:|---:|---:|")
     for r in [] if a.skip_train else bench_training(a):

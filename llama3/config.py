@@ -273,9 +273,12 @@ class ModelArgs:
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6·N for the weight matmuls (embedding lookup excluded,
-        output projection included) plus 12·L·d·T for attention scores and values (PaLM appendix B)."""
+        output projection included, also when it shares the embedding's table) plus 12·L·d·T for attention
+        scores and values (PaLM appendix B)."""
         seq_len = seq_len or self.max_seq_len
         n = self.num_params(include_embeddings=False)
+        if self.tie_word_embeddings:  # the one table was subtracted, but it is still the output matmul
+            n += self.vocab_size * self.dim
         return 6 * n + 12 * self.n_layers * self.dim * seq_len
 
 

@@ -106,6 +106,10 @@ def test_flops_per_token_is_6n_plus_attention():
     args = preset("llama3-8b")
     n = args.num_params(include_embeddings=False)
     assert args.flops_per_token(8192) == 6 * n + 12 * 32 * 4096 * 8192
+    tied = preset("llama3.2-1b")  # the output projection shares the embedding's table: still a matmul
+    assert tied.tie_word_embeddings
+    body = tied.num_params(include_embeddings=False)
+    assert tied.flops_per_token(8192) == 6 * (body + 128256 * 2048) + 12 * 16 * 2048 * 8192
 
 
 def test_all_presets_construct():
