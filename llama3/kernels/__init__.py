@@ -84,6 +84,8 @@ def build(verbose: bool = False) -> Path:
     os.close(fd)
     try:
         cmd = _command(cxx, _SOURCES, Path(tmp))
+        print(f"llama3: building the CPU kernels for this machine into {target.parent} (once, about 20 s)",
+              file=sys.stderr, flush=True)
         if verbose:
             print(" ".join(cmd), file=sys.stderr)
         result = subprocess.run(cmd, capture_output=True, text=True)
