@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import kernels
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss", "linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "linear_cross_entropy", "release_scratch"]
 
 IGNORE_INDEX = -100
 
@@ -41,6 +41,11 @@ def _scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
         buffers[(role, dtype)] = buf = None  # let the old one go before the new one is made
         buffers[(role, dtype)] = buf = torch.empty(shape, dtype=dtype)
     return buf[: shape[0]]
+
+
+def release_scratch() -> None:
+    """Free this thread's reusable loss buffers (the training loop calls it when a run ends)."""
+    _workspace.__dict__.pop("buffers", None)
 
 
 def _plain(x: torch.Tensor) -> bool:
