@@ -112,8 +112,7 @@ def test_gguf_rope_scaling_reaches_llama_cpp(model_and_tokenizer, gguf_files):
 
 @pytest.mark.timeout(120)
 def test_gguf_loads_back(tmp_path):
-    """GGUF -> our model: f32 exactly, f16 as rounded, q8_0 dequantized within its error bound. (A small
-    byte-level vocabulary keeps gguf's pure-Python metadata reader fast.)"""
+    """GGUF -> our model: f32 exactly, f16 as rounded, q8_0 dequantized within its error bound."""
     from tests.test_checkpoint_hf import byte_tokenizer
 
     model = random_model(tiny_args("rope31", vocab_size=512, multiple_of=32), seed=12)
@@ -133,3 +132,37 @@ def test_gguf_loads_back(tmp_path):
     weight = model.layers[0].feed_forward.w2.weight
     error = (q8.layers[0].feed_forward.w2.weight - weight).abs().max()
     assert 0 < error <= weight.abs().max() / 127  # Q8_0: int8 with one scale per 32 values
+
+
+@pytest.mark.timeout(120)
+def test_gguf_reader_equals_the_gguf_package_with_llama3_vocabulary(model_and_tokenizer, gguf_files):
+    """Our GGUF reader against llama.cpp's `gguf.GGUFReader` on a file with Llama 3's 128K tokens and 280K
+    merges: every metadata value and every tensor view equal; the model and tokenizer load back."""
+    import gguf
+
+    from llama3.checkpoint.gguf import _GGUFFile
+
+    path = gguf_files["q8_0"]
+    reference, ours = gguf.GGUFReader(path), _GGUFFile(path)
+    expected = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert set(ours.fields) == set(expected)
+    for key, value in expected.items():
+        assert ours.fields[key] == pytest.approx(value) if isinstance(value, float) else ours.fields[key] == value, key
+    assert len(ours.fields["tokenizer.ggml.tokens"]) == 128256 and len(ours.fields["tokenizer.ggml.merges"]) > 200_000
+    assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+    for mine, theirs in zip(ours.tensors, reference.tensors):
+        assert mine.shape == [int(n) for n in theirs.shape] and mine.tensor_type == theirs.tensor_type
+        assert mine.data.shape == theirs.data.shape and np.array_equal(mine.data, theirs.data), mine.name
+    model, tokenizer = model_and_tokenizer
+    loaded, loaded_tok = llama3.load(gguf_files["f32"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    text = PROMPT + " <|eot_id|> 東京 🙂"
+    assert loaded_tok.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
+
+
+def test_gguf_with_a_cut_data_section_is_refused(gguf_files, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf_files["f16"].read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"cut\.gguf: not a readable GGUF file \(tensor .* runs past the end"):
+        llama3.load(cut)

@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp, Ollama): write and read single-file models with llama.cpp's own `gguf` package.
+"""GGUF (llama.cpp, Ollama): single-file models written with llama.cpp's own `gguf` package and read by a
+small reader of our own (`_GGUFFile`: the `gguf` package's reader takes ~15 s over Llama 3's vocabulary).
 
 Layout as llama.cpp's converter writes Llama 3: architecture "llama", tensors `token_embd`, `blk.N.attn_q`
 ... `output`, q/k rows in Meta's interleaved RoPE order (llama.cpp's rope is the interleaved one, so Meta's
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -206,9 +208,113 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.d
 
 # ----- reading -----
 
+# GGUF metadata value types -> struct format of one value (8 = string, 9 = array are read separately)
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NUMPY_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+                 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+# tensor types stored as plain little-endian numbers (the others are blocks of bytes: bf16, quantized)
+_PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                "I32": np.int32, "I64": np.int64}
+
+
+class _TensorInfo:
+    """One tensor of a GGUF file: `name`, `shape` (GGUF order, innermost first), `tensor_type`, and `data`
+    (a read-only view of the file: numbers for float types, bytes per row for quantized ones)."""
+
+    def __init__(self, name: str, shape: list[int], tensor_type, data: np.ndarray):
+        self.name, self.shape, self.tensor_type, self.data = name, shape, tensor_type, data
+
+
+class _GGUFFile:
+    """A GGUF file (versions 2 and 3) read straight from the bytes: the metadata into Python values and
+    the tensors as views of a memory map.
+
+    The `gguf` package's reader builds numpy views for every part of every metadata string, which takes
+    about 15 s for Llama 3's 128K tokens and 280K merges; here each string is one slice and decode (under
+    a second). The file is checked as it is read: a truncated or corrupt one raises ValueError."""
+
+    def __init__(self, path: Path):
+        import struct
+
+        import gguf
+
+        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        buf = memoryview(self._map)
+        pos = 0
+
+        def take(fmt: str):
+            nonlocal pos
+            values = struct.unpack_from("<" + fmt, buf, pos)
+            pos += struct.calcsize("<" + fmt)
+            return values[0] if len(values) == 1 else values
+
+        def string() -> str:
+            nonlocal pos
+            n = take("Q")
+            if pos + n > len(buf):
+                raise ValueError("a string runs past the end of the file")
+            text = bytes(buf[pos: pos + n]).decode("utf-8")
+            pos += n
+            return text
+
+        def value(kind: int):
+            nonlocal pos
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item_kind, count = take("IQ")
+                if item_kind in (8, 9):
+                    return [value(item_kind) for _ in range(count)]
+                dtype = np.dtype(_NUMPY_DTYPES[item_kind]).newbyteorder("<")
+                end = pos + count * dtype.itemsize
+                if end > len(buf):
+                    raise ValueError("an array runs past the end of the file")
+                items = np.frombuffer(buf[pos:end], dtype=dtype).tolist()
+                pos = end
+                return items
+            return take(_SCALAR_FORMATS[kind])
+
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic number")
+        pos = 4
+        version, n_tensors, n_fields = take("IQQ")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version}; versions 2 and 3 are supported")
+        self.fields: dict[str, object] = {}
+        for _ in range(n_fields):
+            key = string()
+            self.fields[key] = value(take("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            n_dims = take("I")
+            shape = [take("Q") for _ in range(n_dims)]
+            kind, offset = take("IQ")
+            infos.append((name, shape, gguf.GGMLQuantizationType(kind), offset))
+        alignment = int(self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        data_start = -(-pos // alignment) * alignment
+        self.tensors: list[_TensorInfo] = []
+        for name, shape, kind, offset in infos:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+            if shape[0] % block:
+                raise ValueError(f"tensor {name}: {shape[0]} values per row do not fill {kind.name} blocks")
+            row_bytes = shape[0] // block * block_bytes
+            rows = int(np.prod(shape[1:], dtype=np.int64))
+            start, end = data_start + offset, data_start + offset + rows * row_bytes
+            if end > len(buf):
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            raw = self._map[start:end]
+            dims = [int(n) for n in reversed(shape)]
+            if kind.name in _PLAIN_TYPES:
+                data = raw.view(np.dtype(_PLAIN_TYPES[kind.name]).newbyteorder("<")).reshape(dims)
+            else:
+                data = raw.reshape(*dims[:-1], row_bytes)  # bytes per row, as gguf.quants.dequantize takes
+            self.tensors.append(_TensorInfo(name, shape, kind, data))
+
+
 def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    return reader.fields.get(key, default)
 
 
 def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -222,8 +328,8 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as e:
+        reader = _GGUFFile(path)
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError, struct.error) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e}); it may be truncated or corrupt") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -253,6 +359,9 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                 if name == "rope_freqs.weight":
                     continue
                 raise ValueError(f"{path}: unexpected tensor {name!r}; not part of a Llama model")
+            if t.tensor_type.name not in ("F32", "F16", "BF16", "Q8_0"):
+                raise ValueError(f"{path}: tensor {name!r} is {t.tensor_type.name}; this reader takes f32, f16, "
+                                 "bf16 and q8_0 (convert other quantizations with llama.cpp's tools first)")
             data = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type in (
                 gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16) else np.array(t.data)
             tensor = torch.from_numpy(data)
