@@ -97,6 +97,65 @@ def test_gemv_int8_equals_float64_reference(M, K, N, out_dtype):
     assert ((y.double() - exact).abs() <= bound).all()
 
 
+def unpack_int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4_codes`, written from the layout's description."""
+    N, half = packed.shape
+    chunks = packed.view(N, half // 32, 32)
+    return torch.stack([chunks & 0x0F, chunks >> 4], dim=2).reshape(N, half * 2)
+
+
+# (M, K, N, group): one row and several (passes of 8), chunks of 64 with one or two groups each
+INT4_SHAPES = [(M, K, N, g) for (M, K, N) in [(1, 64, 40), (1, 2048, 100), (3, 128, 77), (8, 576, 33),
+                                               (9, 256, 129), (2, 384, 5)]
+               for g in (32, 64, 128) if K % g == 0]
+
+
+@pytest.mark.parametrize("M,K,N,group", INT4_SHAPES)
+def test_gemv_int4_equals_float64_reference(M, K, N, group):
+    from llama3.inference.quantize import pack_int4_codes
+
+    torch.manual_seed(M * 1000 + K + N + group)
+    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    packed = pack_int4_codes(codes)
+    assert torch.equal(unpack_int4_codes(packed), codes)
+    scales = (torch.rand(N, K // group) * 0.1).half()
+    lows = (torch.randn(N, K // group) * 0.1).half()
+    x = torch.randn(M, K)
+    g_scales, g_lows = scales.double().repeat_interleave(group, 1), lows.double().repeat_interleave(group, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        xi = x.to(dtype)
+        y = torch.ops.llama3.gemv_int4(xi, packed, scales, lows, group)
+        assert y.dtype == dtype and y.shape == (M, N)
+        # the kernel's arithmetic: codes against x rounded to int8 per block of 32, lows against exact x
+        ref = quantize_activations_like_the_kernel(xi.float()) @ (codes.double() * g_scales).T + xi.double() @ g_lows.T
+        tolerance = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tolerance
+        exact = xi.double() @ (g_lows + codes.double() * g_scales).T
+        assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 0.02  # int8 activations
+
+
+def test_int4_linear_on_the_kernel_equals_its_dequantized_weights():
+    from llama3.inference.quantize import Int4WeightOnlyLinear
+
+    torch.manual_seed(3)
+    weight = torch.randn(96, 256)
+    layer = Int4WeightOnlyLinear(weight, group_size=32)
+    assert layer.use_gemv and layer.weight_int4.shape == (96, 128) and layer.scales_f16.dtype == torch.float16
+    codes = unpack_int4_codes(layer.weight_int4).double()
+    dequantized = (layer.lows_f16.double().repeat_interleave(32, 1)
+                   + codes * layer.scales_f16.double().repeat_interleave(32, 1))
+    assert (dequantized - weight.double()).abs().max() <= layer.scales_f16.double().max() / 2 + 1e-3  # half a step
+    compiled = torch.compile(layer, fullgraph=True)
+    for rows in (1, 5, 40):  # decode, a few rows, a prompt (passes of 8 rows)
+        x = torch.randn(rows, 256)
+        y = layer(x)
+        ref = quantize_activations_like_the_kernel(x) @ (codes * layer.scales_f16.double().repeat_interleave(32, 1)).T \
+            + x.double() @ layer.lows_f16.double().repeat_interleave(32, 1).T
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), y, rtol=0, atol=0)
+
+
 def test_kernels_reject_bad_inputs_with_clear_errors():
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="x has 6 columns but w has 8"):
@@ -105,6 +164,13 @@ def test_kernels_reject_bad_inputs_with_clear_errors():
         torch.ops.llama3.gemv_bf16(torch.zeros(1, 8), w)
     with pytest.raises(RuntimeError, match="scales must be a contiguous float32 vector"):
         torch.ops.llama3.gemv_int8(torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.int8), torch.zeros(3))
+    packed, halves = torch.zeros(4, 32, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="x has 48 columns but w packs 64"):
+        torch.ops.llama3.gemv_int4(torch.zeros(1, 48), packed, halves, halves, 32)
+    with pytest.raises(RuntimeError, match="group size \\(48\\) that is a multiple of 32"):
+        torch.ops.llama3.gemv_int4(torch.zeros(1, 64), packed, halves, halves, 48)
+    with pytest.raises(RuntimeError, match="scales and lows must be contiguous float16"):
+        torch.ops.llama3.gemv_int4(torch.zeros(1, 64), packed, halves.float(), halves, 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

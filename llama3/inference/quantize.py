@@ -1,15 +1,16 @@
 """Weight-only quantization for decoding: weights stored in int8 or int4, products computed in bf16.
 
 Decode at batch 1 is bound by the bytes of weights read per token, so halving (int8 vs bf16) or quartering
-(int4) them raises the ceiling. The products run on torch's CPU kernels, except int8 decoding:
+(int4) them raises the ceiling. The products run on the project's kernels where they help, else on torch's:
 
 - int8: one symmetric scale per output channel. The few rows of a decode step (`gemv.use_kernel`) go to
   the project's VNNI kernel `llama3::gemv_int8` (activations rounded to int8 per block of 32, as llama.cpp's
   q8_0 products do; `llama3/kernels/gemv.cpp`), longer ones (prompts) and machines without the kernel to
   torch's `aten._weight_int8pack_mm(x, w_int8 (N, K), scales (N,))`.
-- int4: asymmetric groups of `group_size` input channels, packed by
-  `aten._convert_weight_to_int4pack_for_cpu` and multiplied by `aten._weight_int4pack_mm_for_cpu`;
-  dequantized value = (q - 8) · scale + zero, q in [0, 15] (the layout those kernels expect).
+- int4: asymmetric groups of `group_size` input channels, value = low + q · scale with q in [0, 15]. With
+  the project's kernels, codes two per byte and fp16 scale/low, multiplied by `llama3::gemv_int4` (VNNI,
+  activations rounded to int8 per block of 32) for every row count; otherwise packed by
+  `aten._convert_weight_to_int4pack_for_cpu` for `aten._weight_int4pack_mm_for_cpu` (bf16 scale and zero).
 
 Each module also has a pure-PyTorch path (`use_kernel=False`: dequantize, then `F.linear`), used as the
 reference in tests. `quantize_model(model, "int8" | "int4")` replaces every linear layer of the blocks and
@@ -25,7 +26,7 @@ from torch import nn
 from .. import kernels
 from . import gemv
 
-__all__ = ["QUANT_MODES", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "quantize_model"]
+__all__ = ["QUANT_MODES", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "pack_int4_codes", "quantize_model"]
 
 QUANT_MODES = ("int8", "int4")
 
@@ -66,45 +67,78 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    """y = x Wᵀ with W stored as 4-bit groups along the input dimension, one (scale, zero) per group."""
+    """y = x Wᵀ with W stored as 4-bit groups along the input dimension, one (scale, low) per group:
+    w ≈ low + code · scale, code in [0, 15].
+
+    Two storage layouts, chosen at construction:
+    - the project's (`llama3::gemv_int4`, when the kernels are available, in_features is a multiple of 64
+      and group_size a multiple of 32): codes two per byte in chunks of 64 (`pack_int4_codes`), scale and
+      low in fp16 (N, G) each. Every product, decode or prompt, runs on the kernel (in passes of 8 rows:
+      faster than torch's int4 kernel at every row count measured here);
+    - torch's (`aten._convert_weight_to_int4pack_for_cpu` / `_weight_int4pack_mm_for_cpu`, bf16 scale and
+      zero), otherwise."""
 
     def __init__(self, weight: torch.Tensor, group_size: int = 32, use_kernel: bool = True):
         super().__init__()
         N, K = weight.shape
         if K % group_size != 0:
             raise ValueError(f"int4 needs in_features ({K}) divisible by group_size ({group_size})")
+        self.in_features, self.out_features, self.group_size = K, N, group_size
+        self.use_kernel = use_kernel
+        self.use_gemv = use_kernel and K % 64 == 0 and group_size % 32 == 0 and kernels.available()
         groups = weight.detach().float().reshape(N, K // group_size, group_size)  # (N, G, group)
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
         scale = (high - low).clamp(min=1e-8) / 15.0  # (N, G, 1)
-        q = torch.round((groups - low) / scale).clamp(0, 15)
+        if self.use_gemv:
+            # round scale and low to their stored fp16 first, so the codes are chosen for the stored values
+            scale, low = scale.half().float().clamp(min=2.0 ** -24), low.half().float()
+        q = torch.round((groups - low) / scale).clamp(0, 15).reshape(N, K).to(torch.uint8)
+        self.register_buffer("codes", q if not use_kernel else None)  # unpacked: the pure-PyTorch path only
+        if self.use_gemv:
+            self.register_buffer("weight_int4", pack_int4_codes(q))
+            self.register_buffer("scales_f16", scale.squeeze(-1).half())
+            self.register_buffer("lows_f16", low.squeeze(-1).half())
+            self.scale_zero = None
+            return
         zero = low + 8 * scale  # so that (q - 8)·scale + zero = low + q·scale
-        q_int32 = q.reshape(N, K).to(torch.int32)
-        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_int32, 1))
+        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
         scale_zero = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1)  # (N, G, 2)
         # bf16 whatever the model's dtype: the kernel is ~90x slower with fp16/fp32 activations (measured here).
         self.register_buffer("scale_zero", scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16))  # (G, N, 2)
-        # The unpacked codes are kept only for the pure-PyTorch path.
-        self.register_buffer("codes", q.reshape(N, K).to(torch.uint8) if not use_kernel else None)
-        self.in_features, self.out_features, self.group_size = K, N, group_size
-        self.use_kernel = use_kernel
 
     def dequantize(self) -> torch.Tensor:
         assert self.codes is not None, "built with use_kernel=True; the codes live only in the packed buffer"
-        N, K = self.out_features, self.in_features
+        N, K, g = self.out_features, self.in_features, self.group_size
+        if self.use_gemv:
+            scale, low = self.scales_f16.float(), self.lows_f16.float()
+            q = self.codes.view(N, K // g, g).float()
+            return (low.unsqueeze(-1) + q * scale.unsqueeze(-1)).reshape(N, K)
         scale, zero = self.scale_zero.transpose(0, 1).unbind(-1)  # (N, G) each
-        q = self.codes.view(N, K // self.group_size, self.group_size).to(scale.dtype)
+        q = self.codes.view(N, K // g, g).to(scale.dtype)
         return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).reshape(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_bf16 = x.to(torch.bfloat16)
         if not self.use_kernel:
-            return F.linear(x_bf16, self.dequantize()).to(x.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16.reshape(-1, self.in_features), self.weight_int4,
-                                                        self.group_size, self.scale_zero)
+            return F.linear(x.to(torch.bfloat16), self.dequantize().to(torch.bfloat16)).to(x.dtype)
+        if self.use_gemv:
+            x_in = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
+            y = torch.ops.llama3.gemv_int4(x_in.reshape(-1, self.in_features), self.weight_int4, self.scales_f16,
+                                           self.lows_f16, self.group_size)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).reshape(-1, self.in_features),
+                                                        self.weight_int4, self.group_size, self.scale_zero)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # (..., N)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.group_size}"
+
+
+def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 codes in [0, 15], K a multiple of 64 -> (N, K / 2) uint8 in `gemv_int4`'s layout: per
+    chunk of 64 values, byte j holds value j in its low nibble and value 32 + j in its high nibble."""
+    N, K = codes.shape
+    chunks = codes.reshape(N, K // 64, 2, 32)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
 
 
 def _quantized(linear: nn.Linear, mode: str, group_size: int, use_kernel: bool) -> nn.Module:

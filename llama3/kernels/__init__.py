@@ -1,6 +1,6 @@
 """Hand-written CPU kernels, built once per machine and registered as torch operators.
 
-- `gemv.cpp`: `torch.ops.llama3.gemv_bf16`, `gemv_f32`, `gemv_int8`, the decode-time matrix-vector
+- `gemv.cpp`: `torch.ops.llama3.gemv_bf16`, `gemv_f32`, `gemv_int8`, `gemv_int4`, the decode-time matrix-vector
   products (used by `llama3.inference.gemv` and `quantize`);
 - `xent.cpp`: `torch.ops.llama3.xent_rows_`, cross-entropy rows and their logit gradients in place (used by
   the training loss, `llama3.train.loss`).
@@ -107,7 +107,7 @@ def _xent_rows_shape(logits, targets, weights, write_grad):
 
 
 def _register_fakes() -> None:
-    for name in ("gemv_bf16", "gemv_f32", "gemv_int8"):
+    for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"llama3::{name}")(_gemv_shape)
     torch.library.register_fake("llama3::xent_rows_")(_xent_rows_shape)
 

@@ -13,6 +13,9 @@
 //   llama3::gemv_f32(x fp32 (M, K), w fp32 (N, K)) -> fp32 (M, N)
 //   llama3::gemv_int8(x bf16|fp32 (M, K), w int8 (N, K), scales fp32 (N,)) -> x.dtype (M, N),
 //       y[m, n] = scales[n] · Σ_k x[m, k] · w[n, k], with x rounded to int8 per block of 32 (see below)
+//   llama3::gemv_int4(x bf16|fp32 (M, K), w uint8 (N, K/2), scales fp16 (N, G), lows fp16 (N, G), group)
+//       -> x.dtype (M, N), y[m, n] = Σ_k x[m, k] · (lows[n, k/group] + code[n, k] · scales[n, k/group]),
+//       codes packed two per byte (layout below), x rounded to int8 per block of 32 as for int8
 //
 // Three code paths, chosen at compile time for the machine that builds the library (-march=native):
 // AVX-512 with the BF16 dot-product instruction, AVX-512F, and portable C++ that the compiler vectorizes.
@@ -254,6 +257,112 @@ inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
+// int4 weights (asymmetric groups: w = low + code · scale, code in 0..15, fp16 scale and low per group of
+// input channels) against activations quantized to int8 in blocks of 32, as for int8
+// ---------------------------------------------------------------------------------------------------------
+//
+// Codes are packed two per byte in chunks of 64 values: byte j of a chunk holds value j in its low nibble
+// and value 32 + j in its high nibble, so one 32-byte load, a mask and a shift give the chunk's 64 codes in
+// order, ready for one vpdpbusd (codes are unsigned bytes, activations signed: no offset needed). Per
+// int32 lane: dot · (activation block scale) · (weight group scale); the lows contribute
+// Σ_groups low · (the exact sum of x over the group), computed once per row of x and group.
+
+struct Int4Sums {
+  std::vector<float> group_sum;  // (M, G): Σ x over each group, from the unrounded activations
+};
+
+Int4Sums group_sums(const float* x, int64_t M, int64_t K, int64_t group) {
+  Int4Sums out;
+  const int64_t G = K / group;
+  out.group_sum.assign(M * G, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      double s = 0.0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[m * K + k];
+      out.group_sum[m * G + g] = static_cast<float>(s);
+    }
+  return out;
+}
+
+inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+// Σ_g low[g] · group_sum[g]
+inline float low_term(const uint16_t* lows, const float* sums, int64_t G) {
+  float s = 0.f;
+  int64_t g = 0;
+#ifdef LLAMA3_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; g + 16 <= G; g += 16)
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lows + g))),
+                          _mm512_loadu_ps(sums + g), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; g < G; ++g) s += half_to_float(lows[g]) * sums[g];
+  return s;
+}
+
+#if defined(LLAMA3_AVX512) && defined(__AVX512VNNI__)
+template <int M>
+inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* lows, int64_t K, int64_t group,
+                     const QuantizedRows& qx, const Int4Sums& sums, int64_t m0, float* out) {
+  const int64_t Kp = qx.padded_k, G = K / group;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  // lanes 0-7 belong to the chunk's first 32 values, lanes 8-15 to the next 32
+  const __m512i pair_index = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  constexpr int kUnroll = unroll_for<M>();
+  __m512 acc[kUnroll][M];
+  zero_accumulators(acc);
+  auto step = [&](int u, int64_t k0) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k0 / 2));
+    const __m256i lo = _mm256_and_si256(packed, nibble);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+    const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    __m512 wscale;
+    if (group == 32) {  // two groups in this chunk: their two scales, one per half of the lanes
+      uint32_t two;
+      std::memcpy(&two, scales + k0 / 32, sizeof(two));
+      wscale = _mm512_permutexvar_ps(pair_index, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(two)))));
+    } else {
+      wscale = _mm512_set1_ps(half_to_float(scales[k0 / group]));
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_loadu_si512(qx.q.data() + (m0 + m) * Kp + k0);
+      const __m512 sv = _mm512_loadu_ps(qx.lane_scale.data() + (m0 + m) * Kp / 4 + k0 / 4);
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv);
+      acc[u][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, wscale), acc[u][m]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + kUnroll * kChunk <= K; k += kUnroll * kChunk)
+    for (int u = 0; u < kUnroll; ++u) step(u, k + u * kChunk);
+  for (; k < K; k += kChunk) step(0, k);
+  sum_accumulators(acc, out);
+  for (int m = 0; m < M; ++m) out[m] += low_term(lows, sums.group_sum.data() + (m0 + m) * G, G);
+}
+#else
+template <int M>
+inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* lows, int64_t K, int64_t group,
+                     const QuantizedRows& qx, const Int4Sums& sums, int64_t m0, float* out) {
+  const int64_t Kp = qx.padded_k, G = K / group;
+  for (int m = 0; m < M; ++m) {
+    const int8_t* q = qx.q.data() + (m0 + m) * Kp;
+    const float* ls = qx.lane_scale.data() + (m0 + m) * Kp / 4;
+    float s = 0.f;
+    for (int64_t b0 = 0; b0 < K; b0 += kQBlock) {
+      int32_t dot = 0;
+      for (int64_t k = b0; k < b0 + kQBlock; ++k) {
+        const uint8_t byte = w[(k / kChunk) * (kChunk / 2) + (k % kChunk) % 32];
+        const int32_t code = (k % kChunk) < 32 ? (byte & 0x0F) : (byte >> 4);
+        dot += code * int32_t(q[k]);
+      }
+      s += dot * ls[b0 / 4] * half_to_float(scales[b0 / group]);
+    }
+    out[m] = s + low_term(lows, sums.group_sum.data() + (m0 + m) * G, G);
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
 // Driver: W's rows split over the thread pool, each thread streaming a contiguous range; x in passes of at
 // most kMaxRows rows, with the row count a template parameter so the accumulators stay in registers.
 // ---------------------------------------------------------------------------------------------------------
@@ -365,16 +474,60 @@ at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
   return y;
 }
 
+at::Tensor gemv_int4(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& lows,
+                     int64_t group) {
+  const char* op = "llama3::gemv_int4";
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte, op,
+              ": expected x (M, K) and packed codes w, contiguous uint8 (N, K / 2)");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) * 2 == K, op, ": x has ", K, " columns but w packs ", w.size(1) * 2);
+  TORCH_CHECK(K % kChunk == 0 && group % kQBlock == 0 && group > 0 && K % group == 0, op,
+              ": needs K (", K, ") a multiple of 64 and a group size (", group, ") that is a multiple of 32 dividing K");
+  const int64_t G = K / group;
+  for (const at::Tensor* t : {&scales, &lows})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                    t->size(1) == G,
+                op, ": scales and lows must be contiguous float16 (N, K / group) = (", N, ", ", G, ")");
+  const auto out_dtype = x_in.scalar_type();
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, op, ": x must be float32 or bfloat16");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  const auto* wp = w.const_data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.const_data_ptr());
+  const auto* lp = reinterpret_cast<const uint16_t*>(lows.const_data_ptr());
+  float* y32 = out_dtype == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
+  c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
+  const QuantizedRows qx = quantize_rows(x.const_data_ptr<float>(), M, K);
+  const Int4Sums sums = group_sums(x.const_data_ptr<float>(), M, K, group);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t mb = std::min(kMaxRows, M - m0);
+    for_rows(N, mb, K / 2 + 4 * G, [&]<int R>(int64_t n, float* out) {
+      int4_row<R>(wp + n * (K / 2), sp + n * G, lp + n * G, K, group, qx, sums, m0, out);
+      for (int m = 0; m < R; ++m) {
+        if (y32 != nullptr) {
+          y32[(m0 + m) * N + n] = out[m];
+        } else {
+          y16[(m0 + m) * N + n] = c10::BFloat16(out[m]);
+        }
+      }
+    });
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama3, m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, Tensor lows, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama3, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int4", &gemv_int4);
 }
