@@ -239,8 +239,11 @@ inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_
   sum_accumulators(acc, out);
 }
 #else
-template <int M>
-inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_t m0, float* out) {
+// Portable form of the quantized products: per block of 32, Σ weight(k) · q[k] in integers, times the block's
+// activation scale and the weight's block scale.
+template <int M, typename WeightAt, typename BlockScale>
+inline void quantized_row_portable(WeightAt weight_at, BlockScale block_scale, int64_t K, const QuantizedRows& qx,
+                                   int64_t m0, float* out) {
   const int64_t Kp = qx.padded_k;
   for (int m = 0; m < M; ++m) {
     const int8_t* q = qx.q.data() + (m0 + m) * Kp;
@@ -248,11 +251,16 @@ inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_
     float s = 0.f;
     for (int64_t b0 = 0; b0 < K; b0 += kQBlock) {
       int32_t dot = 0;
-      for (int64_t k = b0; k < std::min(K, b0 + kQBlock); ++k) dot += int32_t(w[k]) * int32_t(q[k]);
-      s += dot * ls[b0 / 4];
+      for (int64_t k = b0; k < std::min(K, b0 + kQBlock); ++k) dot += weight_at(k) * int32_t(q[k]);
+      s += dot * ls[b0 / 4] * block_scale(b0);
     }
     out[m] = s;  // no offset here, so lane_start is not needed
   }
+}
+
+template <int M>
+inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_t m0, float* out) {
+  quantized_row_portable<M>([w](int64_t k) { return int32_t(w[k]); }, [](int64_t) { return 1.f; }, K, qx, m0, out);
 }
 #endif
 
@@ -343,22 +351,13 @@ inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* l
 template <int M>
 inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* lows, int64_t K, int64_t group,
                      const QuantizedRows& qx, const Int4Sums& sums, int64_t m0, float* out) {
-  const int64_t Kp = qx.padded_k, G = K / group;
-  for (int m = 0; m < M; ++m) {
-    const int8_t* q = qx.q.data() + (m0 + m) * Kp;
-    const float* ls = qx.lane_scale.data() + (m0 + m) * Kp / 4;
-    float s = 0.f;
-    for (int64_t b0 = 0; b0 < K; b0 += kQBlock) {
-      int32_t dot = 0;
-      for (int64_t k = b0; k < b0 + kQBlock; ++k) {
-        const uint8_t byte = w[(k / kChunk) * (kChunk / 2) + (k % kChunk) % 32];
-        const int32_t code = (k % kChunk) < 32 ? (byte & 0x0F) : (byte >> 4);
-        dot += code * int32_t(q[k]);
-      }
-      s += dot * ls[b0 / 4] * half_to_float(scales[b0 / group]);
-    }
-    out[m] = s + low_term(lows, sums.group_sum.data() + (m0 + m) * G, G);
-  }
+  auto code_at = [w](int64_t k) {
+    const uint8_t byte = w[(k / kChunk) * (kChunk / 2) + (k % kChunk) % 32];
+    return int32_t((k % kChunk) < 32 ? (byte & 0x0F) : (byte >> 4));
+  };
+  quantized_row_portable<M>(code_at, [=](int64_t k) { return half_to_float(scales[k / group]); }, K, qx, m0, out);
+  const int64_t G = K / group;
+  for (int m = 0; m < M; ++m) out[m] += low_term(lows, sums.group_sum.data() + (m0 + m) * G, G);
 }
 #endif
 
@@ -441,6 +440,15 @@ at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w) {
       []<int R>(const float* wr, const float* xr, int64_t K, float* out) { f32_row<R>(wr, xr, K, out); });
 }
 
+// The quantized operators return x's dtype: exactly one of y32 / y16 is set.
+inline void store_output(float* y32, c10::BFloat16* y16, int64_t index, float v) {
+  if (y32 != nullptr) {
+    y32[index] = v;
+  } else {
+    y16[index] = c10::BFloat16(v);
+  }
+}
+
 at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales) {
   check_inputs(x_in, w, "llama3::gemv_int8");
   TORCH_CHECK(w.scalar_type() == at::kChar, "llama3::gemv_int8: w must be int8");
@@ -461,14 +469,7 @@ at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
     const int64_t mb = std::min(kMaxRows, M - m0);
     for_rows(N, mb, K, [&]<int R>(int64_t n, float* out) {
       int8_row<R>(wp + n * K, K, qx, m0, out);
-      for (int m = 0; m < R; ++m) {
-        const float v = out[m] * sp[n];
-        if (y32 != nullptr) {
-          y32[(m0 + m) * N + n] = v;
-        } else {
-          y16[(m0 + m) * N + n] = c10::BFloat16(v);
-        }
-      }
+      for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m] * sp[n]);
     });
   }
   return y;
@@ -504,13 +505,7 @@ at::Tensor gemv_int4(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
     const int64_t mb = std::min(kMaxRows, M - m0);
     for_rows(N, mb, K / 2 + 4 * G, [&]<int R>(int64_t n, float* out) {
       int4_row<R>(wp + n * (K / 2), sp + n * G, lp + n * G, K, group, qx, sums, m0, out);
-      for (int m = 0; m < R; ++m) {
-        if (y32 != nullptr) {
-          y32[(m0 + m) * N + n] = out[m];
-        } else {
-          y16[(m0 + m) * N + n] = c10::BFloat16(out[m]);
-        }
-      }
+      for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m]);
     });
   }
   return y;
