@@ -98,10 +98,14 @@ def test_gemv_int8_equals_float64_reference(M, K, N, out_dtype):
 
 
 def unpack_int4_codes(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_int4_codes`, written from the layout's description."""
+    """The inverse of `pack_int4_codes`, written from the layout's description: chunks of 64 bytes (128
+    values: low nibbles first, then high nibbles), and a last chunk of 32 bytes when K is an odd multiple of 64."""
     N, half = packed.shape
-    chunks = packed.view(N, half // 32, 32)
-    return torch.stack([chunks & 0x0F, chunks >> 4], dim=2).reshape(N, half * 2)
+    parts = []
+    for start in range(0, half, 64):
+        chunk = packed[:, start: start + 64]  # 64 bytes, or the last 32
+        parts += [chunk & 0x0F, chunk >> 4]
+    return torch.cat(parts, dim=1)
 
 
 # (M, K, N, group): one row and several (passes of 8), chunks of 64 with one or two groups each

@@ -72,7 +72,7 @@ class Int4WeightOnlyLinear(nn.Module):
 
     Two storage layouts, chosen at construction:
     - the project's (`llama3::gemv_int4`, when the kernels are available, in_features is a multiple of 64
-      and group_size a multiple of 32): codes two per byte in chunks of 64 (`pack_int4_codes`), scale and
+      and group_size a multiple of 32): codes two per byte in chunks of 128 (`pack_int4_codes`), scale and
       low in fp16 (N, G) each. Every product, decode or prompt, runs on the kernel (in passes of 8 rows:
       faster than torch's int4 kernel at every row count measured here);
     - torch's (`aten._convert_weight_to_int4pack_for_cpu` / `_weight_int4pack_mm_for_cpu`, bf16 scale and
@@ -135,10 +135,16 @@ class Int4WeightOnlyLinear(nn.Module):
 
 def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) uint8 codes in [0, 15], K a multiple of 64 -> (N, K / 2) uint8 in `gemv_int4`'s layout: per
-    chunk of 64 values, byte j holds value j in its low nibble and value 32 + j in its high nibble."""
+    chunk of 128 values, byte j holds value j in its low nibble and value 64 + j in its high nibble; a last
+    64 values (when K is an odd multiple of 64) likewise as value j and 32 + j."""
     N, K = codes.shape
-    chunks = codes.reshape(N, K // 64, 2, 32)
-    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+    full = K // 128 * 128
+
+    def pack(part: torch.Tensor, span: int) -> torch.Tensor:
+        chunks = part.reshape(N, -1, 2, span // 2)
+        return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(N, -1)
+
+    return torch.cat([pack(codes[:, :full], 128), pack(codes[:, full:], 64)], dim=1).contiguous()
 
 
 def _quantized(linear: nn.Linear, mode: str, group_size: int, use_kernel: bool) -> nn.Module:

@@ -182,6 +182,7 @@ struct QuantizedRows {
   std::vector<int8_t> q;          // (M, padded_k)
   std::vector<float> lane_scale;     // (M, padded_k / 4): the scale of the block each int32 lane belongs to
   std::vector<int32_t> lane_start;  // (M, padded_k / 4): -128 · the sum of the lane's 4 values of q
+  std::vector<float> block_scale;   // (M, padded_k / 32): the scale of each block
 };
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
@@ -190,6 +191,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   out.q.assign(M * out.padded_k, 0);
   out.lane_scale.assign(M * out.padded_k / 4, 0.f);
   out.lane_start.assign(M * out.padded_k / 4, 0);
+  out.block_scale.assign(M * out.padded_k / kQBlock, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     int8_t* qr = out.q.data() + m * out.padded_k;
@@ -207,6 +209,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
         starts[k / 4] -= 128 * v;
       }
       for (int64_t lane = b0 / 4; lane < b0 / 4 + kQBlock / 4; ++lane) lr[lane] = scale;
+      out.block_scale[m * out.padded_k / kQBlock + b0 / kQBlock] = scale;
     }
   }
   return out;
@@ -269,10 +272,12 @@ inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_
 // input channels) against activations quantized to int8 in blocks of 32, as for int8
 // ---------------------------------------------------------------------------------------------------------
 //
-// Codes are packed two per byte in chunks of 64 values: byte j of a chunk holds value j in its low nibble
-// and value 32 + j in its high nibble, so one 32-byte load, a mask and a shift give the chunk's 64 codes in
-// order, ready for one vpdpbusd (codes are unsigned bytes, activations signed: no offset needed). Per
-// int32 lane: dot · (activation block scale) · (weight group scale); the lows contribute
+// Codes are packed two per byte in chunks of 128 values: byte j (0..63) of a chunk holds value j in its low
+// nibble and value 64 + j in its high nibble, so one 64-byte load, a mask and a shift give two vectors of
+// 64 codes in order, each ready for one vpdpbusd (codes are unsigned bytes, activations signed: no offset
+// needed). A last 64 values (K = 128·c + 64) are packed the same way in 32 bytes (value j and 32 + j). Per
+// int32 lane: dot · (activation block scale · weight group scale), the two scales multiplied for the two
+// blocks of 64 values in a 128-bit register and spread over the lanes; the lows contribute
 // Σ_groups low · (the exact sum of x over the group), computed once per row of x and group.
 
 struct Int4Sums {
@@ -314,36 +319,44 @@ template <int M>
 inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* lows, int64_t K, int64_t group,
                      const QuantizedRows& qx, const Int4Sums& sums, int64_t m0, float* out) {
   const int64_t Kp = qx.padded_k, G = K / group;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  // lanes 0-7 belong to the chunk's first 32 values, lanes 8-15 to the next 32
+  // lanes 0-7 belong to the first 32 values of a 64, lanes 8-15 to the next 32
   const __m512i pair_index = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   constexpr int kUnroll = unroll_for<M>();
   __m512 acc[kUnroll][M];
   zero_accumulators(acc);
-  auto step = [&](int u, int64_t k0) {
-    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k0 / 2));
-    const __m256i lo = _mm256_and_si256(packed, nibble);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
-    const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    __m512 wscale;
-    if (group == 32) {  // two groups in this chunk: their two scales, one per half of the lanes
+  // 64 codes at value k0 into accumulator set u
+  auto step = [&](int u, int64_t k0, __m512i codes) {
+    __m128 weight_scales;  // the group scales of the two blocks of 32
+    if (group == 32) {
       uint32_t two;
       std::memcpy(&two, scales + k0 / 32, sizeof(two));
-      wscale = _mm512_permutexvar_ps(pair_index, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(two)))));
+      weight_scales = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(two)));
     } else {
-      wscale = _mm512_set1_ps(half_to_float(scales[k0 / group]));
+      weight_scales = _mm_set1_ps(half_to_float(scales[k0 / group]));
     }
     for (int m = 0; m < M; ++m) {
+      const __m128 x_scales = _mm_castpd_ps(
+          _mm_load_sd(reinterpret_cast<const double*>(qx.block_scale.data() + (m0 + m) * Kp / kQBlock + k0 / kQBlock)));
+      const __m512 lane_scales =
+          _mm512_permutexvar_ps(pair_index, _mm512_castps128_ps512(_mm_mul_ps(weight_scales, x_scales)));
       const __m512i xv = _mm512_loadu_si512(qx.q.data() + (m0 + m) * Kp + k0);
-      const __m512 sv = _mm512_loadu_ps(qx.lane_scale.data() + (m0 + m) * Kp / 4 + k0 / 4);
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv);
-      acc[u][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, wscale), acc[u][m]);
+      acc[u][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), lane_scales, acc[u][m]);
     }
   };
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
   int64_t k = 0;
-  for (; k + kUnroll * kChunk <= K; k += kUnroll * kChunk)
-    for (int u = 0; u < kUnroll; ++u) step(u, k + u * kChunk);
-  for (; k < K; k += kChunk) step(0, k);
+  for (int s = 0; k + 2 * kChunk <= K; k += 2 * kChunk, s += 2) {
+    const __m512i packed = _mm512_loadu_si512(w + k / 2);
+    step(s % kUnroll, k, _mm512_and_si512(packed, nibble));
+    step((s + 1) % kUnroll, k + kChunk, _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble));
+  }
+  if (k < K) {  // the last 64 values
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2));
+    const __m256i lo = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F));
+    step(0, k, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+  }
   sum_accumulators(acc, out);
   for (int m = 0; m < M; ++m) out[m] += low_term(lows, sums.group_sum.data() + (m0 + m) * G, G);
 }
@@ -351,9 +364,12 @@ inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* l
 template <int M>
 inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* lows, int64_t K, int64_t group,
                      const QuantizedRows& qx, const Int4Sums& sums, int64_t m0, float* out) {
-  auto code_at = [w](int64_t k) {
-    const uint8_t byte = w[(k / kChunk) * (kChunk / 2) + (k % kChunk) % 32];
-    return int32_t((k % kChunk) < 32 ? (byte & 0x0F) : (byte >> 4));
+  const int64_t full = K / (2 * kChunk) * (2 * kChunk);  // values in whole chunks of 128
+  auto code_at = [w, full](int64_t k) {
+    const int64_t span = k < full ? 2 * kChunk : kChunk;  // 128, or the last 64
+    const int64_t base = k < full ? k / span * span : full, r = k - base;
+    const uint8_t byte = w[base / 2 + r % (span / 2)];
+    return int32_t(r < span / 2 ? (byte & 0x0F) : (byte >> 4));
   };
   quantized_row_portable<M>(code_at, [=](int64_t k) { return half_to_float(scales[k / group]); }, K, qx, m0, out);
   const int64_t G = K / group;
