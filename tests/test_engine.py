@@ -57,23 +57,28 @@ def prompts_of(lengths, seed=0):
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
+def generate_concurrently(engine, prompts, num_new: int) -> list[list[int]]:
+    """Every prompt from its own thread at once; the token ids of each."""
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = engine.generate(prompts[i], num_new)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_concurrent_greedy_equals_plain_generation(model):
     prompts = prompts_of([5, 17, 300, 40, 9, 3, 77, 130, 11])
     expected = [reference_greedy(model, p, 24) for p in prompts]
     # 4 slots for 9 requests: requests wait, join a running batch, and prefill in chunks of 64.
     engine = Engine(model, num_slots=4, prefill_chunk=64).start()
     try:
-        results = [None] * len(prompts)
-
-        def run(i):
-            results[i] = engine.generate(prompts[i], 24)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results == expected
+        assert generate_concurrently(engine, prompts, 24) == expected
         counters = engine.snapshot()["counters"]
         assert counters["finished_length"] == len(prompts)
         assert counters["prompt_tokens_total"] == sum(map(len, prompts))
@@ -163,5 +168,21 @@ def test_requests_that_cannot_fit_are_refused(model):
         events = list(engine.submit(EngineRequest((1, 2, 3), 0, prompt_logprobs=True, num_logprobs=0)))
         assert isinstance(events[0], PromptLogprobsEvent) and len(events[0].logprobs) == 3
         assert events[-1].reason == "length" and events[-1].num_generated_tokens == 0
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_in_the_engine_equals_plain_generation(model, mode):
+    """The quantized kernels round each row's activations on their own, so a request's tokens do not depend
+    on which other requests share its batch: the engine equals plain generation exactly."""
+    from llama3.inference.quantize import quantize_model
+
+    quantized = quantize_model(copy.deepcopy(model), mode)
+    prompts = prompts_of([5, 70, 12, 33], seed=1)
+    expected = [reference_greedy(quantized, p, 12) for p in prompts]
+    engine = Engine(quantized, num_slots=4, prefill_chunk=64).start()
+    try:
+        assert generate_concurrently(engine, prompts, 12) == expected
     finally:
         engine.stop()
