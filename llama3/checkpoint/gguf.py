@@ -235,8 +235,6 @@ class _GGUFFile:
     a second). The file is checked as it is read: a truncated or corrupt one raises ValueError."""
 
     def __init__(self, path: Path):
-        import struct
-
         import gguf
 
         self._map = np.memmap(path, dtype=np.uint8, mode="r")

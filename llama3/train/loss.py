@@ -53,6 +53,13 @@ def _plain(x: torch.Tensor) -> bool:
     return type(x) in (torch.Tensor, nn.Parameter)
 
 
+def _mm(role: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, written into the scratch buffer of `role` when both are plain tensors."""
+    if not (_plain(a) and _plain(b)):
+        return a @ b
+    return torch.mm(a, b, out=_scratch(role, (a.shape[0], b.shape[1]), a.dtype, a.device))
+
+
 def _fused_rows(logits: torch.Tensor) -> bool:
     """Whether `llama3::xent_rows_` (llama3/kernels/xent.cpp) can take this chunk of logits."""
     return (_plain(logits) and logits.device.type == "cpu" and logits.is_contiguous()
@@ -87,8 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 end = min(start + chunk_size, hidden.shape[0])
                 h = hidden[start:end].to(compute_dtype)  # (n, D)
                 t, v, w = safe_targets[start:end], valid[start:end], row_weights[start:end]
-                logits = h @ weight_c.T if not _plain(weight_c) else torch.mm(
-                    h, weight_c.T, out=_scratch("logits", (end - start, weight.shape[0]), compute_dtype, h.device))
+                logits = _mm("logits", h, weight_c.T)  # (n, V)
                 if _fused_rows(logits):
                     nll = torch.ops.llama3.xent_rows_(logits, t, w.float(), need_grads)  # logits -> gradient
                     loss_sum += (nll * v).sum()
@@ -111,8 +117,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_weight is None and compute_dtype == acc_dtype:
                     grad_weight = grad_logits.T @ h  # (V, D), a new tensor: it becomes the weight's .grad
                     continue
-                chunk_grad_weight = grad_logits.T @ h if not _plain(grad_logits) else torch.mm(
-                    grad_logits.T, h, out=_scratch("grad_weight", tuple(weight.shape), compute_dtype, h.device))
+                chunk_grad_weight = _mm("grad_weight", grad_logits.T, h)  # (V, D)
                 if grad_weight is None:
                     grad_weight = chunk_grad_weight.to(acc_dtype)
                 else:
