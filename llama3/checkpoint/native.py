@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .safety import open_safetensors, os_error_of, read_json, read_safetensors_tensor
 
 __all__ = [
     "MARKER",
@@ -70,15 +72,35 @@ def save_training_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.
     """Write `run_dir/step-<step>/` atomically and prune older complete checkpoints to the last `keep`."""
     run_dir = Path(run_dir)
     tmp = begin_step_folder(run_dir, step)
-    save_file(_unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     state = dict(train_state)
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
-    torch.save(state, tmp / "train_state.pt")
-    (tmp / "config.json").write_text(config_json)
-    (tmp / "model_args.json").write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
-    tokenizer.save_tiktoken(tmp / "tokenizer.model")
+    writes = {
+        "model.safetensors": lambda p: save_file(_unique_state_dict(model), str(p), metadata={"format": "pt"}),
+        "train_state.pt": lambda p: _torch_save(state, p),
+        "config.json": lambda p: p.write_text(config_json),
+        "model_args.json": lambda p: p.write_text(json.dumps(model.args.to_dict(), indent=2) + "\n"),
+        "tokenizer.model": tokenizer.save_tiktoken,
+    }
+    try:
+        for name, write in writes.items():
+            try:
+                write(tmp / name)
+            except Exception as e:  # safetensors and torch wrap the disk's error in their own types
+                os_error = os_error_of(e, tmp / name)
+                if os_error is None:
+                    raise
+                raise os_error from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (full disk) gives its space back
+        raise
     return commit_step_folder(run_dir, step, keep=keep)
+
+
+def _torch_save(state: dict[str, Any], path: Path) -> None:
+    # Through a Python file, so a failed write surfaces as the OSError behind torch's RuntimeError.
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _step_folders(run_dir: Path, step: int) -> tuple[Path, Path]:
@@ -108,6 +130,9 @@ def commit_step_folder(run_dir: Path, step: int, *, keep: int) -> Path:
     if keep > 0:
         for old in complete_checkpoints(run_dir)[:-keep]:
             if old != final:
+                # The marker goes first: a kill during the removal must not leave a folder that still
+                # counts as complete while its files are half gone.
+                (old / MARKER).unlink(missing_ok=True)
                 shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -143,13 +168,48 @@ def _load_weights(model: torch.nn.Module, step_dir: Path) -> None:
 
         load_sharded_checkpoint(step_dir, model, None)
         return
-    weights = load_file(str(step_dir / "model.safetensors"))
+    path = step_dir / "model.safetensors"
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in _header_shapes(path).items():
+        if key in expected and shape != expected[key]:
+            raise ValueError(f"{path}: tensor {key!r} has shape {list(shape)} but the model has "
+                             f"{list(expected[key])}; was it written with another model config?")
+    weights = dict(_read_weights(path))
     device = next(model.parameters()).device
     missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
     missing = [k for k in missing if not (k == "output.weight" and model.args.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"{step_dir}: checkpoint does not match the model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}); was it written with another model config?")
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (nothing is read or allocated)."""
+    with open_safetensors(path, low_memory=False) as handle:
+        return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+
+
+def _read_weights(path: Path):
+    """(name, tensor) pairs of a checkpoint's weights, one at a time; errors are ValueErrors naming the file.
+    Weights are floating point: an integer tensor would load as meaningless numbers."""
+    with open_safetensors(path) as handle:
+        for key in handle.keys():
+            tensor = read_safetensors_tensor(handle, key, path)
+            if not tensor.is_floating_point():
+                raise ValueError(f"{path}: tensor {key!r} holds {str(tensor.dtype).removeprefix('torch.')} values; "
+                                 "model weights are floating point, the file is corrupt or not ours")
+            yield key, tensor
+
+
+def _read_model_args(step_dir: Path):
+    from ..config import ModelArgs
+
+    path = step_dir / "model_args.json"
+    try:
+        return ModelArgs.from_dict(read_json(path, what="model_args.json"))
+    except (TypeError, ValueError) as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
 def _resolve_step_dir(path: Path) -> Path | None:
@@ -166,19 +226,27 @@ def is_training_checkpoint(path: str | Path) -> bool:
 def load_training_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
                              dtype: torch.dtype | None = None):
     """(model, tokenizer) from a step folder or a run folder (its newest complete step), in eval mode."""
-    from ..config import ModelArgs
     from ..model import Transformer
     from ..tokenizer import Tokenizer
+    from .load import materialize_model
 
     step_dir = _resolve_step_dir(Path(path))
     if step_dir is None:
         raise ValueError(f"{path}: no complete training checkpoint (step-NNNNNNNN folder with {MARKER})")
-    args = ModelArgs.from_dict(json.loads((step_dir / "model_args.json").read_text()))
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device=device)
-    _load_weights(model, step_dir)
-    model.init_buffers(device)
-    if dtype is not None:
-        model.to(dtype)
+    args = _read_model_args(step_dir)
+    if (step_dir / ".metadata").is_file():  # sharded (distributed training): loaded into a built model
+        with torch.device("meta"):
+            model = Transformer(args)
+        model.to_empty(device=device)
+        _load_weights(model, step_dir)
+        model.init_buffers(device)
+        if dtype is not None:
+            model.to(dtype)
+    else:
+        # Shapes from the header are compared with model_args.json before anything is allocated.
+        weights = step_dir / "model.safetensors"
+        stored = _header_shapes(weights)
+        tensors = ((k, t, str(weights)) for k, t in _read_weights(weights))
+        model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(step_dir),
+                                  stored_shapes=stored)
     return model.eval(), Tokenizer.from_file(step_dir / "tokenizer.model")

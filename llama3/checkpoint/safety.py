@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -25,11 +26,13 @@ __all__ = [
     "contained_path",
     "dtype_name",
     "open_safetensors",
+    "os_error_of",
     "parse_dtype",
     "parse_size",
     "read_json",
     "read_safetensors_tensor",
     "write_json",
+    "WriteFailed",
 ]
 
 _DTYPES = {
@@ -89,20 +92,56 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> dict[str, 
     return data
 
 
+def os_error_of(exc: BaseException, path: os.PathLike | str | None = None) -> OSError | None:
+    """The operating-system error behind `exc` (a full disk, say), or None when there is none: `exc` itself,
+    an OSError it was raised from or while handling (torch.save writing to a Python file), or the
+    "os error N" safetensors quotes in its own exception's message. `path` fills in a missing file name."""
+    found, seen = None, exc
+    while seen is not None and found is None:
+        if isinstance(seen, OSError):
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    if found is None and (match := re.search(r"os error (\d+)", str(exc))):
+        code = int(match.group(1))
+        found = OSError(code, os.strerror(code))
+    if found is not None and found.filename is None and path is not None:
+        found = OSError(found.errno, found.strerror, str(path))
+    return found
+
+
+class WriteFailed(OSError):
+    """A write to disk failed (full disk, no permission, ...). The message is one line: the path, the
+    system's reason ("No space left on device") and, for training, the last complete checkpoint."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, what: str, *, fallback_path: os.PathLike | str | None = None,
+                      training: bool = False, last_checkpoint: os.PathLike | str | None = None) -> WriteFailed:
+        """One line from an OSError; `training` adds the checkpoint a `--resume` would continue from."""
+        path = exc.filename or fallback_path or "?"
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        message = f"{path}: cannot write {what}: {reason}"
+        if training:
+            message += (f"; last complete checkpoint: {last_checkpoint or 'none yet'} "
+                        "(free some space, then continue with --resume)")
+        return cls(message)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def contained_path(folder: Path, name: str, *, source: Path) -> Path:
-    """`folder / name`, refusing names that leave `folder` (absolute paths, `..`, symlinks pointing out):
-    an index file is data, and data must not make us read arbitrary files."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+    """`folder / name` for a shard name an index file lists, refusing names that leave `folder`: absolute
+    names, drive or backslash names, and `..` parts. The check is on the name as written, not on where a
+    symlink leads, because the Hugging Face hub cache keeps every file of a snapshot folder as a link into
+    `../../blobs/<hash>`: those links are how the download is laid out, and opening them is intended.
+    An index file is data, and data must not make us read arbitrary files; the links are the user's own."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name or ":" in name:
         raise ValueError(f"{source}: refusing file name {name!r}; shard names must be plain relative names")
-    root = folder.resolve()
-    target = (folder / name).resolve()
-    if target != root and root not in target.parents:
+    parts = Path(name).parts
+    if any(part in ("..", "") for part in parts):
         raise ValueError(f"{source}: refusing file name {name!r}; it points outside {folder}")
-    return target
+    return folder / name
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Size],

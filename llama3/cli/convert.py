@@ -56,5 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"llama3 convert: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a full disk: one line naming where, not a traceback
+        from ..checkpoint.safety import os_error_of
+
+        os_error = os_error_of(e, args.dst)
+        if os_error is None:
+            raise
+        print(f"llama3 convert: error: {os_error.filename}: cannot write: {os_error.strerror}; nothing was "
+              f"left at {args.dst}", file=sys.stderr)
+        return 1
     print(f"wrote {path} ({args.to}) in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0

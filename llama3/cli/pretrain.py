@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"llama3 pretrain: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # WriteFailed from the loop, or another write (a full disk): one line, no traceback
+        print(f"llama3 pretrain: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

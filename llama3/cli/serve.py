@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
+from pathlib import Path
 
 HELP = "serve a model over an OpenAI-compatible HTTP API with a web chat page at /"
 
@@ -16,7 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+                        help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (visible to other users "
+                             f"in `ps`: prefer --api-key-file or the {API_KEY_ENV} environment variable)")
+    parser.add_argument("--api-key-file", default=None,
+                        help="read the API key from this file (its first line)")
     parser.add_argument("--model-name", default=None, help="the model id clients use (default: the folder name)")
     parser.add_argument("--num-slots", type=int, default=8, help="sequences decoded together (KV-cache rows)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429")
@@ -28,13 +33,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body size limit")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="open connections at most; more are closed on accept (default: the file "
+                             "descriptor limit less 64)")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds one request may generate before it is stopped (default 600)")
     return parser
 
 
+API_KEY_ENV = "LLAMA3_API_KEY"
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, --api-key-file or $LLAMA3_API_KEY (at most one of them), or None."""
+    env_key = os.environ.get(API_KEY_ENV) or None
+    given = [name for name, value in (("--api-key", args.api_key), ("--api-key-file", args.api_key_file),
+                                      (f"${API_KEY_ENV}", env_key)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"the API key is given twice ({' and '.join(given)}); use one of them")
+    if args.api_key_file is not None:
+        path = Path(args.api_key_file).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the API key file {path}: {e}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"the API key file {path} is empty; put the key on its first line")
+        return key
+    key = args.api_key if args.api_key is not None else env_key
+    if key is not None and not key.strip():
+        raise ValueError("the API key is empty")
+    return key
+
+
 def usage_banner(url: str, model_name: str, api_key: str | None) -> str:
-    """What to print once the server is up: where it is, and how to call it."""
-    key = api_key if api_key is not None else "unused"
-    auth = f' -H "Authorization: Bearer {api_key}"' if api_key is not None else ""
+    """What to print once the server is up: where it is, and how to call it. The key itself is never
+    printed (logs and terminals are shared); the examples read it from $LLAMA3_API_KEY."""
+    key = f'os.environ["{API_KEY_ENV}"]' if api_key is not None else '"unused"'
+    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if api_key is not None else ""
     return "\n".join([
         f"llama3 serve: {model_name} at {url}",
         f"  chat page:  {url}/",
@@ -45,8 +82,9 @@ def usage_banner(url: str, model_name: str, api_key: str | None) -> str:
         f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
         "",
         "python (pip install openai):",
+        *(["  import os"] if api_key is not None else []),
         "  from openai import OpenAI",
-        f"  client = OpenAI(base_url=\"{url}/v1\", api_key=\"{key}\")",
+        f"  client = OpenAI(base_url=\"{url}/v1\", api_key={key})",
         f"  reply = client.chat.completions.create(model=\"{model_name}\",",
         "                                         messages=[{\"role\": \"user\", \"content\": \"Hello!\"}])",
         "  print(reply.choices[0].message.content)",
@@ -59,12 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama3 serve: --port must be in 1..65535, got {args.port}", file=sys.stderr)
         return 2
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 -- the serve extra must be installed
     except ImportError:
         print("llama3 serve needs the serve extra: pip install 'llama3[serve]'", file=sys.stderr)
         return 2
-    from pathlib import Path
-
     import torch
 
     import llama3
@@ -73,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     from ..inference.fast import optimize_for_inference
     from ..serve.app import create_app
     from ..serve.schema import ServerLimits
+    from ..serve.server import ConnectionLimits, build_server, run_server
+
+    try:
+        api_key = resolve_api_key(args)
+        limits = ServerLimits(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout)
+        connection_limits = ConnectionLimits(**({} if args.max_connections is None
+                                                else {"max_connections": args.max_connections}))
+    except ValueError as exc:
+        print(f"llama3 serve: {exc}", file=sys.stderr)
+        return 2
 
     if args.threads is not None:
         if args.threads < 1:
@@ -89,15 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, tokenizer, num_slots=args.num_slots, max_queue=args.max_queue,
                     max_seq_len=max_seq_len).start()
     model_name = args.model_name or Path(args.model).resolve().name
-    app = create_app(engine, api_key=args.api_key, model_name=model_name,
-                     limits=ServerLimits(max_body_bytes=args.max_body_bytes))
+    app = create_app(engine, api_key=api_key, model_name=model_name, limits=limits)
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host_shown}:{args.port}"
-    print(usage_banner(url, model_name, args.api_key), flush=True)
-    if args.api_key is None and not _is_loopback(args.host):
-        print(f"warning: {args.host} is reachable from other machines and no --api-key is set", file=sys.stderr)
+    print(usage_banner(url, model_name, api_key), flush=True)
+    if api_key is None and not _is_loopback(args.host):
+        print(f"warning: {args.host} is reachable from other machines and no API key is set", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+        run_server(build_server(app, host=args.host, port=args.port, limits=connection_limits))
     finally:
         engine.stop()
     return 0

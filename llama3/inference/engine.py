@@ -407,7 +407,11 @@ class Engine:
             waiting = [s for s in self._slots if s is not None and s.prefilling and not s.handle.cancelled]
             if not waiting:
                 return
-            budget -= self._prefill_chunk(min(waiting, key=lambda s: s.handle.request_id), budget)
+            slot = min(waiting, key=lambda s: s.handle.request_id)
+            try:
+                budget -= self._prefill_chunk(slot, budget)
+            except Exception as exc:  # noqa: BLE001 -- one prompt that fails ends alone; the others go on
+                self._finish(slot, "error", f"generation failed: {exc}")
 
     def _prefill_chunk(self, slot: _Slot, max_tokens: int) -> int:
         """Prefill the next at most `max_tokens` prompt tokens of one slot; returns how many."""
@@ -480,12 +484,13 @@ class Engine:
             if self._token_counts is None:
                 self._token_counts = torch.zeros(self.num_slots, self.vocab_size, device=self.device)
             counts = self._token_counts[[s.index for s in slots]]
-        next_ids = sample(logits, [r.sampling for r in requests], generator=[s.generator for s in slots],
-                          token_counts=counts).tolist()
+        next_ids = self._sample(slots, logits, counts)
         want_logprobs = any(r.num_logprobs is not None for r in requests)
         logprobs = logits.float().log_softmax(-1) if want_logprobs else None  # raw model distribution
         now = time.monotonic()
         for row, (slot, request, token) in enumerate(zip(slots, requests, next_ids)):
+            if token is None:  # this row's draw failed and its request has ended
+                continue
             event = TokenEvent(token)
             if request.num_logprobs is not None:
                 event.logprob = float(logprobs[row, token])
@@ -508,3 +513,25 @@ class Engine:
             slot.handle._emit(event)
             if slot.num_generated >= request.max_new_tokens:
                 self._finish(slot, "length")
+
+    def _sample(self, slots: list[_Slot], logits: torch.Tensor, counts: torch.Tensor | None) -> list[int | None]:
+        """One token per slot from logits (R, V). Should the batched draw fail (a row whose parameters or
+        logits give no valid distribution), each row is drawn alone: a row that fails again ends its own
+        request with an error (None in its place) and the other rows keep decoding."""
+        params = [s.handle.request.sampling for s in slots]
+        generators = [s.generator for s in slots]
+        try:
+            return sample(logits, params, generator=generators, token_counts=counts).tolist()
+        except Exception:  # noqa: BLE001 -- find the failing rows below
+            pass
+        tokens: list[int | None] = []
+        for row, slot in enumerate(slots):
+            row_counts = None if counts is None else counts[row:row + 1]
+            try:
+                tokens.append(int(sample(logits[row:row + 1], params[row], generator=generators[row],
+                                         token_counts=row_counts)[0]))
+            except Exception as exc:  # noqa: BLE001 -- this request fails alone
+                self._finish(slot, "error", f"generation failed: sampling this sequence's next token failed "
+                                            f"({exc})")
+                tokens.append(None)
+        return tokens

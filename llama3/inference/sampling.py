@@ -3,8 +3,10 @@
 API (the serving engine builds on it):
 
 - `SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-  frequency_penalty=0.0, presence_penalty=0.0, seed=None)`; `temperature=0` means greedy. Invalid values
-  raise `ValueError` at construction, naming the field and the allowed range.
+  frequency_penalty=0.0, presence_penalty=0.0, seed=None)`; `temperature=0` means greedy, and so does any
+  temperature below `MIN_TEMPERATURE` (1e-5, as vLLM): dividing fp32 logits by less overflows to inf and
+  the draw would see NaN probabilities. Invalid values raise `ValueError` at construction, naming the field
+  and the allowed range.
 - `apply_penalties(logits (B, V), token_counts (B, V), params) -> (B, V)`: repetition (CTRL, Keskar et al.
   2019: positive logits of seen tokens divided by the penalty, negative ones multiplied), frequency
   (minus penalty × count) and presence (minus penalty once seen) penalties, as OpenAI and vLLM define them.
@@ -31,6 +33,9 @@ import torch
 
 __all__ = [
     "GREEDY",
+    "MAX_REPETITION_PENALTY",
+    "MIN_REPETITION_PENALTY",
+    "MIN_TEMPERATURE",
     "SamplingParams",
     "apply_penalties",
     "make_generator",
@@ -39,6 +44,14 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
 ]
+
+
+# Below this a temperature acts as greedy: logits / 1e-5 stay finite in fp32, logits / 1e-40 do not.
+MIN_TEMPERATURE = 1e-5
+# The repetition penalty multiplies or divides logits: outside this range the result leaves fp32's finite
+# range (or the penalty itself rounds to 0 in fp32), and every probability of the row becomes NaN.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,9 @@ class SamplingParams:
             raise bad("top_p", self.top_p, "in (0, 1] (1 turns it off)")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", self.min_p, "in [0, 1] (0 turns it off)")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", self.repetition_penalty, "> 0 (1 turns it off)")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", self.repetition_penalty,
+                      f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] (1 turns it off)")
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise bad(name, getattr(self, name), "in [-2, 2] (0 turns it off), as in the OpenAI API")
@@ -82,7 +96,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax decoding: temperature 0, or one too small to divide fp32 logits by (`MIN_TEMPERATURE`)."""
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -154,7 +169,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Ten
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     probs = sorted_logits.float().softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
-    remove_sorted = mass_before >= p  # the first token always has mass_before 0 and stays
+    remove_sorted = mass_before >= p
+    remove_sorted[:, 0] = False  # the most likely token always stays, even for a top_p that is 0 in fp32
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
 
@@ -193,12 +209,17 @@ def sample(logits: torch.Tensor, params: ParamsArg = GREEDY, *, generator: Gener
     greedy_rows = [p.greedy for p in rows]
     if all(greedy_rows):
         return logits.argmax(-1)
-    temperature = _column([p.temperature if p.temperature > 0 else 1.0 for p in rows], logits)
+    temperature = _column([1.0 if p.greedy else p.temperature for p in rows], logits)
     scaled = logits / temperature
     scaled = top_k_filter(scaled, torch.tensor([p.top_k for p in rows], device=logits.device))
     scaled = top_p_filter(scaled, torch.tensor([p.top_p for p in rows], device=logits.device))
     scaled = min_p_filter(scaled, torch.tensor([p.min_p for p in rows], device=logits.device))
-    drawn = _draw(scaled.softmax(-1), generator)
+    probs = scaled.softmax(-1)  # (B, V)
+    invalid = ~torch.isfinite(probs).all(-1)  # (B,)
+    if bool(invalid.any()):  # checked before any draw, so no generator has advanced when this raises
+        raise ValueError(f"rows {invalid.nonzero().flatten().tolist()} have no valid probability distribution "
+                         "(their logits hold NaN or infinity)")
+    drawn = _draw(probs, generator)
     if not any(greedy_rows):
         return drawn
     is_greedy = torch.tensor(greedy_rows, device=logits.device)

@@ -10,7 +10,9 @@ GET / (the chat page). Errors always have OpenAI's shape `{"error": {"message", 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -19,7 +21,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.engine import Engine
-from .errors import APIError, error_response
+from .errors import APIError, SafeJSONResponse, error_response
 from .handlers import CompletionService
 from .metrics import HttpCounters, render_metrics
 from .responses import GenerationFailed
@@ -31,11 +33,17 @@ __all__ = ["APIError", "create_app"]
 _PAGE_POLICY = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
 
 
-class _Guard:
-    """ASGI middleware: counts answers by path/status, caps the request body, checks the API key."""
+_log = logging.getLogger("llama3.serve")
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, counters: HttpCounters):
+
+class _Guard:
+    """ASGI middleware: counts answers by path/status, caps the request body and the time it may take to
+    arrive, checks the API key, and answers (and counts) a 500 in OpenAI's shape when the app fails."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, counters: HttpCounters,
+                 body_timeout_s: float = 30.0):
         self.app, self.api_key, self.max_body_bytes, self.counters = app, api_key, max_body_bytes, counters
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -44,8 +52,12 @@ class _Guard:
         label = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
                                  "/v1/completions") else "other"
 
+        started = False
+
         async def counting_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.counters.add(label, message["status"])
             await send(message)
 
@@ -60,18 +72,32 @@ class _Guard:
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             return await self._too_large(scope, receive, counting_send)
-        received = 0
+        received, body_done = 0, False
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body, receive() waits for a disconnect: as long as a stream lasts
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise APIError(408, f"The request body did not arrive within {self.body_timeout_s:g} s.",
+                               code="request_timeout") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_body_bytes:
                     raise APIError(413, self._too_large_message(), code="request_too_large")
             return message
 
-        await self.app(scope, limited_receive, counting_send)
+        try:
+            await self.app(scope, limited_receive, counting_send)
+        except Exception:  # noqa: BLE001 -- a bug must still answer in OpenAI's shape and show in /metrics
+            _log.exception("llama3 serve: request to %s failed", path)
+            if started:
+                raise  # the status line is out: the server can only drop the connection
+            await error_response(APIError(500, "The server failed to answer this request."))(
+                scope, receive, counting_send)
 
     def _too_large_message(self) -> str:
         return f"The request body is larger than the limit of {self.max_body_bytes} bytes."
@@ -117,7 +143,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
     limits = limits or ServerLimits()
     service = CompletionService(engine, model_name, limits)
     counters = HttpCounters()
-    app = FastAPI(title="llama3", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="llama3", docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=SafeJSONResponse)
     app.state.engine = engine
     _install_error_handlers(app)
 
@@ -126,7 +153,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
         page = resources.files("llama3.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_POLICY})
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not engine.running:
             raise APIError(503, "The engine is not running.")
@@ -154,5 +181,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
     async def completions(body: CompletionRequest, request: Request):
         return await service.complete(body, request)
 
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, counters=counters)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, counters=counters,
+                       body_timeout_s=limits.body_timeout_s)
     return app

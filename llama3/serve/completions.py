@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..inference.engine import FinishEvent, PromptLogprobsEvent, RequestHandle, TokenEvent
+from .errors import APIError
 
 __all__ = ["Choice", "chat_logprob_entry", "merge_events", "new_id", "token_text", "usage_dict"]
 
@@ -46,8 +47,10 @@ def usage_dict(num_prompt: int, num_completion: int) -> dict[str, int]:
 class Choice:
     """The text (and log-probabilities) of one generated sequence, built as its events arrive."""
 
-    def __init__(self, index: int, handle: RequestHandle, tokenizer, stop: list[str]):
+    def __init__(self, index: int, handle: RequestHandle, tokenizer, stop: list[str], *,
+                 deadline: float | None = None):
         self.index, self.handle, self.tokenizer, self.stop = index, handle, tokenizer, stop
+        self.deadline = deadline  # event-loop time by which generation must end (ServerLimits.request_timeout_s)
         self._decoder = tokenizer.stream_decoder(skip_special=True)
         self.text = ""  # everything decoded so far, cut at a stop string once one is seen
         self._sent = 0  # characters of `text` already handed out as deltas
@@ -119,8 +122,11 @@ class Choice:
 async def merge_events(choices: list[Choice], is_disconnected=None, poll_s: float = 0.25) -> AsyncIterator:
     """(choice, event) pairs from several handles as they arrive, until every choice has finished.
     `is_disconnected` (an async callable) is polled while waiting; when it says so, all handles are cancelled.
-    Cancelling the consumer (client gone) cancels the handles too."""
+    Cancelling the consumer (client gone) cancels the handles too. Past the choices' deadline the handles
+    are cancelled and APIError 504 is raised."""
     queue: asyncio.Queue = asyncio.Queue()
+    deadlines = [c.deadline for c in choices if c.deadline is not None]
+    deadline = min(deadlines) if deadlines else None
 
     async def pump(choice: Choice) -> None:
         async for event in choice.handle:
@@ -140,6 +146,9 @@ async def merge_events(choices: list[Choice], is_disconnected=None, poll_s: floa
                 last_check = loop.time()
                 if await is_disconnected():
                     return
+            if deadline is not None and loop.time() > deadline:
+                raise APIError(504, "Generation took longer than this server's limit per request; ask for fewer "
+                                    "tokens.", code="request_timeout")
             if event is None:
                 continue
             if isinstance(event, FinishEvent):

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-__all__ = ["APIError", "error_body", "error_response"]
+__all__ = ["APIError", "SafeJSONResponse", "error_body", "error_response", "json_bytes"]
+
+
+def json_bytes(content) -> bytes:
+    """Compact UTF-8 JSON. Text holding a lone UTF-16 surrogate (valid in a JSON string, e.g. an echoed
+    `"x\\ud800y"`, but not encodable as UTF-8) is written with \\u escapes instead, so the client gets back
+    exactly what it sent rather than a failed response."""
+    text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSONResponse that cannot fail on text with lone surrogates (see `json_bytes`)."""
+
+    def render(self, content) -> bytes:
+        return json_bytes(content)
 
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-                 503: "service_unavailable"}
+                 408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
 
 class APIError(HTTPException):
@@ -28,5 +48,5 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(error_body(err.status, err.message, err.param, err.code), status_code=err.status,
+    return SafeJSONResponse(error_body(err.status, err.message, err.param, err.code), status_code=err.status,
                         headers=err.headers)

@@ -7,7 +7,7 @@ and the server limits. Each check raises `APIError` with the field at fault.
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 from typing import Any
 
 from fastapi import Request
@@ -17,7 +17,7 @@ from ..inference.engine import Engine, EngineClosed, EngineRequest, QueueFull
 from ..inference.sampling import SamplingParams
 from ..tokenizer import ChatFormat
 from .completions import Choice, created, merge_events, new_id
-from .errors import APIError
+from .errors import APIError, error_body, json_bytes
 from .responses import chat_chunks, chat_response, completion_chunks, completion_response
 from .schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, ServerLimits
 from .tools import build_dialog, forced_prefix
@@ -25,12 +25,23 @@ from .tools import build_dialog, forced_prefix
 __all__ = ["CompletionService"]
 
 
+_log = logging.getLogger("llama3.serve")
+
+
 def _sse(chunks) -> StreamingResponse:
-    """Server-sent events: one `data: {json}` per chunk, then `data: [DONE]`."""
+    """Server-sent events: one `data: {json}` per chunk, then `data: [DONE]`. A failure after the 200 has
+    gone out (the request's time limit, a bug) ends the stream with an error event and the terminator, so
+    the client sees why it stopped instead of a cut connection."""
     async def body():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        yield "data: [DONE]\n\n"
+        try:
+            async for chunk in chunks:
+                yield b"data: " + json_bytes(chunk) + b"\n\n"
+        except APIError as exc:
+            yield b"data: " + json_bytes(error_body(exc.status, exc.message, exc.param, exc.code)) + b"\n\n"
+        except Exception:  # noqa: BLE001 -- the status line is out; say so in the stream
+            _log.exception("llama3 serve: a stream failed")
+            yield b"data: " + json_bytes(error_body(500, "The server failed while streaming.")) + b"\n\n"
+        yield b"data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -76,12 +87,21 @@ class CompletionService:
             raise APIError(400, f"The {param} hold {total_chars} characters, over the limit of "
                                 f"{self.limits.max_prompt_chars}.", param=param)
 
+    def check_n(self, num_sequences: int, param: str = "n") -> None:
+        if num_sequences > self.limits.max_n:
+            raise APIError(400, f"This request asks for {num_sequences} sequences; this server allows at most "
+                                f"{self.limits.max_n} per request.", param=param)
+
     @staticmethod
     def sampling_for(body, index: int) -> SamplingParams:
         seed = None if body.seed is None else (body.seed + index) % 2**63  # choices differ, reproducibly
-        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-                              repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
-                              presence_penalty=body.presence_penalty, seed=seed)
+        try:
+            return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                  min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                  frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                                  seed=seed)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
 
     def submit_all(self, requests: list[EngineRequest], stop: list[str]) -> list[Choice]:
         """Queue every sequence of a request, or none: a refusal cancels those already queued."""
@@ -99,7 +119,8 @@ class CompletionService:
             if isinstance(exc, EngineClosed):
                 raise APIError(503, f"{exc}; retry shortly.", headers={"Retry-After": "5"}) from None
             raise APIError(400, str(exc)) from None
-        return [Choice(i, h, self.tokenizer, stop) for i, h in enumerate(handles)]
+        deadline = loop.time() + self.limits.request_timeout_s
+        return [Choice(i, h, self.tokenizer, stop, deadline=deadline) for i, h in enumerate(handles)]
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "llama3",
@@ -109,6 +130,9 @@ class CompletionService:
     async def chat(self, body: ChatCompletionRequest, request: Request):
         """POST /v1/chat/completions."""
         self.check_model(body.model)
+        self.check_n(body.n)
+        if body.tool_choice is not None and not body.tools:
+            raise APIError(400, "'tool_choice' is only allowed when 'tools' are given.", param="tool_choice")
         self.check_text_size(sum(len(m.text()) for m in body.messages), "messages")
         try:
             prefix = forced_prefix(body)
@@ -158,6 +182,7 @@ class CompletionService:
         if len(prompt) * body.n > MAX_PROMPTS:
             raise APIError(400, f"{len(prompt)} prompts × n={body.n} is over the limit of {MAX_PROMPTS} "
                                 "sequences per request; split the request.", param="prompt")
+        self.check_n(body.n)
         if isinstance(prompt[0], str):
             self.check_text_size(sum(map(len, prompt)), "prompt")
             return [self.tokenizer.encode(text, bos=True) for text in prompt], list(prompt)

@@ -43,12 +43,23 @@ StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Server-side bounds. `max_body_bytes` caps a request body; `max_prompt_chars` caps any text field."""
+    """Server-side bounds. `max_body_bytes` caps a request body; `max_prompt_chars` caps any text field;
+    `max_n` caps choices per request (at most MAX_N); `request_timeout_s` bounds the generation of one
+    request (then a 504, or an error event ending the stream); `body_timeout_s` bounds the wait for each
+    part of a request body (then a 408)."""
 
     max_body_bytes: int = 4 * 1024 * 1024
     max_prompt_chars: int = 1_000_000
     max_n: int = MAX_N
     request_timeout_s: float = 600.0
+    body_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_n <= MAX_N:
+            raise ValueError(f"ServerLimits.max_n must be in [1, {MAX_N}], got {self.max_n}")
+        for name in ("request_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerLimits.{name} must be positive, got {getattr(self, name)!r}")
 
 
 class _Strict(BaseModel):
@@ -128,7 +139,7 @@ class _SamplingFields(_Strict):
     # Extensions most open servers (vLLM, llama.cpp) accept as well.
     top_k: Annotated[int, Field(ge=0, le=1000, strict=True)] = 0
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] = 1.0
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0, allow_inf_nan=False)] = 1.0  # see sampling.py
     user: Annotated[str, Field(max_length=256)] | None = None
 
     def stop_list(self) -> list[str]:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import native
+from ..checkpoint.safety import WriteFailed
 from ..config import ModelArgs
 from ..model import Transformer
 from .config import ParallelSection, TrainConfig
@@ -259,7 +260,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
         runtime.device, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
     flops_per_token = model_args.flops_per_token(cfg.data.seq_len)
     metrics = MetricsWriter(out_dir, resume_step=start_step if resume else None,
-                            tensorboard=cfg.logging.tensorboard, enabled=runtime.is_main)
+                            tensorboard=cfg.logging.tensorboard, enabled=runtime.is_main, log=log)
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(cfg.to_json())
@@ -280,9 +281,13 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
             state["rng_cuda"] = torch.cuda.get_rng_state(runtime.device)
         writer = runtime.save_checkpoint or (native.save_training_checkpoint if runtime.is_main else None)
         if writer is not None:
-            result.last_checkpoint = writer(
-                out_dir, step, model=model, optimizer=optimizer, train_state=state, config_json=cfg.to_json(),
-                tokenizer=tokenizer, keep=cfg.checkpoint.keep)
+            try:
+                result.last_checkpoint = writer(
+                    out_dir, step, model=model, optimizer=optimizer, train_state=state, config_json=cfg.to_json(),
+                    tokenizer=tokenizer, keep=cfg.checkpoint.keep)
+            except OSError as e:  # a full disk: one line naming the path and the checkpoint to resume from
+                raise WriteFailed.from_os_error(e, f"the checkpoint of step {step}", fallback_path=out_dir,
+                                                training=True, last_checkpoint=result.last_checkpoint) from None
 
     if start_step == 0 and (val_loss := validate()) is not None:
         result.val_losses[0] = val_loss
@@ -315,7 +320,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
                "data_checksum": out["data_checksum"]}
         skipped_in_row = skipped_in_row + 1 if out["skipped"] else 0
         if out["skipped"] and (cfg.train.on_nonfinite == "stop" or skipped_in_row >= cfg.train.max_skipped_steps):
-            metrics.write(rec)
+            _write_record(metrics, rec, result.last_checkpoint)
             metrics.close()
             raise RuntimeError(
                 f"step {step}: non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']}); the update "
@@ -326,7 +331,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
         val_due = (cfg.train.val_interval and step % cfg.train.val_interval == 0) or last
         if val_due and (val_loss := validate()) is not None:
             rec["val_loss"] = result.val_losses[step] = val_loss
-        metrics.write(rec)
+        _write_record(metrics, rec, result.last_checkpoint)
         result.history.append(rec)
         if bar is not None:
             bar.update(1)
@@ -346,6 +351,14 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
     if cfg.checkpoint.export_hf and (runtime.export_hf is not None or runtime.is_main):
         (runtime.export_hf or _export_hf)(model, tokenizer, out_dir / "hf", log)
     return result
+
+
+def _write_record(metrics: MetricsWriter, record: dict[str, Any], last_checkpoint: Path | None) -> None:
+    try:
+        metrics.write(record)
+    except OSError as e:
+        raise WriteFailed.from_os_error(e, f"metrics of step {record['step']}", fallback_path=metrics.path,
+                                        training=True, last_checkpoint=last_checkpoint) from None
 
 
 def _export_hf(model: Transformer, tokenizer: Any, path: Path, log: Callable[[str], None]) -> None:

@@ -58,7 +58,8 @@ class MetricsWriter:
     """Appends step records to `metrics.jsonl` (and TensorBoard). On resume, records of steps after the
     checkpoint (written before a crash) are dropped, so the file holds each step once."""
 
-    def __init__(self, out_dir: Path, *, resume_step: int | None, tensorboard: bool, enabled: bool = True):
+    def __init__(self, out_dir: Path, *, resume_step: int | None, tensorboard: bool, enabled: bool = True,
+                 log=print):
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
         self._tb = None
@@ -68,8 +69,7 @@ class MetricsWriter:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, record in self._records(log) if record.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run; close())
         if tensorboard:
@@ -79,6 +79,27 @@ class MetricsWriter:
                 raise ValueError("logging.tensorboard=true needs the tensorboard package "
                                  "(pip install tensorboard)") from None
             self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def _records(self, log) -> list[tuple[str, dict[str, Any]]]:
+        """(line, record) for each record of an existing file. A torn last line (the disk filled, or the
+        process died, mid-write) is dropped with a notice; a bad line before the end means the file was
+        edited or damaged, which is an error naming the file and line."""
+        lines = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if line.strip()]
+        out = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if number == len(lines):
+                    log(f"{self.path}: dropping its unreadable last line {number} (a write cut short): {line[:80]!r}")
+                    break
+                raise ValueError(f"{self.path}: line {number} is not a metrics record ({e}); fix or remove "
+                                 "that line, then resume again") from None
+            out.append((line, record))
+        return out
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
