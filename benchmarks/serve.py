@@ -185,13 +185,13 @@ async def soak_round(base: str, num_clients: int, round_index: int, max_tokens: 
 
     kinds = ["stream", "chat", "plain", "drop"]
 
-    async def client_task(i: int) -> dict:
+    async def client_task(client, i: int) -> dict:
         rng = random.Random(round_index * 100003 + i)
-        # One connection per request: a dropped stream must really close its socket.
-        async with httpx.AsyncClient(timeout=120) as client:
-            return await soak_request(client, base, kinds[(i + round_index) % len(kinds)], rng, max_tokens)
+        return await soak_request(client, base, kinds[(i + round_index) % len(kinds)], rng, max_tokens)
 
-    return await asyncio.gather(*[client_task(i) for i in range(num_clients)])
+    # A connection per client; a stream dropped half-read closes its connection (httpx never reuses one).
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=num_clients)) as client:
+        return await asyncio.gather(*[client_task(client, i) for i in range(num_clients)])
 
 
 def _metrics(base: str) -> dict[str, float]:
@@ -254,8 +254,10 @@ def _soak_main(args) -> int:
     server = ctx.Process(target=run_server, args=(port, {**vars(args), "load": True}, ready), daemon=True)
     server.start()
     try:
-        if not ready.wait(300):
-            raise RuntimeError("the server process did not start")
+        deadline = time.monotonic() + 300
+        while not ready.wait(0.5):
+            if not server.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server process did not start (see its error above)")
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(base)
         report = run_soak(base, server.pid, num_clients=args.clients, rounds=args.rounds, max_tokens=args.max_tokens)

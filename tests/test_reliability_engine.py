@@ -166,3 +166,32 @@ def test_a_failing_prefill_ends_alone(model, monkeypatch):
         engine.stop()
     assert results[0][1].reason == "error" and "boom" in results[0][1].message
     assert results[1][1].reason == "length" and results[1][0] == greedy_reference(model, [4, 5, 6], 8)
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "1e-300"], ["--temperature", "1e-40"],
+                                   ["--temperature", "0.7", "--top-p", "1e-320"]])
+def test_generate_cli_with_tiny_values_is_greedy(tmp_path, llama3_tokenizer, capsys, flags):
+    """`llama3 generate --temperature 1e-300` crashed with NaN probabilities; now it is greedy decoding."""
+    import json
+
+    import llama3
+    from llama3.cli.generate import main
+
+    model = random_model(tiny_args("tied", vocab_size=llama3_tokenizer.n_words, max_seq_len=128), seed=4)
+    folder = llama3.save(model, llama3_tokenizer, tmp_path / "m")
+    common = ["--model", str(folder), "--prompt", "It was", "--max-new-tokens", "6", "--json", "--no-compile"]
+    assert main([*common, "--temperature", "0"]) == 0
+    greedy = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main([*common, *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == greedy
+
+
+def test_generate_cli_refuses_a_repetition_penalty_that_is_zero_in_fp32(tmp_path, llama3_tokenizer, capsys):
+    import llama3
+    from llama3.cli.generate import main
+
+    model = random_model(tiny_args("tied", vocab_size=llama3_tokenizer.n_words, max_seq_len=128), seed=4)
+    folder = llama3.save(model, llama3_tokenizer, tmp_path / "m")
+    code = main(["--model", str(folder), "--prompt", "It was", "--max-new-tokens", "2", "--no-compile",
+                 "--repetition-penalty", "1e-320"])
+    assert code == 2 and "repetition_penalty" in capsys.readouterr().err

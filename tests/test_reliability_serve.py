@@ -69,6 +69,19 @@ def _closed_by_server(sock: socket.socket, wait_s: float = 20.0) -> bool:
         return False
 
 
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 answer with a Content-Length, read from a raw socket."""
+    sock.settimeout(20)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1]), body
+
+
 def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
@@ -92,15 +105,12 @@ def test_idle_and_half_sent_headers_are_closed_and_half_sent_body_is_a_408(model
         half_body = _connect(port)
         half_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 100\r\n\r\n{\"prompt\": ")
-        half_body.settimeout(20)
-        answer = half_body.recv(65536).decode()
-        assert answer.startswith("HTTP/1.1 408"), answer
-        assert json.loads(answer.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        status, body = _read_response(half_body)
+        assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
         # A kept-alive connection that starts a second request and stalls is closed as well.
         keep = _connect(port)
         keep.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        keep.settimeout(10)
-        assert keep.recv(65536).startswith(b"HTTP/1.1 200")
+        assert _read_response(keep)[0] == 200
         keep.sendall(b"GET /health HTTP/1.1\r\nHo")
         assert _closed_by_server(keep)
         assert httpx.get(url + "/health").status_code == 200
@@ -110,18 +120,26 @@ def test_idle_and_half_sent_headers_are_closed_and_half_sent_body_is_a_408(model
 
 def test_connection_cap_closes_extra_connections_and_health_recovers(model, llama3_tokenizer):
     cap = 6
-    with serving(model, llama3_tokenizer, connections=ConnectionLimits(header_timeout_s=2.0,
+    # A header timeout far longer than the test: any connection closed here was closed by the cap.
+    with serving(model, llama3_tokenizer, connections=ConnectionLimits(header_timeout_s=300.0,
                                                                        max_connections=cap)) as (url, port):
         held = [_connect(port) for _ in range(cap)]
-        time.sleep(0.2)  # let the server accept them
         extra = [_connect(port) for _ in range(5)]
-        # Accepted beyond the cap: closed at once (long before the 2 s header timeout)...
-        assert all(_closed_by_server(s, wait_s=1.5) for s in extra)
-        # ...while the ones within the cap are only closed by the header timeout.
-        assert all(_closed_by_server(s) for s in held)
-        assert httpx.get(url + "/health").status_code == 200
+        assert all(_closed_by_server(s) for s in extra)
+        for s in held:  # the connections within the cap are still open
+            s.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                s.recv(1)
         for s in held + extra:
             s.close()
+        deadline = time.monotonic() + 20
+        while True:  # the server notices the closed connections, then answers again
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server never answered /health again"
+                time.sleep(0.1)
 
 
 def test_accept_errors_are_one_throttled_line_not_a_traceback_each(caplog):
@@ -199,7 +217,8 @@ def test_lone_surrogate_echoed_back_plain_and_streamed(model, llama3_tokenizer):
         assert _metric(url, 'llama3_http_requests_total{path="/v1/completions",status="500"}') == 0
         missing_model = httpx.post(url + "/v1/completions", headers=headers,
                                    content='{"model": "\\udfff", "prompt": "a", "max_tokens": 1}')
-        assert missing_model.status_code == 404
+        # refused by validation or as an unknown model, depending on pydantic; either way a clean 4xx
+        assert missing_model.status_code in (400, 404) and "error" in missing_model.json()
 
 
 def test_tool_choice_without_tools_is_a_400_and_head_health_answers(model, llama3_tokenizer):
