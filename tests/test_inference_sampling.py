@@ -30,7 +30,7 @@ def draw_counts(logits: torch.Tensor, params: SamplingParams, n: int = 4000, see
 @pytest.mark.parametrize("field, value, phrase", [
     ("temperature", -0.1, ">= 0"), ("top_k", -1, "integer >= 0"), ("top_k", 1.5, "integer"),
     ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "(0, 1]"), ("min_p", 2.0, "[0, 1]"),
-    ("repetition_penalty", 0.0, "> 0"), ("frequency_penalty", 3.0, "[-2, 2]"),
+    ("repetition_penalty", 0.0, "[0.01, 100.0]"), ("frequency_penalty", 3.0, "[-2, 2]"),
     ("temperature", float("nan"), "finite"), ("seed", "7", "integer"),
 ])
 def test_invalid_params_name_the_field(field, value, phrase):

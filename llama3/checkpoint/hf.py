@@ -136,17 +136,20 @@ def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs
                 yield meta_key, tensor, str(path)
 
 
-def _stored_shapes(files: list[tuple[Path, list[str] | None]]) -> dict[str, tuple[int, ...]]:
-    """Meta name -> shape of every Llama tensor in the files, from the safetensors headers alone."""
+def _stored_shapes(files: list[tuple[Path, list[str] | None]]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(Meta name -> shape, Meta name -> file) of every Llama tensor in the files, from the safetensors
+    headers alone."""
     shapes: dict[str, tuple[int, ...]] = {}
+    sources: dict[str, str] = {}
     for path, _ in files:
         with open_safetensors(path, low_memory=False) as handle:
             for key in handle.keys():
                 try:
-                    shapes[hf_to_meta_key(key)] = tuple(handle.get_slice(key).get_shape())
+                    meta_key = hf_to_meta_key(key)
                 except KeyError:  # not a Llama tensor: reported with its file when the tensors are read
                     continue
-    return shapes
+                shapes[meta_key], sources[meta_key] = tuple(handle.get_slice(key).get_shape()), str(path)
+    return shapes, sources
 
 
 def _stored_name(meta_key: str) -> str:
@@ -216,9 +219,10 @@ def load_hf(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
     # The tokenizer first: parsing tokenizer.json briefly takes ~100 MB, better before the weights than on top.
     tokenizer = load_tokenizer(folder)
     dtype = parse_dtype(dtype)
+    stored_shapes, stored_sources = _stored_shapes(files)
     tensors = _iter_hf_tensors(files, args, folder / INDEX_NAME, device=device, dtype=dtype)
     model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(folder), progress=progress,
-                              stored_name=_stored_name, stored_shapes=_stored_shapes(files))
+                              stored_name=_stored_name, stored_shapes=stored_shapes, stored_sources=stored_sources)
     return model, tokenizer
 
 

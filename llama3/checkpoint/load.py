@@ -116,12 +116,13 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def check_stored_shapes(args: ModelArgs, stored: dict[str, tuple[int, ...]], *, what: str,
-                        stored_name=None) -> None:
+                        stored_name=None, sources: dict[str, str] | None = None) -> None:
     """Compare the config against the names and shapes a checkpoint holds (read from file headers) before
     anything is built or allocated: a config declaring 10^6 layers or a 30M-token vocabulary for small
     weights fails in milliseconds with a ValueError naming the difference.
 
-    stored: Meta tensor name -> shape; `stored_name` maps a Meta name to the name the format uses."""
+    stored: Meta tensor name -> shape; `stored_name` maps a Meta name to the name the format uses;
+    `sources` (Meta name -> file) names the file in a shape error instead of `what`."""
     layer_ids = {int(k.split(".")[1]) for k in stored if k.startswith("layers.") and k.split(".")[1].isdigit()}
     num_stored = max(layer_ids) + 1 if layer_ids else 0
     if num_stored != args.n_layers:
@@ -131,27 +132,30 @@ def check_stored_shapes(args: ModelArgs, stored: dict[str, tuple[int, ...]], *, 
     for key, shape in stored.items():
         if key in shapes and tuple(shape) != shapes[key]:
             name = stored_name(key) if stored_name else key
-            raise ValueError(f"{what}: tensor {name!r} has shape {list(shape)} but the config implies "
+            source = (sources or {}).get(key, what)
+            raise ValueError(f"{source}: tensor {name!r} has shape {list(shape)} but the config implies "
                              f"{list(shapes[key])}; config and weights do not match")
 
 
 def materialize_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor, str]], *,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                       what: str, stored_name=None, progress: bool = False,
-                      stored_shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
+                      stored_shapes: dict[str, tuple[int, ...]] | None = None,
+                      stored_sources: dict[str, str] | None = None) -> Any:
     """Build a Transformer on the meta device and assign `tensors` (Meta names) to it, one at a time.
 
     tensors: (meta_name, tensor, source file) triples, read lazily so each is converted to `device`/`dtype`
     right after it is read (peak memory ~ weights + one tensor). `dtype=None` takes the dtype of the first
     floating-point tensor. A tied model ignores a stored `output.weight` (some exports keep the copy).
     Raises ValueError naming the file and tensor for duplicates, missing/unexpected tensors and wrong shapes.
-    `stored_shapes` (Meta name -> shape, from the files' headers) is checked against the config first, so a
-    config that does not match fails before the model is built (see `check_stored_shapes`).
+    `stored_shapes` (Meta name -> shape, from the files' headers; `stored_sources`: the file of each) is
+    checked against the config first, so a config that does not match fails before the model is built (see
+    `check_stored_shapes`).
     """
     from ..model import Transformer
 
     if stored_shapes is not None:
-        check_stored_shapes(args, stored_shapes, what=what, stored_name=stored_name)
+        check_stored_shapes(args, stored_shapes, what=what, stored_name=stored_name, sources=stored_sources)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -159,13 +159,17 @@ def _merged_tensors(shards: list[dict[str, torch.Tensor]], paths: list[Path], *,
 
 
 def _merged_shapes(shards: list[dict[str, torch.Tensor]]) -> dict[str, tuple[int, ...]]:
-    """The shape each tensor will have once its model-parallel pieces are joined (from the mapped headers)."""
+    """The shape each tensor will have once its model-parallel pieces are joined (from the mapped headers).
+    Tensors whose pieces are missing or do not join are left out: reading them reports that, naming the shard."""
     shapes = {}
     for key, tensor in shards[0].items():
+        pieces = [s.get(key) for s in shards]
+        if any(p is None or p.dim() != tensor.dim() for p in pieces):
+            continue
         shape = list(tensor.shape)
         dim = split_dim(key)
         if dim is not None and len(shards) > 1 and dim < len(shape):
-            shape[dim] = sum(s[key].shape[dim] for s in shards if key in s and s[key].dim() == len(shape))
+            shape[dim] = sum(p.shape[dim] for p in pieces)
         shapes[key] = tuple(shape)
     return shapes
 
