@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import platform
 import socket
 import statistics
@@ -271,7 +272,8 @@ def _soak_main(args) -> int:
         == report["engine_finished"],
         f"memory flat (growth <= {args.max_rss_growth_mb} MB)": report["rss_growth_mb"] <= args.max_rss_growth_mb,
     }
-    print(f"machine: {platform.processor() or platform.machine()}; preset {args.preset}, {args.clients} clients × "
+    report["cpu"] = _cpu_model()
+    print(f"machine: {report['cpu']}, {os.cpu_count()} CPUs; preset {args.preset}, {args.clients} clients × "
           f"{args.rounds} rounds, {args.max_tokens} tokens each, {report['wall_s']:.1f} s")
     print(f"answers: {report['statuses']}; streams dropped by clients: {report['disconnected']}")
     print(f"server RSS by round (MB): {' '.join(f'{x:.0f}' for x in report['rss_mb'])}")
@@ -281,6 +283,18 @@ def _soak_main(args) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0 if all(report["checks"].values()) else 1
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _free_port() -> int:

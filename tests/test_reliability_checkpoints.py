@@ -449,3 +449,19 @@ def test_gguf_matches_the_gguf_package_on_offsets(gguf_file):
     assert {t.name: int(t.data_offset) - int(reader.data_offset) for t in reader.tensors} == \
         {name: offset for name, (_, offset) in ours.items()}
     assert np.isfinite(np.asarray(reader.tensors[0].data)).all()
+
+
+def test_a_failed_metrics_write_is_one_line_naming_the_last_checkpoint(tmp_path):
+    from llama3.train.loop import _write_record
+
+    class FullDisk:
+        path = tmp_path / "metrics.jsonl"
+
+        def write(self, record):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteFailed) as info:
+        _write_record(FullDisk(), {"step": 9}, tmp_path / "step-00000008")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "metrics.jsonl"))
+    assert "No space left on device" in message and "step-00000008" in message and "metrics of step 9" in message
