@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,3 +142,42 @@ def test_training_checkpoint_loads_as_a_model(reference):
 
     same, _ = llama3.load(reference / f"step-{STEPS:08d}")  # the package's loader detects the format
     torch.testing.assert_close(same(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.timeout(300)
+def test_resume_takes_the_runs_saved_config_and_reports_flags_that_change_it(dataset, tmp_path):
+    """A run started with its own lr, schedule and steps, SIGKILLed, then resumed with only --out and
+    --resume goes on with that config: bit-identical to the uninterrupted run. A flag given on resume is
+    applied with one notice line; a different --recipe is refused."""
+    from llama3.train.config import ScheduleSection
+    from llama3.train.schedule import lr_at
+
+    own = ["--optim.lr=1e-3", "--schedule.name=wsd", "--schedule.warmup_steps=2"]
+    whole = tmp_path / "whole"
+    assert _pretrain(dataset, whole, *own).returncode == 0
+    out, changed = tmp_path / "run", tmp_path / "changed"
+    assert _pretrain(dataset, out, *own, kill=("metrics", 10)).returncode == -signal.SIGKILL
+    shutil.copytree(out, changed)
+
+    def resume(run: Path, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llama3", "pretrain", "--out", str(run), "--resume", *flags],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+
+    resumed = resume(out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming with" not in resumed.stderr
+    _assert_same_run(out, whole)
+
+    resumed = resume(changed, "--optim.lr=5e-4", "--schedule.name=wsd")  # one change, one repeated value
+    assert resumed.returncode == 0, resumed.stderr
+    notices = [line for line in resumed.stderr.splitlines() if "resuming with" in line]
+    assert notices == ["llama3 pretrain: resuming with optim.lr=0.0005 (the run was saved with 0.001)"]
+    schedule = ScheduleSection(name="wsd", warmup_steps=2)
+    records = _records(changed)
+    assert [r["lr"] for r in records[8:]] == [lr_at(s, lr=5e-4, total_steps=STEPS, schedule=schedule)
+                                              for s in range(8, STEPS)]
+    assert json.loads((changed / "config.json").read_text())["optim"]["lr"] == 5e-4
+
+    refused = resume(changed, "--recipe", "demo")
+    assert refused.returncode == 2
+    assert "--recipe demo: the run in" in refused.stderr and "was started from recipe 'debug'" in refused.stderr
