@@ -64,6 +64,13 @@ def test_a_hanging_child_is_killed_at_the_timeout():
         call_isolated("tests.test_peer_runner:child_hangs", timeout=3)
 
 
+def _run_pytest(folder) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(folder),
+                           str(folder)], cwd=folder, env=env, capture_output=True, text=True, timeout=240,
+                          check=False)
+
+
 def test_a_crash_fails_only_its_own_test_and_the_run_goes_on(tmp_path):
     """A pytest run of three tests, the middle one crashing its llama.cpp-like child: one failure that
     names SIGSEGV, two passes."""
@@ -80,11 +87,30 @@ def test_a_crash_fails_only_its_own_test_and_the_run_goes_on(tmp_path):
         def test_after():
             assert call_isolated("tests.test_peer_runner:child_returns", timeout=60, scale=1.0)["ids"] == [1, 2, 3]
     """))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                           str(suite)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-                          check=False)
+    proc = _run_pytest(tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 failed, 2 passed" in proc.stdout
     assert "FAILED test_crash_suite.py::test_crash" in proc.stdout
     assert "killed by signal SIGSEGV" in proc.stdout and "file: q.gguf" in proc.stdout
+
+
+def test_a_test_that_loads_llama_cpp_into_pytest_fails(tmp_path):
+    """The suite's guard (tests/conftest.py): a test that imports llama_cpp in the pytest process fails
+    (here a stand-in module, so nothing native is loaded); later tests are not blamed for it."""
+    (tmp_path / "conftest.py").write_text("from tests.conftest import llama_cpp_stays_out_of_process  # noqa: F401\n")
+    (tmp_path / "test_guard_suite.py").write_text(textwrap.dedent("""
+        import sys
+        import types
+
+        def test_loads_it():
+            sys.modules["llama_cpp"] = types.ModuleType("llama_cpp")
+
+        def test_after():
+            assert "llama_cpp" in sys.modules
+    """))
+    proc = _run_pytest(tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 passed, 1 error" in proc.stdout
+    assert "ERROR test_guard_suite.py::test_loads_it" in proc.stdout
+    assert "this test imported llama_cpp into the pytest process; call llama.cpp through tests.peer.llama_cpp" \
+        in proc.stdout
