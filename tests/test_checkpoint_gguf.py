@@ -52,7 +52,7 @@ def _ours_greedy(model, ids, num_new):
     return ids, logits
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_gguf_runs_in_llama_cpp_with_equal_greedy_tokens(model_and_tokenizer, gguf_files, dtype):
     model, tokenizer = model_and_tokenizer
@@ -73,7 +73,7 @@ def test_gguf_runs_in_llama_cpp_with_equal_greedy_tokens(model_and_tokenizer, gg
         assert cpp_ids[: len(prompt) + 1] == our_ids[: len(prompt) + 1]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_gguf_rope_scaling_reaches_llama_cpp(model_and_tokenizer, gguf_files):
     """rope_freqs carries Llama 3.1 scaling: llama.cpp matches the scaled model, not the unscaled one."""
     model, tokenizer = model_and_tokenizer
@@ -87,7 +87,7 @@ def test_gguf_rope_scaling_reaches_llama_cpp(model_and_tokenizer, gguf_files):
     assert np.abs(cpp - plain).max() > 100 * np.abs(cpp - ours).max()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_gguf_loads_back(tmp_path):
     """GGUF -> our model: f32 exactly, f16 as rounded, q8_0 dequantized within its error bound."""
     from tests.test_checkpoint_hf import byte_tokenizer
@@ -111,7 +111,7 @@ def test_gguf_loads_back(tmp_path):
     assert 0 < error <= weight.abs().max() / 127  # Q8_0: int8 with one scale per 32 values
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_gguf_reader_equals_the_gguf_package_with_llama3_vocabulary(model_and_tokenizer, gguf_files):
     """Our GGUF reader against llama.cpp's `gguf.GGUFReader` on a file with Llama 3's 128K tokens and 280K
     merges: every metadata value and every tensor view equal; the model and tokenizer load back."""
@@ -145,7 +145,7 @@ def test_gguf_with_a_cut_data_section_is_refused(gguf_files, tmp_path):
         llama3.load(cut)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_gguf_export_keeps_the_ids_the_model_has_rows_for(model_and_tokenizer, tmp_path, capsys):
     """Llama 3.2's tokenizer.json lists <|image|> at 128256, one past the 128256 embedding rows: the export
     keeps the first vocab_size ids with a one-line notice, and llama.cpp runs the file."""
@@ -157,8 +157,7 @@ def test_gguf_export_keeps_the_ids_the_model_has_rows_for(model_and_tokenizer, t
     tokenizer_json["added_tokens"].append({"id": 128256, "content": "<|image|>", "single_word": False,
                                            "lstrip": False, "rstrip": False, "normalized": False, "special": True})
     (hf_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    for extra in ("tokenizer.model", "original"):  # make sure the tokenizer comes from tokenizer.json
-        assert not (hf_dir / extra).exists()
+    (hf_dir / "tokenizer.model").unlink()  # as in an HF-only download: the tokenizer comes from tokenizer.json
     loaded, tokenizer = llama3.load(hf_dir)
     assert tokenizer.n_words == 128257 and loaded.args.vocab_size == 128256
     capsys.readouterr()
