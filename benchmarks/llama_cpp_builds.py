@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPE = {"dim": 768, "n_layers": 8, "n_heads": 12, "n_kv_heads": 4, "multiple_of": 256, "tie_word_embeddings": True}
+SHAPE = {"dim": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 256, "tie_word_embeddings": True}
 QUANTS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
