@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -190,7 +191,16 @@ def worker_llamacpp(spec: dict) -> dict:
     return {**summarize(runs, len(prompt)), "token_ids": ids}
 
 
-WORKERS = {"ours": worker_ours, "hf": worker_hf, "llamacpp": worker_llamacpp}
+def worker_quantize(spec: dict) -> dict:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = 2
+    return {"code": llama_cpp.llama_model_quantize(spec["src"].encode(), spec["dst"].encode(), params)}
+
+
+WORKERS = {"ours": worker_ours, "hf": worker_hf, "llamacpp": worker_llamacpp, "quantize": worker_quantize}
 
 
 # ----- parent: build the weights, run every worker, report -----
@@ -227,22 +237,24 @@ def build_model_files(shape: str, workdir: Path) -> tuple[Path, dict[str, Path],
     for precision in ("f32", "f16", "q8_0"):
         if not ggufs[precision].exists():
             save_gguf(model, tokenizer, ggufs[precision], dtype=precision)
-    if not ggufs["q4_0"].exists():
-        import llama_cpp
-
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-        params.nthread = 2
-        code = llama_cpp.llama_model_quantize(str(ggufs["f32"]).encode(), str(ggufs["q4_0"]).encode(), params)
-        if code != 0:
-            raise RuntimeError(f"llama.cpp could not quantize to Q4_0 (code {code})")
+    if not ggufs["q4_0"].exists():  # llama.cpp's quantizer, in a child process like every llama.cpp call
+        result = run_worker({"family": "quantize", "src": str(ggufs["f32"]), "dst": str(ggufs["q4_0"])}, 1800)
+        if result.get("code") != 0:
+            raise RuntimeError(f"llama.cpp could not quantize to Q4_0: {result}")
     return hf_dir, ggufs, args
 
 
 def run_worker(spec: dict, timeout: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          check=False, timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                              text=True, check=False, timeout=timeout, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        return {"error": [f"timed out after {timeout} s: {spec['family']}"]}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode < 0:  # killed by a signal (llama.cpp has segfaulted on some CPUs): name it and the file
+        return {"error": [f"killed by {signal.Signals(-proc.returncode).name}: {spec['family']} on "
+                          f"{spec.get('gguf') or spec.get('src') or spec.get('hf_dir')}"]}
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
     return json.loads(lines[-1])

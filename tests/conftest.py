@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +23,18 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def llama_cpp_stays_out_of_process():
+    """llama.cpp runs only in child processes (tests/peer): loaded into pytest's own process, one crash in
+    it would end the whole run. A test that imports it here fails, naming the way to call it."""
+    loaded_before = "llama_cpp" in sys.modules
+    yield
+    if not loaded_before and "llama_cpp" in sys.modules:
+        pytest.fail("this test imported llama_cpp into the pytest process; call llama.cpp through "
+                    "tests.peer.llama_cpp (or tests.peer.runner.call_isolated), which runs it in a child process",
+                    pytrace=False)
 AUSTEN = REPO / "data" / "austen"
 
 

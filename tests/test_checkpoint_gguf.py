@@ -1,6 +1,7 @@
 """GGUF export runs in llama.cpp (llama-cpp-python) with the same greedy tokens and close logits as our
 model, and loads back into our model. The model has Llama 3's real 128,256-token vocabulary (llama.cpp's
-"llama-bpe" tokenizer expects it) with tiny layers (dim 64, 2 layers)."""
+"llama-bpe" tokenizer expects it) with tiny layers (dim 64, 2 layers). llama.cpp runs in a child process
+(tests/peer), so a crash in it fails one test and names the signal, the command and the file."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import llama3
 from tests.conftest import random_model, tiny_args
+from tests.peer import llama_cpp
 
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
 NUM_NEW_TOKENS = 8
@@ -40,12 +42,6 @@ def gguf_files(model_and_tokenizer, tmp_path_factory):
             for dtype in ("f32", "f16", "q8_0")}
 
 
-def _llama_cpp(path, num_ctx=128):
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(path), n_ctx=num_ctx, logits_all=True, verbose=False, n_threads=2, seed=0)
-
-
 def _ours_greedy(model, ids, num_new):
     """Greedy continuation and the logits of every position, by full forward passes."""
     ids = list(ids)
@@ -56,30 +52,16 @@ def _ours_greedy(model, ids, num_new):
     return ids, logits
 
 
-def _cpp_greedy(llm, ids, num_new):
-    llm.reset()
-    ids = list(ids)
-    llm.eval(ids)
-    for _ in range(num_new):
-        next_id = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        ids.append(next_id)
-        llm.eval([next_id])
-    return ids, np.array(llm.scores[: llm.n_tokens])
-
-
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_gguf_runs_in_llama_cpp_with_equal_greedy_tokens(model_and_tokenizer, gguf_files, dtype):
     model, tokenizer = model_and_tokenizer
     path = gguf_files[dtype]
     prompt = tokenizer.encode(PROMPT, bos=True)
-    llm = _llama_cpp(path)
-    try:
-        assert llm.tokenize(PROMPT.encode(), add_bos=True, special=True) == prompt  # llama-bpe = our tokenizer
-        assert llm.token_eos() == tokenizer.eos_id and llm.token_bos() == tokenizer.bos_id
-        cpp_ids, cpp_logits = _cpp_greedy(llm, prompt, NUM_NEW_TOKENS)
-    finally:
-        llm.close()
+    cpp = llama_cpp.evaluate(path, prompt, num_new=NUM_NEW_TOKENS, text=PROMPT)
+    assert cpp["tokens"] == prompt  # llama-bpe = our tokenizer
+    assert cpp["eos"] == tokenizer.eos_id and cpp["bos"] == tokenizer.bos_id
+    cpp_ids, cpp_logits = cpp["ids"], cpp["logits"]
     our_ids, _ = _ours_greedy(model, prompt, NUM_NEW_TOKENS)
     # logits on llama.cpp's own continuation; the full sequence is compared (prompt + generated)
     with torch.no_grad():
@@ -91,18 +73,13 @@ def test_gguf_runs_in_llama_cpp_with_equal_greedy_tokens(model_and_tokenizer, gg
         assert cpp_ids[: len(prompt) + 1] == our_ids[: len(prompt) + 1]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_gguf_rope_scaling_reaches_llama_cpp(model_and_tokenizer, gguf_files):
     """rope_freqs carries Llama 3.1 scaling: llama.cpp matches the scaled model, not the unscaled one."""
     model, tokenizer = model_and_tokenizer
     path = gguf_files["f32"]
     ids = tokenizer.encode(PROMPT * 3, bos=True)[:100]
-    llm = _llama_cpp(path)
-    try:
-        llm.eval(ids)
-        cpp = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    cpp = llama_cpp.evaluate(path, ids)["logits"]
     unscaled = _sharp_attention_model(model.args.replace(use_scaled_rope=False))
     with torch.no_grad():
         ours, plain = model(torch.tensor([ids]))[0].numpy(), unscaled(torch.tensor([ids]))[0].numpy()
@@ -110,7 +87,7 @@ def test_gguf_rope_scaling_reaches_llama_cpp(model_and_tokenizer, gguf_files):
     assert np.abs(cpp - plain).max() > 100 * np.abs(cpp - ours).max()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_gguf_loads_back(tmp_path):
     """GGUF -> our model: f32 exactly, f16 as rounded, q8_0 dequantized within its error bound."""
     from tests.test_checkpoint_hf import byte_tokenizer
@@ -134,7 +111,7 @@ def test_gguf_loads_back(tmp_path):
     assert 0 < error <= weight.abs().max() / 127  # Q8_0: int8 with one scale per 32 values
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_gguf_reader_equals_the_gguf_package_with_llama3_vocabulary(model_and_tokenizer, gguf_files):
     """Our GGUF reader against llama.cpp's `gguf.GGUFReader` on a file with Llama 3's 128K tokens and 280K
     merges: every metadata value and every tensor view equal; the model and tokenizer load back."""
@@ -166,3 +143,39 @@ def test_gguf_with_a_cut_data_section_is_refused(gguf_files, tmp_path):
     cut.write_bytes(gguf_files["f16"].read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"cut\.gguf: not a readable GGUF file \(tensor .* runs past the end"):
         llama3.load(cut)
+
+
+@pytest.mark.timeout(300)
+def test_gguf_export_keeps_the_ids_the_model_has_rows_for(model_and_tokenizer, tmp_path, capsys):
+    """Llama 3.2's tokenizer.json lists <|image|> at 128256, one past the 128256 embedding rows: the export
+    keeps the first vocab_size ids with a one-line notice, and llama.cpp runs the file."""
+    import json
+
+    model, _ = model_and_tokenizer
+    hf_dir = llama3.save(model, model_and_tokenizer[1], tmp_path / "hf", format="hf")
+    tokenizer_json = json.loads((hf_dir / "tokenizer.json").read_text())
+    tokenizer_json["added_tokens"].append({"id": 128256, "content": "<|image|>", "single_word": False,
+                                           "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (hf_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (hf_dir / "tokenizer.model").unlink()  # as in an HF-only download: the tokenizer comes from tokenizer.json
+    loaded, tokenizer = llama3.load(hf_dir)
+    assert tokenizer.n_words == 128257 and loaded.args.vocab_size == 128256
+    capsys.readouterr()
+    path = llama3.save(loaded, tokenizer, tmp_path / "trimmed.gguf", format="gguf", dtype="f32")
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert notice == ["llama3: the tokenizer has 128257 ids but the model 128256 embeddings; "
+                      "writing the first 128256 to the GGUF vocabulary"]
+    prompt = tokenizer.encode(PROMPT, bos=True)
+    cpp = llama_cpp.evaluate(path, prompt, text=PROMPT + "<|eot_id|>")
+    assert cpp["n_vocab"] == 128256
+    assert cpp["tokens"] == prompt + [tokenizer.eot_id]
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0].numpy()
+    assert np.abs(cpp["logits"] - ours).max() <= TOLERANCE["f32"]
+
+
+def test_gguf_export_refuses_a_stop_token_past_the_embeddings(llama3_tokenizer, tmp_path):
+    model = random_model(tiny_args(vocab_size=128000 + 5), seed=3)  # rows for <|end_of_text|>, not <|eot_id|>
+    with pytest.raises(ValueError, match=r"eot token is id 128009 but the model has only 128005 embeddings"):
+        llama3.save(model, llama3_tokenizer, tmp_path / "m.gguf", format="gguf")
+    assert not (tmp_path / "m.gguf").exists()

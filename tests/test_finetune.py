@@ -147,3 +147,21 @@ def test_bad_data_stops_with_the_line_number(base_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         finetune_main(["--model", str(base_dir), "--data", str(data), "--finetune.lora_rnk=4"])
     assert "unknown key 'lora_rnk'" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_recipe_seq_len_past_the_model_context_shrinks_to_it(base_dir, tmp_path, capsys):
+    """The sft recipe's data.seq_len (1024) is longer than the model's 512-token context: it becomes 512
+    with a notice; a data.seq_len the user set that long is refused."""
+    data = _subset(CHAT_FILE, tmp_path / "chat.jsonl", 20)
+    flags = ["--model", str(base_dir), "--data", str(data), "--train.steps=1", "--data.batch_size=2",
+             *[flag for flag in COMMON if not flag.startswith("--data.seq_len")]]
+    assert finetune_main([*flags, "--out", str(tmp_path / "fit")]) == 0
+    out = capsys.readouterr().out
+    assert ("the model's context is 512 tokens, shorter than the recipe's data.seq_len=1024; training on rows "
+            "of 512 (--data.seq_len sets it)") in out.splitlines()
+    assert json.loads((tmp_path / "fit" / "config.json").read_text())["data"]["seq_len"] == 512
+    assert finetune_main([*flags, "--out", str(tmp_path / "set"), "--data.seq_len", "1024"]) == 2
+    assert ("llama3 finetune: error: data.seq_len=1024 exceeds the model's context (512); pass --data.seq_len=512 "
+            "or less") in capsys.readouterr().err
+    assert not (tmp_path / "set").exists()

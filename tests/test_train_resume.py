@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,3 +142,40 @@ def test_training_checkpoint_loads_as_a_model(reference):
 
     same, _ = llama3.load(reference / f"step-{STEPS:08d}")  # the package's loader detects the format
     torch.testing.assert_close(same(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.timeout(300)
+def test_resume_takes_the_runs_saved_config_and_reports_flags_that_change_it(dataset, reference, tmp_path,
+                                                                              capsys):
+    """A SIGKILLed run resumed with only --out and --resume goes on with its own config (16 steps, batch 4 of
+    64 tokens, its checkpoint interval... not the recipe's 50 steps of 8 x 128): bit-identical to the
+    uninterrupted run. A flag given on resume is applied with one notice line; a different --recipe is
+    refused."""
+    from llama3.cli.pretrain import main as pretrain_main
+    from llama3.train.config import ScheduleSection
+    from llama3.train.schedule import lr_at
+
+    out, changed = tmp_path / "run", tmp_path / "changed"
+    assert _pretrain(dataset, out, kill=("metrics", 10)).returncode == -signal.SIGKILL
+    shutil.copytree(out, changed)
+    resumed = subprocess.run([sys.executable, "-m", "llama3", "pretrain", "--out", str(out), "--resume"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming with" not in resumed.stderr
+    _assert_same_run(out, reference)
+
+    capsys.readouterr()
+    assert pretrain_main(["--out", str(changed), "--resume", "--optim.lr=6e-3", "--data.batch_size=4"]) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "resuming with" in line]
+    assert notices == ["llama3 pretrain: resuming with optim.lr=0.006 (the run was saved with 0.003)"]
+    records = _records(changed)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    schedule = ScheduleSection(name="cosine", warmup_steps=10)  # the debug recipe's, saved with the run
+    assert [r["lr"] for r in records[8:]] == [lr_at(s, lr=6e-3, total_steps=STEPS, schedule=schedule)
+                                              for s in range(8, STEPS)]
+    assert json.loads((changed / "config.json").read_text())["optim"]["lr"] == 6e-3
+
+    with pytest.raises(SystemExit):
+        pretrain_main(["--out", str(changed), "--resume", "--recipe", "demo"])
+    err = capsys.readouterr().err
+    assert f"--recipe demo: the run in {changed} was started from recipe 'debug'" in err

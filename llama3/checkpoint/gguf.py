@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,14 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     from ..tokenizer import CHAT_TEMPLATE, _bytes_to_hf
 
     if tokenizer.n_words > vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.n_words} ids but the model only {vocab_size} embeddings")
+        # Llama 3.2's tokenizer.json lists <|image|> at 128256, past the 128256 embedding rows; like llama.cpp's
+        # own converter, keep the ids the model has rows for (a token without a row could never be produced).
+        for name, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("eot", tokenizer.eot_id)):
+            if token_id >= vocab_size:
+                raise ValueError(f"the tokenizer's {name} token is id {token_id} but the model has only "
+                                 f"{vocab_size} embeddings; export a model whose vocab_size covers it")
+        print(f"llama3: the tokenizer has {tokenizer.n_words} ids but the model {vocab_size} embeddings; "
+              f"writing the first {vocab_size} to the GGUF vocabulary", file=sys.stderr)
     specials = {i: tok for tok, i in tokenizer.special_tokens.items()}
     tokens, types = [], []
     for i in range(vocab_size):
@@ -140,9 +148,9 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_eot_token_id(tokenizer.eot_id)
-    if tokenizer.eom_id is not None:
+    if tokenizer.eom_id is not None and tokenizer.eom_id < vocab_size:
         writer.add_eom_token_id(tokenizer.eom_id)
-    if "<|finetune_right_pad_id|>" in tokenizer.special_tokens:
+    if tokenizer.special_tokens.get("<|finetune_right_pad_id|>", vocab_size) < vocab_size:
         writer.add_pad_token_id(tokenizer.special_tokens["<|finetune_right_pad_id|>"])
     writer.add_add_bos_token(True)
     writer.add_chat_template(CHAT_TEMPLATE)

@@ -8,6 +8,7 @@ a module; nothing here imports torch until a command runs.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -38,6 +39,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _passive_openmp_waits() -> None:
+    """Let OpenMP threads that wait for the others sleep rather than spin, unless the user chose a policy.
+
+    With libgomp's default (spin first) a 2-thread decode on a 2-core machine that also runs something else
+    collapses: a thread spins at every parallel region's barrier while its partner waits for a core, and
+    the demo-shaped model decoded at 1.6 tok/s against 116 with OMP_WAIT_POLICY=PASSIVE and ~25 with one
+    thread (benchmarks/threads.py; BENCHMARKS.md). OpenMP reads the policy once, when torch loads it, so
+    it is set here, before any command imports torch."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in table:
         print(f"llama3: unknown command {name!r}; choose one of: {', '.join(table)}", file=sys.stderr)
         return 2
+    _passive_openmp_waits()
     module = importlib.import_module(f"{__name__}.{table[name]}")
     result = module.main(argv[1:])
     return int(result or 0)

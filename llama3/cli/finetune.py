@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, fit_seq_len=not _sets(overrides, "data.seq_len"))
     except ValueError as e:
         print(f"llama3 finetune: error: {e}", file=sys.stderr)
         return 2
@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama3 finetune: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _sets(overrides: list[str], name: str) -> bool:
+    """Whether the --section.key overrides set `name` (as --name=value or --name value)."""
+    return any(arg.split("=", 1)[0] == f"--{name}" for arg in overrides)
 
 
 def _load_examples(cfg, chat_format):
@@ -129,8 +134,11 @@ def lora_config_of(cfg):
                       quantize_base=ft.lora_quantize_base)
 
 
-def run(cfg, *, resume: bool = False, log=print) -> dict[str, Any]:
-    """Fine-tune as `cfg` says; returns the report also written to OUT/finetune_report.json."""
+def run(cfg, *, resume: bool = False, fit_seq_len: bool = False, log=print) -> dict[str, Any]:
+    """Fine-tune as `cfg` says; returns the report also written to OUT/finetune_report.json.
+
+    `fit_seq_len`: a data.seq_len longer than the model's context shrinks to it (the command line does this
+    when the user did not set data.seq_len); otherwise that is an error."""
     import copy
 
     from ..distributed.mesh import launched_by_torchrun
@@ -147,7 +155,7 @@ def run(cfg, *, resume: bool = False, log=print) -> dict[str, Any]:
     if launched_by_torchrun():
         raise ValueError("llama3 finetune runs in one process (one device); start it without torchrun")
     runtime = setup_runtime(cfg)
-    base, tokenizer, train_examples, val_examples = _prepare(cfg, runtime.device, log)
+    base, tokenizer, train_examples, val_examples = _prepare(cfg, runtime.device, log, fit_seq_len)
     model_args, holder = base.args, {"base": base}
     del base
 
@@ -173,7 +181,7 @@ def run(cfg, *, resume: bool = False, log=print) -> dict[str, Any]:
     return report
 
 
-def _prepare(cfg, device, log):
+def _prepare(cfg, device, log, fit_seq_len: bool):
     """The starting model and tokenizer, and the encoded train/validation examples (for DPO with the
     starting model's reference log-probs attached)."""
     import torch
@@ -183,8 +191,7 @@ def _prepare(cfg, device, log):
     from ..train.dpo import compute_reference_logps
 
     base, tokenizer = load(cfg.finetune.model_path, device=device, dtype=torch.float32)
-    if cfg.data.seq_len > base.args.max_seq_len:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context ({base.args.max_seq_len})")
+    _fit_seq_len(cfg, base.args.max_seq_len, log, shrink=fit_seq_len)
     train_examples, val_examples = _load_examples(cfg, ChatFormat(tokenizer))
     log(f"{cfg.data.path}: {len(train_examples)} training and {len(val_examples)} validation "
         f"{'dialogs' if cfg.finetune.method == 'sft' else 'pairs'}")
@@ -197,6 +204,19 @@ def _prepare(cfg, device, log):
             if val_examples:
                 val_examples = compute_reference_logps(base, val_examples, tokenizer.pad_id)
     return base, tokenizer, train_examples, val_examples
+
+
+def _fit_seq_len(cfg, context: int, log, *, shrink: bool) -> None:
+    """Rows longer than the model's context cannot be trained on: with `shrink` (the recipe's default, not
+    a value the user set) data.seq_len becomes the context, with a notice; otherwise it is refused."""
+    if cfg.data.seq_len <= context:
+        return
+    if not shrink:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context ({context}); "
+                         f"pass --data.seq_len={context} or less")
+    log(f"the model's context is {context} tokens, shorter than the recipe's data.seq_len={cfg.data.seq_len}; "
+        f"training on rows of {context} (--data.seq_len sets it)")
+    cfg.data.seq_len = context
 
 
 def _export(cfg, model, tokenizer, report: dict[str, Any], log) -> None:
