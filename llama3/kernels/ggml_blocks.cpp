@@ -15,11 +15,13 @@
 //     Σ w · x  ≈  scale · x_scale · Σ code · x_int8  +  bias · Σ x
 // with the integer sum exact and Σ x taken from the unrounded activations.
 //
-// A thread unpacks a tile of weight rows once (a few KB per row, it stays in L1/L2) and multiplies it
-// with every row of x, so prompts (many rows) cost one unpack per weight row, like decode steps.
-//
-// Two code paths, chosen at compile time (-march=native): AVX2 (byte products with vpmaddubsw / vpmaddwd,
-// 32 weights per step) and portable C++.
+// Two code paths, chosen at compile time (-march=native):
+// - AVX2: each 32 weights are decoded in registers (nibbles, 5th/6th bits, centring) and multiplied at
+//   once with up to 8 rows of x (vpmaddubsw / vpmaddwd), so a weight row is decoded once per 8 rows of x:
+//   a decode step reads each block once, a prompt decodes it once per 8 tokens;
+// - portable C++: a thread unpacks a tile of weight rows into bytes and floats (a few KB per row) and
+//   multiplies it with every row of x.
+// Weight rows are split over torch's thread pool in tiles of 16.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -213,7 +215,175 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
   return out;
 }
 
-// ----- one dot product: an unpacked weight row against one quantized row of x -----
+#ifdef LLAMA3_GGML_AVX2
+// ----- AVX2: blocks decoded in registers, 32 codes at a time, each used for up to 8 rows of x -----
+//
+// A decoder turns chunk c (values 32c .. 32c + 31) of a weight row into 32 centred signed codes, the scales
+// of its two halves and, for the affine types, one bias for the 32 (all their biases are per 32).
+
+// 32 bytes, 0xFF where bit j of `bits` is set: byte j takes byte j / 8 of the word, then its bit j % 8
+inline __m256i bits_to_bytes(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+}
+
+// value j: the low nibble of p[j] for j < 16, the high nibble of p[j - 16] above
+inline __m256i nibbles_16(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+
+// the low (high = false) or high nibbles of 32 bytes
+inline __m256i nibbles_32(const uint8_t* p, bool high) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if (high) v = _mm256_srli_epi16(v, 4);
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+struct Chunk {
+  __m256i codes;
+  float s0, s1, bias;
+};
+
+template <int kLegacyType>  // 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q8_0
+struct LegacyDecoder {
+  static constexpr int64_t kBytes = kLegacyType == 2 ? 18 : kLegacyType == 3 ? 20 : kLegacyType == 6 ? 22
+                                    : kLegacyType == 7 ? 24 : 34;
+  static constexpr bool kBias = kLegacyType == 3 || kLegacyType == 7;
+  static Chunk chunk(const uint8_t* row, int64_t c) {
+    const uint8_t* b = row + c * kBytes;
+    const float d = f16_at(b);
+    if (kLegacyType == 8) return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), d, d, 0.f};
+    constexpr bool kFive = kLegacyType == 6 || kLegacyType == 7;
+    constexpr int kCentre = kFive ? 16 : 8;
+    __m256i q = nibbles_16(b + (kFive ? (kBias ? 8 : 6) : (kBias ? 4 : 2)));
+    if (kFive) {
+      uint32_t qh;
+      std::memcpy(&qh, b + (kBias ? 4 : 2), sizeof(qh));
+      q = _mm256_or_si256(q, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
+    }
+    q = _mm256_sub_epi8(q, _mm256_set1_epi8(kCentre));
+    return {q, d, d, kBias ? f16_at(b + 2) + kCentre * d : 0.f};
+  }
+};
+
+template <bool kFifthBit>  // Q4_K, Q5_K
+struct KAffineDecoder {
+  static constexpr int64_t kBytes = kFifthBit ? 176 : 144;
+  static constexpr bool kBias = true;
+  static Chunk chunk(const uint8_t* row, int64_t c) {
+    const uint8_t* b = row + c / 8 * kBytes;
+    const int j = static_cast<int>(c % 8);  // sub-block: values 32j .. 32j + 31 of the super-block
+    constexpr int kCentre = kFifthBit ? 16 : 8;
+    __m256i q = nibbles_32(b + (kFifthBit ? 48 : 16) + 32 * (j / 2), j % 2 == 1);
+    if (kFifthBit) {  // bit j of byte l of qh is the 5th bit of value 32j + l
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+      q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+    }
+    int sc, mn;
+    k_scale_min(b + 4, j, sc, mn);
+    const float scale = f16_at(b) * sc;
+    return {_mm256_sub_epi8(q, _mm256_set1_epi8(kCentre)), scale, scale, kCentre * scale - f16_at(b + 2) * mn};
+  }
+};
+
+struct Q6KDecoder {
+  static constexpr int64_t kBytes = 210;
+  static constexpr bool kBias = false;
+  static Chunk chunk(const uint8_t* row, int64_t c) {
+    const uint8_t* b = row + c / 8 * kBytes;
+    const int j = static_cast<int>(c % 8), half = j / 4, t = j % 4;  // values 128·half + 32t + l
+    const __m256i low = nibbles_32(b + 64 * half + 32 * (t & 1), t >= 2);
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half));
+    const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
+    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+    const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16_at(b + 208);
+    return {q, d * sc[2 * j], d * sc[2 * j + 1], 0.f};
+  }
+};
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out[m] = row w · row m0 + m of x, for M rows of x, each chunk of w decoded once
+template <class D, int M>
+inline void fused_row(const uint8_t* w, int64_t K, const QuantizedX& qx, int64_t m0, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[M];
+  float bias_acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), bias_acc[m] = 0.f;
+  for (int64_t c = 0; c < K / kXBlock; ++c) {
+    const Chunk ch = D::chunk(w, c);
+    const __m256i w_abs = _mm256_sign_epi8(ch.codes, ch.codes);  // vpmaddubsw: unsigned × signed bytes
+    for (int m = 0; m < M; ++m) {
+      const int64_t row = m0 + m;
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + row * K + c * kXBlock));
+      // per pair of bytes a 16-bit sum (at most 2 · 128 · 127), per 4 bytes 32 bits: lanes 0-3 hold
+      // values 0-15 of the chunk, lanes 4-7 values 16-31
+      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xv, ch.codes)), ones);
+      const float xs = qx.scale[row * K / kXBlock + c];
+      const __m256 scales = _mm256_set_m128(_mm_set1_ps(ch.s1 * xs), _mm_set1_ps(ch.s0 * xs));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scales, acc[m]);
+      if (D::kBias) {
+        const float* sums = qx.group_sum.data() + row * K / kGroup + 2 * c;
+        bias_acc[m] += ch.bias * (sums[0] + sums[1]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) out[m] = hsum(acc[m]) + bias_acc[m];
+}
+
+// y (M, N) = x · Wᵀ: tiles of weight rows over the threads, x in passes of 8, 4, 2, 1 rows
+template <class D>
+void fused_matmul(const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t K, const QuantizedX& qx, int64_t M,
+                  float* yp) {
+  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    float out[8];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileRows, n1 = std::min(N, n0 + kTileRows);
+      for (int64_t m0 = 0; m0 < M;) {
+        const int64_t left = M - m0, step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        for (int64_t n = n0; n < n1; ++n) {
+          const uint8_t* w = wp + n * row_bytes;
+          switch (step) {
+            case 8: fused_row<D, 8>(w, K, qx, m0, out); break;
+            case 4: fused_row<D, 4>(w, K, qx, m0, out); break;
+            case 2: fused_row<D, 2>(w, K, qx, m0, out); break;
+            default: fused_row<D, 1>(w, K, qx, m0, out); break;
+          }
+          for (int64_t i = 0; i < step; ++i) yp[(m0 + i) * N + n] = out[i];
+        }
+        m0 += step;
+      }
+    }
+  });
+}
+
+void fused_dispatch(int64_t type, const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t K, const QuantizedX& qx,
+                    int64_t M, float* yp) {
+  switch (type) {
+    case 2: fused_matmul<LegacyDecoder<2>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 3: fused_matmul<LegacyDecoder<3>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 6: fused_matmul<LegacyDecoder<6>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 7: fused_matmul<LegacyDecoder<7>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 8: fused_matmul<LegacyDecoder<8>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 12: fused_matmul<KAffineDecoder<false>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 13: fused_matmul<KAffineDecoder<true>>(wp, row_bytes, N, K, qx, M, yp); break;
+    default: fused_matmul<Q6KDecoder>(wp, row_bytes, N, K, qx, M, yp); break;
+  }
+}
+#endif
+
+// ----- portable: one dot product: an unpacked weight row against one quantized row of x -----
 
 // Σ_g bias[g] · group_sum[g]
 inline float bias_term(const float* bias, const float* sums, int64_t groups) {
@@ -222,35 +392,7 @@ inline float bias_term(const float* bias, const float* sums, int64_t groups) {
   return s;
 }
 
-#ifdef LLAMA3_GGML_AVX2
-template <bool kBias>
-inline float dot_row(const RowView& w, const int8_t* xq, const float* xs, const float* sums, int64_t K) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (int64_t b = 0; b < K / kXBlock; ++b) {
-    __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + b * kXBlock));
-    __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kXBlock));
-    // vpmaddubsw takes unsigned × signed bytes: move the weight's sign onto x
-    xv = _mm256_sign_epi8(xv, wv);
-    wv = _mm256_sign_epi8(wv, wv);
-    // per pair of bytes a 16-bit sum (at most 2 · 128 · 127: no saturation), then per 4 bytes 32 bits;
-    // int32 lanes 0-3 cover weights 0-15 of the block, lanes 4-7 weights 16-31
-    const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-    const float x_scale = xs[b];
-    const __m256 scales = _mm256_set_m128(_mm_set1_ps(w.scale[2 * b + 1] * x_scale), _mm_set1_ps(w.scale[2 * b] * x_scale));
-    if (b & 1) {
-      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scales, acc1);
-    } else {
-      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scales, acc0);
-    }
-  }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-  return kBias ? _mm_cvtss_f32(sum) + bias_term(w.bias, sums, K / kGroup) : _mm_cvtss_f32(sum);
-}
-#else
+#ifndef LLAMA3_GGML_AVX2
 template <bool kBias>
 inline float dot_row(const RowView& w, const int8_t* xq, const float* xs, const float* sums, int64_t K) {
   float s = 0.f;
@@ -283,6 +425,9 @@ at::Tensor ggml_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t type
   const QuantizedX qx = quantize_x(x.const_data_ptr<float>(), M, K);
   const auto* wp = w.const_data_ptr<uint8_t>();
   float* yp = y32.mutable_data_ptr<float>();
+#ifdef LLAMA3_GGML_AVX2
+  fused_dispatch(type, wp, row_bytes, N, K, qx, M, yp);
+#else
   const int64_t tiles = (N + kTileRows - 1) / kTileRows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int8_t> codes(kTileRows * K);
@@ -304,6 +449,7 @@ at::Tensor ggml_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t type
       }
     }
   });
+#endif
   return out_dtype == at::kFloat ? y32 : y32.to(out_dtype);
 }
 
