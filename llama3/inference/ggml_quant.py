@@ -28,8 +28,25 @@ __all__ = ["GGMLEmbedding", "GGMLLinear", "dequantize_model", "has_ggml_layers"]
 _FALLBACK_ROWS = 1024  # weight rows dequantized at a time on the pure-PyTorch path
 
 
+_KINDS = {t.ggml_id: name for name, t in QUANT_TYPES.items()}
+
+
 def _dequantize_rows(data: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.from_numpy(dequantize(data.numpy(), kind))
+
+
+# An operator (not plain Python) so that a compiled decode step (fullgraph) can call the lookup.
+@torch.library.custom_op("llama3_ggml::embedding_rows", mutates_args=())
+def _embedding_rows(data: torch.Tensor, ids: torch.Tensor, ggml_type: int, dim: int) -> torch.Tensor:
+    """float32 (len(ids), dim): the rows `ids` of a ggml tensor, each distinct row dequantized once."""
+    unique, inverse = np.unique(ids.cpu().numpy(), return_inverse=True)
+    rows = _dequantize_rows(data[torch.from_numpy(unique)], _KINDS[ggml_type])
+    return rows[torch.from_numpy(inverse.reshape(-1))].to(ids.device)
+
+
+@_embedding_rows.register_fake
+def _embedding_rows_shape(data, ids, ggml_type, dim):
+    return data.new_empty((ids.shape[0], dim), dtype=torch.float32)
 
 
 class GGMLLinear(nn.Module):
@@ -80,11 +97,9 @@ class GGMLEmbedding(nn.Module):
         return _dequantize_rows(self.data, self.kind)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids = tokens.reshape(-1).cpu().numpy()
-        unique, inverse = np.unique(ids, return_inverse=True)  # each row dequantized once per call
-        rows = _dequantize_rows(self.data[torch.from_numpy(unique)], self.kind)
-        out = rows[torch.from_numpy(inverse.reshape(-1))].to(self.weight.dtype)
-        return out.view(*tokens.shape, self.embedding_dim).to(tokens.device)
+        rows = torch.ops.llama3_ggml.embedding_rows(self.data, tokens.reshape(-1), QUANT_TYPES[self.kind].ggml_id,
+                                                    self.embedding_dim)
+        return rows.to(self.weight.dtype).view(*tokens.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind}"
