@@ -16,8 +16,8 @@ cache (cold: `posix_fadvise(DONTNEED)`) and once right after (warm):
 - prompt tok/s: a 512-token prompt's prefill;
 - peak RSS: the worker's `ru_maxrss`.
 
-Ours runs `llama3.load` + `optimize_for_inference` (quantized files on the ggml block kernel) and the
-eager generator; llama.cpp runs llama-cpp-python with n_batch 512. The table goes to stdout (markdown) and
+Ours runs `llama3.load` + `optimize_for_inference` (quantized files on the ggml block kernel, the f16
+file in bf16 on the bf16 kernels) and the eager generator; llama.cpp runs llama-cpp-python with n_batch 512. The table goes to stdout (markdown) and
 the raw figures to --out (JSON).
 """
 
@@ -37,6 +37,11 @@ SHAPES = {"8b": "llama3.1-8b", "3b": "llama3.2-3b", "1b": "llama3.2-1b"}
 PRECISIONS = ("f16", "q4_0", "q4_k_m")
 PROMPT_TOKENS, NEW_TOKENS, LONG_PROMPT = 16, 32, 512
 SHARD_LAYERS = 4  # layers per safetensors shard
+
+
+def _env() -> dict:
+    """The environment for subprocesses: this checkout's llama3 first."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def cpu_model() -> str:
@@ -97,7 +102,7 @@ def build_files(shape: str, workdir: Path) -> dict[str, Path]:
         if not path.exists():
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "llama3", "convert", str(hf), str(path), "--to", "gguf",
-                            "--dtype", precision], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            "--dtype", precision], check=True, cwd=REPO, env=_env())
             print(f"  {path.name}: converted in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         files[precision] = path
     return files
@@ -114,7 +119,7 @@ def worker_ours(spec: dict, started: float) -> dict:
     import llama3
 
     torch.set_num_threads(spec["threads"])
-    model, tokenizer = llama3.load(spec["file"])
+    model, tokenizer = llama3.load(spec["file"], dtype=spec["dtype"])
     optimize_for_inference(model)
     gen = Generator(model, tokenizer, compile=False)
     greedy = SamplingParams(temperature=0)
@@ -163,7 +168,7 @@ def evict(path: Path) -> None:
 def measure(runtime: str, spec: dict, timeout: int) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, "runtime": runtime})],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=_env())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -233,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         for precision in precisions:
             for runtime in ("ours", "llamacpp"):
                 evict(files[precision])
-                run = {"ttft_cold": measure(runtime, {**spec, "file": str(files[precision])}, args.timeout)}
-                run["ttft_warm"] = measure(runtime, {**spec, "file": str(files[precision])}, args.timeout)
+                # ours runs an f16 file in bf16 (the CPU kernels' half type); quantized files as stored
+                job = {**spec, "file": str(files[precision]), "dtype": "bfloat16" if precision == "f16" else None}
+                run = {"ttft_cold": measure(runtime, job, args.timeout)}
+                run["ttft_warm"] = measure(runtime, job, args.timeout)
                 results[precision][runtime].append(run)
                 print(f"round {round_index + 1} {precision} {runtime}: "
                       f"{json.dumps({k: {m: v for m, v in r.items() if m != 'token_ids'} for k, r in run.items()})}",

@@ -147,9 +147,14 @@ def test_pure_pytorch_path_matches_the_kernel():
 # ----- whole models -----
 
 def _model(tied: bool = False):
+    """dim 256, 2 layers; the output projection scaled so the logits spread like a trained model's (std ~6,
+    where a small error in the products shows in the KL)."""
     args = tiny_args("gqa", dim=256, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=256,
                      tie_word_embeddings=tied)
-    return random_model(args, seed=21)
+    model = random_model(args, seed=21)
+    with torch.no_grad():
+        model.output.weight.mul_(6)
+    return model
 
 
 @pytest.fixture(scope="module")

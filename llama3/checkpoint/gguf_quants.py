@@ -276,14 +276,22 @@ def quantize(values: np.ndarray, kind: str) -> np.ndarray:
     if x.shape[-1] % qtype.block_values:
         raise ValueError(f"{kind} needs rows of whole {qtype.block_values}-value blocks, got {x.shape[-1]}")
     blocks = x.reshape(-1, qtype.block_values)
-    if kind in ("Q4_K", "Q5_K"):
-        out = np.concatenate(_quantize_k_affine(blocks, 15 if kind == "Q4_K" else 31), axis=1)
-    elif kind == "Q6_K":
-        out = np.concatenate(_quantize_q6_k(blocks), axis=1)
-    else:
-        out = _quantize_legacy(kind, blocks)
-    assert out.shape[1] == qtype.block_bytes, (kind, out.shape)
+    out = np.empty((blocks.shape[0], qtype.block_bytes), dtype=np.uint8)
+    step = _CHUNK_VALUES // qtype.block_values
+    for start in range(0, blocks.shape[0], step):  # a slice at a time: the temporaries stay small
+        out[start:start + step] = _quantize_blocks(kind, blocks[start:start + step])
     return out.reshape(*x.shape[:-1], x.shape[-1] // qtype.block_values * qtype.block_bytes)
+
+
+_CHUNK_VALUES = 1 << 22  # values quantized at a time (a few 16 MB temporaries)
+
+
+def _quantize_blocks(kind: str, blocks: np.ndarray) -> np.ndarray:
+    if kind in ("Q4_K", "Q5_K"):
+        return np.concatenate(_quantize_k_affine(blocks, 15 if kind == "Q4_K" else 31), axis=1)
+    if kind == "Q6_K":
+        return np.concatenate(_quantize_q6_k(blocks), axis=1)
+    return _quantize_legacy(kind, blocks)
 
 
 # ----- llama.cpp's presets: which type each tensor gets -----
