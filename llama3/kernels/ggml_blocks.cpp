@@ -33,8 +33,10 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
 #define LLAMA3_GGML_AVX2 1
 #endif
 
@@ -47,7 +49,11 @@ constexpr int64_t kTileRows = 16;  // weight rows unpacked together
 inline float f16_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, sizeof(bits));
+#ifdef __F16C__
+  return _cvtsh_ss(bits);  // one instruction: a block's scale is read for every 32 weights
+#else
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
 }
 
 // One row unpacked: codes (K bytes), scale and bias per 16 weights.
