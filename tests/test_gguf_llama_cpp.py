@@ -88,6 +88,7 @@ def test_llama_cpp_runs_our_quantized_files_with_logits_close_to_ours(model_and_
     model, tokenizer = model_and_tokenizer
     answer = run_llama_cpp({"kind": "logits", "files": [str(p) for p in preset_files.values()], "prompt": PROMPT})
     ids = tokenizer.encode(PROMPT, bos=True)
+    stats = {}
     for preset, path in preset_files.items():
         assert answer[str(path)] == ids, preset  # llama.cpp's tokenizer on our metadata = ours
         cpp = np.load(str(path) + ".logits.npy")
@@ -96,11 +97,14 @@ def test_llama_cpp_runs_our_quantized_files_with_logits_close_to_ours(model_and_
             mine = ours(torch.tensor([ids]))[0].numpy()
             plain = model(torch.tensor([ids]))[0].numpy()
         kl, kl_plain = _kl(cpp, mine), _kl(cpp, plain)
+        stats[preset] = (kl.mean(), kl.max(), kl_plain.mean(), (cpp.argmax(-1) == mine.argmax(-1)).mean())
+    for preset, (kl_mean, kl_max, kl_plain, same_top) in stats.items():
         # both run the same quantized weights; only the rounding of activations differs (llama.cpp: per 32
         # or 256 values, ours: per 32), far less than what the quantization of the weights moves
-        assert kl.mean() < 2e-3 and kl.max() < 1e-2, (preset, kl.mean(), kl.max())
-        assert kl.mean() < kl_plain.mean() / 3, (preset, kl.mean(), kl_plain.mean())
-        assert (cpp.argmax(-1) == mine.argmax(-1)).mean() >= 0.9, preset
+        # (measured: KL ~3e-5 mean, 6e-5 max; the quantization itself 4e-5 (q8_0) to 4e-3 (q4_0))
+        assert kl_mean < 2e-4 and kl_max < 5e-4, (preset, stats)
+        assert kl_mean < kl_plain / 5, (preset, stats)
+        assert same_top >= 0.8, (preset, stats)  # random logits have near-ties; greedy may flip on some
 
 
 @pytest.mark.timeout(600)

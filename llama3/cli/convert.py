@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
     from ..checkpoint.load import detect_format, load, save
+    from ..checkpoint.safety import parse_dtype
     from ..inference.ggml_quant import dequantize_model, has_ggml_layers
 
     try:
@@ -50,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         # GGUF quantized types are chosen at write time; the model itself loads in its stored float dtype.
         load_dtype = None if args.to == "gguf" else args.dtype
         model, tokenizer = load(args.src, dtype=load_dtype, progress=src_format != "training")
-        if has_ggml_layers(model):  # a quantized GGUF source: written out from its dequantized values
-            dequantize_model(model)
+        if has_ggml_layers(model):  # a quantized GGUF source: written out from its dequantized values,
+            # straight in the requested float dtype (an 8B model in float32 first would need 32 GB)
+            dequantize_model(model, parse_dtype(load_dtype) or torch.float32)
         print(f"loaded {model.num_params() / 1e6:.1f}M parameters in {time.perf_counter() - started:.1f}s",
               file=sys.stderr)
         extra = {"hf": {"max_shard_size": args.max_shard_size}, "meta": {"num_shards": args.shards},
