@@ -89,7 +89,7 @@ def test_gguf_rope_scaling_reaches_llama_cpp(model_and_tokenizer, gguf_files):
 
 @pytest.mark.timeout(300)
 def test_gguf_loads_back(tmp_path):
-    """GGUF -> our model: f32 exactly, f16 as rounded, q8_0 dequantized within its error bound."""
+    """GGUF -> our model: f32 exactly, f16 as rounded, q8_0 within its error bound."""
     from tests.test_checkpoint_hf import byte_tokenizer
 
     model = random_model(tiny_args("rope31", vocab_size=512, multiple_of=32), seed=12)
@@ -105,9 +105,10 @@ def test_gguf_loads_back(tmp_path):
     half, _ = llama3.load(files["f16"])
     assert half.tok_embeddings.weight.dtype == torch.float16
     assert torch.equal(half.tok_embeddings.weight, model.tok_embeddings.weight.half())
-    q8, _ = llama3.load(files["q8_0"], dtype="float32")  # dequantized
+    q8, _ = llama3.load(files["q8_0"], dtype="float32")  # runs quantized: the weights stay Q8_0 blocks
+    assert q8.layers[0].feed_forward.w2.kind == "Q8_0"
     weight = model.layers[0].feed_forward.w2.weight
-    error = (q8.layers[0].feed_forward.w2.weight - weight).abs().max()
+    error = (q8.layers[0].feed_forward.w2.dequantize() - weight).abs().max()
     assert 0 < error <= weight.abs().max() / 127  # Q8_0: int8 with one scale per 32 values
 
 

@@ -21,11 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ModelArgs
+from .gguf_quants import PRESETS, QUANT_TYPES, quantize, tensor_type_for
 from .safety import atomic_output_file, parse_dtype
 
 __all__ = ["GGUF_DTYPES", "gguf_tensor_name", "load_gguf", "rope_freq_divisors", "save_gguf"]
 
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+# f32/f16/bf16, and llama.cpp's quantization presets (a type per tensor: `gguf_quants.tensor_type_for`)
+GGUF_DTYPES = ("f32", "f16", "bf16", *PRESETS)
 _TORCH_TO_GGUF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _LAYER_NAMES = {
     "attention.wq.weight": "attn_q.weight",
@@ -157,7 +159,8 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 
 def _encode_tensor(tensor: torch.Tensor, qtype) -> np.ndarray:
-    """A weight as the numpy array GGUFWriter stores: f32/f16 natively, bf16/q8_0 as raw bytes."""
+    """A weight as the numpy array GGUFWriter stores: f32/f16 natively, bf16 and quantized types as raw
+    bytes (the quantized ones by our own quantizers, `gguf_quants.quantize`)."""
     import gguf
 
     data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
@@ -165,22 +168,39 @@ def _encode_tensor(tensor: torch.Tensor, qtype) -> np.ndarray:
         return data
     if qtype == gguf.GGMLQuantizationType.F16:
         return data.astype(np.float16)
+    if qtype.name in QUANT_TYPES:
+        return quantize(data, qtype.name)
     return gguf.quants.quantize(data, qtype)
+
+
+def _tensor_type(dtype: str, name: str, tensor: torch.Tensor, args: ModelArgs):
+    """The ggml type a tensor is written as: norms (1-D) in f32; 2-D weights in `dtype`, or for a
+    quantization preset the type llama.cpp's quantizer gives that tensor."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if tensor.dim() != 2:
+        return Q.F32
+    if dtype in PRESETS:
+        return Q[tensor_type_for(dtype, name, tensor.shape[-1], args.n_layers, args.tie_word_embeddings)]
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}[dtype]
 
 
 def save_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
               overwrite: bool = False, progress: bool = False) -> Path:
-    """Write a GGUF file llama.cpp and Ollama load. dtype: f32, f16, bf16 or q8_0 (2-D weights; norms and
-    rope_freqs stay f32 as llama.cpp expects; q8_0 rows not made of whole 32-value blocks are f16); default: the model's dtype. Written to a temp file, then renamed.
+    """Write a GGUF file llama.cpp and Ollama load. dtype: f32, f16, bf16 or one of llama.cpp's presets
+    q4_0, q4_1, q5_0, q5_1, q8_0, q4_k_m, q5_k_m, q6_k (2-D weights, each tensor the type llama.cpp's
+    quantizer would give it; rows no quantized type fits are f16); norms and rope_freqs stay f32 as
+    llama.cpp expects; default: the model's dtype. Written to a temp file, then renamed.
     Tensors are converted and written one at a time (peak memory ~ weights + one tensor)."""
     import gguf
 
     args: ModelArgs = model.args
     dtype = _resolve_dtype(model, dtype)
     Q = gguf.GGMLQuantizationType
-    qtype, file_type = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-                        "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-                        "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}[dtype]
+    file_type = PRESETS[dtype][1] if dtype in PRESETS else {
+        "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
     state = model.state_dict()
     plan: list[tuple[str, torch.Tensor, object]] = []  # (gguf name, tensor, ggml type)
     if args.use_scaled_rope:
@@ -188,10 +208,8 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.d
     for key, tensor in state.items():
         if key == "output.weight" and args.tie_word_embeddings:
             continue  # llama.cpp uses token_embd when output is absent
-        ttype = qtype if tensor.dim() == 2 else Q.F32
-        if ttype == Q.Q8_0 and tensor.shape[-1] % 32:
-            ttype = Q.F16  # rows must be whole 32-value blocks; llama.cpp's converter falls back the same way
-        plan.append((gguf_tensor_name(key), tensor, ttype))
+        name = gguf_tensor_name(key)
+        plan.append((name, tensor, _tensor_type(dtype, name, tensor, args)))
     with atomic_output_file(path, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _add_metadata(writer, args, int(file_type), Path(path).stem)
@@ -245,7 +263,9 @@ class _GGUFFile:
     def __init__(self, path: Path):
         import gguf
 
-        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        # copy-on-write: private pages, read from the file on demand, so tensors can share them without
+        # torch's warning about read-only memory (nothing here writes to them)
+        self._map = np.memmap(path, dtype=np.uint8, mode="c")
         buf = memoryview(self._map)
         pos = 0
 
@@ -384,12 +404,16 @@ def _field(reader, key: str, default=None):
 
 
 def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-              dtype: str | torch.dtype | None = None, progress: bool = False):
+              dtype: str | torch.dtype | None = None, progress: bool = False, dequantize: bool = False):
     """(model, tokenizer) from a llama-architecture GGUF with a Llama 3 style BPE vocabulary. Quantized
-    weights are dequantized; dtype=None gives float32 for quantized files, else the stored float type."""
+    weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) stay quantized and run on the CPU kernels
+    (`llama3.inference.ggml_quant`), unless `dequantize=True` turns them into float tensors. dtype=None
+    gives float32 for quantized files, else the stored float type."""
     import gguf
 
     from ..tokenizer import Tokenizer, _hf_to_bytes
+    from .gguf_quantized_model import build_quantized_model, is_quantized_file
+    from .gguf_quants import check_quantized_tensor, check_tensor_types
     from .load import materialize_model
 
     path = Path(path)
@@ -397,6 +421,7 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         reader = _GGUFFile(path)
     except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError, struct.error) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e}); it may be truncated or corrupt") from None
+    check_tensor_types(path, reader.tensors)
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r}; only 'llama' GGUF files load here")
@@ -426,19 +451,21 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                 if name == "rope_freqs.weight":
                     continue
                 raise ValueError(f"{path}: unexpected tensor {name!r}; not part of a Llama model")
-            if t.tensor_type.name not in ("F32", "F16", "BF16", "Q8_0"):
-                raise ValueError(f"{path}: tensor {name!r} is {t.tensor_type.name}; this reader takes f32, f16, "
-                                 "bf16 and q8_0 (convert other quantizations with llama.cpp's tools first)")
-            data = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type in (
-                gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16) else np.array(t.data)
+            if t.tensor_type.name in QUANT_TYPES:
+                check_quantized_tensor(path, name, t.tensor_type.name, t.shape, t.data)
+            data = np.array(t.data) if t.tensor_type.name in _PLAIN_TYPES else gguf.quants.dequantize(
+                t.data, t.tensor_type)
             tensor = torch.from_numpy(data)
             if t.tensor_type == gguf.GGMLQuantizationType.BF16:
                 tensor = tensor.to(torch.bfloat16)  # exact: the values were bf16
             yield key, tensor.reshape([int(n) for n in reversed(t.shape)]), f"{path} ({name})"
 
-    model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path),
-                              progress=progress, stored_shapes=_stored_shapes(tensors),
-                              stored_name=gguf_tensor_name)
+    if is_quantized_file(reader.tensors) and not dequantize:
+        model = build_quantized_model(args, tensors, _meta_name, path, device=device, dtype=parse_dtype(dtype))
+    else:
+        model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path),
+                                  progress=progress, stored_shapes=_stored_shapes(tensors),
+                                  stored_name=gguf_tensor_name)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
     if tokens is None or _field(reader, "tokenizer.ggml.model") != "gpt2":

@@ -83,7 +83,14 @@ def save(model: Any, tokenizer: Any, path: str | os.PathLike, *, format: str = "
          dtype: str | torch.dtype | None = None, **kwargs: Any) -> Path:
     """Write `model` and `tokenizer` to `path` as a Hugging Face folder (`format="hf"`, kwargs:
     `max_shard_size`), a Meta folder (`"meta"`, kwargs: `num_shards`) or a GGUF file (`"gguf"`, dtype one of
-    f32/f16/bf16/q8_0). Common kwargs: `overwrite`, `progress`. Returns the path written."""
+    f32/f16/bf16 or a quantization preset such as q4_k_m). Common kwargs: `overwrite`, `progress`. Returns the
+    path written. A model running quantized GGUF weights must be dequantized first
+    (`llama3.inference.ggml_quant.dequantize_model`)."""
+    from ..inference.ggml_quant import has_ggml_layers
+
+    if has_ggml_layers(model):
+        raise ValueError("this model runs on quantized GGUF weights; dequantize it first "
+                         "(llama3.inference.ggml_quant.dequantize_model(model)) to write it in another format")
     if format == "hf":
         from .hf import save_hf
 

@@ -2,6 +2,7 @@
 
     llama3 convert Llama3.1-8B/ llama31-8b-hf --to hf                      # Meta download -> HF folder
     llama3 convert llama31-8b-hf llama31-8b.Q8_0.gguf --to gguf --dtype q8_0 # HF -> llama.cpp / Ollama
+    llama3 convert llama31-8b-hf llama31-8b.Q4_K_M.gguf --to gguf --dtype q4_k_m  # llama.cpp's Q4_K_M mixture
     llama3 convert llama3-70b-hf llama3-70b-meta --to meta --shards 8        # HF -> Meta, 8 model-parallel shards
     llama3 convert out/pretrain/step-00001000 out/hf --to hf --dtype bf16    # training checkpoint -> HF
 
@@ -15,7 +16,7 @@ import argparse
 import sys
 import time
 
-HELP = "convert a model between Meta, Hugging Face and GGUF formats (sharding, dtype, q8_0)"
+HELP = "convert a model between Meta, Hugging Face and GGUF formats (sharding, dtype, GGUF quantization)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dst", help="output folder (hf, meta) or file (gguf)")
     parser.add_argument("--to", required=True, choices=["hf", "meta", "gguf"], help="output format")
     parser.add_argument("--dtype", default=None,
-                        help="weights' dtype: float32 | bfloat16 | float16; for gguf also f32 | f16 | bf16 | q8_0 "
-                             "(default: as stored)")
+                        help="weights' dtype: float32 | bfloat16 | float16; for gguf also f32 | f16 | bf16 and "
+                             "llama.cpp's quantization presets q4_0 | q4_1 | q5_0 | q5_1 | q8_0 | q4_k_m | q5_k_m | "
+                             "q6_k (default: as stored)")
     parser.add_argument("--shards", type=int, default=1, help="meta: number of model-parallel shards (default 1)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="hf: split safetensors above this size, e.g. 5GB, 500MB (default 5GB)")
@@ -36,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
     from ..checkpoint.load import detect_format, load, save
+    from ..checkpoint.safety import parse_dtype
+    from ..inference.ggml_quant import dequantize_model, has_ggml_layers
 
     try:
         if args.to != "meta" and args.shards != 1:
@@ -47,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         # GGUF quantized types are chosen at write time; the model itself loads in its stored float dtype.
         load_dtype = None if args.to == "gguf" else args.dtype
         model, tokenizer = load(args.src, dtype=load_dtype, progress=src_format != "training")
+        if has_ggml_layers(model):  # a quantized GGUF source: written out from its dequantized values,
+            # straight in the requested float dtype (an 8B model in float32 first would need 32 GB)
+            dequantize_model(model, parse_dtype(load_dtype) or torch.float32)
         print(f"loaded {model.num_params() / 1e6:.1f}M parameters in {time.perf_counter() - started:.1f}s",
               file=sys.stderr)
         extra = {"hf": {"max_shard_size": args.max_shard_size}, "meta": {"num_shards": args.shards},

@@ -141,14 +141,19 @@ def fuse_projections(model: Transformer) -> Transformer:
     The numbers are unchanged: a fused matmul computes the same dot products as the separate ones.
     Call it before quantizing, and only for inference: the fused weights no longer match checkpoint names.
     """
-    if is_fused(model):
-        return model
+    if is_fused(model) or not _all_linear(model):
+        return model  # quantized GGUF layers (ggml blocks, each tensor its own type) stay as they are
     for layer in model.layers:
         if layer.attention.kv_cache is not None:
             raise ValueError("fuse_projections must run before caches are set up; call model.clear_caches()")
         layer.attention = FusedAttention.from_attention(layer.attention)
         layer.feed_forward = FusedFeedForward.from_feed_forward(layer.feed_forward)
     return model
+
+
+def _all_linear(model: Transformer) -> bool:
+    return all(type(m) is nn.Linear for layer in model.layers for m in
+               (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.feed_forward.w1, layer.feed_forward.w3))
 
 
 def _kv_heads(attn: nn.Module) -> int:
@@ -248,6 +253,11 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
     (`"int8"` or `"int4"`, see `quantize.py`), or for a bf16/fp32 CPU model put its linear layers on the
     project's matrix-vector kernels (`gemv.py`; `kernels=False` keeps torch's); finally, on the CPU, move
     the weights to huge pages (`to_huge_pages`). Returns the model in eval mode without gradients."""
+    from .ggml_quant import has_ggml_layers
+
+    if quantize is not None and has_ggml_layers(model):
+        raise ValueError(f"this model's weights are already quantized (a quantized GGUF file); drop --quantize "
+                         f"{quantize}, or load a float model to quantize it")
     model.clear_caches()
     if dtype is not None:
         model.to(dtype)

@@ -2,10 +2,12 @@
 
 - `gemv.cpp`: `torch.ops.llama3.gemv_bf16`, `gemv_f32`, `gemv_int8`, `gemv_int4`, the decode-time matrix-vector
   products (used by `llama3.inference.gemv` and `quantize`);
+- `ggml_blocks.cpp`: `torch.ops.llama3.ggml_matmul`, products with weights in ggml's quantized block formats
+  straight from a GGUF file (used by `llama3.inference.ggml_quant`);
 - `xent.cpp`: `torch.ops.llama3.xent_rows_`, cross-entropy rows and their logit gradients in place (used by
   the training loss, `llama3.train.loss`).
 
-`available()` builds both files into one library with the system C++ compiler against the installed torch
+`available()` builds the files into one library with the system C++ compiler against the installed torch
 (about 20 s the first time; the library is cached under `~/.cache/llama3/kernels`, keyed by the sources,
 torch's version and the CPU's instruction sets), loads it with `torch.ops.load_library` and returns True.
 All operators work under `torch.compile` (shape functions are registered here).
@@ -31,7 +33,7 @@ import torch
 
 __all__ = ["available", "build", "cache_dir", "why_unavailable"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "xent.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "xent.cpp", "ggml_blocks.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "why": str
 
@@ -106,10 +108,15 @@ def _xent_rows_shape(logits, targets, weights, write_grad):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)  # per-row loss; logits change in place
 
 
+def _ggml_matmul_shape(x, w, ggml_type, in_features):
+    return x.new_empty(x.shape[0], w.shape[0])  # (M, N) in x's dtype
+
+
 def _register_fakes() -> None:
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"llama3::{name}")(_gemv_shape)
     torch.library.register_fake("llama3::xent_rows_")(_xent_rows_shape)
+    torch.library.register_fake("llama3::ggml_matmul")(_ggml_matmul_shape)
 
 
 def _load() -> tuple[bool, str]:

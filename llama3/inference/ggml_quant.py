@@ -1,0 +1,130 @@
+"""Layers that run on weights kept in ggml's quantized block formats (Q4_0 ... Q6_K), as a GGUF file
+stores them, without ever turning the whole matrix into 16- or 32-bit floats.
+
+- `GGMLLinear`: y = x Wᵀ with W as rows of blocks. With the project's kernels every product, decode step
+  or prompt, goes to `llama3::ggml_matmul` (`llama3/kernels/ggml_blocks.cpp`: activations rounded to int8
+  per block of 32, as llama.cpp's products round them); without them (no compiler, `LLAMA3_KERNELS=0`) the
+  pure-PyTorch path dequantizes a slice of rows at a time and multiplies in float32.
+- `GGMLEmbedding`: the token embeddings; a lookup dequantizes only the rows it reads.
+
+The block bytes are a plain attribute (`data`), not a parameter or buffer: they are views of the file's
+memory map, so `model.to(dtype)`, the move to huge pages and `state_dict()` leave them alone and the
+model's resident memory is the pages of the file the products touch. `dequantize_model` turns such a
+model back into an ordinary float one (for writing it to another format).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..checkpoint.gguf_quants import QUANT_TYPES, dequantize
+
+__all__ = ["GGMLEmbedding", "GGMLLinear", "dequantize_model", "has_ggml_layers"]
+
+_FALLBACK_ROWS = 1024  # weight rows dequantized at a time on the pure-PyTorch path
+
+
+_KINDS = {t.ggml_id: name for name, t in QUANT_TYPES.items()}
+
+
+def _dequantize_rows(data: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.from_numpy(dequantize(data.numpy(), kind))
+
+
+# An operator (not plain Python) so that a compiled decode step (fullgraph) can call the lookup.
+@torch.library.custom_op("llama3_ggml::embedding_rows", mutates_args=())
+def _embedding_rows(data: torch.Tensor, ids: torch.Tensor, ggml_type: int, dim: int) -> torch.Tensor:
+    """float32 (len(ids), dim): the rows `ids` of a ggml tensor, each distinct row dequantized once."""
+    unique, inverse = np.unique(ids.cpu().numpy(), return_inverse=True)
+    rows = _dequantize_rows(data[torch.from_numpy(unique)], _KINDS[ggml_type])
+    return rows[torch.from_numpy(inverse.reshape(-1))].to(ids.device)
+
+
+@_embedding_rows.register_fake
+def _embedding_rows_shape(data, ids, ggml_type, dim):
+    return data.new_empty((ids.shape[0], dim), dtype=torch.float32)
+
+
+class GGMLLinear(nn.Module):
+    """y = x Wᵀ for W (out_features, in_features) held as ggml blocks of type `kind`: `data` is uint8
+    (out_features, row_bytes). Returns x's dtype."""
+
+    def __init__(self, data: torch.Tensor, kind: str, in_features: int, use_kernel: bool = True):
+        super().__init__()
+        qtype = QUANT_TYPES[kind]
+        row_bytes = in_features // qtype.block_values * qtype.block_bytes
+        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes or in_features % qtype.block_values:
+            raise ValueError(f"GGMLLinear: {kind} rows of {in_features} values need uint8 (N, {row_bytes}), "
+                             f"got {data.dtype} {tuple(data.shape)}")
+        self.data, self.kind, self.ggml_id = data, kind, qtype.ggml_id
+        self.in_features, self.out_features = in_features, data.shape[0]
+        self.use_kernel = use_kernel and kernels.available()
+
+    def dequantize(self) -> torch.Tensor:
+        """The full float32 weight (out_features, in_features): tests and format conversion only."""
+        return _dequantize_rows(self.data, self.kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel:
+            x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+            y = torch.ops.llama3.ggml_matmul(x_in, self.data, self.ggml_id, self.in_features)
+        else:
+            x32 = x2.float()
+            y = torch.cat([F.linear(x32, _dequantize_rows(self.data[i:i + _FALLBACK_ROWS], self.kind))
+                           for i in range(0, self.out_features, _FALLBACK_ROWS)], dim=-1)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (..., N)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+class GGMLEmbedding(nn.Module):
+    """Token embeddings held as ggml blocks: `data` uint8 (vocab, row_bytes). `weight` is an empty tensor
+    that only carries the model's dtype and device (code that asks the embeddings for them keeps working)."""
+
+    def __init__(self, data: torch.Tensor, kind: str, dim: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.data, self.kind, self.embedding_dim = data, kind, dim
+        self.num_embeddings = data.shape[0]
+        self.register_buffer("weight", torch.empty(0, dtype=dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        return _dequantize_rows(self.data, self.kind)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.llama3_ggml.embedding_rows(self.data, tokens.reshape(-1), QUANT_TYPES[self.kind].ggml_id,
+                                                    self.embedding_dim)
+        return rows.to(self.weight.dtype).view(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind}"
+
+
+def has_ggml_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, (GGMLLinear, GGMLEmbedding)) for m in model.modules())
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every GGML layer by an ordinary nn.Linear / nn.Embedding holding its dequantized weight, in
+    place (for writing the model to another format). A tied output projection stays tied. Returns the model."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (GGMLLinear, GGMLEmbedding)):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        weight = nn.Parameter(module.dequantize().to(dtype), requires_grad=False)
+        if isinstance(module, GGMLEmbedding):
+            plain = nn.Embedding(*weight.shape, device="meta")
+        else:
+            plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        plain.weight = weight
+        setattr(parent, attr, plain)
+    if getattr(model.args, "tie_word_embeddings", False):
+        model.output.weight = model.tok_embeddings.weight
+    return model

@@ -1,0 +1,466 @@
+// Products with weights kept in ggml's quantized block formats, read straight from a GGUF file's bytes.
+//
+//   llama3::ggml_matmul(x bf16|fp32 (M, K), w uint8 (N, row_bytes), int ggml_type, int K) -> x.dtype (M, N)
+//       y[m, n] = Σ_k x[m, k] · w[n, k], w[n] being row n of a ggml tensor of type Q4_0, Q4_1, Q5_0, Q5_1,
+//       Q8_0, Q4_K, Q5_K or Q6_K (layouts: llama3/checkpoint/gguf_quants.py)
+//
+// Every one of these formats stores a weight as scale · code + bias with a small integer code and a scale
+// and bias shared by 16 or 32 consecutive weights. So a weight row is first unpacked into one common form
+// that keeps every value exactly: the codes as signed bytes, centred (4-bit q - 8, 5-bit q - 16, 6-bit
+// q - 32, Q8_0 as stored), and a float scale and bias per 16 weights. The symmetric types (Q4_0, Q5_0, Q8_0,
+// Q6_K) have no bias; the affine ones (Q4_1, Q5_1, Q4_K, Q5_K: scale · q + min) get min + scale · centre.
+// Centring halves what the rounding of x can cost against uncentred codes (the error multiplies
+// scale · code), and the bias meets the exact sums of x. The products then run on bytes, as llama.cpp's do: each row of x is
+// rounded to int8 per block of 32 (scale absmax / 127), and per 16 weights
+//     Σ w · x  ≈  scale · x_scale · Σ code · x_int8  +  bias · Σ x
+// with the integer sum exact and Σ x taken from the unrounded activations.
+//
+// Two code paths, chosen at compile time (-march=native):
+// - AVX2: each 32 weights are decoded in registers (nibbles, 5th/6th bits, centring) and multiplied at
+//   once with up to 8 rows of x (vpmaddubsw / vpmaddwd), so a weight row is decoded once per 8 rows of x:
+//   a decode step reads each block once, a prompt decodes it once per 8 tokens;
+// - portable C++: a thread unpacks a tile of weight rows into bytes and floats (a few KB per row) and
+//   multiplies it with every row of x.
+// Weight rows are split over torch's thread pool in tiles of 16.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define LLAMA3_GGML_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 16;   // weights per unpacked scale and bias
+constexpr int64_t kXBlock = 32;  // activations per int8 scale
+constexpr int64_t kTileRows = 16;  // weight rows unpacked together
+
+inline float f16_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+#ifdef __F16C__
+  return _cvtsh_ss(bits);  // one instruction: a block's scale is read for every 32 weights
+#else
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
+}
+
+// One row unpacked: codes (K bytes), scale and bias per 16 weights.
+struct RowView {
+  int8_t* codes;
+  float* scale;
+  float* bias;
+};
+
+// ----- unpacking one block of each type into codes[values], scale[values / 16], bias[values / 16] -----
+
+inline void set_groups(float* scale, float* bias, int64_t groups, float s, float b) {
+  for (int64_t g = 0; g < groups; ++g) scale[g] = s, bias[g] = b;
+}
+
+// 32 codes from 16 bytes of nibbles (value j low, 16 + j high) plus optional 5th bits, minus `offset`
+inline void legacy_codes(const uint8_t* qs, const uint8_t* qh, int offset, int8_t* codes) {
+  uint32_t high = 0;
+  if (qh != nullptr) std::memcpy(&high, qh, sizeof(high));
+  for (int j = 0; j < 16; ++j) {
+    codes[j] = static_cast<int8_t>(((qs[j] & 0x0F) | (((high >> j) & 1) << 4)) - offset);
+    codes[j + 16] = static_cast<int8_t>(((qs[j] >> 4) | (((high >> (j + 16)) & 1) << 4)) - offset);
+  }
+}
+
+void unpack_q4_0(const uint8_t* b, int8_t* c, float* s, float* z) {
+  legacy_codes(b + 2, nullptr, 8, c);
+  set_groups(s, z, 2, f16_at(b), 0.f);
+}
+void unpack_q4_1(const uint8_t* b, int8_t* c, float* s, float* z) {
+  const float d = f16_at(b);
+  legacy_codes(b + 4, nullptr, 8, c);
+  set_groups(s, z, 2, d, f16_at(b + 2) + 8.f * d);
+}
+void unpack_q5_0(const uint8_t* b, int8_t* c, float* s, float* z) {
+  legacy_codes(b + 6, b + 2, 16, c);
+  set_groups(s, z, 2, f16_at(b), 0.f);
+}
+void unpack_q5_1(const uint8_t* b, int8_t* c, float* s, float* z) {
+  const float d = f16_at(b);
+  legacy_codes(b + 8, b + 4, 16, c);
+  set_groups(s, z, 2, d, f16_at(b + 2) + 16.f * d);
+}
+void unpack_q8_0(const uint8_t* b, int8_t* c, float* s, float* z) {
+  std::memcpy(c, b + 2, 32);
+  set_groups(s, z, 2, f16_at(b), 0.f);
+}
+
+// Q4_K / Q5_K: eight (scale, min) 6-bit pairs packed in 12 bytes
+inline void k_scale_min(const uint8_t* q, int j, int& sc, int& mn) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    mn = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+    mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+template <bool kFifthBit>
+void unpack_k_affine(const uint8_t* b, int8_t* c, float* s, float* z) {
+  constexpr int kCentre = kFifthBit ? 16 : 8;
+  const float d = f16_at(b), dmin = f16_at(b + 2);
+  const uint8_t* packed = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = kFifthBit ? b + 48 : b + 16;
+  for (int chunk = 0; chunk < 4; ++chunk) {  // 64 values from 32 bytes
+    for (int l = 0; l < 32; ++l) {
+      int lo = qs[32 * chunk + l] & 0x0F, hi = qs[32 * chunk + l] >> 4;
+      if (kFifthBit) {
+        lo |= ((qh[l] >> (2 * chunk)) & 1) << 4;
+        hi |= ((qh[l] >> (2 * chunk + 1)) & 1) << 4;
+      }
+      c[64 * chunk + l] = static_cast<int8_t>(lo - kCentre);
+      c[64 * chunk + 32 + l] = static_cast<int8_t>(hi - kCentre);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    int sc, mn;
+    k_scale_min(packed, j, sc, mn);
+    set_groups(s + 2 * j, z + 2 * j, 2, d * sc, kCentre * (d * sc) - dmin * mn);
+  }
+}
+
+void unpack_q6_k(const uint8_t* b, int8_t* c, float* s, float* z) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = f16_at(b + 208);
+  for (int half = 0; half < 2; ++half) {
+    const uint8_t* l4 = ql + 64 * half;
+    const uint8_t* h2 = qh + 32 * half;
+    int8_t* out = c + 128 * half;
+    for (int l = 0; l < 32; ++l) {
+      out[l] = static_cast<int8_t>(((l4[l] & 0x0F) | ((h2[l] & 3) << 4)) - 32);
+      out[l + 32] = static_cast<int8_t>(((l4[l + 32] & 0x0F) | (((h2[l] >> 2) & 3) << 4)) - 32);
+      out[l + 64] = static_cast<int8_t>(((l4[l] >> 4) | (((h2[l] >> 4) & 3) << 4)) - 32);
+      out[l + 96] = static_cast<int8_t>(((l4[l + 32] >> 4) | (((h2[l] >> 6) & 3) << 4)) - 32);
+    }
+  }
+  for (int g = 0; g < 16; ++g) s[g] = d * sc[g], z[g] = 0.f;
+}
+
+struct Format {
+  const char* name;
+  int64_t values, bytes;
+  bool has_bias;  // the affine types
+  void (*unpack)(const uint8_t*, int8_t*, float*, float*);
+};
+
+// ggml type numbers, as in a GGUF tensor header
+const Format* format_of(int64_t type) {
+  static const Format q4_0{"Q4_0", 32, 18, false, unpack_q4_0}, q4_1{"Q4_1", 32, 20, true, unpack_q4_1},
+      q5_0{"Q5_0", 32, 22, false, unpack_q5_0}, q5_1{"Q5_1", 32, 24, true, unpack_q5_1},
+      q8_0{"Q8_0", 32, 34, false, unpack_q8_0}, q4_k{"Q4_K", 256, 144, true, unpack_k_affine<false>},
+      q5_k{"Q5_K", 256, 176, true, unpack_k_affine<true>}, q6_k{"Q6_K", 256, 210, false, unpack_q6_k};
+  switch (type) {
+    case 2: return &q4_0;
+    case 3: return &q4_1;
+    case 6: return &q5_0;
+    case 7: return &q5_1;
+    case 8: return &q8_0;
+    case 12: return &q4_k;
+    case 13: return &q5_k;
+    case 14: return &q6_k;
+    default: return nullptr;
+  }
+}
+
+void unpack_row(const Format& f, const uint8_t* w, int64_t K, RowView out) {
+  const int64_t blocks = K / f.values, groups = f.values / kGroup;
+  for (int64_t i = 0; i < blocks; ++i)
+    f.unpack(w + i * f.bytes, out.codes + i * f.values, out.scale + i * groups, out.bias + i * groups);
+}
+
+// ----- activations: int8 per block of 32, plus exact sums per 16 -----
+
+struct QuantizedX {
+  std::vector<int8_t> q;        // (M, K)
+  std::vector<float> scale;     // (M, K / 32)
+  std::vector<float> group_sum;  // (M, K / 16)
+};
+
+QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
+  QuantizedX out;
+  out.q.resize(M * K);
+  out.scale.resize(M * K / kXBlock);
+  out.group_sum.resize(M * K / kGroup);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < K / kXBlock; ++b) {
+        const float* xb = x + m * K + b * kXBlock;
+        float amax = 0.f;
+        for (int k = 0; k < kXBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int k = 0; k < kXBlock; ++k) out.q[m * K + b * kXBlock + k] = static_cast<int8_t>(std::nearbyint(xb[k] * inv));
+        out.scale[m * K / kXBlock + b] = amax / 127.f;
+        for (int h = 0; h < 2; ++h) {
+          float s = 0.f;
+          for (int k = 0; k < kGroup; ++k) s += xb[h * kGroup + k];
+          out.group_sum[m * K / kGroup + 2 * b + h] = s;
+        }
+      }
+  });
+  return out;
+}
+
+#ifdef LLAMA3_GGML_AVX2
+// ----- AVX2: blocks decoded in registers, 32 codes at a time, each used for up to 8 rows of x -----
+//
+// A decoder turns chunk c (values 32c .. 32c + 31) of a weight row into 32 centred signed codes, the scales
+// of its two halves and, for the affine types, one bias for the 32 (all their biases are per 32).
+
+// 32 bytes, 0xFF where bit j of `bits` is set: byte j takes byte j / 8 of the word, then its bit j % 8
+inline __m256i bits_to_bytes(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+}
+
+// value j: the low nibble of p[j] for j < 16, the high nibble of p[j - 16] above
+inline __m256i nibbles_16(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+
+// the low (high = false) or high nibbles of 32 bytes
+inline __m256i nibbles_32(const uint8_t* p, bool high) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if (high) v = _mm256_srli_epi16(v, 4);
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+struct Chunk {
+  __m256i codes;
+  float s0, s1, bias;
+};
+
+template <int kLegacyType>  // 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q8_0
+struct LegacyDecoder {
+  static constexpr int64_t kBytes = kLegacyType == 2 ? 18 : kLegacyType == 3 ? 20 : kLegacyType == 6 ? 22
+                                    : kLegacyType == 7 ? 24 : 34;
+  static constexpr bool kBias = kLegacyType == 3 || kLegacyType == 7;
+  static Chunk chunk(const uint8_t* row, int64_t c) {
+    const uint8_t* b = row + c * kBytes;
+    const float d = f16_at(b);
+    if (kLegacyType == 8) return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), d, d, 0.f};
+    constexpr bool kFive = kLegacyType == 6 || kLegacyType == 7;
+    constexpr int kCentre = kFive ? 16 : 8;
+    __m256i q = nibbles_16(b + (kFive ? (kBias ? 8 : 6) : (kBias ? 4 : 2)));
+    if (kFive) {
+      uint32_t qh;
+      std::memcpy(&qh, b + (kBias ? 4 : 2), sizeof(qh));
+      q = _mm256_or_si256(q, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
+    }
+    q = _mm256_sub_epi8(q, _mm256_set1_epi8(kCentre));
+    return {q, d, d, kBias ? f16_at(b + 2) + kCentre * d : 0.f};
+  }
+};
+
+template <bool kFifthBit>  // Q4_K, Q5_K
+struct KAffineDecoder {
+  static constexpr int64_t kBytes = kFifthBit ? 176 : 144;
+  static constexpr bool kBias = true;
+  static Chunk chunk(const uint8_t* row, int64_t c) {
+    const uint8_t* b = row + c / 8 * kBytes;
+    const int j = static_cast<int>(c % 8);  // sub-block: values 32j .. 32j + 31 of the super-block
+    constexpr int kCentre = kFifthBit ? 16 : 8;
+    __m256i q = nibbles_32(b + (kFifthBit ? 48 : 16) + 32 * (j / 2), j % 2 == 1);
+    if (kFifthBit) {  // bit j of byte l of qh is the 5th bit of value 32j + l
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+      q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+    }
+    int sc, mn;
+    k_scale_min(b + 4, j, sc, mn);
+    const float scale = f16_at(b) * sc;
+    return {_mm256_sub_epi8(q, _mm256_set1_epi8(kCentre)), scale, scale, kCentre * scale - f16_at(b + 2) * mn};
+  }
+};
+
+struct Q6KDecoder {
+  static constexpr int64_t kBytes = 210;
+  static constexpr bool kBias = false;
+  static Chunk chunk(const uint8_t* row, int64_t c) {
+    const uint8_t* b = row + c / 8 * kBytes;
+    const int j = static_cast<int>(c % 8), half = j / 4, t = j % 4;  // values 128·half + 32t + l
+    const __m256i low = nibbles_32(b + 64 * half + 32 * (t & 1), t >= 2);
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half));
+    const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
+    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+    const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16_at(b + 208);
+    return {q, d * sc[2 * j], d * sc[2 * j + 1], 0.f};
+  }
+};
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out[m] = row w · row m0 + m of x, for M rows of x, each chunk of w decoded once
+template <class D, int M>
+inline void fused_row(const uint8_t* w, int64_t K, const QuantizedX& qx, int64_t m0, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[M];
+  float bias_acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), bias_acc[m] = 0.f;
+  for (int64_t c = 0; c < K / kXBlock; ++c) {
+    const Chunk ch = D::chunk(w, c);
+    const __m256i w_abs = _mm256_sign_epi8(ch.codes, ch.codes);  // vpmaddubsw: unsigned × signed bytes
+    for (int m = 0; m < M; ++m) {
+      const int64_t row = m0 + m;
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + row * K + c * kXBlock));
+      // per pair of bytes a 16-bit sum (at most 2 · 128 · 127), per 4 bytes 32 bits: lanes 0-3 hold
+      // values 0-15 of the chunk, lanes 4-7 values 16-31
+      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xv, ch.codes)), ones);
+      const float xs = qx.scale[row * K / kXBlock + c];
+      const __m256 scales = _mm256_set_m128(_mm_set1_ps(ch.s1 * xs), _mm_set1_ps(ch.s0 * xs));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scales, acc[m]);
+      if (D::kBias) {
+        const float* sums = qx.group_sum.data() + row * K / kGroup + 2 * c;
+        bias_acc[m] += ch.bias * (sums[0] + sums[1]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) out[m] = hsum(acc[m]) + bias_acc[m];
+}
+
+// y (M, N) = x · Wᵀ: tiles of weight rows over the threads, x in passes of 8, 4, 2, 1 rows
+template <class D>
+void fused_matmul(const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t K, const QuantizedX& qx, int64_t M,
+                  float* yp) {
+  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    float out[8];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileRows, n1 = std::min(N, n0 + kTileRows);
+      for (int64_t m0 = 0; m0 < M;) {
+        const int64_t left = M - m0, step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        for (int64_t n = n0; n < n1; ++n) {
+          const uint8_t* w = wp + n * row_bytes;
+          switch (step) {
+            case 8: fused_row<D, 8>(w, K, qx, m0, out); break;
+            case 4: fused_row<D, 4>(w, K, qx, m0, out); break;
+            case 2: fused_row<D, 2>(w, K, qx, m0, out); break;
+            default: fused_row<D, 1>(w, K, qx, m0, out); break;
+          }
+          for (int64_t i = 0; i < step; ++i) yp[(m0 + i) * N + n] = out[i];
+        }
+        m0 += step;
+      }
+    }
+  });
+}
+
+void fused_dispatch(int64_t type, const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t K, const QuantizedX& qx,
+                    int64_t M, float* yp) {
+  switch (type) {
+    case 2: fused_matmul<LegacyDecoder<2>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 3: fused_matmul<LegacyDecoder<3>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 6: fused_matmul<LegacyDecoder<6>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 7: fused_matmul<LegacyDecoder<7>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 8: fused_matmul<LegacyDecoder<8>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 12: fused_matmul<KAffineDecoder<false>>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 13: fused_matmul<KAffineDecoder<true>>(wp, row_bytes, N, K, qx, M, yp); break;
+    default: fused_matmul<Q6KDecoder>(wp, row_bytes, N, K, qx, M, yp); break;
+  }
+}
+#endif
+
+// ----- portable: one dot product: an unpacked weight row against one quantized row of x -----
+
+// Σ_g bias[g] · group_sum[g]
+inline float bias_term(const float* bias, const float* sums, int64_t groups) {
+  float s = 0.f;
+  for (int64_t g = 0; g < groups; ++g) s += bias[g] * sums[g];
+  return s;
+}
+
+#ifndef LLAMA3_GGML_AVX2
+template <bool kBias>
+inline float dot_row(const RowView& w, const int8_t* xq, const float* xs, const float* sums, int64_t K) {
+  float s = 0.f;
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    int32_t dot = 0;
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; ++k) dot += int32_t(w.codes[k]) * int32_t(xq[k]);
+    s += static_cast<float>(dot) * w.scale[g] * xs[g / 2];
+  }
+  return kBias ? s + bias_term(w.bias, sums, K / kGroup) : s;
+}
+#endif
+
+at::Tensor ggml_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t type, int64_t K) {
+  const char* op = "llama3::ggml_matmul";
+  const Format* f = format_of(type);
+  TORCH_CHECK(f != nullptr, op, ": ggml type ", type, " is not one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K");
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, op, ": x must be (M, ", K, "), got ", x_in.sizes());
+  TORCH_CHECK(K % f->values == 0, op, ": ", f->name, " rows need a multiple of ", f->values, " values, got ", K);
+  const int64_t row_bytes = K / f->values * f->bytes;
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) == row_bytes && w.stride(1) == 1 &&
+                  w.stride(0) == row_bytes,
+              op, ": w must be contiguous uint8 (N, ", row_bytes, ") for ", K, " ", f->name, " values per row, got ",
+              w.sizes());
+  const auto out_dtype = x_in.scalar_type();
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, op, ": x must be float32 or bfloat16");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), N = w.size(0);
+  at::Tensor y32 = at::empty({M, N}, x.options());
+  const QuantizedX qx = quantize_x(x.const_data_ptr<float>(), M, K);
+  const auto* wp = w.const_data_ptr<uint8_t>();
+  float* yp = y32.mutable_data_ptr<float>();
+#ifdef LLAMA3_GGML_AVX2
+  fused_dispatch(type, wp, row_bytes, N, K, qx, M, yp);
+#else
+  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int8_t> codes(kTileRows * K);
+    std::vector<float> scale(kTileRows * K / kGroup), bias(kTileRows * K / kGroup);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, N - n0);
+      RowView views[kTileRows];
+      for (int64_t r = 0; r < rows; ++r) {
+        views[r] = {codes.data() + r * K, scale.data() + r * K / kGroup, bias.data() + r * K / kGroup};
+        unpack_row(*f, wp + (n0 + r) * row_bytes, K, views[r]);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xq = qx.q.data() + m * K;
+        const float* xs = qx.scale.data() + m * K / kXBlock;
+        const float* sums = qx.group_sum.data() + m * K / kGroup;
+        for (int64_t r = 0; r < rows; ++r)
+          yp[m * N + n0 + r] = f->has_bias ? dot_row<true>(views[r], xq, xs, sums, K)
+                                           : dot_row<false>(views[r], xq, xs, sums, K);
+      }
+    }
+  });
+#endif
+  return out_dtype == at::kFloat ? y32 : y32.to(out_dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llama3, m) { m.def("ggml_matmul(Tensor x, Tensor w, int ggml_type, int in_features) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(llama3, CPU, m) { m.impl("ggml_matmul", &ggml_matmul); }
