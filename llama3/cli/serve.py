@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body size limit")
+    parser.add_argument("--embedding-pooling", choices=["mean", "last"], default="mean",
+                        help="how /v1/embeddings pools the final hidden states (default mean)")
     return parser
 
 
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                     max_seq_len=max_seq_len).start()
     model_name = args.model_name or Path(args.model).resolve().name
     app = create_app(engine, api_key=args.api_key, model_name=model_name,
-                     limits=ServerLimits(max_body_bytes=args.max_body_bytes))
+                     limits=ServerLimits(max_body_bytes=args.max_body_bytes),
+                     embedding_pooling=args.embedding_pooling)
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host_shown}:{args.port}"
     print(usage_banner(url, model_name, args.api_key), flush=True)
