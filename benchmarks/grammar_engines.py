@@ -43,6 +43,18 @@ ANSWER = json.dumps({"name": "Elizabeth Bennet", "age": 20, "email": "lizzy@long
 BATCH = 8
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def llama3_tokenizer():
     from importlib import resources
 
@@ -74,7 +86,7 @@ def walk(fill, accept, tokens: list[int]) -> float:
 
 def measure_llguidance(tok, tokens: list[int]) -> dict:
     import llguidance
-    import llguidance.torch as llt
+    import torch
     from llguidance.tiktoken import lltokenizer_from_encoding
 
     lltok, setup_s = timed(lambda: lltokenizer_from_encoding(tok.model, n_vocab=tok.n_words, eos_token=tok.eot_id))
@@ -84,11 +96,12 @@ def measure_llguidance(tok, tokens: list[int]) -> dict:
     _, schema_s = timed(lambda: llguidance.LLMatcher(lltok, schema), repeat=5)
     matchers = [llguidance.LLMatcher(lltok, schema) for _ in range(BATCH)]
     assert not any(m.is_error() for m in matchers)
-    bitmask = llt.allocate_token_bitmask(BATCH, tok.n_words)
+    bitmask = torch.full((BATCH, (tok.n_words + 31) // 32), -1, dtype=torch.int32)
     executor = llguidance.LLExecutor(num_threads=2)
 
-    def fill():
-        llt.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+    def fill():  # as llama3.inference.constraints does it
+        executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
+                                         bitmask.shape[1] * 4, BATCH)
 
     def accept(token):
         for m in matchers:
@@ -139,13 +152,14 @@ def main() -> None:
     tokens = tok.encode(ANSWER)
     ll = measure_llguidance(tok, tokens)
     logits = torch.randn(BATCH, tok.n_words)
-    _, ll["apply_s"] = timed(lambda: apply_token_bitmask(logits, ll.pop("bitmask")), repeat=20)
+    bitmask = ll.pop("bitmask")
+    _, ll["apply_s"] = timed(lambda: apply_token_bitmask(logits, bitmask), repeat=20)
     try:
         xg = measure_xgrammar(tok, tokens)
-    except ImportError:
+    except ImportError as exc:
         xg = None
-        print("xgrammar is not installed: only llguidance measured (see the docstring)")
-    print(f"\nmachine: {platform.processor() or platform.machine()}, 2 threads; Llama 3 tokenizer "
+        print(f"xgrammar cannot be imported ({exc}): only llguidance measured (see the docstring)")
+    print(f"\nmachine: {cpu_model()}, 2 threads; Llama 3 tokenizer "
           f"({tok.n_words} ids); batch {BATCH}; answer of {len(tokens)} tokens\n")
     print("| engine | tokenizer setup (s) | compile any-JSON (ms) | compile schema (ms) | "
           "fill 8 masks + accept 8 tokens (ms/step) | apply (8, V) mask (ms) |")

@@ -10,7 +10,7 @@ import pytest
 
 from llama3.inference.engine import Engine
 from llama3.serve.schema import ChatCompletionRequest
-from llama3.serve.tools import ToolCallStream, parse_tool_calls, split_json_calls
+from llama3.serve.tools import ToolCallStream, build_dialog, encode_prompt, parse_tool_calls, split_json_calls
 from llama3.tokenizer import ChatFormat
 from tests.conftest import random_model, tiny_args
 from tests.serve_server import RunningServer, scripted_model
@@ -83,15 +83,14 @@ def test_brave_search_call_as_meta_writes_it(search_server, llama3_tokenizer):
     follow_up = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                        {"role": "tool", "tool_call_id": call.id, "content": "Mr. Bingley rents it."}]
     again = client.chat.completions.create(model=MODEL, messages=follow_up, tools=BUILTINS, temperature=0)
-    expected = (ChatFormat(tok).encode_dialog_prompt([system, *ASK])[:-len(_assistant_header(tok))]
-                + _assistant_header(tok) + [tok.python_tag_id] + tok.encode('brave_search.call(query="Netherfield")')
-                + [tok.eom_id] + ChatFormat(tok).encode_message({"role": "ipython", "content": "Mr. Bingley rents it."})
-                + _assistant_header(tok))
+    chat = ChatFormat(tok)
+    header = chat.encode_header({"role": "assistant", "content": ""})
+    expected = (chat.encode_dialog_prompt([system, *ASK], add_generation_prompt=False) + header
+                + [tok.python_tag_id] + tok.encode('brave_search.call(query="Netherfield")') + [tok.eom_id]
+                + chat.encode_message({"role": "ipython", "content": "Mr. Bingley rents it."}) + header)
     assert again.usage.prompt_tokens == len(expected)
-
-
-def _assistant_header(tok) -> list[int]:
-    return ChatFormat(tok).encode_header({"role": "assistant", "content": ""})
+    body = ChatCompletionRequest(messages=follow_up, tools=BUILTINS)
+    assert encode_prompt(chat, build_dialog(body)) == expected
 
 
 def test_streamed_builtin_call_never_leaks_as_content(search_server):

@@ -19,6 +19,7 @@ max_tokens). The mask does not depend on the weights: output follows the grammar
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -161,17 +162,21 @@ class _BytesVocabulary:
 
 
 # ----- applying constraints to a batch of logits -----
-_BIT_WEIGHTS = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)  # bit i of an int32
+# Row b of this table: the 8 bits of byte b, lowest first. Unpacking a bitmask is one lookup per byte.
+_BYTE_BITS = torch.tensor([[(b >> i) & 1 for i in range(8)] for b in range(256)], dtype=torch.bool)  # (256, 8)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Set logits (R, V) to -inf where the bitmask (R, ceil(V/32)) int32 has a 0 bit, in place; returns
-    logits. Bit t % 32 of word t // 32 is token t (llguidance's and xgrammar's layout)."""
+    """Logits (R, V) with -inf where the bitmask (R, ceil(V/32)) int32 has a 0 bit (a new tensor). Bit t % 32
+    of word t // 32 is token t (llguidance's and xgrammar's layout); on a little-endian machine that is bit
+    t % 8 of byte t // 8."""
     num_rows, vocab = logits.shape
-    weights = _BIT_WEIGHTS.to(bitmask.device)
-    allowed = (bitmask.unsqueeze(-1) & weights) != 0  # (R, W, 32)
-    allowed = allowed.view(num_rows, -1)[:, :vocab].to(logits.device)  # (R, V)
-    return logits.masked_fill_(~allowed, float("-inf"))
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # (R, 4W)
+    if sys.byteorder == "big":  # put each word's lowest byte first
+        as_bytes = as_bytes.view(num_rows, -1, 4).flip(-1).reshape(num_rows, -1)
+    as_bytes = as_bytes.long()
+    allowed = _BYTE_BITS.to(logits.device)[as_bytes.to(logits.device)].view(num_rows, -1)[:, :vocab]  # (R, V)
+    return torch.where(allowed, logits, float("-inf"))
 
 
 def logit_bias_tensors(biases: Sequence[dict[int, float] | None], vocab_size: int,
@@ -201,12 +206,14 @@ class _MaskWorkspace:
         return self.bitmask[:num_rows]
 
     def fill(self, rows: list[tuple[Any, int]], bitmask: torch.Tensor) -> None:
+        """Rows (matcher, row index) of `bitmask` (R, W) int32, contiguous, on the CPU: filled in parallel in
+        Rust. (Not through llguidance.torch, whose import pulls in torch.compile's machinery: seconds.)"""
         import llguidance
-        import llguidance.torch as llguidance_torch
 
         if self.executor is None:
             self.executor = llguidance.LLExecutor(num_threads=2)
-        llguidance_torch.fill_next_token_bitmask_par(self.executor, rows, bitmask)
+        assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
+        self.executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
 
 
 _WORKSPACES = threading.local()  # one per engine thread: the buffer is written every step
@@ -215,19 +222,21 @@ _WORKSPACES = threading.local()  # one per engine thread: the buffer is written 
 def constrain_logits(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None],
                      biases: Sequence[dict[int, float] | None]) -> torch.Tensor:
     """Logits (R, V) of R rows -> the logits to sample from: each row's bias added and, for rows with a
-    constraint, tokens its grammar forbids at -inf. Returns `logits` itself when no row asks for either."""
+    constraint, tokens its grammar forbids at -inf. The input is left as it is (the caller keeps the model's
+    own distribution for log-probabilities); returns it unchanged when no row asks for either."""
     bias = logit_bias_tensors(biases, logits.shape[1], logits.device)
     constrained = [(c.matcher, row) for row, c in enumerate(constraints) if c is not None]
     if bias is None and not constrained:
         return logits
-    logits = logits.float().clone()  # the caller keeps the model's own distribution for log-probabilities
+    out = logits.float()
     if bias is not None:
-        logits.view(-1).index_add_(0, bias[0], bias[1].to(logits.dtype))
+        out = out.clone()
+        out.view(-1).index_add_(0, bias[0], bias[1].to(out.dtype))
     if constrained:
         workspace = getattr(_WORKSPACES, "value", None) or _MaskWorkspace()
         _WORKSPACES.value = workspace
-        bitmask = workspace.bitmask_for(len(constraints), logits.shape[1])
+        bitmask = workspace.bitmask_for(len(constraints), out.shape[1])
+        bitmask[[row for row, c in enumerate(constraints) if c is None]] = -1  # free rows: every token
         workspace.fill(constrained, bitmask)
-        rows = torch.tensor([row for _, row in constrained], device=logits.device)
-        logits[rows] = apply_token_bitmask(logits[rows], bitmask[rows.cpu()])
-    return logits
+        out = apply_token_bitmask(out, bitmask)
+    return out
