@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body size limit")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="a request's tokens and logprobs do not depend on what shares its batch, bit for bit "
+                             "(every decode step runs all --num-slots rows; slower at low load)")
     parser.add_argument("--embedding-pooling", choices=["mean", "last"], default="mean",
                         help="how /v1/embeddings pools the final hidden states (default mean)")
     return parser
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     optimize_for_inference(model, quantize=args.quantize)
     max_seq_len = args.max_seq_len or min(model.args.max_seq_len, 8192)
     engine = Engine(model, tokenizer, num_slots=args.num_slots, max_queue=args.max_queue,
-                    max_seq_len=max_seq_len).start()
+                    max_seq_len=max_seq_len, batch_invariant=args.batch_invariant).start()
     model_name = args.model_name or Path(args.model).resolve().name
     app = create_app(engine, api_key=args.api_key, model_name=model_name,
                      limits=ServerLimits(max_body_bytes=args.max_body_bytes),

@@ -214,11 +214,12 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, num_slots: int = 8, max_seq_len: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 256):
+                 max_queue: int = 64, prefill_chunk: int = 256, batch_invariant: bool = False):
         if num_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("num_slots and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer  # the tokenizer is for callers (the server); not used here
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
+        self.batch_invariant = batch_invariant
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.vocab_size = model.args.vocab_size
         self.device = model.tok_embeddings.weight.device
@@ -464,7 +465,20 @@ class Engine:
             waiting = [s for s in self._slots if s is not None and s.prefilling and not s.handle.cancelled]
             if not waiting:
                 return
-            budget -= self._prefill_chunk(min(waiting, key=lambda s: s.handle.request_id), budget)
+            slot = min(waiting, key=lambda s: s.handle.request_id)
+            if self.batch_invariant:
+                size = self._invariant_chunk_size(slot)
+                if size > budget:
+                    return
+                budget -= self._prefill_chunk(slot, size)
+            else:
+                budget -= self._prefill_chunk(slot, budget)
+
+    def _invariant_chunk_size(self, slot: _Slot) -> int:
+        """With `batch_invariant`, a prompt is cut at multiples of `prefill_chunk` whatever else is
+        prefilling, so each chunk's matrix shapes (and so its float rounding) belong to the request alone."""
+        start = slot.num_prefilled
+        return min(self.prefill_chunk - start % self.prefill_chunk, len(slot.handle.request.prompt_ids) - start)
 
     def _prefill_chunk(self, slot: _Slot, max_tokens: int) -> int:
         """Prefill the next at most `max_tokens` prompt tokens of one slot; returns how many."""
@@ -511,7 +525,9 @@ class Engine:
         running = [s for s in self._slots if s is not None and not s.prefilling and s.num_generated > 0]
         if not running:
             return
-        num_rows = max(s.index for s in running) + 1
+        # batch_invariant: every step runs all the slots' rows, so the matrix shapes (and with them the kernels
+        # and their summation order) never depend on how many sequences are running.
+        num_rows = self.num_slots if self.batch_invariant else max(s.index for s in running) + 1
         tokens = torch.zeros(num_rows, 1, dtype=torch.long)
         positions = torch.zeros(num_rows, 1, dtype=torch.long)
         for s in self._slots[:num_rows]:
@@ -526,7 +542,10 @@ class Engine:
         for s in running:
             s.num_cached += 1
         rows = torch.tensor([s.index for s in running], device=self.device)
-        logits = self.model.logits(hidden[rows, -1])  # (R, V)
+        if self.batch_invariant:
+            logits = self.model.logits(hidden[:, -1])[rows]  # (n, V) -> (R, V)
+        else:
+            logits = self.model.logits(hidden[rows, -1])  # (R, V)
         self._emit_tokens(running, logits)
 
     def _emit_tokens(self, slots: list[_Slot], logits: torch.Tensor) -> None:
