@@ -7,9 +7,10 @@ the vectors the output projection reads) are pooled into one vector per sequence
 - `last`: the last position's state, which under causal attention is the only one that has seen the
   whole sequence (how decoder embedding models such as E5-Mistral pool).
 
-Either way the vector is divided by its L2 norm, so a dot product is a cosine similarity. Sequences of the
-same length share a forward pass (no padding, so nothing but a row's own tokens reaches it); a sequence's
-vector does not depend on what it was batched with.
+Either way the vector is divided by its L2 norm, so a dot product is a cosine similarity. A batch of
+sequences is one call, but each sequence runs as its own forward pass: the matrix shapes, and so the float
+rounding, are then the sequence's own, and its vector is bit for bit the same alone or batched (rows
+stacked into one GEMM can round differently as the batch changes, and padding would need attention masks).
 """
 
 from __future__ import annotations
@@ -47,27 +48,18 @@ def _pool(hidden: torch.Tensor, pooling: Pooling) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def embed(model: nn.Module, sequences: Sequence[Sequence[int]], *, pooling: Pooling = "mean",
-          max_batch_tokens: int = 4096) -> torch.Tensor:
-    """Token-id sequences -> (N, D) float32 unit vectors, in the order given. Sequences of equal length run
-    together, at most `max_batch_tokens` tokens per forward pass."""
+def embed(model: nn.Module, sequences: Sequence[Sequence[int]], *, pooling: Pooling = "mean") -> torch.Tensor:
+    """Token-id sequences -> (N, D) float32 unit vectors, in the order given."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}")
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("every sequence to embed needs at least one token")
     device = model.tok_embeddings.weight.device
     out = torch.empty(len(sequences), model.args.dim)
-    by_length: dict[int, list[int]] = {}
-    for i, seq in enumerate(sequences):
-        by_length.setdefault(len(seq), []).append(i)
     with _without_kv_cache(model):
-        for length, indices in by_length.items():
-            rows_per_batch = max(1, max_batch_tokens // length)
-            for start in range(0, len(indices), rows_per_batch):
-                chunk = indices[start:start + rows_per_batch]
-                tokens = torch.tensor([list(sequences[i]) for i in chunk], device=device)  # (B, T)
-                hidden = model(tokens, return_hidden=True)  # (B, T, D)
-                out[chunk] = _pool(hidden, pooling).cpu()
+        for i, seq in enumerate(sequences):
+            hidden = model(torch.tensor([list(seq)], device=device), return_hidden=True)  # (1, T, D)
+            out[i] = _pool(hidden, pooling)[0].cpu()
     return torch.nn.functional.normalize(out, dim=-1)
 
 

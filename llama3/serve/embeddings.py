@@ -5,7 +5,7 @@
 `float` (lists of numbers) or `base64` (the little-endian float32 bytes, base64-encoded, as OpenAI sends them);
 `dimensions` keeps the first N coordinates and renormalises. The vectors are pooled final hidden states
 (`llama3.inference.embeddings`: mean or last-token, L2-normalised), computed on the engine's thread between
-decode steps, all of one request's inputs in one job.
+decode steps, all of one request's inputs in one job, each input in its own forward pass.
 """
 
 from __future__ import annotations
