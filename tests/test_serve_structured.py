@@ -190,7 +190,9 @@ def test_bitmask_unpack_matches_a_bit_by_bit_reading():
     vocab = 1000
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32, generator=generator)
     logits = torch.randn(3, vocab, generator=generator)
-    masked = apply_token_bitmask(logits.clone(), bitmask)
+    masked = apply_token_bitmask(logits, bitmask)
+    # the numpy path (CPU fp32) and the torch path (any other dtype or device) agree
+    assert torch.equal(apply_token_bitmask(logits.double(), bitmask).float(), masked)
     words = bitmask.numpy().view("uint32")
     for row in range(3):
         for token in range(0, vocab, 7):

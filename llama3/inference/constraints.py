@@ -11,9 +11,10 @@ Each decode step the engine asks `constrain_logits` to
 2. fill one bitmask row per constrained row (bit t of row r: token t may follow), in parallel in Rust,
    and set the logits of forbidden tokens to -inf with one vectorized unpack (no Python loop over the
    vocabulary);
-then, once a token is drawn, `TokenConstraint.advance` moves the parser on. When the grammar is complete,
-only the tokenizer's stop tokens are allowed, so a constrained row ends with a stop token (or at
-max_tokens). The mask does not depend on the weights: output follows the grammar even from a random model.
+then, once a token is drawn, `TokenConstraint.advance` moves the parser on. A grammar that may end allows the
+tokenizer's stop tokens; once nothing but a stop token could follow (`finished`), the engine ends the row
+("stop") without a further step. The mask does not depend on the weights: output follows the grammar even
+from a random model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["GrammarCompiler", "GrammarError", "TokenConstraint", "apply_token_bitmask", "constrain_logits",
@@ -168,14 +170,21 @@ _BYTE_BITS = torch.tensor([[(b >> i) & 1 for i in range(8)] for b in range(256)]
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Logits (R, V) with -inf where the bitmask (R, ceil(V/32)) int32 has a 0 bit (a new tensor). Bit t % 32
-    of word t // 32 is token t (llguidance's and xgrammar's layout); on a little-endian machine that is bit
-    t % 8 of byte t // 8."""
+    of word t // 32 is token t (llguidance's and xgrammar's layout), so with each word's bytes lowest first
+    it is bit t % 8 of byte t // 8.
+
+    On the CPU this runs in numpy (`unpackbits` and one `where`, single-threaded): on a shared machine it
+    measured 5x faster than the same in torch with 2 intra-op threads, whose parallel regions wait for
+    descheduled threads. Other devices unpack with a byte -> 8 bits lookup table in torch."""
     num_rows, vocab = logits.shape
-    as_bytes = bitmask.contiguous().view(torch.uint8)  # (R, 4W)
+    as_bytes = bitmask.contiguous().cpu().view(torch.uint8)  # (R, 4W)
     if sys.byteorder == "big":  # put each word's lowest byte first
         as_bytes = as_bytes.view(num_rows, -1, 4).flip(-1).reshape(num_rows, -1)
-    as_bytes = as_bytes.long()
-    allowed = _BYTE_BITS.to(logits.device)[as_bytes.to(logits.device)].view(num_rows, -1)[:, :vocab]  # (R, V)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        allowed = np.unpackbits(as_bytes.numpy(), axis=1, count=vocab, bitorder="little").view(bool)  # (R, V)
+        return torch.from_numpy(np.where(allowed, logits.numpy(), np.float32(-np.inf)))
+    table = _BYTE_BITS.to(logits.device)
+    allowed = table[as_bytes.to(logits.device).long()].view(num_rows, -1)[:, :vocab]  # (R, V)
     return torch.where(allowed, logits, float("-inf"))
 
 

@@ -585,5 +585,8 @@ class Engine:
             if not self._advance_constraint(slot, token):
                 continue
             slot.handle._emit(event)
+            if request.constraint is not None and request.constraint.finished:
+                self._finish(slot, "stop")  # the grammar is complete: nothing but a stop token could follow
+                continue
             if slot.num_generated >= request.max_new_tokens:
                 self._finish(slot, "length")
