@@ -3,14 +3,15 @@
 Grammars run on llguidance (the Rust engine behind Guidance; chosen over xgrammar by
 `benchmarks/grammar_engines.py`: it compiles a request's schema faster on Llama 3's 128K vocabulary, needs
 no torch/triton/transformers of its own, and reads llama.cpp's GBNF). A `GrammarCompiler` is built once per
-tokenizer (about two seconds for 128K tokens, done on first use) and turns a JSON schema, a regex, a list of
-choices or a Lark/GBNF grammar into a `TokenConstraint`: one row's parser state.
+tokenizer (2–4 seconds for 128K tokens on first use; the server does it off the engine thread) and turns a
+JSON schema, a regex, a list of choices or a Lark/GBNF grammar into a `TokenConstraint`: one row's parser
+state.
 
 Each decode step the engine asks `constrain_logits` to
 1. add each row's logit bias (one `index_add_` for the whole batch), and
 2. fill one bitmask row per constrained row (bit t of row r: token t may follow), in parallel in Rust,
    and set the logits of forbidden tokens to -inf with one vectorized unpack (no Python loop over the
-   vocabulary);
+   vocabulary; `apply_token_bitmask`);
 then, once a token is drawn, `TokenConstraint.advance` moves the parser on. A grammar that may end allows the
 tokenizer's stop tokens; once nothing but a stop token could follow (`finished`), the engine ends the row
 ("stop") without a further step. The mask does not depend on the weights: output follows the grammar even
