@@ -22,6 +22,15 @@ end of the last, and /metrics counts exactly the answers the clients saw (per pa
 engine requests as were accepted, every one of them finished.
 
     .venv/bin/python benchmarks/serve.py --load --preset debug --clients 48 --rounds 10 --json load.json
+
+`--structured` measures instead what constrained decoding costs the engine at batch 8 (no HTTP): 8
+sequences decoding together, all free vs all under a JSON schema (each row its own llguidance matcher;
+mask filled and applied every step), on the preset with Llama 3's 128,256-token vocabulary, since the mask
+is as wide as the vocabulary. Runs alternate (free, constrained, free, ...) and each is timed from the first
+token of every row to the last, so prefill is left out; the cost is reported per decode step and as a
+share of the free step. Goal: <= 10%.
+
+    .venv/bin/python benchmarks/serve.py --structured --preset 100m --max-tokens 48 --repeats 3
 """
 
 from __future__ import annotations
@@ -34,7 +43,20 @@ import os
 import platform
 import socket
 import statistics
+import threading
 import time
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def llama3_tokenizer():
@@ -302,6 +324,125 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+# Never complete within a benchmark's tokens: every step is a constrained step.
+STRUCTURED_SCHEMA = {"type": "array", "minItems": 1000, "items": {
+    "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                     "tags": {"type": "array", "items": {"type": "string"}}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}}
+
+
+def decode_seconds_per_step(engine, prompts: list[list[int]], max_tokens: int, constraints: list | None) -> float:
+    """Seconds per decode step of one batch: from the moment every row has its first token to the last token."""
+    from llama3.inference.engine import EngineRequest, TokenEvent
+
+    handles = [engine.submit(EngineRequest(tuple(p), max_tokens, stop_token_ids=frozenset(),
+                                           constraint=None if constraints is None else constraints[i]))
+               for i, p in enumerate(prompts)]
+    arrivals: list[list[float]] = [[] for _ in handles]
+
+    def consume(i: int) -> None:  # one reader per row, so each token is timed when the engine sends it
+        arrivals[i] = [time.perf_counter() for e in handles[i] if isinstance(e, TokenEvent)]
+
+    readers = [threading.Thread(target=consume, args=(i,)) for i in range(len(handles))]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join()
+    firsts, lasts, counts = [a[0] for a in arrivals], [a[-1] for a in arrivals], [len(a) for a in arrivals]
+    assert all(c == max_tokens for c in counts), counts
+    return (max(lasts) - max(firsts)) / (max_tokens - 1)
+
+
+class _GrammarClock:
+    """Wall time spent in the engine's grammar work (masking the logits, advancing the parsers) and in its
+    decode steps, by wrapping those functions for this process only."""
+
+    def __init__(self, engine):
+        import llama3.inference.engine as engine_module
+        from llama3.inference.constraints import TokenConstraint
+
+        self.grammar_s, self.steps = 0.0, []
+        masking, advance, step = engine_module.constrain_logits, TokenConstraint.advance, engine._decode_step
+
+        def timed_masking(*a, **k):
+            start = time.perf_counter()
+            try:
+                return masking(*a, **k)
+            finally:
+                self.grammar_s += time.perf_counter() - start
+
+        def timed_advance(constraint, token):
+            start = time.perf_counter()
+            try:
+                return advance(constraint, token)
+            finally:
+                self.grammar_s += time.perf_counter() - start
+
+        def timed_step():
+            start = time.perf_counter()
+            step()
+            self.steps.append(time.perf_counter() - start)
+
+        engine_module.constrain_logits, TokenConstraint.advance, engine._decode_step = (
+            timed_masking, timed_advance, timed_step)
+
+    def reset(self) -> None:
+        self.grammar_s, self.steps = 0.0, []
+
+
+def structured_overhead(args) -> None:
+    """Engine decode at batch 8, free vs JSON-schema-constrained rows (see the module docstring)."""
+    import random
+
+    import torch
+
+    from llama3.config import preset
+    from llama3.inference.constraints import GrammarCompiler
+    from llama3.inference.engine import Engine
+    from llama3.inference.fast import optimize_for_inference
+    from llama3.model import Transformer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = llama3_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(preset(args.preset, vocab_size=tokenizer.n_words))
+    model.init_weights()
+    model = optimize_for_inference(model.to(getattr(torch, args.dtype)).eval())
+    batch = 8
+    engine = Engine(model, tokenizer, num_slots=batch, max_seq_len=args.prompt_len + args.max_tokens + 8).start()
+    clock = _GrammarClock(engine)
+    compiler = GrammarCompiler(tokenizer, tokenizer.n_words, tokenizer.stop_tokens)
+    template = compiler.json_schema(STRUCTURED_SCHEMA)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, 100000) for _ in range(args.prompt_len)] for _ in range(batch)]
+    free, constrained, free_steps, grammar_per_step = [], [], [], []
+    try:
+        decode_seconds_per_step(engine, prompts, 4, [template.fork() for _ in range(batch)])  # warm-up
+        for _ in range(args.repeats):
+            clock.reset()
+            free.append(decode_seconds_per_step(engine, prompts, args.max_tokens, None))
+            free_steps += clock.steps
+            clock.reset()
+            rows = [template.fork() for _ in range(batch)]
+            constrained.append(decode_seconds_per_step(engine, prompts, args.max_tokens, rows))
+            grammar_per_step.append(clock.grammar_s / args.max_tokens)  # every token: one mask, one advance
+    finally:
+        engine.stop()
+    free_s, constrained_s = statistics.median(free), statistics.median(constrained)
+    step_s, grammar_s = statistics.median(free_steps), statistics.median(grammar_per_step)
+    print(f"\nmachine: {cpu_model()}, {args.threads} threads; preset {args.preset} "
+          f"{args.dtype} with vocab {tokenizer.n_words}, random weights; batch {batch}; prompt {args.prompt_len}, "
+          f"{args.max_tokens} new tokens; median of {args.repeats} alternating runs\n")
+    print("| rows | decode step, first to last token (ms) | per-row token (ms) |")
+    print("|---|---:|---:|")
+    print(f"| 8 free | {free_s * 1e3:.1f} | {free_s * 1e3 / batch:.2f} |")
+    print(f"| 8 under a JSON schema | {constrained_s * 1e3:.1f} | {constrained_s * 1e3 / batch:.2f} |")
+    print(f"\nconstrained / free: {constrained_s / free_s:.3f} "
+          f"(difference {100 * (constrained_s - free_s) / free_s:+.1f}% of the decode step)")
+    print(f"grammar work, timed in the engine: {grammar_s * 1e3:.2f} ms per step (8 masks filled and applied, "
+          f"8 parsers advanced) = {100 * grammar_s / step_s:.1f}% of a free decode step's "
+          f"{step_s * 1e3:.1f} ms (median of {len(free_steps)} steps)")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -318,9 +459,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="--load: requests per client")
     parser.add_argument("--max-rss-growth-mb", type=float, default=64.0, help="--load: memory growth allowed")
     parser.add_argument("--json", default=None, help="--load: write the report here")
+    parser.add_argument("--structured", action="store_true",
+                        help="measure constrained decoding's cost at batch 8 instead (engine only, no HTTP)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per mode with --structured")
     args = parser.parse_args()
     if args.load:
         raise SystemExit(_soak_main(args))
+    if args.structured:
+        structured_overhead(args)
+        return
 
     from llama3.config import preset
 
@@ -351,7 +498,7 @@ def main() -> None:
         server.join(10)
 
     single = rows[0]["tokens_per_s"]
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads; preset {args.preset} "
+    print(f"\nmachine: {cpu_model()}, {args.threads} threads; preset {args.preset} "
           f"{args.dtype}, random weights; prompt {args.prompt_len} tokens, {args.max_tokens} new tokens, "
           f"{args.requests_per_stream} requests per stream, {args.num_slots} slots")
     print(f"peer: plain Generator batch-1 decode {peer:.1f} tok/s (no HTTP, no engine)\n")

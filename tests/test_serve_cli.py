@@ -11,8 +11,10 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 import llama3
+from llama3.inference.embeddings import embed
 from tests.conftest import random_model, tiny_args
 from tests.serve_server import free_port
 
@@ -29,7 +31,7 @@ def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
     expected = json.loads(generated.stdout.strip().splitlines()[-1])
     port = free_port()
     command = [sys.executable, "-m", "llama3", "serve", "--model", str(folder), "--port", str(port),
-               "--num-slots", "2", "--threads", "1"]
+               "--num-slots", "2", "--threads", "1", "--batch-invariant", "--embedding-pooling", "last"]
     # The key comes from the environment: on the command line every user of the machine could read it in `ps`.
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "LLAMA3_API_KEY": "s3cret"})
@@ -63,6 +65,10 @@ def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
         ids = [t for t in expected["token_ids"] if not llama3_tokenizer.is_special(t)]
         assert completion.choices[0].text == llama3_tokenizer.decode(ids)
         assert completion.usage.completion_tokens == len(expected["token_ids"]) == 12
+        # --embedding-pooling last: the last position's final hidden state, normalised
+        [vector] = client.embeddings.create(model="tiny-chat", input=prompt).data
+        reference = embed(model, [llama3_tokenizer.encode(prompt, bos=True)], pooling="last")[0]
+        torch.testing.assert_close(torch.tensor(vector.embedding), reference, atol=1e-5, rtol=0)
     finally:
         server.terminate()
         server.wait(timeout=30)

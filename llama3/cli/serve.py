@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "descriptor limit less 64)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds one request may generate before it is stopped (default 600)")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="a request's tokens and logprobs do not depend on what shares its batch, bit for bit "
+                             "(every decode step runs all --num-slots rows; slower at low load)")
+    parser.add_argument("--embedding-pooling", choices=["mean", "last"], default="mean",
+                        help="how /v1/embeddings pools the final hidden states (default mean)")
     return parser
 
 
@@ -133,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     optimize_for_inference(model, quantize=args.quantize)
     max_seq_len = args.max_seq_len or min(model.args.max_seq_len, 8192)
     engine = Engine(model, tokenizer, num_slots=args.num_slots, max_queue=args.max_queue,
-                    max_seq_len=max_seq_len).start()
+                    max_seq_len=max_seq_len, batch_invariant=args.batch_invariant).start()
     model_name = args.model_name or Path(args.model).resolve().name
-    app = create_app(engine, api_key=api_key, model_name=model_name, limits=limits)
+    app = create_app(engine, api_key=api_key, model_name=model_name, limits=limits,
+                     embedding_pooling=args.embedding_pooling)
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host_shown}:{args.port}"
     print(usage_banner(url, model_name, api_key), flush=True)

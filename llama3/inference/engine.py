@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import queue
 import threading
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from ..model import KVCache
+from .constraints import TokenConstraint, constrain_logits
 from .fast import setup_caches
 from .sampling import GREEDY, SamplingParams, make_generator, sample
 
@@ -70,6 +72,10 @@ class EngineRequest:
     num_logprobs: None for no log-probabilities; k >= 0 for the chosen token's plus the k most likely.
     prompt_logprobs: also return the log-probability of every prompt token given the ones before it
         (the completions API's `echo` with `logprobs`).
+    constraint: this sequence's grammar state (`constraints.GrammarCompiler`); the engine masks the tokens
+        it forbids and advances it with each token drawn. One per request, never shared.
+    logit_bias: {token id: value in [-100, 100]} added to the logits before sampling (OpenAI's logit_bias).
+        Log-probabilities stay the model's own, before bias and mask.
     """
 
     prompt_ids: tuple[int, ...]
@@ -78,6 +84,8 @@ class EngineRequest:
     stop_token_ids: frozenset[int] = frozenset()
     num_logprobs: int | None = None
     prompt_logprobs: bool = False
+    constraint: TokenConstraint | None = None
+    logit_bias: dict[int, float] | None = None
 
 
 @dataclass
@@ -206,16 +214,18 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, num_slots: int = 8, max_seq_len: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 256):
+                 max_queue: int = 64, prefill_chunk: int = 256, batch_invariant: bool = False):
         if num_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("num_slots and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer  # the tokenizer is for callers (the server); not used here
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
+        self.batch_invariant = batch_invariant
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.vocab_size = model.args.vocab_size
         self.device = model.tok_embeddings.weight.device
         self._cond = threading.Condition()
         self._pending: collections.deque[RequestHandle] = collections.deque()
+        self._calls: collections.deque[tuple] = collections.deque()  # run_on_engine's (fn, future) pairs
         self._slots: list[_Slot | None] = [None] * num_slots
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -272,6 +282,7 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if request.num_logprobs is not None and not 0 <= request.num_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"num_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        self._check_logit_bias(request.logit_bias)
         with self._cond:
             if not self.running:
                 raise EngineClosed("the engine is not running")
@@ -283,6 +294,37 @@ class Engine:
             self.stats["requests_total"] += 1
             self._cond.notify_all()
         return handle
+
+    def _check_logit_bias(self, logit_bias: dict[int, float] | None) -> None:
+        for token_id, value in (logit_bias or {}).items():
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"logit_bias names token {token_id!r}, outside the vocabulary [0, {self.vocab_size})")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias for token {token_id} is {value}; it must be in [-100, 100]")
+
+    def run_on_engine(self, fn) -> concurrent.futures.Future:
+        """Run `fn()` on the engine thread between two steps, where it may use the model alone (the thread
+        owns it): for work beside generation, such as embeddings. Raises EngineClosed."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if not self.running:
+                raise EngineClosed("the engine is not running")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # noqa: BLE001 -- the caller gets the error, the engine goes on
+                future.set_exception(exc)
 
     def generate(self, prompt_ids, max_new_tokens: int, **kwargs) -> list[int]:
         """Blocking convenience: the generated ids of one request (for scripts and tests)."""
@@ -310,11 +352,13 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self._pending and self.num_free_slots() == self.num_slots:
+                    while (not self._stopping and not self._pending and not self._calls
+                           and self.num_free_slots() == self.num_slots):
                         self._cond.wait()
                     if self._stopping:
                         break
                     self._admit()
+                self._run_calls()
                 started = time.perf_counter()
                 try:
                     self._drop_cancelled()
@@ -326,6 +370,8 @@ class Engine:
                         self._finish(slot, "error", f"generation failed: {exc}")
                 self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
         with self._cond:
+            while self._calls:
+                self._calls.popleft()[1].set_exception(EngineClosed("the engine is shutting down"))
             for slot in list(filter(None, self._slots)):
                 self._finish(slot, "cancelled", "the server is shutting down")
             while self._pending:
@@ -365,6 +411,18 @@ class Engine:
         self._count_finish(reason)
         self.latency_hist.observe(time.monotonic() - slot.handle.submitted_at)
         slot.handle._emit(FinishEvent(reason, len(request.prompt_ids), slot.num_generated, message))
+
+    def _advance_constraint(self, slot: _Slot, token: int) -> bool:
+        """Move the row's grammar on by `token`; a refusal (which the mask should prevent) ends that row alone."""
+        constraint = slot.handle.request.constraint
+        if constraint is None:
+            return True
+        try:
+            constraint.advance(token)
+        except RuntimeError as exc:
+            self._finish(slot, "error", str(exc))
+            return False
+        return True
 
     def _count_finish(self, reason: str) -> None:
         self.stats[f"finished_{reason}"] += 1
@@ -409,9 +467,21 @@ class Engine:
                 return
             slot = min(waiting, key=lambda s: s.handle.request_id)
             try:
-                budget -= self._prefill_chunk(slot, budget)
+                if self.batch_invariant:
+                    size = self._invariant_chunk_size(slot)
+                    if size > budget:
+                        return
+                    budget -= self._prefill_chunk(slot, size)
+                else:
+                    budget -= self._prefill_chunk(slot, budget)
             except Exception as exc:  # noqa: BLE001 -- one prompt that fails ends alone; the others go on
                 self._finish(slot, "error", f"generation failed: {exc}")
+
+    def _invariant_chunk_size(self, slot: _Slot) -> int:
+        """With `batch_invariant`, a prompt is cut at multiples of `prefill_chunk` whatever else is
+        prefilling, so each chunk's matrix shapes (and so its float rounding) belong to the request alone."""
+        start = slot.num_prefilled
+        return min(self.prefill_chunk - start % self.prefill_chunk, len(slot.handle.request.prompt_ids) - start)
 
     def _prefill_chunk(self, slot: _Slot, max_tokens: int) -> int:
         """Prefill the next at most `max_tokens` prompt tokens of one slot; returns how many."""
@@ -458,7 +528,9 @@ class Engine:
         running = [s for s in self._slots if s is not None and not s.prefilling and s.num_generated > 0]
         if not running:
             return
-        num_rows = max(s.index for s in running) + 1
+        # batch_invariant: every step runs all the slots' rows, so the matrix shapes (and with them the kernels
+        # and their summation order) never depend on how many sequences are running.
+        num_rows = self.num_slots if self.batch_invariant else max(s.index for s in running) + 1
         tokens = torch.zeros(num_rows, 1, dtype=torch.long)
         positions = torch.zeros(num_rows, 1, dtype=torch.long)
         for s in self._slots[:num_rows]:
@@ -473,7 +545,10 @@ class Engine:
         for s in running:
             s.num_cached += 1
         rows = torch.tensor([s.index for s in running], device=self.device)
-        logits = self.model.logits(hidden[rows, -1])  # (R, V)
+        if self.batch_invariant:
+            logits = self.model.logits(hidden[:, -1])[rows]  # (n, V) -> (R, V)
+        else:
+            logits = self.model.logits(hidden[rows, -1])  # (R, V)
         self._emit_tokens(running, logits)
 
     def _emit_tokens(self, slots: list[_Slot], logits: torch.Tensor) -> None:
@@ -484,7 +559,8 @@ class Engine:
             if self._token_counts is None:
                 self._token_counts = torch.zeros(self.num_slots, self.vocab_size, device=self.device)
             counts = self._token_counts[[s.index for s in slots]]
-        next_ids = self._sample(slots, logits, counts)
+        constrained = constrain_logits(logits, [r.constraint for r in requests], [r.logit_bias for r in requests])
+        next_ids = self._sample(slots, constrained, counts)
         want_logprobs = any(r.num_logprobs is not None for r in requests)
         logprobs = logits.float().log_softmax(-1) if want_logprobs else None  # raw model distribution
         now = time.monotonic()
@@ -510,7 +586,12 @@ class Engine:
                 slot.handle._emit(event)
                 self._finish(slot, "stop")
                 continue
+            if not self._advance_constraint(slot, token):
+                continue
             slot.handle._emit(event)
+            if request.constraint is not None and request.constraint.finished:
+                self._finish(slot, "stop")  # the grammar is complete: nothing but a stop token could follow
+                continue
             if slot.num_generated >= request.max_new_tokens:
                 self._finish(slot, "length")
 

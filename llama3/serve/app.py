@@ -4,8 +4,8 @@
     app = create_app(engine, api_key="secret", model_name="my-llama")
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics,
-GET / (the chat page). Errors always have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models,
+GET /health, GET /metrics, GET / (the chat page). Errors always have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.engine import Engine
+from .embeddings import EmbeddingRequest, EmbeddingService
 from .errors import APIError, SafeJSONResponse, error_response
 from .handlers import CompletionService
 from .metrics import HttpCounters, render_metrics
@@ -50,7 +51,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         label = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
-                                 "/v1/completions") else "other"
+                                 "/v1/completions", "/v1/embeddings") else "other"
 
         started = False
 
@@ -137,11 +138,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = "llama3",
-               limits: ServerLimits | None = None) -> FastAPI:
+               limits: ServerLimits | None = None, embedding_pooling: str = "mean") -> FastAPI:
     """The FastAPI app serving `engine` (already started; its `tokenizer` must be set). `api_key`, when
-    given, is required as a Bearer token on /v1/* and /metrics; `limits` bound request sizes."""
+    given, is required as a Bearer token on /v1/* and /metrics; `limits` bound request sizes;
+    `embedding_pooling` ("mean" or "last") is how /v1/embeddings pools the final hidden states."""
     limits = limits or ServerLimits()
     service = CompletionService(engine, model_name, limits)
+    embeddings = EmbeddingService(engine, embedding_pooling, limits.max_prompt_chars)
     counters = HttpCounters()
     app = FastAPI(title="llama3", docs_url=None, redoc_url=None, openapi_url=None,
                   default_response_class=SafeJSONResponse)
@@ -180,6 +183,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await service.complete(body, request)
+
+    @app.post("/v1/embeddings")
+    async def create_embeddings(body: EmbeddingRequest):
+        service.check_model(body.model)
+        return await embeddings.create(body, model_name)
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, counters=counters,
                        body_timeout_s=limits.body_timeout_s)

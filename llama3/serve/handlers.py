@@ -20,7 +20,8 @@ from .completions import Choice, created, merge_events, new_id
 from .errors import APIError, error_body, json_bytes
 from .responses import chat_chunks, chat_response, completion_chunks, completion_response
 from .schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, ServerLimits
-from .tools import build_dialog, forced_prefix
+from .structured import StructuredOutput
+from .tools import ToolPlan, build_dialog, encode_prompt, plan_tools
 
 __all__ = ["CompletionService"]
 
@@ -62,6 +63,7 @@ class CompletionService:
         self.tokenizer = engine.tokenizer
         self.chat_format = ChatFormat(self.tokenizer)
         self.stop_ids = frozenset(self.tokenizer.stop_tokens)
+        self.structured = StructuredOutput(self.tokenizer, engine.vocab_size, self.stop_ids)
 
     # ----- checks -----
     def check_model(self, name: str) -> None:
@@ -122,6 +124,23 @@ class CompletionService:
         deadline = loop.time() + self.limits.request_timeout_s
         return [Choice(i, h, self.tokenizer, stop, deadline=deadline) for i, h in enumerate(handles)]
 
+    async def constraints_and_bias(self, body, num_sequences: int,
+                                   plan: ToolPlan | None = None) -> tuple[list, dict[int, float] | None]:
+        """One grammar state per sequence (None for free text) and the logit bias, checked (400s). `plan`:
+        what tool_choice fixes about the answer (a call's schema, or an opening)."""
+        bias = self.structured.logit_bias(body)
+        constraint = await self.structured.constraint(body)
+        if plan is not None and (plan.schema is not None or plan.prefix_ids):
+            if constraint is not None:
+                raise APIError(400, "tool_choice 'required' or a named function already fixes the answer's "
+                                    "form; drop response_format / guided_*, or use tool_choice 'auto'.",
+                               param="tool_choice")
+            if plan.schema is not None:
+                constraint = await self.structured.schema_constraint(plan.schema, "tools")
+        if constraint is None:
+            return [None] * num_sequences, bias
+        return [constraint] + [constraint.fork() for _ in range(num_sequences - 1)], bias
+
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "llama3",
                 "max_model_len": self.engine.max_seq_len}
@@ -135,32 +154,38 @@ class CompletionService:
             raise APIError(400, "'tool_choice' is only allowed when 'tools' are given.", param="tool_choice")
         self.check_text_size(sum(len(m.text()) for m in body.messages), "messages")
         try:
-            prefix = forced_prefix(body)
-            prompt_ids = self.chat_format.encode_dialog_prompt(build_dialog(body)) + self.tokenizer.encode(prefix)
+            plan = plan_tools(body, self.tokenizer)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from None
+        try:
+            prompt_ids = encode_prompt(self.chat_format, build_dialog(body)) + plan.prefix_ids
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         max_new = self.check_context(len(prompt_ids), body.max_new_tokens(), "messages")
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        constraints, bias = await self.constraints_and_bias(body, body.n, plan)
         requests = [EngineRequest(tuple(prompt_ids), max_new, self.sampling_for(body, i), self.stop_ids,
-                                  num_logprobs) for i in range(body.n)]
+                                  num_logprobs, constraint=constraints[i], logit_bias=bias) for i in range(body.n)]
         choices = self.submit_all(requests, body.stop_list())
         meta = {"id": new_id("chatcmpl"), "created": created(), "model": self.model_name}
         if body.stream:
-            return _sse(chat_chunks(choices, body, meta, prefix, request.is_disconnected))
+            return _sse(chat_chunks(choices, body, meta, plan, request.is_disconnected))
         await _collect(choices, request)
-        return chat_response(choices, body, meta, prefix, len(prompt_ids))
+        return chat_response(choices, body, meta, plan, len(prompt_ids))
 
     async def complete(self, body: CompletionRequest, request: Request):
         """POST /v1/completions."""
         self.check_model(body.model)
         prompts, texts = self._prompt_ids(body)
+        constraints, bias = await self.constraints_and_bias(body, len(prompts) * body.n)
         requests = []
         for p, ids in enumerate(prompts):
             max_new = self.check_context(len(ids), body.max_tokens, "prompt")
             for i in range(body.n):
                 requests.append(EngineRequest(tuple(ids), max_new, self.sampling_for(body, p * body.n + i),
                                               self.stop_ids, body.logprobs,
-                                              prompt_logprobs=body.echo and body.logprobs is not None))
+                                              prompt_logprobs=body.echo and body.logprobs is not None,
+                                              constraint=constraints[p * body.n + i], logit_bias=bias))
         choices = self.submit_all(requests, body.stop_list())
         for choice in choices:  # echo returns the prompt as given (text), or decoded (token ids)
             p = choice.index // body.n

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .completions import Choice, chat_logprob_entry, merge_events, token_text, usage_dict
-from .tools import parse_tool_calls, tools_active
+from .tools import ToolCallStream, ToolPlan, parse_tool_calls, tools_active
 
 __all__ = ["GenerationFailed", "chat_chunks", "chat_response", "completion_chunks", "completion_response"]
 
@@ -38,13 +38,20 @@ def _usage(choices: list[Choice], num_prompt: int) -> dict[str, int]:
     return usage_dict(num_prompt, sum(c.num_generated for c in choices))
 
 
-def chat_response(choices: list[Choice], body, meta: dict, prefix: str, num_prompt: int) -> dict[str, Any]:
+def _python_tagged(choice: Choice, plan: ToolPlan) -> bool:
+    """The answer opens with <|python_tag|> (forced by the plan, or the model's first token)."""
+    tag = getattr(choice.tokenizer, "python_tag_id", None)
+    first = choice.token_events[0].token_id if choice.token_events else None
+    return plan.python_tag or (tag is not None and first == tag)
+
+
+def chat_response(choices: list[Choice], body, meta: dict, plan: ToolPlan, num_prompt: int) -> dict[str, Any]:
     """A whole `chat.completion` once every choice has finished."""
     _check_failed(choices)
     out = []
     for c in choices:
-        answer = prefix + c.text
-        calls = parse_tool_calls(answer, body) if tools_active(body) else None
+        answer = plan.prefix_text + c.text
+        calls = parse_tool_calls(answer, body, _python_tagged(c, plan)) if tools_active(body) else None
         if calls:
             message, reason = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
         else:
@@ -55,14 +62,9 @@ def chat_response(choices: list[Choice], body, meta: dict, prefix: str, num_prom
             "usage": _usage(choices, num_prompt)}
 
 
-def _may_be_tool_call(text: str) -> bool:
-    stripped = text.lstrip()
-    return stripped == "" or stripped.startswith(("{", "["))
-
-
-async def chat_chunks(choices: list[Choice], body, meta: dict, prefix: str, is_disconnected) -> AsyncIterator[dict]:
-    """`chat.completion.chunk` objects as tokens arrive. With tools, an answer that opens like a JSON call
-    is held back until it ends, then sent as `tool_calls` if it parses, as content otherwise."""
+async def chat_chunks(choices: list[Choice], body, meta: dict, plan: ToolPlan, is_disconnected) -> AsyncIterator[dict]:
+    """`chat.completion.chunk` objects as tokens arrive. With tools, each choice's text passes through a
+    `ToolCallStream`, which holds back what may become a call and streams calls as OpenAI does."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
     if include_usage:
@@ -72,30 +74,29 @@ async def chat_chunks(choices: list[Choice], body, meta: dict, prefix: str, is_d
         return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": finish_reason}]}
 
-    tools = tools_active(body)
-    held = {c.index: prefix if tools else None for c in choices}  # text held back while it may be a call
+    streams = {c.index: ToolCallStream(body, plan.prefix_text, plan.python_tag) if tools_active(body) else None
+               for c in choices}
     for c in choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
     num_prompt = len(choices[0].handle.request.prompt_ids)
     async for c, event in merge_events(choices, is_disconnected):
         delta, events = c.feed(event)
-        if held[c.index] is not None:
-            held[c.index] += delta
-            if not c.done and _may_be_tool_call(held[c.index]):
-                continue  # keep holding
-            delta, held[c.index] = held[c.index], None  # from here on, plain streaming
-            calls = parse_tool_calls(delta, body) if c.done else None
-            if calls:
-                yield chunk(c.index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-                yield chunk(c.index, {}, finish_reason="tool_calls")
-                continue
-        if delta or events and _chat_logprobs(c, events):
-            yield chunk(c.index, {"content": delta}, _chat_logprobs(c, events))
+        logprobs = _chat_logprobs(c, events) if events else None
+        stream = streams[c.index]
+        if stream is None:
+            if delta or logprobs:
+                yield chunk(c.index, {"content": delta}, logprobs)
+        else:
+            deltas = stream.feed(delta, python_tag=_python_tagged(c, plan), final=c.done) or (
+                [{"content": ""}] if logprobs else [])
+            for i, d in enumerate(deltas):
+                yield chunk(c.index, d, logprobs if i == 0 else None)
         if c.done:
             if c.finish.reason == "error":
                 yield {"error": {"message": c.finish.message, "type": "server_error", "param": None, "code": None}}
                 return
-            yield chunk(c.index, {}, finish_reason=c.finish_reason)
+            calls = stream is not None and stream.calls_sent
+            yield chunk(c.index, {}, finish_reason="tool_calls" if calls else c.finish_reason)
     if include_usage:
         yield {**base, "choices": [], "usage": _usage(choices, num_prompt)}
 

@@ -33,6 +33,9 @@ MAX_MESSAGES = 1024
 MAX_PROMPTS = 64
 MAX_TOOLS = 64
 MAX_TOKEN_ID = 2**31 - 1
+MAX_LOGIT_BIAS = 1024  # OpenAI states no limit; a bound keeps one request's work small
+MAX_GRAMMAR_CHARS = 100_000
+MAX_CHOICES = 256
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
@@ -125,7 +128,36 @@ class NamedToolChoice(_Strict):
         return value
 
 
-class _SamplingFields(_Strict):
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`: the schema the answer must follow (`strict` or not, it is enforced)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _StructuredOutputFields(_Strict):
+    """OpenAI's `response_format` and `logit_bias`, and vLLM's guided-decoding extensions (at most one of
+    response_format json_* / guided_json / guided_regex / guided_choice / guided_grammar); see structured.py."""
+
+    response_format: ResponseFormat | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)]],
+                             Field(min_length=1, max_length=MAX_CHOICES)] | None = None
+    guided_grammar: Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = None
+
+
+class _SamplingFields(_StructuredOutputFields):
     model: Annotated[str, Field(max_length=256)] = ""
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
