@@ -17,21 +17,23 @@ from pathlib import Path
 HELP = "the embedded default: tokenizer, data, a few minutes of pretraining on Austen, report, samples, HF export"
 
 PROMPTS = ["It is a truth universally acknowledged, that", "Mr. Darcy", "My dear Emma,", "The ball at Netherfield"]
-CORPUS = Path(__file__).resolve().parents[2] / "data" / "austen"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama3 demo", description=HELP)
     parser.add_argument("--minutes", type=float, default=8.0, help="training wall time (default 8)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--corpus", default=str(CORPUS), help="folder of .txt files (default: the bundled Austen)")
+    parser.add_argument("--corpus", default=None, help="folder of .txt files (default: the bundled Austen)")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE ranks of the trained tokenizer")
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
-    files = sorted(Path(args.corpus).glob("*.txt"))
+    from ..bundled import bundled_path
+
+    corpus = Path(args.corpus) if args.corpus else bundled_path("austen")
+    files = sorted(corpus.glob("*.txt"))
     if not files:
-        parser.error(f"no .txt files in {args.corpus}")
+        parser.error(f"no .txt files in {corpus}")
     return run_demo(files, Path(args.out), minutes=args.minutes, vocab_size=args.vocab_size)
 
 
