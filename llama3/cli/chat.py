@@ -72,8 +72,8 @@ class ChatSession:
             del self.messages[first_turn:users[1]]  # the oldest user message and what answered it
             dropped += 1
         if dropped:
-            self.notify(f"context full: dropped the oldest {dropped} turn{'s' * (dropped > 1)} "
-                        f"(the model's context is {self.context} tokens)")
+            turns = "turn" if dropped == 1 else f"{dropped} turns"
+            self.notify(f"context full: dropped the oldest {turns} (the model's context is {self.context} tokens)")
         if len(ids) >= self.context:
             raise ValueError(f"this message needs {len(ids)} tokens with the conversation's start, and the "
                              f"model's context is {self.context}: shorten it, or /reset")
