@@ -88,7 +88,8 @@ def demo_root(tmp_path_factory):
 @pytest.mark.parametrize("doc,line,language,code,mark", TESTED,
                          ids=[f"{b[0].relative_to(REPO)}:{b[1]}" for b in TESTED])
 def test_documented_block_runs(demo_root, doc, line, language, code, mark):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{demo_root / '.bin'}:{os.environ['PATH']}",
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "PATH": f"{demo_root / '.bin'}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if language == "python":
         cmd = [sys.executable, "-c", code]

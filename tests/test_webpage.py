@@ -198,7 +198,7 @@ def test_conversations_are_kept_with_regenerate_edit_and_counts(server, page):
     page.click(".message.assistant button.regenerate")  # the same question asked again, one reply shown
     page.wait_for_function("document.body.dataset.busy === '' && "
                            "document.querySelectorAll('.message.assistant[data-done]').length === 1 && "
-                           f"document.querySelectorAll('.message').length === 2")
+                           "document.querySelectorAll('.message').length === 2")
     assert [m["content"] for m in bodies[-1]["messages"]] == ["Tell me of Emma"] and len(bodies) == 2
 
     page.click(".message button.edit")  # the last question comes back into the box, without its reply

@@ -62,6 +62,10 @@ class ChatSession:
     def _prompt_ids(self) -> list[int]:
         """The dialog's ids, after dropping the oldest turns while it does not fit beside a reply."""
         first_turn = 1 if self.system else 0
+        alone = self.chat_format.encode_dialog_prompt(self.messages[:first_turn] + self.messages[-1:])
+        if len(alone) >= self.context:  # refused before any earlier turn is given up for it
+            raise ValueError(f"this message needs {len(alone)} tokens with the conversation's start, and the "
+                             f"model's context is {self.context}: shorten it")
         budget = self.context - self._reply_reserve()
         dropped = 0
         while True:
@@ -74,9 +78,6 @@ class ChatSession:
         if dropped:
             turns = "turn" if dropped == 1 else f"{dropped} turns"
             self.notify(f"context full: dropped the oldest {turns} (the model's context is {self.context} tokens)")
-        if len(ids) >= self.context:
-            raise ValueError(f"this message needs {len(ids)} tokens with the conversation's start, and the "
-                             f"model's context is {self.context}: shorten it, or /reset")
         return ids
 
     def _new_tokens(self, num_prompt: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from pathlib import Path
 
 HELP = "serve a model over an OpenAI-compatible HTTP API with a web chat page at /"
 
@@ -65,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         print("llama3 serve needs the serve extra: pip install -e '.[serve]' in the repository (or make "
               "setup-runtime)", file=sys.stderr)
         return 2
-    from pathlib import Path
-
     import torch
 
     import llama3
