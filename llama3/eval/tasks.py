@@ -124,7 +124,7 @@ def resolve_task(
         if not (root / test_file).is_file():
             raise ValueError(
                 f"task {spec!r} expects {root / test_file}; lay the data out as data/tasks/ is "
-                "(see the README), or pass the task file itself"
+                "(see docs/evaluation.md), or pass the task file itself"
             )
         fewshot_path = Path(fewshot_file) if fewshot_file else root / fewshot_name
         return _task_from_files(
