@@ -335,7 +335,7 @@ def _apply_hf_rope_scaling(kwargs: dict[str, Any], rope: dict[str, Any], *, sour
 
 
 # ----- presets -----
-# Released shapes (REFERENCE.md). 3.1 and 3.2 use scaled RoPE; 3.2 1B/3B use factor 32 (Meta's reference
+# Released shapes (the params.json files Meta publishes with each model). 3.1 and 3.2 use scaled RoPE; 3.2 1B/3B use factor 32 (Meta's reference
 # hard-coded 8 for them, a known bug) and tie input and output embeddings.
 _LLAMA31 = dict(use_scaled_rope=True, rope_scaling_factor=8.0, max_seq_len=131072)
 PRESETS: dict[str, dict[str, Any]] = {

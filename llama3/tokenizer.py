@@ -21,7 +21,7 @@ import tiktoken
 __all__ = ["Tokenizer", "ChatFormat", "StreamDecoder", "LLAMA3_SPLIT_PATTERN", "special_token_names",
            "CHAT_TEMPLATE", "Message", "Dialog"]
 
-# Llama 3's pre-tokenizer split (REFERENCE.md): contractions, words with one leading non-letter, numbers of
+# Llama 3's pre-tokenizer split (the `pat_str` of Meta's tokenizer.py): contractions, words with one leading non-letter, numbers of
 # at most three digits, punctuation runs, newlines, whitespace.
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -57,7 +57,7 @@ def llama3_tokenizer(tokenizer_model_path):
 
 @pytest.fixture(scope="session")
 def hf_reference_tokenizer():
-    """HF `tokenizers` on Llama 3's tokenizer.json with `ignore_merges` set (REFERENCE.md: the shipped file
+    """HF `tokenizers` on Llama 3's tokenizer.json with `ignore_merges` set (the shipped file
     lacks it, which makes some non-English words split differently from tiktoken)."""
     from tokenizers import Tokenizer as HFTokenizer
 

@@ -110,7 +110,9 @@ def test_dpo_end_to_end(base_dir, tmp_path, capsys):
     rc = finetune_main(["--model", str(base_dir), "--data", str(data), "--out", str(out), "--method", "dpo",
                         "--train.steps=20", "--optim.lr=3e-3", "--data.batch_size=4",
                         "--finetune.val_fraction=0.2", *COMMON])
-    assert rc == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "step 0 | val loss" in captured.out and "val ppl" not in captured.out  # a preference loss: no ppl
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["val_reward"]["margin"] > 0.5 and report["val_reward"]["accuracy"] >= 0.75, report
     assert not (out / "adapter").exists()  # full fine-tuning: no adapter folder

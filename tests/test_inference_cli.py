@@ -42,8 +42,9 @@ def test_generate_json(model_dir, llama3_tokenizer, capsys):
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"text", "token_ids", "timing"}
-    assert set(out["timing"]) == {"prefill_s", "decode_s", "num_prompt_tokens", "num_new_tokens",
-                                  "decode_tokens_per_s"}
+    assert set(out["timing"]) == {"load_s", "warmup_s", "prefill_s", "decode_s", "num_prompt_tokens",
+                                  "num_new_tokens", "decode_tokens_per_s"}
+    assert out["timing"]["load_s"] > 0 and out["timing"]["warmup_s"] == 0  # eager: nothing to warm up
     prompt_ids = llama3_tokenizer.encode(prompt, bos=True)
     assert out["timing"]["num_prompt_tokens"] == len(prompt_ids)
     assert out["token_ids"] == expected_greedy(model_dir, prompt_ids, 6)
@@ -65,12 +66,13 @@ def test_chat_with_piped_stdin(model_dir, llama3_tokenizer):
     from llama3.tokenizer import ChatFormat
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    stdin = "Hello there\n/reset\nHello there\nAnd then?\n/exit\nnever read\n"
+    stdin = "Hello there\n/reset\n/help\n/nonsense\nHello there\nAnd then?\n/quit\nnever read\n"
     proc = subprocess.run([sys.executable, "-m", "llama3", "chat", "--model", str(model_dir), "--no-compile",
                            "--temperature", "0", "--max-new-tokens", "5", "--system", "Be brief."],
                           input=stdin, check=False, capture_output=True, text=True, timeout=200, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "[conversation reset]" in proc.stderr
+    assert "/reset" in proc.stderr and "unknown command /nonsense" in proc.stderr  # /help, and not sent
     # /reset forgot the first turn: the same question gets the same reply.
     chat = ChatFormat(llama3_tokenizer)
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
@@ -117,3 +119,54 @@ def test_generate_with_draft_model_equals_plain_greedy(model_dir, capsys):
     assert speculative["token_ids"] == plain["token_ids"] and speculative["text"] == plain["text"]
     assert main(common + ["--draft-model", str(model_dir)]) == 0  # streamed through the speculative path
     assert capsys.readouterr().out == plain["text"] + "\n"
+
+
+def test_generate_default_limit_fits_the_context(model_dir, llama3_tokenizer, tmp_path, capsys, monkeypatch):
+    """Without --max-new-tokens, a long prompt gets the room left (with a notice), not an error; the prompt
+    can come from a file or from standard input."""
+    import io
+
+    from llama3.cli.generate import main
+
+    text = " ".join(["the ball at Netherfield"] * 40)
+    num_prompt = len(llama3_tokenizer.encode(text, bos=True))
+    assert 0 < 256 - num_prompt < 256
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(text, encoding="utf-8")
+    common = ["--model", str(model_dir), "--temperature", "0", "--no-compile", "--json", "--stop", "\x00"]
+    assert main(common + ["--prompt-file", str(prompt_file)]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert f"at most {256 - num_prompt} new tokens fit" in captured.err
+    assert out["timing"]["num_prompt_tokens"] == num_prompt
+    assert out["token_ids"] == expected_greedy(model_dir, llama3_tokenizer.encode(text, bos=True), 256 - num_prompt)
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    assert main(common + ["--prompt-file", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == out["token_ids"]
+    assert main(common + ["--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read --prompt-file" in capsys.readouterr().err
+
+
+def test_chat_session_drops_oldest_turns_and_keeps_the_system_prompt(model_dir):
+    """A conversation longer than the context keeps going: the oldest turns give way (system prompt kept),
+    each reply limit fits the room left, and a notice says so."""
+    import llama3
+    from llama3.cli.chat import ChatSession
+    from llama3.inference import Generator, SamplingParams
+
+    model, tokenizer = llama3.load(model_dir)
+    notices: list[str] = []
+    session = ChatSession(Generator(model, tokenizer), system="Be brief.", max_new_tokens=None,
+                          sampling=SamplingParams(temperature=0), notify=notices.append)
+    long_message = " ".join(["Tell me about the ball at Netherfield"] * 8)  # ~60 tokens a turn
+    for turn in range(6):
+        session.reply(f"{turn}: {long_message}", lambda piece: None)
+        prompt_len = len(session.chat_format.encode_dialog_prompt(session.messages[:-1]))
+        assert prompt_len < 256
+    assert session.messages[0] == {"role": "system", "content": "Be brief."}
+    assert session.messages[1]["content"].startswith(("3:", "4:", "5:"))  # early turns are gone
+    assert any("dropped the oldest" in n for n in notices)
+    assert any("reply limited to" in n for n in notices)
+    with pytest.raises(ValueError, match="context is 256"):
+        session.reply(" ".join(["word"] * 400), lambda piece: None)
+    assert session.messages[-1]["role"] == "assistant"  # the message that cannot fit is not kept

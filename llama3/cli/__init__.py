@@ -14,6 +14,10 @@ import sys
 
 __all__ = ["main", "commands"]
 
+# Optional dependencies by the module a missing one raises on, and the extra that installs it.
+_EXTRAS = {"gguf": "gguf", "fastapi": "serve", "uvicorn": "serve", "matplotlib": "demo", "pyarrow": "demo",
+           "lm_eval": "dev", "transformers": "dev", "peft": "dev"}
+
 # The order `llama3 --help` lists them in; modules not named here follow alphabetically.
 _ORDER = ["generate", "chat", "serve", "convert", "train-tokenizer", "prepare", "pretrain", "finetune", "eval",
           "demo", "info"]
@@ -67,5 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _passive_openmp_waits()
     module = importlib.import_module(f"{__name__}.{table[name]}")
-    result = module.main(argv[1:])
+    try:
+        result = module.main(argv[1:])
+    except ModuleNotFoundError as e:
+        extra = _EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"llama3 {name}: this needs the optional package {e.name!r}, from the `{extra}` extra: run "
+              f"pip install -e '.[{extra}]' in the repository (make setup-runtime installs serve, gguf and "
+              "demo; make setup installs everything)", file=sys.stderr)
+        return 2
     return int(result or 0)

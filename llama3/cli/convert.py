@@ -1,8 +1,9 @@
 """`llama3 convert`: move a model between Meta's format, Hugging Face and GGUF.
 
     llama3 convert Llama3.1-8B/ llama31-8b-hf --to hf                      # Meta download -> HF folder
-    llama3 convert llama31-8b-hf llama31-8b.Q8_0.gguf --to gguf --dtype q8_0 # HF -> llama.cpp / Ollama
-    llama3 convert llama31-8b-hf llama31-8b.Q4_K_M.gguf --to gguf --dtype q4_k_m  # llama.cpp's Q4_K_M mixture
+    llama3 convert llama31-8b-hf llama31-8b.Q8_0.gguf --dtype q8_0           # HF -> llama.cpp / Ollama (--to gguf
+                                                                             # follows from the name)
+    llama3 convert llama31-8b-hf llama31-8b.Q4_K_M.gguf --dtype q4_k_m       # llama.cpp's Q4_K_M mixture
     llama3 convert llama3-70b-hf llama3-70b-meta --to meta --shards 8        # HF -> Meta, 8 model-parallel shards
     llama3 convert out/pretrain/step-00001000 out/hf --to hf --dtype bf16    # training checkpoint -> HF
 
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("src", help="model folder (Hugging Face, Meta, training checkpoint) or .gguf file")
     parser.add_argument("dst", help="output folder (hf, meta) or file (gguf)")
-    parser.add_argument("--to", required=True, choices=["hf", "meta", "gguf"], help="output format")
+    parser.add_argument("--to", choices=["hf", "meta", "gguf"],
+                        help="output format (default: gguf when DST ends in .gguf; otherwise required)")
     parser.add_argument("--dtype", default=None,
                         help="weights' dtype: float32 | bfloat16 | float16; for gguf also f32 | f16 | bf16 and "
                              "llama.cpp's quantization presets q4_0 | q4_1 | q5_0 | q5_1 | q8_0 | q4_k_m | q5_k_m | "
@@ -36,6 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_destination(args: argparse.Namespace) -> None:
+    """Decide the output format and refuse a destination that cannot be written, before the (possibly
+    minutes-long) load."""
+    from pathlib import Path
+
+    is_gguf_name = args.dst.lower().endswith(".gguf")
+    if args.to is None:
+        if not is_gguf_name:
+            raise ValueError(f"pass --to hf, meta or gguf: the format of {args.dst} cannot be told from its name")
+        args.to = "gguf"
+    elif is_gguf_name != (args.to == "gguf"):
+        raise ValueError(f"{args.dst} {'ends' if is_gguf_name else 'does not end'} in .gguf but --to is {args.to}; "
+                         "name a .gguf file for --to gguf and a folder for hf or meta")
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise ValueError(f"{dst} already exists; choose a new output path or pass --overwrite")
+    parent = dst.resolve().parent
+    if not parent.is_dir() and parent.exists():
+        raise ValueError(f"cannot write {dst}: {parent} is not a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -45,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..inference.ggml_quant import dequantize_model, has_ggml_layers
 
     try:
+        _check_destination(args)
         if args.to != "meta" and args.shards != 1:
             raise ValueError("--shards applies to --to meta; use --max-shard-size for hf")
         started = time.perf_counter()

@@ -22,9 +22,9 @@ tasks (--task, comma-separated for several):
   DIR (from `llama3 prepare`)        perplexity of a split of prepared shards (--split, --packed)
 
 examples:
-  llama3 eval --model runs/demo/hf --task arc_easy,hellaswag --num-fewshot 2
-  llama3 eval --model runs/demo/hf --task data/austen/persuasion.txt --stride 128
-  llama3 eval --model runs/demo/hf --task runs/data --split val --packed --window 256
+  llama3 eval --model runs/demo/base --task arc_easy,hellaswag --num-fewshot 2
+  llama3 eval --model runs/demo/base --task data/austen/persuasion.txt --stride 128
+  llama3 eval --model runs/demo/base --task runs/demo/data --split val --packed --window 256
 """
 
 
@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
     parser.add_argument(
-        "--max-gen-toks", type=int, default=256, help="generation tasks: new-token limit (256)"
+        "--max-gen-toks",
+        type=int,
+        default=None,
+        help="generation tasks: new-token limit (default 256, at most half the model's context)",
     )
     parser.add_argument(
         "--window",
@@ -147,7 +150,8 @@ def _run_task(spec: str, model, tokenizer, args) -> dict[str, Any]:
     from ..eval.tasks import evaluate_task, resolve_task
 
     task = resolve_task(spec, fmt=args.format, fewshot_file=args.fewshot_file, data_dir=args.data_dir)
-    task.max_gen_toks = args.max_gen_toks
+    # The default leaves half of a short context (the demo model's 256 tokens) for the prompt.
+    task.max_gen_toks = args.max_gen_toks or min(256, model.args.max_seq_len // 2)
     return evaluate_task(
         model,
         tokenizer,
@@ -242,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("num_fewshot", "batch_size", "max_gen_toks"):
-        if getattr(args, name) < (0 if name == "num_fewshot" else 1):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "num_fewshot" else 1):
             parser.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'num_fewshot' else '>= 1'}")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")

@@ -3,10 +3,11 @@
     llama3 generate --model out/hf --prompt "It is a truth universally acknowledged" --max-new-tokens 64
     llama3 generate --model out/hf --prompt "..." --temperature 0 --json      # one JSON object
     llama3 generate --model out/hf --prompt "..." --dtype bf16 --quantize int8 # fastest on a CPU
+    llama3 generate --model out/hf --prompt-file prompt.txt                   # or --prompt-file - (stdin)
 
-`--json` prints {"text", "token_ids", "finish_reason", "timing": {"prefill_s", "decode_s",
-"num_prompt_tokens", "num_new_tokens", "decode_tokens_per_s"}}. Progress and the one-time compilation note
-go to stderr, so stdout holds only the continuation (or the JSON).
+`--json` prints {"text", "token_ids", "finish_reason", "timing": {"load_s", "warmup_s", "prefill_s",
+"decode_s", "num_prompt_tokens", "num_new_tokens", "decode_tokens_per_s"}}. Notices (such as a reply limit
+shortened to fit the context) go to stderr, so stdout holds only the continuation (or the JSON).
 """
 
 from __future__ import annotations
@@ -14,21 +15,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 HELP = "continue a prompt with a model (greedy or sampled; streaming, JSON, compile, int8/int4, speculative)"
+
+DEFAULT_MAX_NEW_TOKENS = 256
+# Decode-step compilation costs a warm-up of seconds (cached on disk) to a minute (first time) per shape. On
+# the 5M-parameter demo model a one-shot `generate` took 5.5 s compiled (16.7 s with an empty cache) against
+# 2.3 s eager (docs/inference.md), so small models run eagerly. The published decode figures (~100M and 1B
+# shapes) were measured compiled, so those stay compiled; 50M is a boundary between the two measured sizes,
+# not a measured break-even.
+COMPILE_MIN_PARAMS = 50 * 10**6
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `generate` and `chat`: which model, and how to run it fast."""
     parser.add_argument("--model", required=True, help="model folder (Hugging Face, Meta, training checkpoint) or .gguf")
     parser.add_argument("--dtype", default=None,
-                        help="float32 | bfloat16 | float16 (default: as stored; float16 decodes fastest on CPU)")
+                        help="float32 | bfloat16 | float16 (default: as stored). CPU decode reads every weight "
+                             "once per token: bfloat16 halves the bytes of float32, --quantize int8 halves "
+                             "them again")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="weight-only quantization at load time (int8: ~2x less memory traffic than bf16)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="run eager PyTorch instead of compiling the decode step (compilation takes "
-                             "seconds to a minute once per shape, then is cached on disk)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="compile the decode step with torch.compile: auto (default) compiles models of "
+                             f"{COMPILE_MIN_PARAMS // 10**6}M+ parameters, where it pays for its warm-up; "
+                             "on / off force it")
+    parser.add_argument("--no-compile", action="store_const", dest="compile", const="off",
+                        help="the same as --compile off")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--draft-model", default=None,
                         help="a small model with the same tokenizer for speculative decoding (greedy only)")
@@ -36,7 +51,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float, top_p: float) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    """Sampling options shared by `generate` and `chat` (Llama 3's instruct settings as defaults)."""
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"most tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, or the room left in "
+                             "the model's context when that is less)")
     parser.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
     parser.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -50,6 +68,40 @@ def sampling_from_args(args: argparse.Namespace):
 
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def context_length(generator) -> int:
+    """The model's context in tokens (for a speculative pair, the target's)."""
+    model = generator.target.model if hasattr(generator, "target") else generator.model
+    return model.args.max_seq_len
+
+
+def fit_new_tokens(requested: int | None, num_prompt: int, context: int) -> tuple[int, str | None]:
+    """The number of new tokens to generate after a `num_prompt`-token prompt, and a notice when the default
+    had to shrink to the room left. An explicit request that cannot fit, or a prompt that fills the context,
+    is a ValueError that says what to change."""
+    room = context - num_prompt
+    if room < 1:
+        raise ValueError(f"the prompt is {num_prompt} tokens and the model's context length is {context}: "
+                         "shorten the prompt")
+    if requested is None:
+        if room >= DEFAULT_MAX_NEW_TOKENS:
+            return DEFAULT_MAX_NEW_TOKENS, None
+        return room, (f"at most {room} new tokens fit in the model's {context}-token context after the "
+                      f"{num_prompt}-token prompt; generating up to {room}")
+    if requested < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {requested}")
+    if requested > room:
+        raise ValueError(f"--max-new-tokens {requested} does not fit: the prompt is {num_prompt} tokens and the "
+                         f"model's context length is {context}, which leaves {room}. Ask for at most {room}, or leave "
+                         "--max-new-tokens out to use the room left")
+    return requested, None
+
+
+def _should_compile(choice: str, model) -> bool:
+    if choice == "auto":
+        return model.num_params() >= COMPILE_MIN_PARAMS
+    return choice == "on"
 
 
 def build_generator(args: argparse.Namespace, *, cache_bucket: int = 256):
@@ -68,38 +120,64 @@ def build_generator(args: argparse.Namespace, *, cache_bucket: int = 256):
     if launched_by_torchrun():  # under torchrun: one model split over the ranks (tensor parallel)
         from ..distributed.inference import tp_generator_from_args
 
+        args.no_compile = args.compile != "on"  # tensor parallel decodes eagerly; it says so when asked to compile
         return tp_generator_from_args(args, cache_bucket=cache_bucket)
     model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    generator = Generator(model, tokenizer, compile=not args.no_compile, cache_bucket=cache_bucket)
+    compile_step = _should_compile(args.compile, model)
+    generator = Generator(model, tokenizer, compile=compile_step, cache_bucket=cache_bucket)
     if args.draft_model is None:
         return generator
     from ..inference.speculative import SpeculativeGenerator
 
     draft, _ = load_for_inference(args.draft_model, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    draft_generator = Generator(draft, tokenizer, compile=not args.no_compile, cache_bucket=cache_bucket)
+    draft_generator = Generator(draft, tokenizer, compile=compile_step, cache_bucket=cache_bucket)
     return SpeculativeGenerator(generator, draft_generator, num_draft_tokens=args.num_draft_tokens)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from --prompt, --prompt-file FILE, or standard input (--prompt-file -)."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama3 generate", description=HELP)
     add_model_options(parser)
-    parser.add_argument("--prompt", required=True, help="the text to continue (BOS is added)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the text to continue (BOS is added)")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file ('-': standard input)")
     add_sampling_options(parser, temperature=0.6, top_p=0.9)
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timing")
     args = parser.parse_args(argv)
 
     try:
+        prompt = _read_prompt(args)
         sampling = sampling_from_args(args)
+        start = time.perf_counter()
         generator = build_generator(args)
+        load_s = time.perf_counter() - start
+        prompt_ids = generator.tokenizer.encode(prompt, bos=True)
+        max_new, notice = fit_new_tokens(args.max_new_tokens, len(prompt_ids), context_length(generator))
+        if notice:
+            print(f"llama3 generate: note: {notice}", file=sys.stderr)
         if args.json:
-            [result] = generator.generate([args.prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
+            [result] = generator.generate([prompt_ids], max_new_tokens=max_new, sampling=sampling,
                                           stop_strings=args.stop)
+            timing = {"load_s": load_s, "warmup_s": result.timing.compile_s, **result.timing.to_dict()}
             print(json.dumps({"text": result.text, "token_ids": result.token_ids,
-                              "finish_reason": result.finish_reason, "timing": result.timing.to_dict()},
-                             ensure_ascii=False))
+                              "finish_reason": result.finish_reason, "timing": timing}, ensure_ascii=False))
             return 0
-        for piece in generator.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+        for piece in generator.stream(prompt_ids, max_new_tokens=max_new, sampling=sampling,
                                       stop_strings=args.stop):
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -102,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama3 serve: --port must be in 1..65535, got {args.port}", file=sys.stderr)
         return 2
     try:
-        import uvicorn  # noqa: F401 -- the serve extra must be installed
+        import fastapi  # noqa: F401 - checked here so a missing extra is one line, not a traceback
+        import uvicorn
     except ImportError:
-        print("llama3 serve needs the serve extra: pip install 'llama3[serve]'", file=sys.stderr)
+        print("llama3 serve needs the serve extra: pip install -e '.[serve]' in the repository (or make "
+              "setup-runtime)", file=sys.stderr)
         return 2
     import torch
 
@@ -139,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     max_seq_len = args.max_seq_len or min(model.args.max_seq_len, 8192)
     engine = Engine(model, tokenizer, num_slots=args.num_slots, max_queue=args.max_queue,
                     max_seq_len=max_seq_len, batch_invariant=args.batch_invariant).start()
-    model_name = args.model_name or Path(args.model).resolve().name
+    model_name = args.model_name or default_model_name(Path(args.model))
     app = create_app(engine, api_key=api_key, model_name=model_name, limits=limits,
-                     embedding_pooling=args.embedding_pooling)
+                     embedding_pooling=args.embedding_pooling,
+                     generation_defaults=generation_defaults(Path(args.model)))
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host_shown}:{args.port}"
     print(usage_banner(url, model_name, api_key), flush=True)
@@ -152,6 +155,34 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def default_model_name(path: Path) -> str:
+    """The model id clients use: the folder's name, or its run's name for an export folder called `hf`
+    (`runs/chat/hf` -> `chat`), without a `.gguf` suffix."""
+    path = path.resolve()
+    if path.name == "hf" and path.parent.name:
+        return path.parent.name
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def generation_defaults(path: Path) -> dict | None:
+    """Sampling settings of the model's generation_config.json (temperature, top_p, top_k), if it has one."""
+    import json
+
+    config = path / "generation_config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        print(f"warning: {config} is unreadable ({e}); the chat page starts from its own sampling defaults",
+              file=sys.stderr)
+        return None
+    keep = {k: data[k] for k in ("temperature", "top_p", "top_k") if isinstance(data.get(k), int | float)}
+    if data.get("do_sample") is False:
+        keep["temperature"] = 0.0  # greedy, as transformers would decode it
+    return keep or None
 
 
 def _is_loopback(host: str) -> bool:

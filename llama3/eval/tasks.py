@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..bundled import bundled_path
 from ..tokenizer import Tokenizer
 from .formats import Example, load_examples
 from .scoring import LogLikelihoodScorer, encode_pair
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 # The bundled sample files (small, original questions in each benchmark's published layout).
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "tasks"
+SAMPLE_DIR = bundled_path("tasks", must_exist=False)
 
 # name -> (format, evaluation file, few-shot file), relative to a data folder laid out like data/tasks.
 BUILTIN_TASKS: dict[str, tuple[str, str, str]] = {
@@ -123,7 +124,7 @@ def resolve_task(
         if not (root / test_file).is_file():
             raise ValueError(
                 f"task {spec!r} expects {root / test_file}; lay the data out as data/tasks/ is "
-                "(see the README), or pass the task file itself"
+                "(see docs/evaluation.md), or pass the task file itself"
             )
         fewshot_path = Path(fewshot_file) if fewshot_file else root / fewshot_name
         return _task_from_files(

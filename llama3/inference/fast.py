@@ -11,7 +11,7 @@
 - `to_huge_pages(model)`: moves the weights into memory backed by 2 MiB pages. A decode step streams every
   weight once, and with 4 KiB pages a 1B model's 2.5 GB crosses 600K pages per token: the page-table walks
   cost 15-20% of the step here (BENCHMARKS.md).
-- `compile_options()`: the inductor settings measured fastest for CPU decode (REFERENCE.md): freezing
+- `compile_options()`: the inductor settings measured fastest for CPU decode: freezing
   (weights become constants the compiler can prepack) and max-autotune, without CUDA graphs.
 
 All of it is plain PyTorch; without `torch.compile` it is the eager fallback.

@@ -138,10 +138,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = "llama3",
-               limits: ServerLimits | None = None, embedding_pooling: str = "mean") -> FastAPI:
+               limits: ServerLimits | None = None, embedding_pooling: str = "mean",
+               generation_defaults: dict | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (already started; its `tokenizer` must be set). `api_key`, when
     given, is required as a Bearer token on /v1/* and /metrics; `limits` bound request sizes;
-    `embedding_pooling` ("mean" or "last") is how /v1/embeddings pools the final hidden states."""
+    `embedding_pooling` ("mean" or "last") is how /v1/embeddings pools the final hidden states;
+    `generation_defaults` (the model's generation_config.json sampling, e.g. temperature and top_p) are
+    listed in the model card for clients such as the chat page to start from."""
     limits = limits or ServerLimits()
     service = CompletionService(engine, model_name, limits)
     embeddings = EmbeddingService(engine, embedding_pooling, limits.max_prompt_chars)
@@ -167,14 +170,18 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
         return PlainTextResponse(render_metrics(engine.snapshot(), counters, model_name),
                                  media_type="text/plain; version=0.0.4")
 
+    def card() -> dict:
+        extra = {"generation_config": generation_defaults} if generation_defaults else {}
+        return service.model_card() | extra
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [service.model_card()]}
+        return {"object": "list", "data": [card()]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
         service.check_model(name)
-        return service.model_card()
+        return card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):

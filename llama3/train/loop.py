@@ -239,6 +239,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
         model = transform(model) or model
     model.train()
     optimizer = build_optimizer(model, cfg.optim, runtime.device.type)
+    reports_perplexity = loss_fn is None  # the default losses are cross-entropy; a caller's (DPO) may not be
     loss_fn = (loss_fn or runtime.loss_fn
                or functools.partial(causal_lm_loss, chunk_size=cfg.train.loss_chunk_size))
 
@@ -291,7 +292,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
 
     if start_step == 0 and (val_loss := validate()) is not None:
         result.val_losses[0] = val_loss
-        log(f"step 0 | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
+        ppl = f" | val ppl {math.exp(min(val_loss, 50)):.1f}" if reports_perplexity else ""
+        log(f"step 0 | val loss {val_loss:.4f}{ppl}")
 
     bar = None
     if cfg.logging.progress_bar and runtime.is_main:
