@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         import fastapi  # noqa: F401 - checked here so a missing extra is one line, not a traceback
-        import uvicorn
+        import uvicorn  # noqa: F401 -- the server runs on it (serve/server.py)
     except ImportError:
         print("llama3 serve needs the serve extra: pip install -e '.[serve]' in the repository (or make "
               "setup-runtime)", file=sys.stderr)
