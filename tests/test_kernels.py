@@ -374,11 +374,9 @@ def test_xent_rows_under_compile_equal_eager():
 @pytest.mark.parametrize("isa", COMPILABLE_LEVELS)
 def test_every_level_compiles_without_warnings(isa):
     """Every level builds here, also those this CPU cannot run, with -Wall -Wextra and nothing to say."""
-    library = kernels.build(isa=isa)
+    library = kernels.build(isa=isa)  # the selected level: the default library itself (cached)
     assert library.exists() and isa in library.name
     assert kernels.build_warnings(library) == ""
-    if isa == kernels.loaded_isa():
-        assert kernels.build_warnings(kernels.build()) == ""  # the default library too
 
 
 def test_default_level_is_the_best_this_cpu_runs(monkeypatch):

@@ -136,6 +136,13 @@ def selected_isa() -> str:
     return forced
 
 
+def _selected_or_none() -> str | None:
+    try:
+        return selected_isa()
+    except ValueError:
+        return None
+
+
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
@@ -178,15 +185,15 @@ def _command(cxx: str, sources: list[Path], output: Path, flags: list[str], name
 
 def build(verbose: bool = False, *, isa: str | None = None, namespace: str | None = None) -> Path:
     """Compile the kernels at one instruction-set level (default: `selected_isa()`) into a library whose
-    operators live in `torch.ops.<namespace>` (default "llama3" when `isa` is not given, else "llama3_<isa>"),
-    or reuse the cached build; return the library's path. Any level compiles on an x86 host, also
+    operators live in `torch.ops.<namespace>` (default: "llama3" for the selected level, the library
+    `available()` loads, and "llama3_<isa>" for another), or reuse the cached build; return the library's path. Any level compiles on an x86 host, also
     one this CPU cannot run; the compiler's warnings are kept beside the library (`build_warnings`).
     Raises RuntimeError with the compiler's message when the build fails."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     if namespace is None:
-        namespace = DEFAULT_NAMESPACE if isa is None else f"{DEFAULT_NAMESPACE}_{isa}"
+        namespace = DEFAULT_NAMESPACE if isa in (None, _selected_or_none()) else f"{DEFAULT_NAMESPACE}_{isa}"
     isa = isa or selected_isa()
     cache = cache_dir()
     command = _command(cxx, _SOURCES, Path("OUTPUT"), isa_flags(isa, cxx), namespace)
