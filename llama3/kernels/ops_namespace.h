@@ -4,7 +4,21 @@
 // expanding it, so the macro goes through one more level here to be expanded first.
 #pragma once
 
+// Every source includes this header first, so torch's headers (which include <immintrin.h>) come in here.
+// GCC 12's AVX-512 intrinsic headers initialize their "undefined" vectors from themselves and then report
+// them as uninitialized wherever an intrinsic is inlined; the pragmas cover those header lines only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // before torch's headers include it, so that its lines fall inside the pragmas
+#endif
 #include <torch/library.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #ifndef LLAMA3_OPS
 #define LLAMA3_OPS llama3
