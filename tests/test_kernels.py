@@ -344,6 +344,22 @@ def test_xent_rows_propagate_non_finite_logits(ops):
     assert not nll[0].isfinite() and not nll[1].isfinite() and nll[2].isfinite()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_xent_rows_with_logits_far_below_the_maximum(ops, dtype):
+    """Exponentials that underflow fp32 (logits 87 to 300 below the row's maximum, where the vectorized
+    exponentials clamp) give probabilities of 0, as in float64, and leave the loss exact."""
+    torch.manual_seed(4)
+    logits = torch.randn(4, 300) * 3
+    logits[:, ::3] -= torch.linspace(80, 300, 100)  # a third of each row far below the rest
+    logits = logits.to(dtype)
+    targets, weights = torch.tensor([0, 1, 3, 299]), torch.full((4,), 0.25)
+    nll_ref, grad_ref = xent_reference(logits, targets, weights)
+    grad = logits.clone()
+    nll = ops.xent_rows_(grad, targets, weights, True)
+    torch.testing.assert_close(nll.double(), nll_ref, rtol=1e-6, atol=1e-5)
+    assert ((grad.double() - grad_ref).abs() <= grad_ref.abs() * 2.0 ** -7 + 2.0 ** -24).all()
+
+
 def test_xent_rows_reject_bad_inputs_with_clear_errors():
     logits = torch.zeros(2, 8)
     with pytest.raises(RuntimeError, match="target 8 at row 1 is outside the vocabulary"):
