@@ -13,7 +13,9 @@ shared, so the best run is the least disturbed one) with the median beside it.
 Reported per runtime: decode tok/s, its ratio to HF transformers and to llama.cpp at the matching
 precision, the fraction of the memory-bandwidth roofline (bandwidth measured here / bytes of weights read
 per token), prefill tok/s and time to first token. Results go to stdout as a markdown table and to
-`--out` as JSON.
+`--out` as JSON. The report starts with the CPU (model, family/model numbers, vector features), the
+instruction-set level our kernels were built at (`llama3.kernels`; `--isa` or LLAMA3_KERNELS_ISA forces one)
+and the features llama.cpp reports using.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def worker_ours(spec: dict) -> dict:
     from llama3.inference import Generator, SamplingParams
     from llama3.inference.fast import load_for_inference
 
+    from llama3 import kernels
+
     torch.set_num_threads(spec["threads"])
     dtype = {"fp32": "float32", "fp16": "float16"}.get(spec["precision"], "bfloat16")
     quantize = spec["precision"] if spec["precision"] in ("int8", "int4") else None
@@ -115,8 +119,8 @@ def worker_ours(spec: dict) -> dict:
         [result] = gen.generate([prompt], max_new_tokens=spec["new_tokens"], sampling=SamplingParams(temperature=0),
                                 stop_ids=[])
         runs.append((result.timing.prefill_s, result.timing.step_s))
-    return {**summarize(runs, len(prompt)), "warmup_s": warmup_s,
-            "token_ids": result.token_ids}
+    return {**summarize(runs, len(prompt)), "warmup_s": warmup_s, "token_ids": result.token_ids,
+            "features": f"llama3 kernels: {kernels.loaded_isa() or 'unavailable (' + kernels.why_unavailable() + ')'}"}
 
 
 def worker_hf(spec: dict) -> dict:
@@ -159,6 +163,7 @@ def worker_hf(spec: dict) -> dict:
 
 
 def worker_llamacpp(spec: dict) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -188,7 +193,8 @@ def worker_llamacpp(spec: dict) -> dict:
     for _ in range(spec["repeats"]):
         ttft, steps, ids = run(n)
         runs.append((ttft, steps))
-    return {**summarize(runs, len(prompt)), "token_ids": ids}
+    system = llama_cpp.llama_print_system_info().decode().strip()
+    return {**summarize(runs, len(prompt)), "token_ids": ids, "features": f"llama.cpp {llama_cpp.__version__}: {system}"}
 
 
 def worker_quantize(spec: dict) -> dict:
@@ -321,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="run our runtimes eagerly")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
     parser.add_argument("--out", default=None, help="write all results as JSON here")
+    parser.add_argument("--isa", default=None,
+                        help="build our kernels at this instruction-set level (llama3.kernels.ISA_LEVELS) instead of "
+                             "the best one this CPU runs")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="GB/s for the roofline instead of measuring it (e.g. the quiet machine's figure)")
     args = parser.parse_args(argv)
@@ -329,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(WORKERS[spec["family"]](spec)))
         return 0
 
+    from llama3 import kernels
+
+    if args.isa:
+        os.environ["LLAMA3_KERNELS_ISA"] = args.isa  # the workers inherit it
+    print(f"CPU: {kernels.cpu_description()}; our kernels' level: {kernels.selected_isa()} "
+          f"(this CPU runs {', '.join(kernels.supported_isas())})", flush=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="llama3-decode-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     bandwidth = args.bandwidth or measure_bandwidth(args.threads)
@@ -338,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         parser.error(f"unknown runtimes {unknown}; choose from {', '.join(RUNTIMES)}")
-    everything = {"bandwidth_gb_s": bandwidth, "threads": args.threads, "shapes": {}}
+    features: list[str] = []  # what each runtime family reports using, printed once each
+    everything = {"bandwidth_gb_s": bandwidth, "threads": args.threads, "cpu": kernels.cpu_description(),
+                  "features": features, "shapes": {}}
     for shape in args.shapes.split(","):
         hf_dir, ggufs, model_args = build_model_files(shape, workdir)
         prompt_ids = [128000] + [(i * 7919) % 120000 + 100 for i in range(args.prompt_tokens - 1)]
@@ -355,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{shape}] round {round_index + 1} {name}: {shown} ({time.perf_counter() - start:.0f}s)",
                       file=sys.stderr, flush=True)
                 results[name] = best_round(results.get(name), result)
+                if result.get("features") and result["features"] not in features:
+                    features.append(result["features"])
+                    print(result["features"], flush=True)
         if args.rounds > 1:
             print(f"{args.rounds} rounds; each row is its runtime's best round (by step p10); every round's step p10 "
                   "tok/s: " + "; ".join(f"{n} {', '.join(f'{v:.1f}' for v in r.get('rounds', []))}"

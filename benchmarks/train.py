@@ -17,6 +17,7 @@ of the same documents.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=6, help="timed steps per implementation and dtype")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd blocks")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--isa", default=None,
+                   help="build our kernels (the loss) at this instruction-set level (llama3.kernels.ISA_LEVELS) "
+                        "instead of the best one this CPU runs")
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     return p.parse_args(argv)
@@ -109,7 +114,7 @@ def bench_training(a) -> list[dict]:
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "labels": tokens[:, :-1]}
     rows = []
-    for dtype in ("fp32", "bf16"):
+    for dtype in a.dtypes.split(","):
         peak = measure_peak_flops(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else torch.float32,
                                   size=1024, repeats=10)
         impls = {"ours": (*_ours(args, TrainConfig(), initial), _step_ours),
@@ -167,6 +172,15 @@ def bench_data() -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    unknown = set(a.dtypes.split(",")) - {"fp32", "bf16"}
+    if unknown:
+        raise SystemExit(f"--dtypes: unknown {sorted(unknown)}; use fp32 and/or bf16")
+    from llama3 import kernels
+
+    if a.isa:
+        os.environ["LLAMA3_KERNELS_ISA"] = a.isa
+    level = kernels.loaded_isa() if kernels.available() else f"unavailable ({kernels.why_unavailable()})"
+    print(f"CPU: {kernels.cpu_description()}; our kernels' level: {level}")
     shape = (f"the {a.shape} shape" if a.shape != "custom" else
              f"model dim {a.dim}, {a.layers} layers, {a.heads}/{a.kv_heads} heads, vocab {a.vocab}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {shape}, batch {a.batch}x{a.seq}\n")

@@ -5,6 +5,7 @@ training loss's cross-entropy rows (`llama3/kernels/xent.cpp`)."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -24,10 +25,22 @@ SHAPES = [(1, 64, 40), (1, 576, 1000), (3, 100, 77), (4, 2048, 64), (6, 33, 5), 
           (8, 576, 33), (5, 96, 10), (2, 32, 4)]
 
 
+# Every instruction-set level this CPU runs is built and checked against the references (`ops`); the
+# others are compiled (test_every_level_compiles_without_warnings).
+RUNNABLE_LEVELS = kernels.supported_isas()
+COMPILABLE_LEVELS = kernels.ISA_LEVELS if platform.machine().lower() in ("x86_64", "amd64") else ("portable",)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    # The setup installs a C++ compiler and this is an x86-64 machine: the kernels must build here.
+    # The setup installs a C++ compiler: the kernels must build here.
     assert kernels.available(), kernels.why_unavailable()
+
+
+@pytest.fixture(scope="module", params=RUNNABLE_LEVELS)
+def ops(request):
+    """The operators of one level (torch.ops.llama3 for the default one, torch.ops.llama3_<level> else)."""
+    return kernels.ops(request.param)
 
 
 def quantize_activations_like_the_kernel(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -47,14 +60,14 @@ def quantize_activations_like_the_kernel(x: torch.Tensor, block: int = 32) -> to
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("M,K,N", SHAPES)
-def test_gemv_bf16_equals_float64_reference(M, K, N, threads):
+def test_gemv_bf16_equals_float64_reference(ops, M, K, N, threads):
     torch.manual_seed(M * 1000 + K + N)
     x = torch.randn(M, K).bfloat16()
     w = torch.randn(N, K).bfloat16()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = torch.ops.llama3.gemv_bf16(x, w)
+        y = ops.gemv_bf16(x, w)
     finally:
         torch.set_num_threads(previous)
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
@@ -65,10 +78,10 @@ def test_gemv_bf16_equals_float64_reference(M, K, N, threads):
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
-def test_gemv_f32_equals_float64_reference(M, K, N):
+def test_gemv_f32_equals_float64_reference(ops, M, K, N):
     torch.manual_seed(M * 1000 + K + N + 2)
     x, w = torch.randn(M, K), torch.randn(N, K)
-    y = torch.ops.llama3.gemv_f32(x, w)
+    y = ops.gemv_f32(x, w)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     ref = x.double() @ w.double().T
     assert ((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ w.double().abs().T)).all()
@@ -76,14 +89,14 @@ def test_gemv_f32_equals_float64_reference(M, K, N):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,K,N", SHAPES)
-def test_gemv_int8_equals_float64_reference(M, K, N, out_dtype):
+def test_gemv_int8_equals_float64_reference(ops, M, K, N, out_dtype):
     torch.manual_seed(M * 1000 + K + N + 1)
     x = torch.randn(M, K).to(out_dtype)
     if K >= 128:
         x[0, 0] = 40.0  # an outlier: only its own block of 32 (of 4 or more) loses precision
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     scales = torch.rand(N) * 0.01 + 1e-3
-    y = torch.ops.llama3.gemv_int8(x, w, scales)
+    y = ops.gemv_int8(x, w, scales)
     assert y.dtype == out_dtype and y.shape == (M, N)
     # exactly the documented arithmetic: x rounded per block of 32, integer dot products, per-row scales
     ref = quantize_activations_like_the_kernel(x.float()) @ w.double().T * scales.double()
@@ -115,7 +128,7 @@ INT4_SHAPES = [(M, K, N, g) for (M, K, N) in [(1, 64, 40), (1, 2048, 100), (3, 1
 
 
 @pytest.mark.parametrize("M,K,N,group", INT4_SHAPES)
-def test_gemv_int4_equals_float64_reference(M, K, N, group):
+def test_gemv_int4_equals_float64_reference(ops, M, K, N, group):
     from llama3.inference.quantize import pack_int4_codes
 
     torch.manual_seed(M * 1000 + K + N + group)
@@ -128,7 +141,7 @@ def test_gemv_int4_equals_float64_reference(M, K, N, group):
     g_scales, g_lows = scales.double().repeat_interleave(group, 1), lows.double().repeat_interleave(group, 1)
     for dtype in (torch.float32, torch.bfloat16):
         xi = x.to(dtype)
-        y = torch.ops.llama3.gemv_int4(xi, packed, scales, lows, group)
+        y = ops.gemv_int4(xi, packed, scales, lows, group)
         assert y.dtype == dtype and y.shape == (M, N)
         # the kernel's arithmetic: codes against x rounded to int8 per block of 32, lows against exact x
         ref = quantize_activations_like_the_kernel(xi.float()) @ (codes.double() * g_scales).T + xi.double() @ g_lows.T
@@ -282,7 +295,7 @@ def xent_reference(logits: torch.Tensor, targets: torch.Tensor, weights: torch.T
 # widths around the 16-wide vector and the 256-value summing block, and a vocabulary-sized one
 @pytest.mark.parametrize("vocab", [1, 15, 16, 17, 255, 256, 257, 4099, 32768])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_xent_rows_equal_float64_reference(vocab, dtype):
+def test_xent_rows_equal_float64_reference(ops, vocab, dtype):
     torch.manual_seed(vocab)
     rows = 13
     logits = (torch.randn(rows, vocab) * 5).to(dtype)
@@ -290,7 +303,7 @@ def test_xent_rows_equal_float64_reference(vocab, dtype):
     weights = torch.rand(rows) / rows
     nll_ref, grad_ref = xent_reference(logits, targets, weights)
     grad = logits.clone()
-    nll = torch.ops.llama3.xent_rows_(grad, targets, weights, True)
+    nll = ops.xent_rows_(grad, targets, weights, True)
     assert nll.dtype == torch.float32 and nll.shape == (rows,)
     torch.testing.assert_close(nll.double(), nll_ref, rtol=1e-6, atol=1e-5)
     # Error bounds. bf16: the gradient is rounded to 8 significant bits (2^-8 relative), plus the fp32
@@ -302,11 +315,11 @@ def test_xent_rows_equal_float64_reference(vocab, dtype):
     bound = grad_ref.abs() * relative + weights.double()[:, None] * 2.0 ** -21
     assert ((grad.double() - grad_ref).abs() <= bound).all()
     untouched = logits.clone()
-    nll2 = torch.ops.llama3.xent_rows_(untouched, targets, weights, False)
+    nll2 = ops.xent_rows_(untouched, targets, weights, False)
     assert torch.equal(untouched, logits) and torch.equal(nll2, nll)  # write_grad=False: loss only
 
 
-def test_xent_rows_spread_over_threads_give_the_same_result():
+def test_xent_rows_spread_over_threads_give_the_same_result(ops):
     torch.manual_seed(1)
     logits, targets, weights = torch.randn(64, 1000).bfloat16(), torch.randint(0, 1000, (64,)), torch.rand(64)
     results = []
@@ -315,20 +328,36 @@ def test_xent_rows_spread_over_threads_give_the_same_result():
         torch.set_num_threads(threads)
         try:
             grad = logits.clone()
-            results.append((torch.ops.llama3.xent_rows_(grad, targets, weights, True), grad))
+            results.append((ops.xent_rows_(grad, targets, weights, True), grad))
         finally:
             torch.set_num_threads(previous)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_xent_rows_propagate_non_finite_logits():
+def test_xent_rows_propagate_non_finite_logits(ops):
     """A NaN or infinite logit makes that row's loss non-finite (so the training loop skips the step); it
     must not vanish inside the exponentials."""
     logits = torch.randn(3, 300)
     logits[0, 17] = float("nan")
     logits[1, 250] = float("inf")
-    nll = torch.ops.llama3.xent_rows_(logits.clone(), torch.tensor([0, 1, 2]), torch.ones(3), True)
+    nll = ops.xent_rows_(logits.clone(), torch.tensor([0, 1, 2]), torch.ones(3), True)
     assert not nll[0].isfinite() and not nll[1].isfinite() and nll[2].isfinite()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_xent_rows_with_logits_far_below_the_maximum(ops, dtype):
+    """Exponentials that underflow fp32 (logits 87 to 300 below the row's maximum, where the vectorized
+    exponentials clamp) give probabilities of 0, as in float64, and leave the loss exact."""
+    torch.manual_seed(4)
+    logits = torch.randn(4, 300) * 3
+    logits[:, ::3] -= torch.linspace(80, 300, 100)  # a third of each row far below the rest
+    logits = logits.to(dtype)
+    targets, weights = torch.tensor([0, 1, 3, 299]), torch.full((4,), 0.25)
+    nll_ref, grad_ref = xent_reference(logits, targets, weights)
+    grad = logits.clone()
+    nll = ops.xent_rows_(grad, targets, weights, True)
+    torch.testing.assert_close(nll.double(), nll_ref, rtol=1e-6, atol=1e-5)
+    assert ((grad.double() - grad_ref).abs() <= grad_ref.abs() * 2.0 ** -7 + 2.0 ** -24).all()
 
 
 def test_xent_rows_reject_bad_inputs_with_clear_errors():
@@ -354,3 +383,85 @@ def test_xent_rows_under_compile_equal_eager():
     compiled = torch.compile(loss_and_grad, fullgraph=True)
     for got, want in zip(compiled(*args), loss_and_grad(*args)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ----- instruction-set levels (kernels/__init__.py) -----
+
+@pytest.mark.parametrize("isa", COMPILABLE_LEVELS)
+def test_every_level_compiles_without_warnings(isa):
+    """Every level builds here, also those this CPU cannot run, with -Wall -Wextra and nothing to say."""
+    library = kernels.build(isa=isa)  # the selected level: the default library itself (cached)
+    assert library.exists() and isa in library.name
+    assert kernels.build_warnings(library) == ""
+
+
+def test_default_level_is_the_best_this_cpu_runs(monkeypatch):
+    monkeypatch.delenv("LLAMA3_KERNELS_ISA", raising=False)
+    assert kernels.selected_isa() == RUNNABLE_LEVELS[0]
+    if "LLAMA3_KERNELS_ISA" not in os.environ:
+        assert kernels.loaded_isa() == RUNNABLE_LEVELS[0]
+    assert RUNNABLE_LEVELS[-1] == "portable"
+    monkeypatch.setenv("LLAMA3_KERNELS_ISA", "Portable")
+    assert kernels.selected_isa() == "portable"  # forced, case-insensitive
+
+
+@pytest.mark.parametrize("value,message", [("avx3", "is not a kernel level; use one of avx512bf16"),
+                                           ("avx512bf16", "needs CPU features this CPU lacks")])
+def test_forcing_a_level_that_cannot_run_is_refused(monkeypatch, value, message):
+    if value in RUNNABLE_LEVELS:
+        value = "nonexistent"
+        message = "is not a kernel level"
+    monkeypatch.setenv("LLAMA3_KERNELS_ISA", value)
+    with pytest.raises(ValueError, match=message):
+        kernels.selected_isa()
+    with pytest.raises(ValueError, match="does not run on this CPU"):
+        kernels.ops(value)
+
+
+def test_levels_follow_the_cpu_flags():
+    zen3 = {"avx", "avx2", "fma", "f16c"}
+    zen4 = zen3 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+    ice_lake = zen3 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    alder_lake = zen3 | {"avx_vnni"}
+    assert kernels.supported_isas("x86_64", zen3) == ["avx2", "portable"]
+    assert kernels.supported_isas("x86_64", zen4) == ["avx512bf16", "avx512", "avx2", "portable"]
+    assert kernels.supported_isas("x86_64", ice_lake)[0] == "avx512"
+    assert kernels.supported_isas("x86_64", alder_lake)[0] == "avxvnni"
+    assert kernels.supported_isas("x86_64", {"sse2"}) == ["portable"]
+    assert kernels.supported_isas("aarch64", zen4) == ["portable"]
+
+
+def test_non_x86_builds_the_portable_level_for_its_own_cpu(monkeypatch):
+    accepted: set[str] = set()
+    monkeypatch.setattr(kernels, "_accepts", lambda cxx, flag: flag in accepted)
+    assert kernels.isa_flags("portable", "c++", machine="aarch64") == []  # no -march=native forced on it
+    accepted.add("-march=native")
+    assert kernels.isa_flags("portable", "c++", machine="aarch64") == ["-march=native"]
+    accepted.add("-mcpu=native")
+    assert kernels.isa_flags("portable", "c++", machine="aarch64") == ["-mcpu=native"]
+    with pytest.raises(ValueError, match="x86-only"):
+        kernels.isa_flags("avx2", "c++", machine="aarch64")
+    assert kernels.isa_flags("avx2", "c++", machine="x86_64") == ["-mavx2", "-mfma", "-mf16c"]
+
+
+def test_every_source_registers_through_the_namespace_macro():
+    """A library of another level loads beside the default one only if all its operators go to its own
+    namespace: a source registering straight into `llama3` would collide with the default library."""
+    for source in kernels._SOURCES:
+        text = source.read_text()
+        assert '#include "ops_namespace.h"' in text, f"{source.name} must include ops_namespace.h"
+        assert "TORCH_LIBRARY(" not in text and "TORCH_LIBRARY_FRAGMENT(" not in text and \
+            "TORCH_LIBRARY_IMPL(" not in text, \
+            f"{source.name}: register with LLAMA3_LIBRARY_FRAGMENT(m) / LLAMA3_LIBRARY_IMPL_CPU(m)"
+
+
+def test_a_level_built_on_purpose_gives_the_default_levels_numbers():
+    """The portable level (plain C++) and the default level on the same inputs: equal to fp32 rounding."""
+    other = kernels.ops("portable")
+    default = kernels.ops()
+    torch.manual_seed(5)
+    x, w = torch.randn(3, 320), torch.randn(50, 320)
+    torch.testing.assert_close(other.gemv_f32(x, w), default.gemv_f32(x, w), rtol=1e-5, atol=1e-5)
+    q = torch.randint(-128, 128, (50, 320), dtype=torch.int8)  # -128 included: the AVX2 sign trick's edge
+    scales = torch.rand(50)
+    torch.testing.assert_close(other.gemv_int8(x, q, scales), default.gemv_int8(x, q, scales), rtol=1e-5, atol=1e-4)

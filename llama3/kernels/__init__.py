@@ -7,18 +7,26 @@
 - `xent.cpp`: `torch.ops.llama3.xent_rows_`, cross-entropy rows and their logit gradients in place (used by
   the training loss, `llama3.train.loss`).
 
-`available()` builds the files into one library with the system C++ compiler against the installed torch
+`available()` builds the sources into one library with the system C++ compiler against the installed torch
 (about 20 s the first time; the library is cached under `~/.cache/llama3/kernels`, keyed by the sources,
-torch's version and the CPU's instruction sets), loads it with `torch.ops.load_library` and returns True.
+torch's version, the compiler command and the CPU), loads it with `torch.ops.load_library` and returns True.
 All operators work under `torch.compile` (shape functions are registered here).
 
-Everything that uses them keeps a pure-PyTorch path: without a compiler, on a non-x86 CPU, or with
-`LLAMA3_KERNELS=0` in the environment, `available()` returns False (and says why once on stderr, unless
-the kernels were switched off on purpose), and callers use `F.linear` / torch's own kernels.
+Instruction-set levels (`ISA_LEVELS`, best first; docs/kernels.md): each is a fixed set of compiler flags that
+selects the sources' code paths, so every level can be built, and tested, on purpose. The default is the best
+level this CPU runs (`supported_isas()`); `LLAMA3_KERNELS_ISA=<level>` in the environment forces another one.
+`build(isa=...)` compiles any level (also one this CPU cannot run, to check that it compiles cleanly) and
+`ops(isa)` loads one this CPU runs beside the default, under its own operator namespace (`llama3_<level>`).
+Non-x86 CPUs build the portable level.
+
+Everything that uses them keeps a pure-PyTorch path: without a compiler, or with `LLAMA3_KERNELS=0` in the
+environment, `available()` returns False (and says why once on stderr, unless the kernels were switched off
+on purpose), and callers use `F.linear` / torch's own kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -27,15 +35,48 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build", "cache_dir", "why_unavailable"]
+__all__ = ["ISA_LEVELS", "available", "build", "build_warnings", "cache_dir", "cpu_description", "loaded_isa", "ops",
+           "selected_isa", "supported_isas", "why_unavailable"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "xent.cpp", "ggml_blocks.cpp")]
+_HEADERS = [Path(__file__).with_name("ops_namespace.h")]  # included by every source (the operator namespace)
+DEFAULT_NAMESPACE = "llama3"
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool, "why": str
+_state: dict[str, object] = {}  # "ok": bool, "why": str, "isa": str
+
+
+@dataclass(frozen=True)
+class IsaLevel:
+    """One instruction-set level: the /proc/cpuinfo flags a CPU needs to run it and the x86 compiler flags
+    that turn on the matching code paths in the sources (their #if blocks test the compiler's macros)."""
+
+    name: str
+    cpu_flags: tuple[str, ...]
+    compiler_flags: tuple[str, ...]
+
+
+_AVX2 = ("avx2", "fma", "f16c")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+_LEVELS = (
+    # Zen 4, Sapphire Rapids and later: AVX-512 with the bf16 dot product and the VNNI byte dot product
+    IsaLevel("avx512bf16", (*_AVX512, "avx512_bf16", *_AVX2),
+             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c")),
+    # Ice Lake, Cascade Lake: AVX-512 with VNNI; bf16 values are widened to fp32
+    IsaLevel("avx512", (*_AVX512, *_AVX2),
+             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c")),
+    # Alder Lake and later client cores: 256-bit vectors with the VEX-encoded VNNI byte dot product
+    IsaLevel("avxvnni", (*_AVX2, "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
+    # Haswell to Zen 3 (and AVX-512 CPUs without VNNI): 256-bit vectors, byte dot products in two steps
+    IsaLevel("avx2", _AVX2, ("-mavx2", "-mfma", "-mf16c")),
+    # any CPU: plain C++ that the compiler vectorizes for the baseline instruction set
+    IsaLevel("portable", (), ()),
+)
+ISA_LEVELS = tuple(level.name for level in _LEVELS)
 
 
 def cache_dir() -> Path:
@@ -43,61 +84,160 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_flags() -> str:
+def _is_x86(machine: str | None = None) -> bool:
+    return (machine or platform.machine()).lower() in ("x86_64", "amd64")
+
+
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return " ".join(sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "f16c"))))
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.machine()
+    return fields
+
+
+def _cpu_flag_set() -> set[str]:
+    return set(_cpuinfo().get("flags", "").split())
+
+
+def cpu_description() -> str:
+    """The CPU's model name, family/model numbers and vector features, for benchmark reports."""
+    info = _cpuinfo()
+    features = sorted(f for f in _cpu_flag_set() if f.startswith(("avx", "fma", "f16c", "amx")))
+    name = info.get("model name") or platform.processor() or platform.machine()
+    family = f" (family {info['cpu family']} model {info['model']})" if "cpu family" in info and "model" in info else ""
+    return f"{name}{family}; {platform.machine()} {' '.join(features) or 'no AVX'}"
+
+
+def supported_isas(machine: str | None = None, cpu_flags: set[str] | None = None) -> list[str]:
+    """The levels of `ISA_LEVELS` this CPU runs, best first (only "portable" off x86)."""
+    if not _is_x86(machine):
+        return ["portable"]
+    flags = _cpu_flag_set() if cpu_flags is None else cpu_flags
+    return [level.name for level in _LEVELS if set(level.cpu_flags) <= flags]
+
+
+def selected_isa() -> str:
+    """The level `available()` builds: `LLAMA3_KERNELS_ISA` when set, else the best this CPU runs.
+    Raises ValueError for a level that does not exist or that this CPU cannot run."""
+    forced = os.environ.get("LLAMA3_KERNELS_ISA", "").strip().lower()
+    if not forced:
+        return supported_isas()[0]
+    if forced not in ISA_LEVELS:
+        raise ValueError(f"LLAMA3_KERNELS_ISA={forced!r} is not a kernel level; use one of {', '.join(ISA_LEVELS)}")
+    if forced not in supported_isas():
+        raise ValueError(f"LLAMA3_KERNELS_ISA={forced} needs CPU features this CPU lacks; it runs "
+                         f"{', '.join(supported_isas())}")
+    return forced
+
+
+def _selected_or_none() -> str | None:
+    try:
+        return selected_isa()
+    except ValueError:
+        return None
 
 
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _command(cxx: str, sources: list[Path], output: Path) -> list[str]:
+@functools.cache
+def _accepts(cxx: str, flag: str) -> bool:
+    """Whether the compiler accepts `flag` (compiling an empty file)."""
+    try:
+        result = subprocess.run([cxx, flag, "-x", "c++", "-c", "-o", os.devnull, "-"], input="", capture_output=True,
+                                text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
+
+
+def isa_flags(isa: str, cxx: str, machine: str | None = None) -> list[str]:
+    """The compiler flags for one level: its fixed x86 feature flags tuned for this CPU, or off x86 (portable
+    only) the host's own CPU as the compiler names it (-mcpu=native, else -march=native, else nothing)."""
+    if isa not in ISA_LEVELS:
+        raise ValueError(f"unknown kernel level {isa!r}; use one of {', '.join(ISA_LEVELS)}")
+    if not _is_x86(machine):
+        if isa != "portable":
+            raise ValueError(f"kernel level {isa} is x86-only; this CPU is {machine or platform.machine()}")
+        return next(([flag] for flag in ("-mcpu=native", "-march=native") if _accepts(cxx, flag)), [])
+    level = _LEVELS[ISA_LEVELS.index(isa)]
+    return [*level.compiler_flags, *(["-mtune=native"] if _accepts(cxx, "-mtune=native") else [])]
+
+
+def _command(cxx: str, sources: list[Path], output: Path, flags: list[str], namespace: str) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     libs = library_paths()
-    return [cxx, "-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *(f"-I{p}" for p in include_paths()), *map(str, sources), "-o", str(output),
+    # Warnings on for our code; torch's headers are system headers, so theirs stay quiet.
+    return [cxx, "-O3", *flags, "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-Wall", "-Wextra",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DLLAMA3_OPS={namespace}",
+            *(f"-isystem{p}" for p in include_paths()), *map(str, sources), "-o", str(output),
             *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu"]
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the kernels for this machine (or reuse the cached build) and return the library's path.
+def build(verbose: bool = False, *, isa: str | None = None, namespace: str | None = None) -> Path:
+    """Compile the kernels at one instruction-set level (default: `selected_isa()`) into a library whose
+    operators live in `torch.ops.<namespace>` (default: "llama3" for the selected level, the library
+    `available()` loads, and "llama3_<isa>" for another), or reuse the cached build; return the library's path. Any level compiles on an x86 host, also
+    one this CPU cannot run; the compiler's warnings are kept beside the library (`build_warnings`).
     Raises RuntimeError with the compiler's message when the build fails."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    source = b"".join(path.read_bytes() for path in _SOURCES)
-    key = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode() + cxx.encode()).hexdigest()[:16]
-    target = cache_dir() / f"kernels-{key}.so"
+    if namespace is None:
+        namespace = DEFAULT_NAMESPACE if isa in (None, _selected_or_none()) else f"{DEFAULT_NAMESPACE}_{isa}"
+    isa = isa or selected_isa()
+    cache = cache_dir()
+    command = _command(cxx, _SOURCES, Path("OUTPUT"), isa_flags(isa, cxx), namespace)
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
+    machine = (torch.__version__ + " ".join(command) + _cpuinfo().get("model name", "") + cpu_description()).encode()
+    key = hashlib.sha256(source + machine).hexdigest()[:16]
+    target = cache / f"kernels-{isa}-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     # Build into a temporary name in the same folder, then rename: a concurrent process (another rank, a
     # parallel test) never loads a half-written library.
-    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
     os.close(fd)
     try:
-        cmd = _command(cxx, _SOURCES, Path(tmp))
-        print(f"llama3: building the CPU kernels for this machine into {target.parent} (once, about 20 s)",
-              file=sys.stderr, flush=True)
+        cmd = _command(cxx, _SOURCES, Path(tmp), isa_flags(isa, cxx), namespace)
+        print(f"llama3: building the CPU kernels ({isa}) into {cache} (once, about 20 s)", file=sys.stderr, flush=True)
         if verbose:
             print(" ".join(cmd), file=sys.stderr)
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"building {' + '.join(p.name for p in _SOURCES)} failed ({cxx}):\n{result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"building {' + '.join(p.name for p in _SOURCES)} ({isa}) failed ({cxx}):\n"
+                               f"{result.stderr.strip()[-2000:]}")
+        _write_atomic(target.with_suffix(".log"), result.stderr)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".log-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def build_warnings(library: Path) -> str:
+    """What the compiler printed while building `library` (a path `build` returned): '' for a clean build."""
+    log = Path(library).with_suffix(".log")
+    return log.read_text() if log.exists() else ""
 
 
 def _gemv_shape(x, w, *scales):
@@ -112,36 +252,62 @@ def _ggml_matmul_shape(x, w, ggml_type, in_features):
     return x.new_empty(x.shape[0], w.shape[0])  # (M, N) in x's dtype
 
 
-def _register_fakes() -> None:
+def _register_fakes(namespace: str) -> None:
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
-        torch.library.register_fake(f"llama3::{name}")(_gemv_shape)
-    torch.library.register_fake("llama3::xent_rows_")(_xent_rows_shape)
-    torch.library.register_fake("llama3::ggml_matmul")(_ggml_matmul_shape)
+        torch.library.register_fake(f"{namespace}::{name}")(_gemv_shape)
+    torch.library.register_fake(f"{namespace}::xent_rows_")(_xent_rows_shape)
+    torch.library.register_fake(f"{namespace}::ggml_matmul")(_ggml_matmul_shape)
 
 
-def _load() -> tuple[bool, str]:
+_SWITCHED_OFF = "switched off by LLAMA3_KERNELS=0"
+
+
+def _load() -> tuple[bool, str, str]:
     if os.environ.get("LLAMA3_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False, "switched off by LLAMA3_KERNELS=0"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False, f"written for x86-64, this CPU is {platform.machine()}"
+        return False, _SWITCHED_OFF, ""
     try:
-        path = build()
+        isa = selected_isa()
+        path = build(isa=isa, namespace=DEFAULT_NAMESPACE)
         torch.ops.load_library(str(path))
-        _register_fakes()
+        _register_fakes(DEFAULT_NAMESPACE)
     except Exception as exc:  # a failed build only costs speed: the callers fall back to torch's kernels
-        return False, str(exc)
-    return True, ""
+        return False, str(exc), ""
+    return True, "", isa
 
 
 def available() -> bool:
     """True once the kernels are built and loaded (building them on the first call)."""
     with _lock:
         if "ok" not in _state:
-            ok, why = _load()
-            _state["ok"], _state["why"] = ok, why
-            if not ok and "LLAMA3_KERNELS" not in why:
+            ok, why, isa = _load()
+            _state.update(ok=ok, why=why, isa=isa)
+            if not ok and why != _SWITCHED_OFF:
                 print(f"llama3: fast CPU kernels unavailable, using torch's ({why.splitlines()[0]})", file=sys.stderr)
         return bool(_state["ok"])
+
+
+def loaded_isa() -> str:
+    """The level of the loaded default library ('' when `available()` returned False or was not called)."""
+    return str(_state.get("isa", ""))
+
+
+def ops(isa: str | None = None):
+    """The operator namespace of one level this CPU runs, building and loading it on first use:
+    `torch.ops.llama3` for the level `available()` loaded, `torch.ops.llama3_<isa>` for another. Raises
+    ValueError for a level this CPU cannot run and RuntimeError when the build fails."""
+    if isa is None or (available() and isa == loaded_isa()):
+        if not available():
+            raise RuntimeError(f"the CPU kernels are unavailable: {why_unavailable()}")
+        return getattr(torch.ops, DEFAULT_NAMESPACE)
+    if isa not in supported_isas():
+        raise ValueError(f"kernel level {isa!r} does not run on this CPU; it runs {', '.join(supported_isas())}")
+    namespace = f"{DEFAULT_NAMESPACE}_{isa}"
+    with _lock:
+        if namespace not in _state:
+            torch.ops.load_library(str(build(isa=isa, namespace=namespace)))
+            _register_fakes(namespace)
+            _state[namespace] = True
+    return getattr(torch.ops, namespace)
 
 
 def why_unavailable() -> str:

@@ -17,14 +17,19 @@
 //       -> x.dtype (M, N), y[m, n] = Σ_k x[m, k] · (lows[n, k/group] + code[n, k] · scales[n, k/group]),
 //       codes packed two per byte (layout below), x rounded to int8 per block of 32 as for int8
 //
-// Three code paths, chosen at compile time for the machine that builds the library (-march=native):
-// AVX-512 with the BF16 dot-product instruction, AVX-512F, and portable C++ that the compiler vectorizes.
-// The Python side (kernels/__init__.py) builds this file once per machine and keeps a pure-PyTorch
-// fallback for when no compiler is available.
+// Code paths, chosen at compile time from the instruction sets the compiler was told to use (the levels of
+// kernels/__init__.py): AVX-512 (bf16 with the BF16 dot-product instruction where there is one, int8 and
+// int4 with VNNI), AVX2 + FMA + F16C (bf16 widened to fp32; int8 and int4 with the VEX VNNI instruction
+// where there is one, else two byte-multiply steps), and portable C++ that the compiler vectorizes. All
+// paths compute the same documented arithmetic; they differ only in the order of the fp32 sums. The Python
+// side builds this file once per machine and level and keeps a pure-PyTorch fallback for when no compiler
+// is available.
 
-#include <ATen/ATen.h>
+#include "ops_namespace.h"
+
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <algorithm>
@@ -34,8 +39,13 @@
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
 #define LLAMA3_AVX512 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LLAMA3_AVX2 1  // also set in AVX-512 builds: paths without an AVX-512 form use it there
+#endif
+#if defined(LLAMA3_AVX512) || defined(LLAMA3_AVX2)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -62,6 +72,30 @@ inline void sum_accumulators(const __m512 (&acc)[U][M], float* out) {
     out[m] = _mm512_reduce_add_ps(sum);
   }
 }
+#endif
+#ifdef LLAMA3_AVX2
+template <int U, int M>
+inline void zero_accumulators(__m256 (&acc)[U][M]) {
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int U, int M>
+inline void sum_accumulators(const __m256 (&acc)[U][M], float* out) {
+  for (int m = 0; m < M; ++m) {
+    __m256 sum = acc[0][m];
+    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][m]);
+    out[m] = horizontal_sum(sum);
+  }
+}
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 #endif
 // Weights per unit of work handed to a thread: long runs of consecutive rows stream fastest (measured on a
 // 128256 x 2048 bf16 matrix, 2 threads: 37 GB/s in 64 KiB chunks, 51 in 256 KiB, 56 in 1 MiB), but a small
@@ -121,6 +155,35 @@ inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out
   }
   sum_accumulators(acc, out);
 }
+#elif defined(LLAMA3_AVX2)
+// 16 bf16 values per 32-byte load, taken as the even and the odd halves of its 32-bit pairs (a shift and a
+// mask make each half fp32, no shuffles); w and x are split alike, so the products pair up.
+inline __m256 bf16_even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+inline __m256 bf16_odd(__m256i v) {
+  return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+template <int M>
+inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out) {
+  constexpr int kUnroll = unroll_for<M>();
+  constexpr int kSteps = kUnroll > 1 ? kUnroll / 2 : 1;  // loads of 16 per iteration: two accumulators each
+  __m256 acc[kUnroll][M];
+  zero_accumulators(acc);
+  int64_t k = 0;
+  for (; k + kSteps * 16 <= K; k += kSteps * 16)
+    for (int s = 0; s < kSteps; ++s) {
+      const __m256i wv = load256(w + k + 16 * s);  // read once, used for every row of x
+      const __m256 even = bf16_even(wv), odd = bf16_odd(wv);
+      for (int m = 0; m < M; ++m) {
+        const __m256i xv = load256(x + m * K + k + 16 * s);
+        acc[(2 * s) % kUnroll][m] = _mm256_fmadd_ps(even, bf16_even(xv), acc[(2 * s) % kUnroll][m]);
+        acc[(2 * s + 1) % kUnroll][m] = _mm256_fmadd_ps(odd, bf16_odd(xv), acc[(2 * s + 1) % kUnroll][m]);
+      }
+    }
+  sum_accumulators(acc, out);
+  for (; k < K; ++k)  // a tail of fewer than 16 * kSteps values
+    for (int m = 0; m < M; ++m) out[m] += bf16_to_float(w[k]) * bf16_to_float(x[m * K + k]);
+}
 #else
 template <int M>
 inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out) {
@@ -154,6 +217,19 @@ inline void f32_row(const float* w, const float* x, int64_t K, float* out) {
     for (int m = 0; m < M; ++m) acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[0][m]);
   }
   sum_accumulators(acc, out);
+#elif defined(LLAMA3_AVX2)
+  constexpr int kUnroll = unroll_for<M>();
+  __m256 acc[kUnroll][M];
+  zero_accumulators(acc);
+  int64_t k = 0;
+  for (; k + kUnroll * 8 <= K; k += kUnroll * 8)
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m256 wv = _mm256_loadu_ps(w + k + u * 8);
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + u * 8), acc[u][m]);
+    }
+  sum_accumulators(acc, out);
+  for (; k < K; ++k)  // a tail of fewer than 8 * kUnroll values
+    for (int m = 0; m < M; ++m) out[m] += w[k] * x[m * K + k];
 #else
   for (int m = 0; m < M; ++m) {
     float s = 0.f;
@@ -241,6 +317,45 @@ inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_
     step(0, k, _mm512_maskz_loadu_epi8(K - k >= kChunk ? ~__mmask64(0) : ((__mmask64(1) << (K - k)) - 1), w + k));
   sum_accumulators(acc, out);
 }
+#elif defined(LLAMA3_AVX2)
+// Unsigned-by-signed byte products summed in fours per int32 lane. maddubs adds pairs of products in int16
+// with saturation: exact here because one side is at most 128 and the other at most 127 in magnitude.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef __AVXVNNI__
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// One activation block (32 values) per 256-bit step, with one scale per step. The byte products need one
+// unsigned side: |w| against x carrying w's sign (x never reaches -128, so the sign change cannot overflow).
+template <int M>
+inline void int8_row(const int8_t* w, int64_t K, const QuantizedRows& qx, int64_t m0, float* out) {
+  const int64_t Kp = qx.padded_k;
+  constexpr int kUnroll = unroll_for<M>();
+  __m256 acc[kUnroll][M];
+  zero_accumulators(acc);
+  auto block = [&](int u, int64_t k0, __m256i wv) {
+    const __m256i magnitude = _mm256_abs_epi8(wv);  // |-128| is 0x80: 128 read unsigned
+    for (int m = 0; m < M; ++m) {
+      const __m256i xv = load256(qx.q.data() + (m0 + m) * Kp + k0);
+      const __m256i dot = dot_u8s8(magnitude, _mm256_sign_epi8(xv, wv));  // exactly Σ w · q per lane
+      const __m256 scale = _mm256_broadcast_ss(qx.block_scale.data() + (m0 + m) * Kp / kQBlock + k0 / kQBlock);
+      acc[u][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[u][m]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + kUnroll * kQBlock <= K; k += kUnroll * kQBlock)
+    for (int u = 0; u < kUnroll; ++u) block(u, k + u * kQBlock, load256(w + k + u * kQBlock));
+  for (; k + kQBlock <= K; k += kQBlock) block(0, k, load256(w + k));
+  if (k < K) {  // a last partial block: w's remaining bytes then zeros, against the zero padding of x
+    alignas(32) int8_t last[kQBlock] = {};
+    std::memcpy(last, w + k, static_cast<size_t>(K - k));
+    block(0, k, load256(last));
+  }
+  sum_accumulators(acc, out);
+}
 #else
 // Portable form of the quantized products: per block of 32, Σ weight(k) · q[k] in integers, times the block's
 // activation scale and the weight's block scale.
@@ -309,6 +424,12 @@ inline float low_term(const uint16_t* lows, const float* sums, int64_t G) {
     acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lows + g))),
                           _mm512_loadu_ps(sums + g), acc);
   s = _mm512_reduce_add_ps(acc);
+#elif defined(LLAMA3_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= G; g += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lows + g))),
+                          _mm256_loadu_ps(sums + g), acc);
+  s = horizontal_sum(acc);
 #endif
   for (; g < G; ++g) s += half_to_float(lows[g]) * sums[g];
   return s;
@@ -356,6 +477,41 @@ inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* l
     const __m256i lo = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F));
     step(0, k, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+  }
+  sum_accumulators(acc, out);
+  for (int m = 0; m < M; ++m) out[m] += low_term(lows, sums.group_sum.data() + (m0 + m) * G, G);
+}
+#elif defined(LLAMA3_AVX2)
+// One activation block (32 codes) per 256-bit step: a 32-byte load holds the low nibbles of one block and
+// the high nibbles of the block 64 values later. Codes (0..15) against int8 activations: exact byte products.
+template <int M>
+inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* lows, int64_t K, int64_t group,
+                     const QuantizedRows& qx, const Int4Sums& sums, int64_t m0, float* out) {
+  const int64_t Kp = qx.padded_k, G = K / group;
+  constexpr int kUnroll = unroll_for<M>();
+  __m256 acc[kUnroll][M];
+  zero_accumulators(acc);
+  auto block = [&](int u, int64_t k0, __m256i codes) {
+    const float weight_scale = _cvtsh_ss(scales[k0 / group]);
+    for (int m = 0; m < M; ++m) {
+      const __m256i xv = load256(qx.q.data() + (m0 + m) * Kp + k0);
+      const __m256 scale = _mm256_set1_ps(weight_scale * qx.block_scale[(m0 + m) * Kp / kQBlock + k0 / kQBlock]);
+      acc[u][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(codes, xv)), scale, acc[u][m]);
+    }
+  };
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  int64_t k = 0;
+  for (; k + 2 * kChunk <= K; k += 2 * kChunk) {  // 128 values in 64 bytes: byte j holds values j and 64 + j
+    const __m256i first = load256(w + k / 2), second = load256(w + k / 2 + 32);
+    block(0, k, _mm256_and_si256(first, nibble));
+    block(1 % kUnroll, k + 32, _mm256_and_si256(second, nibble));
+    block(2 % kUnroll, k + 64, _mm256_and_si256(_mm256_srli_epi16(first, 4), nibble));
+    block(3 % kUnroll, k + 96, _mm256_and_si256(_mm256_srli_epi16(second, 4), nibble));
+  }
+  if (k < K) {  // the last 64 values in 32 bytes: byte j holds values j and 32 + j
+    const __m256i packed = load256(w + k / 2);
+    block(0, k, _mm256_and_si256(packed, nibble));
+    block(1 % kUnroll, k + 32, _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble));
   }
   sum_accumulators(acc, out);
   for (int m = 0; m < M; ++m) out[m] += low_term(lows, sums.group_sum.data() + (m0 + m) * G, G);
@@ -529,14 +685,14 @@ at::Tensor gemv_int4(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY(llama3, m) {
+LLAMA3_LIBRARY_FRAGMENT(m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, Tensor lows, int group_size) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llama3, CPU, m) {
+LLAMA3_LIBRARY_IMPL_CPU(m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_int8", &gemv_int8);

@@ -23,9 +23,10 @@
 //   multiplies it with every row of x.
 // Weight rows are split over torch's thread pool in tiles of 16.
 
+#include "ops_namespace.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -461,6 +462,6 @@ at::Tensor ggml_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t type
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llama3, m) { m.def("ggml_matmul(Tensor x, Tensor w, int ggml_type, int in_features) -> Tensor"); }
+LLAMA3_LIBRARY_FRAGMENT(m) { m.def("ggml_matmul(Tensor x, Tensor w, int ggml_type, int in_features) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(llama3, CPU, m) { m.impl("ggml_matmul", &ggml_matmul); }
+LLAMA3_LIBRARY_IMPL_CPU(m) { m.impl("ggml_matmul", &ggml_matmul); }

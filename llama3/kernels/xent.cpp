@@ -14,12 +14,15 @@
 //     returns nll[i] = logsumexp(logits[i]) - logits[i, targets[i]]
 //     and, with write_grad, overwrites logits[i] with (softmax(logits[i]) - one_hot(targets[i])) * weights[i]
 //
-// Sums of exponentials are kept in fp32 within blocks of 256 values and in double across blocks. Two code
-// paths, chosen at compile time: AVX-512 and portable C++.
+// Sums of exponentials are kept in fp32 within blocks of 256 values and in double across blocks. Three code
+// paths, chosen at compile time from the instruction sets the compiler was told to use: AVX-512, AVX2 + FMA,
+// and portable C++.
 
-#include <ATen/ATen.h>
+#include "ops_namespace.h"
+
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -30,6 +33,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define LLAMA3_XENT_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LLAMA3_XENT_AVX2 1
 #endif
 
 namespace {
@@ -123,6 +129,103 @@ void row_scale(T* x, const float* e, int64_t V, float scale) {
   for (; k + 16 <= V; k += 16) store16(x + k, _mm512_mul_ps(_mm512_loadu_ps(e + k), vs));
   for (; k < V; ++k) store_value(x + k, e[k] * scale);
 }
+#elif defined(LLAMA3_XENT_AVX2)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  // round to nearest even, as c10::BFloat16 does (the inputs here are finite or the loss is already NaN)
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  // the eight 16-bit results sit in 32-bit lanes: pack them (values below 65536, so no saturation)
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float horizontal_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// e^x for x <= 0, as exp16 above, with 2^n built from its exponent bits (AVX2 has no scalef): arguments are
+// clamped to -87 so that n >= -126 keeps the exponent normal, and results for arguments below -87 (under
+// e^-87 = 1.6e-38, fp32's smallest normal) are set to 0. NaN gives NaN.
+inline __m256 exp8(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);  // false for NaN
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // NaN stays NaN (max returns its second operand then)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n)));
+}
+
+template <typename T>
+float row_max(const T* x, int64_t V) {
+  __m256 m0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
+  int64_t k = 0;
+  for (; k + 16 <= V; k += 16) {
+    m0 = _mm256_max_ps(m0, load8(x + k));
+    m1 = _mm256_max_ps(m1, load8(x + k + 8));
+  }
+  float m = horizontal_max(_mm256_max_ps(m0, m1));
+  for (; k < V; ++k) m = std::max(m, load_value(x + k));
+  return m;
+}
+
+// e[k] = e^(x[k] - mx); returns the sum of e
+template <typename T>
+double row_exp_sum(const T* x, float* e, int64_t V, float mx) {
+  const __m256 vmax = _mm256_set1_ps(mx);
+  double total = 0.0;
+  int64_t k = 0;
+  for (; k + kBlock <= V; k += kBlock) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    for (int64_t j = k; j < k + kBlock; j += 16) {
+      const __m256 e0 = exp8(_mm256_sub_ps(load8(x + j), vmax));
+      const __m256 e1 = exp8(_mm256_sub_ps(load8(x + j + 8), vmax));
+      _mm256_storeu_ps(e + j, e0);
+      _mm256_storeu_ps(e + j + 8, e1);
+      s0 = _mm256_add_ps(s0, e0);
+      s1 = _mm256_add_ps(s1, e1);
+    }
+    total += horizontal_sum(_mm256_add_ps(s0, s1));
+  }
+  for (; k < V; ++k) {
+    e[k] = std::exp(load_value(x + k) - mx);
+    total += e[k];
+  }
+  return total;
+}
+
+// x[k] = e[k] · scale for every k
+template <typename T>
+void row_scale(T* x, const float* e, int64_t V, float scale) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t k = 0;
+  for (; k + 8 <= V; k += 8) store8(x + k, _mm256_mul_ps(_mm256_loadu_ps(e + k), vs));
+  for (; k < V; ++k) store_value(x + k, e[k] * scale);
+}
 #else
 template <typename T>
 float row_max(const T* x, int64_t V) {
@@ -206,8 +309,8 @@ at::Tensor xent_rows_(at::Tensor& logits, const at::Tensor& targets, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llama3, m) {
+LLAMA3_LIBRARY_FRAGMENT(m) {
   m.def("xent_rows_(Tensor(a!) logits, Tensor targets, Tensor weights, bool write_grad) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llama3, CPU, m) { m.impl("xent_rows_", &xent_rows_); }
+LLAMA3_LIBRARY_IMPL_CPU(m) { m.impl("xent_rows_", &xent_rows_); }

@@ -1,0 +1,99 @@
+"""The CPU kernels at every instruction-set level this CPU runs, against torch's own operators, same run.
+
+    python benchmarks/kernels.py                 # Llama-3.2-1B matrices, 2 threads
+    python benchmarks/kernels.py --threads 1 --repeats 30
+
+For each matrix of the 1B shape (the fused FFN input 16384 x 2048 is taken as 8192 x 2048, the FFN output
+2048 x 8192, the output projection 128256 x 2048) one activation row goes through `gemv_bf16`, `gemv_int8`
+and `gemv_int4` of every level in `llama3.kernels.supported_isas()`, and through torch's bf16 `F.linear`
+as the peer; the loss kernel `xent_rows_` runs on 256 rows of the 128K vocabulary beside torch's
+log-softmax + its gradient. The best of `--repeats` runs is reported (the machine is shared), as
+milliseconds and as GB/s of weights read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llama3 import kernels  # noqa: E402
+from llama3.inference.quantize import pack_int4_codes  # noqa: E402
+
+MATRICES = [(8192, 2048), (2048, 8192), (128256, 2048)]  # (N, K): rows of W, input width
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_gemv(N: int, K: int, repeats: int) -> list[tuple[str, float, float]]:
+    """(name, seconds, bytes of weights read) for every level and torch on one (N, K) matrix."""
+    torch.manual_seed(0)
+    x = torch.randn(1, K).bfloat16()
+    w = torch.randn(N, K).bfloat16()
+    q, scales = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N)
+    codes = pack_int4_codes(torch.randint(0, 16, (N, K), dtype=torch.uint8))
+    group_scales = (torch.rand(N, K // 32) * 0.1).half()
+    rows = [("torch F.linear bf16", best_seconds(lambda: F.linear(x, w), repeats), 2.0 * N * K)]
+    for isa in kernels.supported_isas():
+        ops = kernels.ops(isa)
+        rows += [(f"{isa} gemv_bf16", best_seconds(lambda ops=ops: ops.gemv_bf16(x, w), repeats), 2.0 * N * K),
+                 (f"{isa} gemv_int8", best_seconds(lambda ops=ops: ops.gemv_int8(x, q, scales), repeats), 1.0 * N * K),
+                 (f"{isa} gemv_int4", best_seconds(lambda ops=ops: ops.gemv_int4(x, codes, group_scales, group_scales, 32),
+                                                   repeats), (0.5 + 4 / 32) * N * K)]
+    return rows
+
+
+def bench_xent(repeats: int) -> list[tuple[str, float]]:
+    torch.manual_seed(0)
+    logits = torch.randn(256, 128256).bfloat16()
+    targets, weights = torch.randint(0, 128256, (256,)), torch.full((256,), 1 / 256)
+
+    def torch_loss_and_grad():
+        probs = logits.float().softmax(-1)  # what the loss's backward needs without the kernel
+        probs[torch.arange(256), targets] -= 1
+        return (probs * weights[:, None]).bfloat16()
+
+    rows = [("torch softmax gradient (fp32)", best_seconds(torch_loss_and_grad, repeats))]
+    for isa in kernels.supported_isas():
+        ops = kernels.ops(isa)
+        rows.append((f"{isa} xent_rows_", best_seconds(lambda ops=ops: ops.xent_rows_(logits.clone(), targets, weights, True),
+                                                       repeats)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not kernels.available():
+        raise SystemExit(f"the kernels are unavailable: {kernels.why_unavailable()}")
+    print(f"CPU: {kernels.cpu_description()}; levels run here: {', '.join(kernels.supported_isas())} "
+          f"(default {kernels.loaded_isa()}); torch {torch.__version__}, {args.threads} threads\n")
+    print("| matrix (N x K) | operator | ms | GB/s of weights |\n|---|---|---:|---:|")
+    for N, K in MATRICES:
+        for name, seconds, num_bytes in bench_gemv(N, K, args.repeats):
+            print(f"| {N} x {K} | {name} | {1e3 * seconds:.2f} | {num_bytes / seconds / 1e9:.1f} |", flush=True)
+    print("\n| loss, 256 x 128256 bf16 logits | ms |\n|---|---:|")
+    for name, seconds in bench_xent(max(3, args.repeats // 3)):
+        print(f"| {name} | {1e3 * seconds:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
