@@ -184,7 +184,8 @@ const Format* format_of(int64_t type) {
   }
 }
 
-void unpack_row(const Format& f, const uint8_t* w, int64_t K, RowView out) {
+// The portable path's tile unpacker; AVX2 builds decode blocks in registers instead (hence maybe_unused).
+[[maybe_unused]] void unpack_row(const Format& f, const uint8_t* w, int64_t K, RowView out) {
   const int64_t blocks = K / f.values, groups = f.values / kGroup;
   for (int64_t i = 0; i < blocks; ++i)
     f.unpack(w + i * f.bytes, out.codes + i * f.values, out.scale + i * groups, out.bias + i * groups);
