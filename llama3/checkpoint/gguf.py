@@ -36,6 +36,14 @@ _LAYER_NAMES = {
     "feed_forward.w3.weight": "ffn_up.weight",
     "attention_norm.weight": "attn_norm.weight",
     "ffn_norm.weight": "ffn_norm.weight",
+    # biases: Llama-architecture derivatives only (see gguf_family.py)
+    "attention.wq.bias": "attn_q.bias",
+    "attention.wk.bias": "attn_k.bias",
+    "attention.wv.bias": "attn_v.bias",
+    "attention.wo.bias": "attn_output.bias",
+    "feed_forward.w1.bias": "ffn_gate.bias",
+    "feed_forward.w2.bias": "ffn_down.bias",
+    "feed_forward.w3.bias": "ffn_up.bias",
 }
 _TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
               "output.weight": "output.weight"}
@@ -102,7 +110,10 @@ def _add_metadata(writer, args: ModelArgs, file_type: int, name: str) -> None:
     writer.add_vocab_size(args.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if args.use_scaled_rope:
+    from .gguf_family import add_derivative_metadata
+
+    add_derivative_metadata(writer, args)
+    if args.use_scaled_rope and args.rope_scaling_type == "llama3":
         for field, value in zip(_ROPE_FIELDS, (args.rope_scaling_factor, args.rope_low_freq_factor,
                                                args.rope_high_freq_factor, args.rope_original_max_seq_len)):
             writer.add_float32(f"{_ROPE_KEY}.{field}", float(value))
@@ -113,8 +124,13 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     merges "left right" in rank order, and the Llama 3 pre-tokenizer."""
     import gguf
 
+    from ..hf_tokenizer import HFTokenizer
     from ..tokenizer import CHAT_TEMPLATE, _bytes_to_hf
 
+    if isinstance(tokenizer, HFTokenizer):  # a derivative's own vocabulary
+        from .gguf_family import add_hf_tokenizer
+
+        return add_hf_tokenizer(writer, tokenizer, vocab_size)
     if tokenizer.n_words > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.n_words} ids but the model only {vocab_size} embeddings")
     specials = {i: tok for tok, i in tokenizer.special_tokens.items()}
@@ -175,7 +191,7 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.d
                         "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}[dtype]
     state = model.state_dict()
     plan: list[tuple[str, torch.Tensor, object]] = []  # (gguf name, tensor, ggml type)
-    if args.use_scaled_rope:
+    if args.use_scaled_rope and args.rope_scaling_type == "llama3":
         plan.append(("rope_freqs.weight", rope_freq_divisors(args), Q.F32))
     for key, tensor in state.items():
         if key == "output.weight" and args.tie_word_embeddings:
@@ -317,11 +333,12 @@ def _field(reader, key: str, default=None):
 
 def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
               dtype: str | torch.dtype | None = None, progress: bool = False):
-    """(model, tokenizer) from a llama-architecture GGUF with a Llama 3 style BPE vocabulary. Quantized
+    """(model, tokenizer) from a llama-architecture GGUF: Llama 3 (its vocabulary on tiktoken) or a derivative
+    (its byte-level BPE or SentencePiece vocabulary on `tokenizers`, see gguf_family.py). Quantized
     weights are dequantized; dtype=None gives float32 for quantized files, else the stored float type."""
     import gguf
 
-    from ..tokenizer import Tokenizer, _hf_to_bytes
+    from .gguf_family import derivative_args
     from .load import materialize_model
 
     path = Path(path)
@@ -347,8 +364,10 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                      norm_eps=float(need("attention.layer_norm_rms_epsilon")),
                      rope_theta=float(need("rope.freq_base")), max_seq_len=int(need("context_length")),
                      tie_word_embeddings="output.weight" not in tensors)
+    args = derivative_args(args, reader.fields, set(tensors), path)
     if "rope_freqs.weight" in tensors:
         args = _scaled_rope_args(args, reader, torch.from_numpy(np.array(tensors["rope_freqs.weight"].data)), path)
+    tokenizer = _gguf_tokenizer(reader, path)
 
     def items():
         for name, t in tensors.items():
@@ -369,14 +388,24 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
     model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path),
                               progress=progress)
+    return model, tokenizer
+
+
+def _gguf_tokenizer(reader, path: Path):
+    """Llama 3's vocabulary on the tiktoken path; a derivative's (another BPE, SentencePiece) on `tokenizers`."""
+    import gguf
+
+    from ..tokenizer import Tokenizer, _hf_to_bytes
+    from .gguf_family import hf_tokenizer_from_gguf, is_llama3_vocab
+
+    if not is_llama3_vocab(reader.fields):
+        return hf_tokenizer_from_gguf(reader.fields, path)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
-    if tokens is None or _field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{path}: no byte-level BPE ('gpt2') vocabulary in the metadata")
     ranks = {_hf_to_bytes(tok): i for i, (tok, kind) in enumerate(zip(tokens, types))
              if kind == gguf.TokenType.NORMAL}
     specials = [tok for tok, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
-    return model, Tokenizer(ranks, special_tokens=specials)
+    return Tokenizer(ranks, special_tokens=specials)
 
 
 def _scaled_rope_args(args: ModelArgs, reader, divisors: torch.Tensor, path: Path) -> ModelArgs:

@@ -1,4 +1,4 @@
-"""`llama3 chat`: a multi-turn chat REPL in Llama 3's chat format, streaming each reply.
+"""`llama3 chat`: a multi-turn chat REPL in the model's chat format, streaming each reply.
 
     llama3 chat --model out/hf --system "You are a helpful assistant."
     printf 'Hello\\nHow are you?\\n' | llama3 chat --model out/hf --temperature 0     # piped: one turn a line
@@ -23,10 +23,10 @@ class ChatSession:
     """The conversation and the turn loop, separate from terminal I/O so it can be driven by tests."""
 
     def __init__(self, generator, *, system: str | None, max_new_tokens: int, sampling):
-        from ..tokenizer import ChatFormat
+        from ..chat_template import chat_format_for
 
         self.generator = generator
-        self.chat_format = ChatFormat(generator.tokenizer)
+        self.chat_format = chat_format_for(generator.tokenizer)  # Llama 3's, or the model's own template
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
@@ -55,7 +55,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": user_text})
         pieces: list[str] = []
         stream = self.generator.stream(self._prompt_ids(), max_new_tokens=self.max_new_tokens,
-                                       sampling=self.sampling)
+                                       sampling=self.sampling, stop_ids=sorted(self.chat_format.stop_tokens))
         try:
             for piece in stream:
                 pieces.append(piece)

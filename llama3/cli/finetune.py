@@ -176,13 +176,13 @@ def _prepare(cfg, device, log):
     import torch
 
     from ..checkpoint.load import load
-    from ..tokenizer import ChatFormat
+    from ..chat_template import chat_format_for
     from ..train.dpo import compute_reference_logps
 
     base, tokenizer = load(cfg.finetune.model_path, device=device, dtype=torch.float32)
     if cfg.data.seq_len > base.args.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context ({base.args.max_seq_len})")
-    train_examples, val_examples = _load_examples(cfg, ChatFormat(tokenizer))
+    train_examples, val_examples = _load_examples(cfg, chat_format_for(tokenizer))
     log(f"{cfg.data.path}: {len(train_examples)} training and {len(val_examples)} validation "
         f"{'dialogs' if cfg.finetune.method == 'sft' else 'pairs'}")
     if cfg.finetune.method == "dpo":

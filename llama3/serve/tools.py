@@ -30,8 +30,9 @@ def tools_active(request: ChatCompletionRequest) -> bool:
     return bool(request.tools) and request.tool_choice != "none"
 
 
-def build_dialog(request: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """OpenAI messages -> the dialog `ChatFormat` encodes, with tool definitions placed as Llama 3.1 expects."""
+def build_dialog(request: ChatCompletionRequest, *, inline_tools: bool = True) -> list[dict[str, Any]]:
+    """OpenAI messages -> the dialog `ChatFormat` encodes, with tool definitions placed as Llama 3.1 expects
+    (`inline_tools=False`: without them, for a chat template that renders `tools` itself)."""
     dialog: list[dict[str, Any]] = []
     for message in request.messages:
         role = "system" if message.role == "developer" else message.role
@@ -40,7 +41,7 @@ def build_dialog(request: ChatCompletionRequest) -> list[dict[str, Any]]:
             entry["tool_calls"] = [{"function": {"name": c.function.name, "arguments": c.function.arguments}}
                                    for c in message.tool_calls]
         dialog.append(entry)
-    if not tools_active(request):
+    if not tools_active(request) or not inline_tools:
         return dialog
     definitions = "\n\n".join(json.dumps(t.model_dump(), indent=4) for t in request.tools)
     if dialog[0]["role"] == "system":
@@ -74,6 +75,12 @@ def forced_prefix(request: ChatCompletionRequest) -> str:
 def _candidate_objects(text: str) -> list[Any] | None:
     """The JSON value(s) of a tool-call answer: one object, a list of them, or objects separated by ';'."""
     text = text.strip()
+    if text.startswith("<tool_call>"):  # the Hermes/ChatML convention of many derivatives' templates
+        blocks = [b.split("</tool_call>", 1)[0].strip() for b in text.split("<tool_call>")[1:]]
+        try:
+            return [json.loads(b) for b in blocks]
+        except json.JSONDecodeError:
+            return None
     if text.startswith("<|python_tag|>"):
         text = text[len("<|python_tag|>"):].strip()
     if not text.startswith(("{", "[")):
