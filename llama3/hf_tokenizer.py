@@ -284,6 +284,14 @@ class HFTokenizer:
         """The tokenizer.json this tokenizer runs."""
         return json.loads(self._plain.to_str())
 
+    def save_files(self, folder: str | os.PathLike, **config: Any) -> None:
+        """Write tokenizer.json and tokenizer_config.json (plus `config` fields) into `folder`, which the
+        caller renames into place when complete (as every checkpoint writer here does)."""
+        folder = Path(folder)
+        (folder / "tokenizer.json").write_text(json.dumps(self.to_hf_json(), ensure_ascii=False), encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({**self.tokenizer_config(), **config}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
     def tokenizer_config(self) -> dict[str, Any]:
         """tokenizer_config.json fields that describe this tokenizer (specials, BOS rule, chat template)."""
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,

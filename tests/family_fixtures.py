@@ -69,7 +69,8 @@ def spm_tokenizer_json(vocab_size: int = 600) -> dict:
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False)
-    trainer_tok.train_from_iterator(_corpus(), trainer)
+    # newlines stay <0x0A> byte tokens, as in Llama 2's vocabulary (never merged with letters)
+    trainer_tok.train_from_iterator([p.replace("\n", " ") for p in _corpus()], trainer)
     learned = json.loads(trainer_tok.to_str())["model"]
     specials = ["<unk>", "<s>", "</s>"]
     pieces = specials + [f"<0x{b:02X}>" for b in range(256)]

@@ -275,3 +275,159 @@ def test_merges_with_missing_tokens_and_unknown_pre_tokenizer_are_refused(tmp_pa
     (tmp_path / "tokenizer.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=rf"{tmp_path}/tokenizer\.json"):
         HFTokenizer.from_folder(tmp_path)
+
+
+# ----- GGUF -----
+
+@pytest.fixture(scope="module")
+def gguf_files(family_dirs, tmp_path_factory):
+    """Each tokenizer kind in a derivative with plain RoPE (what transformers' GGUF loader reads), written
+    to GGUF (f32) by llama3.save from its HF folder; with that HF reference."""
+    out = {}
+    for variant, kind in (("gpt2-llama3rope", "gpt2"), ("spm-tied-dynamic", "spm")):
+        source = family_dirs[variant][0]
+        folder = tmp_path_factory.mktemp(f"plain-{kind}")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_bytes((source / name).read_bytes())
+        data = json.loads((folder / "tokenizer.json").read_text())
+        hf = write_hf_model(folder, vocab_size_of(data), seed=5, tie_word_embeddings=kind == "spm",
+                            **_special_ids(data, kind))
+        model, tokenizer = llama3.load(folder)
+        target = tmp_path_factory.mktemp(f"gguf-{kind}") / "model.gguf"
+        llama3.save(model, tokenizer, target, format="gguf", dtype="f32")
+        out[kind] = (target, hf, folder)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["gpt2", "spm"])
+def test_gguf_derivative_equals_transformers_gguf_loader(gguf_files, kind):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, hf, folder = gguf_files[kind]
+    model, tokenizer = llama3.load(path)
+    assert isinstance(tokenizer, HFTokenizer)
+    ref_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    ref_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokens = _ids(hf.config.vocab_size)
+    with torch.no_grad():
+        ours = model(tokens)
+        torch.testing.assert_close(ours, ref_model(tokens).logits, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours, hf(tokens).logits, atol=2e-5, rtol=1e-4)
+    original = llama3.load(folder)[1]
+    for text in SAMPLE_TEXTS:
+        ids = tokenizer.encode(text)
+        assert ids == ref_tok(text, add_special_tokens=False)["input_ids"], text
+        assert tokenizer.encode(text, bos=True) == ref_tok(text)["input_ids"], text
+        assert tokenizer.decode(ids) == ref_tok.decode(ids), text
+        if not text[:1].isspace():  # the vocabulary survives the trip through GGUF metadata (see below)
+            assert ids == original.encode(text), text
+    chat = chat_format_for(tokenizer)
+    expected = ref_tok.apply_chat_template(DIALOG, add_generation_prompt=True, tokenize=False)
+    assert chat.render(DIALOG) == expected
+    assert chat.encode_dialog_prompt(DIALOG) == ref_tok(expected, add_special_tokens=False)["input_ids"]
+    assert chat.stop_tokens == chat_format_for(original).stop_tokens
+    if kind == "gpt2":
+        assert chat.encode_dialog_prompt(DIALOG) == chat_format_for(original).encode_dialog_prompt(DIALOG)
+    # A SentencePiece GGUF reads as transformers reads it: one `▁` prepended to the whole text unless it
+    # starts with a space (the "first" scheme), where Llama 2's legacy tokenizer.json prepends to every
+    # stretch between special tokens; so text after a special token or a leading space may split differently.
+
+
+def _gguf_fields(path):
+    from llama3.checkpoint.gguf import _GGUFFile
+
+    return dict(_GGUFFile(path).fields)
+
+
+def test_bad_gguf_vocabularies_are_refused(gguf_files):
+    from llama3.checkpoint.gguf_family import hf_tokenizer_from_gguf
+
+    path = gguf_files["gpt2"][0]
+    fields = _gguf_fields(path)
+    with pytest.raises(ValueError, match=rf"{path}.*pre-tokenizer 'qwen2'"):
+        hf_tokenizer_from_gguf({**fields, "tokenizer.ggml.pre": "qwen2"}, path)
+    with pytest.raises(ValueError, match=rf"{path}.*tokenizer model 'bert'"):
+        hf_tokenizer_from_gguf({**fields, "tokenizer.ggml.model": "bert"}, path)
+    merges = [*fields["tokenizer.ggml.merges"], "zz qq"]
+    with pytest.raises(ValueError, match=rf"{path}.*merges\[\d+\] = 'zz qq' refers to 'zz'"):
+        hf_tokenizer_from_gguf({**fields, "tokenizer.ggml.merges": merges}, path)
+    spm = _gguf_fields(gguf_files["spm"][0])
+    no_scores = {k: v for k, v in spm.items() if k not in ("tokenizer.ggml.scores", "tokenizer.ggml.merges")}
+    with pytest.raises(ValueError, match="needs tokenizer.ggml.scores"):
+        hf_tokenizer_from_gguf(no_scores, path)
+    # without merges the SentencePiece merge order comes from the scores, and gives the same ids
+    from_scores = hf_tokenizer_from_gguf({k: v for k, v in spm.items() if k != "tokenizer.ggml.merges"}, path)
+    with_merges = hf_tokenizer_from_gguf(spm, path)
+    for text in SAMPLE_TEXTS:
+        assert from_scores.encode(text) == with_merges.encode(text), text
+
+
+# ----- serving -----
+
+@pytest.mark.timeout(300)
+def test_server_chat_with_a_derivative_equals_the_chat_session(family_dirs):
+    import openai
+
+    from llama3.cli.chat import ChatSession
+    from llama3.inference.engine import Engine
+    from llama3.inference.generate import Generator
+    from llama3.inference.sampling import SamplingParams
+    from tests.serve_server import RunningServer
+
+    folder = family_dirs["spm-tied-dynamic"][0]
+    model, tokenizer = llama3.load(folder)
+    session = ChatSession(Generator(model, tokenizer, compile=False), system=None, max_new_tokens=10,
+                          sampling=SamplingParams(temperature=0.0))
+    expected = session.reply(DIALOG[1]["content"], lambda piece: None)
+    server = RunningServer(Engine(llama3.load(folder)[0], tokenizer, num_slots=2), model_name="derivative")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="derivative", messages=DIALOG[1:2], max_tokens=10,
+                                               temperature=0)
+        assert reply.choices[0].message.content == expected
+        assert reply.usage.prompt_tokens == len(chat_format_for(tokenizer).encode_dialog_prompt(DIALOG[1:2]))
+        with pytest.raises(openai.BadRequestError, match="does not render tools"):
+            client.chat.completions.create(model="derivative", messages=DIALOG[1:2], max_tokens=4, tools=[
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_template_tools_and_tool_call_answers(family_dirs, tmp_path):
+    """A template that reads `tools` renders them itself (the server's prompt is that rendering); a
+    `<tool_call>` answer becomes OpenAI tool_calls."""
+    import openai
+
+    from llama3.inference.engine import Engine
+    from llama3.serve.schema import ChatCompletionRequest
+    from llama3.serve.tools import parse_tool_calls
+    from tests.family_fixtures import CHATML_TOOLS
+    from tests.serve_server import RunningServer
+
+    source = family_dirs["gpt2-llama3rope"][0]
+    for name in ("tokenizer.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    model_config = json.loads((source / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**model_config, "max_position_embeddings": 512}))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML_TOOLS}))
+    model, tokenizer = llama3.load(tmp_path)
+    chat = chat_format_for(tokenizer)
+    assert chat.supports_tools
+    tools = [{"type": "function", "function": {"name": "f", "description": "find", "parameters": {"type": "object"}}}]
+    assert '{"type": "function", "function": {"name": "f"' in chat.render(DIALOG[1:2], tools=tools)
+    server = RunningServer(Engine(model, tokenizer, num_slots=1), model_name="tools")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="tools", messages=DIALOG[1:2], tools=tools, temperature=0,
+                                               max_tokens=2)
+        assert reply.usage.prompt_tokens == len(chat.encode_dialog_prompt(DIALOG[1:2], tools=tools))
+    finally:
+        server.stop()
+    request = ChatCompletionRequest(model="tools", messages=DIALOG[1:2], tools=tools)
+    answer = '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>\n<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    calls = parse_tool_calls(answer, request)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("f", {"x": 1}), ("f", {})]
+    assert parse_tool_calls("<tool_call>{not json</tool_call>", request) is None

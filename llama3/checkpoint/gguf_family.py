@@ -171,14 +171,14 @@ def _byte_level_json(fields: dict[str, Any], tokens: list[str], types: list[int]
 def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]) -> list[list[str]]:
     """SentencePiece BPE keeps no merge list: a pair merges when the token it makes exists, earlier the
     higher that token's score. Every split of a normal token into two normal tokens is a merge, ordered by
-    the merged token's score (ties: by id, the order SentencePiece assigned them)."""
+    the merged token's score (ties: longer left piece first, then by id)."""
     normal = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (NORMAL, UNKNOWN, UNUSED)}
-    merges: list[tuple[float, int, int, str, str]] = []
+    merges: list[tuple[float, int, int, int, str, str]] = []
     for tok, i in normal.items():
         for cut in range(1, len(tok)):
             left, right = tok[:cut], tok[cut:]
             if left in normal and right in normal:
-                merges.append((-scores[i], i, -scores[normal[left]], left, right))
+                merges.append((-scores[i], -len(left), -len(right), i, left, right))
     merges.sort()
     return [[left, right] for *_, left, right in merges]
 
@@ -194,15 +194,17 @@ def _sentencepiece_json(fields: dict[str, Any], tokens: list[str], types: list[i
         raise ValueError(f"{path}: a 'llama' (SentencePiece) vocabulary needs tokenizer.ggml.scores, one per token")
     unk_id = fields.get("tokenizer.ggml.unknown_token_id")
     prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
-    normalizers = ([{"type": "Prepend", "prepend": _SPM_SPACE}] if prefix else []) + [
-        {"type": "Replace", "pattern": {"String": " "}, "content": _SPM_SPACE}]
+    # As transformers reads a GGUF SentencePiece vocabulary: `▁` for spaces and one prepended to the text
+    # unless it starts with a space (Metaspace "first"); the decoder drops that space again.
     decoders = [{"type": "Replace", "pattern": {"String": _SPM_SPACE}, "content": " "},
                 {"type": "ByteFallback"}, {"type": "Fuse"}]
     if prefix:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": _added_tokens(tokens, types),
-        "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": None,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": _SPM_SPACE,
+                          "prepend_scheme": "first" if prefix else "never", "split": False},
         "post_processor": None, "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": None, "unk_token": tokens[int(unk_id)] if unk_id is not None else None,
                   "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,

@@ -260,8 +260,7 @@ def write_hf_tokenizer(tokenizer, out: Path, *, max_seq_len: int) -> None:
     from ..tokenizer import CHAT_TEMPLATE
 
     if isinstance(tokenizer, HFTokenizer):
-        write_json(out / "tokenizer.json", tokenizer.to_hf_json())
-        write_json(out / "tokenizer_config.json", {**tokenizer.tokenizer_config(), "model_max_length": max_seq_len})
+        tokenizer.save_files(out, model_max_length=max_seq_len)
         return
 
     specials = _special_token_fields(tokenizer)

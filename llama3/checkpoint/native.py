@@ -6,7 +6,8 @@ A step folder holds
     train_state.pt        optimizer state, step, data-loader state, RNG states, skipped-step count
     config.json           the resolved TrainConfig of the run
     model_args.json       the ModelArgs (so the weights load without the training config)
-    tokenizer.model       the tokenizer (tiktoken format)
+    tokenizer.model       the tokenizer (tiktoken format), or for a derivative its tokenizer.json and
+                          tokenizer_config.json
     COMPLETE              the completion marker, written last
 
 It is written into `RUN/.tmp-step-NNNNNNNN/` and renamed into place after the marker, so a crash mid-save
@@ -77,7 +78,12 @@ def save_training_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.
     torch.save(state, tmp / "train_state.pt")
     (tmp / "config.json").write_text(config_json)
     (tmp / "model_args.json").write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
-    tokenizer.save_tiktoken(tmp / "tokenizer.model")
+    from ..hf_tokenizer import HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save_files(tmp)
+    else:
+        tokenizer.save_tiktoken(tmp / "tokenizer.model")
     return commit_step_folder(run_dir, step, keep=keep)
 
 
@@ -181,4 +187,8 @@ def load_training_checkpoint(path: str | Path, *, device: str | torch.device = "
     model.init_buffers(device)
     if dtype is not None:
         model.to(dtype)
+    if not (step_dir / "tokenizer.model").is_file() and (step_dir / "tokenizer.json").is_file():
+        from ..hf_tokenizer import HFTokenizer
+
+        return model.eval(), HFTokenizer.from_folder(step_dir)  # a derivative's own tokenizer
     return model.eval(), Tokenizer.from_file(step_dir / "tokenizer.model")
