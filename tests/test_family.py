@@ -431,3 +431,56 @@ def test_template_tools_and_tool_call_answers(family_dirs, tmp_path):
     calls = parse_tool_calls(answer, request)
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("f", {"x": 1}), ("f", {})]
     assert parse_tool_calls("<tool_call>{not json</tool_call>", request) is None
+
+
+@pytest.mark.timeout(300)
+def test_finetune_a_derivative_with_its_template(family_dirs, tmp_path, capsys):
+    """`llama3 finetune` (LoRA SFT) on a SentencePiece/ChatML derivative: the loss falls, the export keeps its
+    own tokenizer and template, and the checkpoint reloads with it."""
+    from transformers import AutoTokenizer
+
+    from llama3.cli.finetune import main as finetune_main
+    from tests.conftest import REPO
+
+    folder = family_dirs["spm-tied-dynamic"][0]
+    lines = (REPO / "data" / "chat" / "austen_chat.jsonl").read_text().splitlines(keepends=True)[:48]
+    (tmp_path / "tools.jsonl").write_text("".join(lines[:4]))  # line 4 holds a tool call
+    assert finetune_main(["--model", str(folder), "--data", str(tmp_path / "tools.jsonl"), "--out",
+                          str(tmp_path / "no"), "--data.seq_len=128"]) == 2
+    assert f"{tmp_path / 'tools.jsonl'}:4: " in capsys.readouterr().err  # ChatML here renders no tool calls
+    lines = [line for line in lines if "tool_calls" not in line]
+    (tmp_path / "chat.jsonl").write_text("".join(lines))
+    out = tmp_path / "run"
+    rc = finetune_main(["--model", str(folder), "--data", str(tmp_path / "chat.jsonl"), "--out", str(out),
+                        "--lora-rank", "8", "--train.steps=20", "--optim.lr=1e-2", "--data.batch_size=4",
+                        "--finetune.val_fraction=0.1", "--data.seq_len=128", "--train.val_interval=0",
+                        "--train.val_batches=4", "--logging.peak_flops=1e11", "--train.device=cpu",
+                        "--schedule.warmup_steps=0", "--checkpoint.interval=20"])
+    assert rc == 0, capsys.readouterr().err
+    val = {int(k): v for k, v in json.loads((out / "finetune_report.json").read_text())["val_loss"].items()}
+    assert val[20] < val[0], val
+    messages = json.loads(lines[0])["messages"]
+    exported = llama3.load(out / "hf")[1]
+    assert isinstance(exported, HFTokenizer)
+    ref = AutoTokenizer.from_pretrained(out / "hf")
+    expected = ref.apply_chat_template(messages, tokenize=False)
+    assert chat_format_for(exported).encode_dialog(messages)[0] == ref(expected, add_special_tokens=False)["input_ids"]
+    checkpoint_tokenizer = HFTokenizer.from_folder(out / "step-00000020")  # saved beside the weights
+    assert checkpoint_tokenizer.encode(SAMPLE_TEXTS[0]) == exported.encode(SAMPLE_TEXTS[0])
+
+
+def test_training_checkpoint_keeps_a_derivatives_tokenizer(family_dirs, tmp_path):
+    from llama3.checkpoint.native import save_training_checkpoint
+
+    folder, hf, _ = family_dirs["gpt2-headdim-bias-linear"]
+    model, tokenizer = llama3.load(folder)
+    save_training_checkpoint(tmp_path / "run", 3, model=model, optimizer=None, train_state={"step": 3},
+                             config_json="{}", tokenizer=tokenizer)
+    loaded, loaded_tokenizer = llama3.load(tmp_path / "run")
+    assert isinstance(loaded_tokenizer, HFTokenizer)
+    assert loaded_tokenizer.encode(SAMPLE_TEXTS[3]) == tokenizer.encode(SAMPLE_TEXTS[3])
+    assert chat_format_for(loaded_tokenizer).encode_dialog_prompt(DIALOG) == \
+        chat_format_for(tokenizer).encode_dialog_prompt(DIALOG)
+    tokens = _ids(hf.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), hf(tokens).logits, atol=2e-5, rtol=1e-4)

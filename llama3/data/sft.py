@@ -180,7 +180,10 @@ def encode_chat_record(record: dict[str, Any], chat_format: ChatFormatLike, wher
     messages = validate_messages(record["messages"], where)
     if train_on == "assistant" and not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         raise ValueError(f"{where}: no assistant reply to learn from (add one, or use train_on='all')")
-    ids, mask = chat_format.encode_dialog(messages, train_on=train_on)  # weight-0 replies stay out
+    try:
+        ids, mask = chat_format.encode_dialog(messages, train_on=train_on)  # weight-0 replies stay out
+    except ValueError as e:  # e.g. a derivative's template that cannot render this dialog
+        raise ValueError(f"{where}: {e}") from None
     truncated = len(ids) > max_seq_len + 1
     if truncated:
         if overlong == "error":
