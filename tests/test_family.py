@@ -484,3 +484,54 @@ def test_training_checkpoint_keeps_a_derivatives_tokenizer(family_dirs, tmp_path
     tokens = _ids(hf.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), hf(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_generate_chat_flag_uses_the_template(family_dirs, capsys):
+    from llama3.cli.chat import ChatSession
+    from llama3.cli.generate import main as generate_main
+    from llama3.inference.generate import Generator
+    from llama3.inference.sampling import SamplingParams
+
+    folder = family_dirs["spm-tied-dynamic"][0]
+    model, tokenizer = llama3.load(folder)
+    session = ChatSession(Generator(model, tokenizer, compile=False), system=None, max_new_tokens=10,
+                          sampling=SamplingParams(temperature=0.0))
+    expected = session.reply(DIALOG[1]["content"], lambda piece: None)
+    capsys.readouterr()
+    assert generate_main(["--model", str(folder), "--prompt", DIALOG[1]["content"], "--chat", "--temperature", "0",
+                          "--max-new-tokens", "10", "--no-compile", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == expected
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("variant", ["gpt2-headdim-bias-linear", "spm-tied-dynamic"])
+def test_eval_runs_on_a_derivative(family_dirs, tmp_path, variant):
+    """Perplexity, multiple choice and generation tasks take the derivative's tokenizer (no BOS for the
+    GPT-2-style one); the log-likelihood equals transformers' on the same ids."""
+    from llama3.cli.eval import main as eval_main
+    from llama3.eval.scoring import encode_pair
+    from tests.conftest import REPO
+
+    folder, hf, kind = family_dirs[variant]
+    text = tmp_path / "page.txt"
+    text.write_text(SAMPLE_TEXTS[0] * 3)
+    out = tmp_path / "results.json"
+    assert eval_main(["--model", str(folder), "--task", f"{text},{REPO}/data/tasks/custom/multiple_choice.jsonl,"
+                      f"{REPO}/data/tasks/custom/generation.jsonl", "--limit", "2", "--output", str(out),
+                      "--max-gen-toks", "8", "--quiet"]) == 0
+    results = json.loads(out.read_text())["results"]
+    tokenizer = llama3.load(folder)[1]
+    page = results[str(text)]["metrics"]
+    assert page["num_tokens"] == len(tokenizer.encode(text.read_text(), bos=True)) - 1  # every predicted token
+    assert 1 < page["perplexity"] < float("inf")
+    assert len(results) == 3 and all(r.get("num_samples", 2) == 2 for r in results.values())
+    context, continuation = encode_pair(tokenizer, "It is a truth", " universally acknowledged")
+    assert (context[:1] == [tokenizer.bos_id]) == (kind == "spm")
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        ours = torch.log_softmax(llama3.load(folder)[0](ids)[0], -1)
+        ref = torch.log_softmax(hf(ids).logits[0], -1)
+    positions = range(len(context), ids.shape[1])
+    assert sum(ours[t - 1, ids[0, t]] for t in positions) == pytest.approx(
+        sum(ref[t - 1, ids[0, t]] for t in positions).item(), abs=1e-4)

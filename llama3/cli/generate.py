@@ -3,6 +3,7 @@
     llama3 generate --model out/hf --prompt "It is a truth universally acknowledged" --max-new-tokens 64
     llama3 generate --model out/hf --prompt "..." --temperature 0 --json      # one JSON object
     llama3 generate --model out/hf --prompt "..." --dtype bf16 --quantize int8 # fastest on a CPU
+    llama3 generate --model out/hf --prompt "Who is Emma?" --chat               # as a chat turn
 
 `--json` prints {"text", "token_ids", "finish_reason", "timing": {"prefill_s", "decode_s",
 "num_prompt_tokens", "num_new_tokens", "decode_tokens_per_s"}}. Progress and the one-time compilation note
@@ -80,6 +81,17 @@ def build_generator(args: argparse.Namespace, *, cache_bucket: int = 256):
     return SpeculativeGenerator(generator, draft_generator, num_draft_tokens=args.num_draft_tokens)
 
 
+def _prompt_and_stops(generator, args: argparse.Namespace):
+    """The prompt text as given (BOS added by the tokenizer's rule), or with `--chat` the ids of a one-message
+    dialog in the model's chat format together with that format's stop tokens."""
+    if not args.chat:
+        return args.prompt, None
+    from ..chat_template import chat_format_for
+
+    chat = chat_format_for(generator.tokenizer)
+    return chat.encode_dialog_prompt([{"role": "user", "content": args.prompt}]), sorted(chat.stop_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama3 generate", description=HELP)
     add_model_options(parser)
@@ -87,20 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_options(parser, temperature=0.6, top_p=0.9)
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timing")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as one user message in the model's chat format (Llama 3's, or the "
+                             "model's own template) and stop at its end of turn")
     args = parser.parse_args(argv)
 
     try:
         sampling = sampling_from_args(args)
         generator = build_generator(args)
+        prompt, stop_ids = _prompt_and_stops(generator, args)
         if args.json:
-            [result] = generator.generate([args.prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                          stop_strings=args.stop)
+            [result] = generator.generate([prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                          stop_strings=args.stop, stop_ids=stop_ids)
             print(json.dumps({"text": result.text, "token_ids": result.token_ids,
                               "finish_reason": result.finish_reason, "timing": result.timing.to_dict()},
                              ensure_ascii=False))
             return 0
-        for piece in generator.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                      stop_strings=args.stop):
+        for piece in generator.stream(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                      stop_strings=args.stop, stop_ids=stop_ids):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
