@@ -171,7 +171,8 @@ class ChatTemplate:
             parsed = self._env.parse(template)
             self._template = self._env.from_string(template)
         except TemplateSyntaxError as e:
-            raise ValueError(f"{source}: the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+            raise ValueError(f"{source}: the chat template is not valid Jinja "
+                             f"(line {e.lineno}: {e.message})") from None
         self.variables = meta.find_undeclared_variables(parsed)
 
     @property
@@ -264,8 +265,8 @@ class TemplateChatFormat:
         """The special token the template puts right after an assistant reply, if any."""
         marker = "\u2063reply\u2063"
         try:
-            text = self.template.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-                                        add_generation_prompt=False)
+            dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+            text = self.template.render(dialog, add_generation_prompt=False)
         except ValueError:
             return set()  # a template that cannot render this minimal dialog gets no extra stop token
         after = text[text.find(marker) + len(marker):] if marker in text else ""

@@ -289,8 +289,8 @@ class HFTokenizer:
         caller renames into place when complete (as every checkpoint writer here does)."""
         folder = Path(folder)
         (folder / "tokenizer.json").write_text(json.dumps(self.to_hf_json(), ensure_ascii=False), encoding="utf-8")
-        (folder / "tokenizer_config.json").write_text(
-            json.dumps({**self.tokenizer_config(), **config}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        config_text = json.dumps({**self.tokenizer_config(), **config}, indent=2, ensure_ascii=False) + "\n"
+        (folder / "tokenizer_config.json").write_text(config_text, encoding="utf-8")
 
     def tokenizer_config(self) -> dict[str, Any]:
         """tokenizer_config.json fields that describe this tokenizer (specials, BOS rule, chat template)."""

@@ -535,3 +535,42 @@ def test_eval_runs_on_a_derivative(family_dirs, tmp_path, variant):
     positions = range(len(context), ids.shape[1])
     assert sum(ours[t - 1, ids[0, t]] for t in positions) == pytest.approx(
         sum(ref[t - 1, ids[0, t]] for t in positions).item(), abs=1e-4)
+
+
+_LLAMA_CPP_SCRIPT = """
+import json, sys
+from llama_cpp import Llama
+path, texts, ids = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=128, logits_all=True, verbose=False, n_threads=1, seed=0)
+tokens = [llm.tokenize(t.encode(), add_bos=False, special=False) for t in texts]
+llm.eval(ids)
+print(json.dumps({"tokens": tokens, "logits": [list(map(float, row)) for row in llm.scores[: len(ids)]],
+                  "bos": llm.token_bos(), "eos": llm.token_eos()}))
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["gpt2", "spm"])
+def test_llama_cpp_runs_a_derivative_gguf(gguf_files, kind):
+    """llama.cpp (in a subprocess: a native crash fails this test only) loads the derivative GGUF we write:
+    equal logits, and for the byte-level vocabulary the same ids for every sample text."""
+    import subprocess
+    import sys
+
+    path, hf, _ = gguf_files[kind]
+    model, tokenizer = llama3.load(path)
+    texts = [t for t in SAMPLE_TEXTS if t]
+    ids = _ids(hf.config.vocab_size)[0].tolist()
+    run = subprocess.run([sys.executable, "-c", _LLAMA_CPP_SCRIPT, str(path), json.dumps(texts), json.dumps(ids)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    assert (torch.tensor(result["logits"]) - ours).abs().max() < 1e-3
+    assert result["eos"] == tokenizer.eos_id
+    if kind == "gpt2":
+        assert result["tokens"] == [tokenizer.encode(t) for t in texts]
+    else:  # llama.cpp's SentencePiece prepends a space to every text, as SentencePiece itself does
+        assert result["bos"] == tokenizer.bos_id
+        assert result["tokens"][0] == tokenizer.encode(texts[0])

@@ -19,8 +19,8 @@ from typing import Any
 
 from ..tokenizer import LLAMA3_SPLIT_PATTERN
 
-__all__ = ["PRE_TOKENIZERS", "add_derivative_metadata", "add_hf_tokenizer", "derivative_args", "hf_tokenizer_from_gguf",
-           "is_llama3_vocab"]
+__all__ = ["PRE_TOKENIZERS", "add_derivative_metadata", "add_hf_tokenizer", "derivative_args",
+           "hf_tokenizer_from_gguf", "is_llama3_vocab"]
 
 # token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -80,7 +80,8 @@ def add_derivative_metadata(writer, args) -> None:
 def is_llama3_vocab(fields: dict[str, Any]) -> bool:
     """Llama 3's (or our trained) byte-level BPE, which loads on the exact tiktoken path."""
     tokens = fields.get("tokenizer.ggml.tokens") or []
-    return (fields.get("tokenizer.ggml.model") == "gpt2" and fields.get("tokenizer.ggml.pre", "llama-bpe") == "llama-bpe"
+    return (fields.get("tokenizer.ggml.model") == "gpt2"
+            and fields.get("tokenizer.ggml.pre", "llama-bpe") == "llama-bpe"
             and {"<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>"} <= set(tokens))
 
 
@@ -138,7 +139,8 @@ def _split_merges(merges: list[str], vocab: dict[str, int], path: Path) -> list[
     for n, merge in enumerate(merges):
         parts = merge.split(" ")
         if len(parts) != 2:
-            raise ValueError(f"{path}: tokenizer.ggml.merges[{n}] = {merge!r} is not two tokens separated by a space")
+            raise ValueError(f"{path}: tokenizer.ggml.merges[{n}] = {merge!r} is not two tokens separated by "
+                             "a space")
         for piece in (*parts, parts[0] + parts[1]):
             if piece not in vocab:
                 raise ValueError(f"{path}: tokenizer.ggml.merges[{n}] = {merge!r} refers to {piece!r}, which is "
@@ -267,7 +269,8 @@ def add_hf_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         if getattr(tokenizer, name) is not None:
             setter(getattr(tokenizer, name))
     if tokenizer.unk_token is not None:
-        writer.add_unk_token_id(tokenizer.special_tokens.get(tokenizer.unk_token, model["vocab"].get(tokenizer.unk_token)))
+        unk_id = tokenizer.special_tokens.get(tokenizer.unk_token, model["vocab"].get(tokenizer.unk_token))
+        writer.add_unk_token_id(unk_id)
     if tokenizer.pad_token is not None:
         writer.add_pad_token_id(tokenizer.pad_id)
     writer.add_add_bos_token(tokenizer.add_bos)
