@@ -53,7 +53,11 @@ def chat_format_for(tokenizer: Any) -> ChatFormatLike:
     from .hf_tokenizer import HFTokenizer
 
     if not isinstance(tokenizer, HFTokenizer):
-        return ChatFormat(tokenizer)
+        # A Llama 3 vocabulary keeps ChatFormat unless its files bring a template of another layout
+        # (a ChatML fine-tune of Llama 3, say), which `load` attaches as `chat_template`.
+        if getattr(tokenizer, "chat_template", None) is None:
+            return ChatFormat(tokenizer)
+        return TemplateChatFormat(tokenizer)
     if tokenizer.chat_template is None:
         raise ValueError(f"{tokenizer.where}: this model has no chat template (a base model?); continue text "
                          "with `llama3 generate` or /v1/completions, or add a chat_template to tokenizer_config.json")
@@ -229,6 +233,20 @@ def _template_message(message: dict[str, Any]) -> dict[str, Any]:
 
 # ----- the chat format -----
 
+def _special_token_texts(tokenizer: Any) -> dict[str, str | None]:
+    """bos_token, eos_token ... as the template sees them: the tokenizer's own, or (Llama 3's tiktoken
+    tokenizer) the names of its BOS/EOS/pad ids."""
+    names = {i: token for token, i in tokenizer.special_tokens.items()}
+    out = {}
+    for name, id_name in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id"),
+                          ("unk_token", None)):
+        text = getattr(tokenizer, name, None)
+        if text is None and id_name is not None:
+            text = names.get(getattr(tokenizer, id_name, None))
+        out[name] = text
+    return out
+
+
 class TemplateChatFormat:
     """Dialog -> ids through a derivative's Jinja chat template, with the stop tokens it implies and the
     assistant-only loss mask for fine-tuning.
@@ -244,8 +262,7 @@ class TemplateChatFormat:
         self.tokenizer = tokenizer
         text = template if template is not None else tokenizer.chat_template
         source = tokenizer.chat_template_source if template is None else "chat template"
-        specials = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-                    "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token}
+        specials = _special_token_texts(tokenizer)
         self.template = ChatTemplate(text, source=source, special_tokens=specials, max_chars=max_chars)
         self.turn_end_tokens = self._turn_end_tokens()
         self._stop_tokens = set(tokenizer.stop_tokens) | self.turn_end_tokens

@@ -574,3 +574,32 @@ def test_llama_cpp_runs_a_derivative_gguf(gguf_files, kind):
     else:  # llama.cpp's SentencePiece prepends a space to every text, as SentencePiece itself does
         assert result["bos"] == tokenizer.bos_id
         assert result["tokens"][0] == tokenizer.encode(texts[0])
+
+
+def test_llama3_vocabulary_with_a_chatml_template(tmp_path):
+    """A ChatML fine-tune of Llama 3 (reserved specials renamed <|im_start|>/<|im_end|>): the tokenizer stays
+    on the tiktoken path, chats in the model's template (equal to apply_chat_template), stops at <|im_end|>,
+    and the template survives an export."""
+    from transformers import AutoTokenizer
+
+    from llama3.tokenizer import Tokenizer, special_token_names
+    from tests.conftest import random_model, tiny_args
+
+    names = special_token_names("3.1")
+    names[names.index("<|reserved_special_token_2|>")] = "<|im_start|>"
+    names[names.index("<|reserved_special_token_3|>")] = "<|im_end|>"
+    tokenizer = Tokenizer({bytes([i]): i for i in range(256)}, special_tokens=names)
+    folder = llama3.save(random_model(tiny_args("gqa", vocab_size=512)), tokenizer, tmp_path / "hf")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    model, loaded = llama3.load(folder)
+    assert isinstance(loaded, Tokenizer)
+    chat = chat_format_for(loaded)
+    ref = AutoTokenizer.from_pretrained(folder)
+    expected = ref.apply_chat_template(DIALOG, add_generation_prompt=True, tokenize=False)
+    assert chat.encode_dialog_prompt(DIALOG) == ref(expected, add_special_tokens=False)["input_ids"]
+    assert loaded.special_tokens["<|im_end|>"] in chat.stop_tokens
+    again = llama3.load(llama3.save(model, loaded, tmp_path / "again"))[1]
+    assert chat_format_for(again).encode_dialog_prompt(DIALOG) == chat.encode_dialog_prompt(DIALOG)
+    gguf_tokenizer = llama3.load(llama3.save(model, loaded, tmp_path / "m.gguf", format="gguf"))[1]
+    assert chat_format_for(gguf_tokenizer).encode_dialog_prompt(DIALOG) == chat.encode_dialog_prompt(DIALOG)

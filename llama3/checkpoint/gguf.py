@@ -161,7 +161,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     if "<|finetune_right_pad_id|>" in tokenizer.special_tokens:
         writer.add_pad_token_id(tokenizer.special_tokens["<|finetune_right_pad_id|>"])
     writer.add_add_bos_token(True)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE)
 
 
 def _encode_tensor(tensor: torch.Tensor, qtype) -> np.ndarray:
@@ -405,7 +405,10 @@ def _gguf_tokenizer(reader, path: Path):
     ranks = {_hf_to_bytes(tok): i for i, (tok, kind) in enumerate(zip(tokens, types))
              if kind == gguf.TokenType.NORMAL}
     specials = [tok for tok, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
-    return Tokenizer(ranks, special_tokens=specials)
+    from .hf import attach_foreign_template
+
+    return attach_foreign_template(Tokenizer(ranks, special_tokens=specials), _field(reader, "tokenizer.chat_template"),
+                                   f"{path} (tokenizer.chat_template)")
 
 
 def _scaled_rope_args(args: ModelArgs, reader, divisors: torch.Tensor, path: Path) -> ModelArgs:

@@ -174,14 +174,16 @@ def load_tokenizer(folder: Path):
             except (ValueError, KeyError, TypeError) as e:
                 message = str(e) if str(path) in str(e) else f"{path}: {e}"
                 raise ValueError(f"{message}; a tiktoken tokenizer.model must be Llama 3 style byte-level BPE") from None
-            return tokenizer if names is None else Tokenizer(tokenizer.mergeable_ranks, special_tokens=names,
-                                                             pattern=tokenizer.pattern)
+            if names is not None:
+                tokenizer = Tokenizer(tokenizer.mergeable_ranks, special_tokens=names, pattern=tokenizer.pattern)
+            return attach_foreign_template(tokenizer, *_folder_template(folder))
     if json_data is not None and is_llama3_tokenizer_json(json_data):
         try:
-            return Tokenizer.from_hf_json(tokenizer_json)
+            tokenizer = Tokenizer.from_hf_json(tokenizer_json)
         except (ValueError, KeyError, TypeError) as e:
             message = str(e) if str(tokenizer_json) in str(e) else f"{tokenizer_json}: {e}"
             raise ValueError(f"{message}; Llama 3's special tokens need Llama 3 style byte-level BPE") from None
+        return attach_foreign_template(tokenizer, *_folder_template(folder))
     if json_data is not None:
         return HFTokenizer.from_folder(folder)
     if (folder / "tokenizer.model").is_file():
@@ -189,6 +191,22 @@ def load_tokenizer(folder: Path):
                          "tokenizer with transformers (AutoTokenizer.from_pretrained(...).save_pretrained(...)) "
                          "to get the tokenizer.json this package reads")
     raise ValueError(f"{folder}: no tokenizer.json or tokenizer.model; copy the model's tokenizer files here")
+
+
+def _folder_template(folder: Path) -> tuple[str | None, str | None]:
+    from ..hf_tokenizer import _chat_template
+
+    config_path = folder / "tokenizer_config.json"
+    config = read_json(config_path, what="tokenizer_config.json") if config_path.is_file() else {}
+    return _chat_template(folder, config)
+
+
+def attach_foreign_template(tokenizer, template: str | None, source: str | None):
+    """Llama 3's tokenizer with a chat template of another layout (no `<|start_header_id|>`: a ChatML
+    fine-tune of Llama 3, say) keeps the tiktoken path but chats in that template (`chat_format_for`)."""
+    if template is not None and "<|start_header_id|>" not in template:
+        tokenizer.chat_template, tokenizer.chat_template_source = template, source
+    return tokenizer
 
 
 def _is_tiktoken_file(path: Path) -> bool:
@@ -268,7 +286,7 @@ def write_hf_tokenizer(tokenizer, out: Path, *, max_seq_len: int) -> None:
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **{k: v for k, v in specials.items() if v is not None},
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": True,
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": max_seq_len,
