@@ -3,8 +3,7 @@
 Config: a head size not tied to the width (`llama.attention.key_length`), linear RoPE scaling
 (`llama.rope.scaling.type`/`.factor`) and attention/feed-forward biases (tensors `blk.N.attn_q.bias` ...).
 
-Tokenizer: 
-llama.cpp stores the vocabulary as metadata: `tokenizer.ggml.model` says which algorithm ("gpt2": byte-level
+Tokenizer: llama.cpp stores the vocabulary as metadata: `tokenizer.ggml.model` says which algorithm ("gpt2": byte-level
 BPE with `merges` and a pre-tokenizer named by `tokenizer.ggml.pre`; "llama": SentencePiece-style BPE whose
 merge order comes from the token `scores`, with `<0xNN>` byte tokens), `tokens` and `token_type` list every id,
 and the BOS/EOS/EOT/pad ids, `add_bos_token` and `chat_template` travel beside them. Here that becomes the
