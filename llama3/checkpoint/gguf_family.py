@@ -24,13 +24,14 @@ __all__ = ["PRE_TOKENIZERS", "add_derivative_metadata", "add_hf_tokenizer", "der
 # token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# tokenizer.ggml.pre names we can express as a tokenizers pre-tokenizer (byte-level BPE only)
+# tokenizer.ggml.pre names (as llama.cpp spells them) we can express as a tokenizers pre-tokenizer
 PRE_TOKENIZERS: dict[str, list[dict[str, Any]]] = {
-    "gpt2": [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}],
+    "gpt-2": [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}],
     "llama-bpe": [{"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT_PATTERN}, "behavior": "Isolated",
                    "invert": False},
                   {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}],
 }
+_PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe"}  # llama.cpp reads these alike
 _SPM_SPACE = "\u2581"
 
 
@@ -150,6 +151,7 @@ def _split_merges(merges: list[str], vocab: dict[str, int], path: Path) -> list[
 
 def _byte_level_json(fields: dict[str, Any], tokens: list[str], types: list[int], path: Path) -> dict[str, Any]:
     pre = fields.get("tokenizer.ggml.pre", "default")
+    pre = _PRE_ALIASES.get(pre, pre)
     if pre not in PRE_TOKENIZERS:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; known: "
                          f"{', '.join(PRE_TOKENIZERS)}. Its split rules decide how text is cut before BPE, so "
