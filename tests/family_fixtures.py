@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import AUSTEN
@@ -142,3 +143,57 @@ def write_hf_model(folder: Path, vocab_size: int, *, seed: int = 0, **config) ->
                 param.normal_(0, 0.5)  # logits far enough apart that greedy choices are stable
     model.save_pretrained(folder)
     return model
+
+
+# ----- the derivatives the family tests share -----
+
+VARIANTS = {
+    "gpt2-headdim-bias-linear": ("gpt2", dict(head_dim=32, attention_bias=True, mlp_bias=True,
+                                              rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "spm-tied-dynamic": ("spm", dict(tie_word_embeddings=True,
+                                     rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    "gpt2-llama3rope": ("gpt2", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 32})),
+}
+DIALOG = [{"role": "system", "content": "You are a helpful assistant."},
+          {"role": "user", "content": "Who is Mr. Darcy?"},
+          {"role": "assistant", "content": "A proud gentleman of Derbyshire."},
+          {"role": "user", "content": "And Elizabeth? 東京 👍"}]
+
+
+def special_ids(tok_data: dict, kind: str) -> dict:
+    ids = {t["content"]: t["id"] for t in tok_data["added_tokens"]}
+    spec = TOKENIZER_KINDS[kind]
+    return {"bos_token_id": ids.get(spec["bos"]), "eos_token_id": ids[spec["eos"]]}
+
+
+@pytest.fixture(scope="module", name="family_dirs")
+def family_dirs_fixture(tmp_path_factory):
+    """One HF folder per variant (tokenizers trained once per kind)."""
+    built = {}
+    tokenizers = {}
+    for name, (kind, config) in VARIANTS.items():
+        folder = tmp_path_factory.mktemp(name)
+        if kind not in tokenizers:
+            tokenizers[kind] = write_tokenizer(folder, kind)
+        else:
+            write_tokenizer_copy(tokenizers[kind], folder, kind)
+        data = tokenizers[kind]
+        hf = write_hf_model(folder, vocab_size_of(data), **config, **special_ids(data, kind))
+        built[name] = (folder, hf, kind)
+    return built
+
+
+def write_tokenizer_copy(data: dict, folder, kind: str) -> None:
+    spec = TOKENIZER_KINDS[kind]
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": spec["eos"], "chat_template": CHATML,
+              "add_bos_token": spec["add_bos"], "add_eos_token": False}
+    if spec["bos"]:
+        config.update(bos_token=spec["bos"], unk_token="<unk>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+def random_ids(vocab: int, length: int = 20) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(1))
