@@ -120,22 +120,26 @@ print(json.dumps({"tokens": tokens, "logits": [list(map(float, row)) for row in 
 """
 
 
+def _run_llama_cpp(path, texts: list[str], ids: list[int]) -> dict:
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _LLAMA_CPP_SCRIPT, str(path), json.dumps(texts), json.dumps(ids)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["gpt2", "spm"])
 def test_llama_cpp_runs_a_derivative_gguf(gguf_files, kind):
     """llama.cpp (in a subprocess: a native crash fails this test only) loads the derivative GGUF we write:
     equal logits, and for the byte-level vocabulary the same ids for every sample text."""
-    import subprocess
-    import sys
-
     path, hf, _ = gguf_files[kind]
     model, tokenizer = llama3.load(path)
     texts = [t for t in SAMPLE_TEXTS if t]
     ids = random_ids(hf.config.vocab_size)[0].tolist()
-    run = subprocess.run([sys.executable, "-c", _LLAMA_CPP_SCRIPT, str(path), json.dumps(texts), json.dumps(ids)],
-                         capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-2000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = _run_llama_cpp(path, texts, ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
     assert (torch.tensor(result["logits"]) - ours).abs().max() < 1e-3
@@ -145,3 +149,26 @@ def test_llama_cpp_runs_a_derivative_gguf(gguf_files, kind):
     else:  # llama.cpp's SentencePiece prepends a space to every text, as SentencePiece itself does
         assert result["bos"] == tokenizer.bos_id
         assert result["tokens"][0] == tokenizer.encode(texts[0])
+
+
+@pytest.mark.timeout(300)
+def test_gguf_round_trip_keeps_head_dim_biases_and_linear_rope(family_dirs, tmp_path):
+    """A derivative with head_dim != dim / n_heads, attention and MLP biases and linear RoPE scaling survives
+    GGUF (llama.attention.key_length, llama.rope.scaling.*, blk.N.*.bias): logits still equal transformers'."""
+    folder, hf, _ = family_dirs["gpt2-headdim-bias-linear"]
+    model, tokenizer = llama3.load(folder)
+    path = llama3.save(model, tokenizer, tmp_path / "m.gguf", format="gguf", dtype="f32")
+    loaded, loaded_tokenizer = llama3.load(path)
+    assert loaded.args.head_dim == 32 and loaded.args.rope_scaling_type == "linear"
+    assert loaded.args.attention_bias and loaded.args.mlp_bias
+    tokens = random_ids(hf.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), hf(tokens).logits, atol=2e-5, rtol=1e-4)
+    assert loaded_tokenizer.encode(SAMPLE_TEXTS[1]) == tokenizer.encode(SAMPLE_TEXTS[1])
+    ids = tokens[0].tolist()
+    cpp = _run_llama_cpp(path, [SAMPLE_TEXTS[1]], ids)  # llama.cpp reads the same keys and tensors
+    with torch.no_grad():
+        assert (torch.tensor(cpp["logits"]) - loaded(tokens[:1])[0]).abs().max() < 1e-3
+    dynamic = llama3.load(family_dirs["spm-tied-dynamic"][0])
+    with pytest.raises(ValueError, match="no 'dynamic' RoPE scaling"):
+        llama3.save(*dynamic, tmp_path / "d.gguf", format="gguf")
