@@ -67,10 +67,10 @@ def chat_format_for(tokenizer: Any) -> ChatFormatLike:
 # ----- the sandbox -----
 
 class _RenderBudget:
-    """Per-render state the sandbox checks: characters produced and `range` items handed out."""
+    """The `range` of one render: all its calls together hand out at most _RANGE_BUDGET items, so nested
+    loops cannot spin for hours without writing anything (the output cap catches loops that do write)."""
 
-    def __init__(self, max_chars: int):
-        self.max_chars = max_chars
+    def __init__(self):
         self.range_left = _RANGE_BUDGET
 
     def range(self, *args: int) -> range:
@@ -191,7 +191,7 @@ class ChatTemplate:
         from jinja2 import TemplateError
         from jinja2.sandbox import SecurityError
 
-        budget = _RenderBudget(self.max_chars)
+        budget = _RenderBudget()
         variables = {**self.special_tokens, **extra, "messages": [_template_message(m) for m in messages],
                      "tools": tools, "add_generation_prompt": add_generation_prompt, "range": budget.range}
         pieces, size = [], 0
