@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_SEQ_LEN", "ModelArgs", "PRESETS", "preset", "preset_names"]
+__all__ = ["MAX_SEQ_LEN", "ModelArgs", "PRESETS", "ROPE_SCALING_TYPES", "preset", "preset_names"]
 
+ROPE_SCALING_TYPES = ("llama3", "linear", "dynamic")
 # The longest context a config may declare: 2M positions, 16x Llama 3.1's 128K (long-context derivatives
 # reach 1M). The RoPE table is built eagerly for the whole context (max_seq_len × head_dim fp32 values,
 # 1 GiB at 2M and head_dim 128), so a config claiming 10^9 positions, or a head_dim in the millions, must
@@ -37,13 +38,22 @@ class ModelArgs:
     ffn_hidden_dim: int | None = None  # explicit FFN size; overrides the multiple_of rounding when set
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    use_scaled_rope: bool = False  # Llama 3.1+ frequency-dependent RoPE scaling
+    use_scaled_rope: bool = False  # RoPE scaling on (of kind `rope_scaling_type`)
+    # "llama3": Llama 3.1+ frequency-dependent scaling; "linear": positions divided by the factor (all
+    # frequencies / factor); "dynamic": NTK scaling that transformers applies only past
+    # rope_original_max_seq_len, so within the context we run (max_seq_len <= that) it is plain RoPE.
+    rope_scaling_type: str = "llama3"
     rope_scaling_factor: float = 8.0  # 3.1: 8, 3.2 1B/3B: 32
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
     max_seq_len: int = 8192  # run-time context length (not in Meta's params.json)
     tie_word_embeddings: bool = False
+    # Llama-architecture derivatives (HF config.json): a head size not tied to dim / n_heads, and biases on
+    # the attention projections (q, k, v, o) or the feed-forward ones (w1, w2, w3). Llama 3 has neither.
+    head_dim_override: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
     # Extra params.json keys we do not use (e.g. "rope_scaling" of later Meta releases) are kept here so a
     # round trip through params.json loses nothing.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -59,13 +69,17 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.max_seq_len={self.max_seq_len} is over the limit of {MAX_SEQ_LEN} positions "
                              "(its RoPE table alone would not fit in memory); set a smaller context length")
         self._check_finite()
-        if self.dim % self.n_heads != 0:
+        if self.head_dim_override is not None:
+            if not isinstance(self.head_dim_override, int) or self.head_dim_override <= 0:
+                raise ValueError(f"ModelArgs.head_dim_override must be a positive integer, got "
+                                 f"{self.head_dim_override!r}")
+        elif self.dim % self.n_heads != 0:
             raise ValueError(
                 f"ModelArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}); "
                 "pick n_heads so that head_dim = dim / n_heads is a whole number"
             )
         if self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings")
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.max_seq_len * self.head_dim > _MAX_ROPE_VALUES:
             raise ValueError(f"ModelArgs: a RoPE table of max_seq_len × head_dim = {self.max_seq_len} × "
                              f"{self.head_dim} values is over the limit of {_MAX_ROPE_VALUES}; the dimensions "
@@ -82,9 +96,17 @@ class ModelArgs:
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("ModelArgs.norm_eps and rope_theta must be positive")
         if self.use_scaled_rope:
+            if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+                raise ValueError(f"unknown rope_scaling_type {self.rope_scaling_type!r}; supported: "
+                                 f"{', '.join(ROPE_SCALING_TYPES)}")
             if self.rope_scaling_factor <= 0:
                 raise ValueError(f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
-            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            if self.rope_scaling_type == "dynamic" and self.max_seq_len > self.rope_original_max_seq_len:
+                raise ValueError(
+                    f"dynamic RoPE scaling past the original context ({self.rope_original_max_seq_len}) changes "
+                    f"the frequencies with the sequence length; run with max_seq_len <= "
+                    f"{self.rope_original_max_seq_len} (got {self.max_seq_len})")
+            if self.rope_scaling_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
                 raise ValueError(
                     f"rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
                     f"rope_low_freq_factor ({self.rope_low_freq_factor})"
@@ -107,7 +129,7 @@ class ModelArgs:
     # ----- derived sizes -----
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_override or self.dim // self.n_heads
 
     @property
     def hidden_dim(self) -> int:
@@ -191,6 +213,11 @@ class ModelArgs:
             params["ffn_hidden_dim"] = self.ffn_hidden_dim
         if self.tie_word_embeddings:
             params["tie_word_embeddings"] = True
+        if self.use_scaled_rope and self.rope_scaling_type != "llama3":
+            params["rope_scaling_type"] = self.rope_scaling_type
+        for name in ("head_dim_override", "attention_bias", "mlp_bias"):  # derivatives only
+            if getattr(self, name):
+                params[name] = getattr(self, name)
         params["max_seq_len"] = self.max_seq_len
         params.update(self.extra)
         return params
@@ -209,9 +236,6 @@ class ModelArgs:
         model_type = config.get("model_type", "llama")
         if model_type != "llama":
             raise ValueError(f"config.json has model_type {model_type!r}; only Llama-architecture models load")
-        for key in ("attention_bias", "mlp_bias"):
-            if config.get(key):
-                raise ValueError(f"config.json sets {key}=true; Llama 3 has no biases and this model would differ")
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"config.json has hidden_act {act!r}; Llama uses 'silu' (SwiGLU)")
@@ -229,11 +253,10 @@ class ModelArgs:
         except KeyError as e:
             raise ValueError(f"config.json is missing the required field {e.args[0]!r}") from None
         head_dim = config.get("head_dim")
-        if head_dim is not None and head_dim != dim // n_heads:
-            raise ValueError(
-                f"config.json head_dim={head_dim} differs from hidden_size/num_attention_heads={dim // n_heads}; "
-                "Llama 3 ties head_dim to the hidden size"
-            )
+        if head_dim is not None and (dim % n_heads or head_dim != dim // n_heads):
+            kwargs["head_dim_override"] = head_dim  # a derivative with its own head size
+        kwargs["attention_bias"] = bool(config.get("attention_bias", False))
+        kwargs["mlp_bias"] = bool(config.get("mlp_bias", False))
         kwargs["norm_eps"] = config.get("rms_norm_eps", 1e-5)
         kwargs["max_seq_len"] = config.get("max_position_embeddings", 8192)
         kwargs["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
@@ -265,9 +288,9 @@ class ModelArgs:
             "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": None,
-            "attention_bias": False,
+            "attention_bias": self.attention_bias,
             "attention_dropout": 0.0,
-            "mlp_bias": False,
+            "mlp_bias": self.mlp_bias,
             "initializer_range": 0.02,
             "pretraining_tp": 1,
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -276,7 +299,11 @@ class ModelArgs:
             "eos_token_id": eos_token_id,
             "torch_dtype": torch_dtype,
         }
-        if self.use_scaled_rope:
+        if self.use_scaled_rope and self.rope_scaling_type != "llama3":
+            cfg["rope_scaling"] = {"rope_type": self.rope_scaling_type, "factor": float(self.rope_scaling_factor)}
+            if self.rope_scaling_type == "dynamic":
+                cfg["rope_scaling"]["original_max_position_embeddings"] = int(self.rope_original_max_seq_len)
+        elif self.use_scaled_rope:
             cfg["rope_scaling"] = {
                 "rope_type": "llama3",
                 "factor": float(self.rope_scaling_factor),
@@ -291,7 +318,9 @@ class ModelArgs:
         """Exact parameter count from the shapes (no model needed)."""
         d, hd = self.dim, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # wq, wo, wk, wv
-        ffn = 3 * d * self.hidden_dim
+        if self.attention_bias:
+            attn += self.n_heads * hd + 2 * self.n_kv_heads * hd + d
+        ffn = 3 * d * self.hidden_dim + (2 * self.hidden_dim + d if self.mlp_bias else 0)
         per_layer = attn + ffn + 2 * d  # + two RMSNorm weights
         embed = self.vocab_size * d
         total = self.n_layers * per_layer + d + embed  # + final norm + output
@@ -313,25 +342,30 @@ class ModelArgs:
 
 
 def _apply_hf_rope_scaling(kwargs: dict[str, Any], rope: dict[str, Any], *, source: str) -> None:
+    """RoPE scaling from an HF `rope_scaling` dict: llama3 (3.1+), linear and dynamic (NTK), as transformers
+    defines them; any other kind is refused (its positions would be computed differently)."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type in (None, "default"):
         kwargs["use_scaled_rope"] = False
         return
-    if rope_type != "llama3":
+    if rope_type not in ROPE_SCALING_TYPES:
         raise ValueError(
-            f"{source}: unknown rope type {rope_type!r}; supported: 'default' and 'llama3' "
-            "(Llama 3.1+ frequency scaling)"
+            f"{source}: unknown rope type {rope_type!r}; supported: 'default', 'llama3' (Llama 3.1+ frequency "
+            "scaling), 'linear' and 'dynamic'"
         )
     try:
-        kwargs.update(
-            use_scaled_rope=True,
-            rope_scaling_factor=float(rope["factor"]),
-            rope_low_freq_factor=float(rope["low_freq_factor"]),
-            rope_high_freq_factor=float(rope["high_freq_factor"]),
-            rope_original_max_seq_len=int(rope["original_max_position_embeddings"]),
-        )
+        kwargs.update(use_scaled_rope=True, rope_scaling_type=rope_type, rope_scaling_factor=float(rope["factor"]))
+        if rope_type == "llama3":
+            kwargs.update(
+                rope_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_original_max_seq_len=int(rope["original_max_position_embeddings"]),
+            )
+        elif rope_type == "dynamic":  # transformers: the original context defaults to max_position_embeddings
+            original = rope.get("original_max_position_embeddings", kwargs.get("max_seq_len"))
+            kwargs["rope_original_max_seq_len"] = int(original if original is not None else 8192)
     except KeyError as e:
-        raise ValueError(f"{source}: llama3 rope scaling is missing {e.args[0]!r}") from None
+        raise ValueError(f"{source}: {rope_type} rope scaling is missing {e.args[0]!r}") from None
 
 
 # ----- presets -----

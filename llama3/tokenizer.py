@@ -364,6 +364,11 @@ class ChatFormat:
     def stop_tokens(self) -> set[int]:
         return self.tokenizer.stop_tokens
 
+    @property
+    def supports_tools(self) -> bool:
+        """Tools travel in Llama 3.1's JSON format (see `llama3.serve.tools`)."""
+        return True
+
     def encode_header(self, message: Message) -> list[int]:
         role = _check_role(message)
         role = "ipython" if role == "tool" else role
@@ -392,14 +397,15 @@ class ChatFormat:
     def encode_dialog(self, dialog: Dialog, *, add_generation_prompt: bool = False,
                       train_on: Literal["assistant", "all"] = "assistant") -> tuple[list[int], list[bool]]:
         """Ids and a loss mask for training. With train_on="assistant" only the content and end token of
-        assistant messages are True (headers never are): the model learns to answer and to stop."""
+        assistant messages are True (headers never are): the model learns to answer and to stop. A message
+        with `weight: 0` contributes nothing to the loss."""
         if not dialog:
             raise ValueError("a dialog needs at least one message")
         ids, mask = [self.tokenizer.bos_id], [False]
         for message in dialog:
             header = self.encode_header(message)
             body = self.encode_content(message) + [self.tokenizer.eot_id]
-            learn = train_on == "all" or message["role"] == "assistant"
+            learn = (train_on == "all" or message["role"] == "assistant") and message.get("weight", 1) != 0
             ids += header + body
             mask += [False] * len(header) + [learn] * len(body)
         if add_generation_prompt:

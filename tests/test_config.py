@@ -94,7 +94,9 @@ def test_hf_config_both_rope_spellings():
 @pytest.mark.parametrize("change,message", [
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unknown rope type 'yarn'"),
     ({"model_type": "mistral"}, "model_type"),
-    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64}},
+     "dynamic RoPE scaling past the original context"),
 ])
 def test_hf_config_rejects_what_it_cannot_run(change, message):
     cfg = {**preset("debug").to_hf_config(), **change}

@@ -39,6 +39,14 @@ _LAYER_NAMES = {
     "feed_forward.w3.weight": "ffn_up.weight",
     "attention_norm.weight": "attn_norm.weight",
     "ffn_norm.weight": "ffn_norm.weight",
+    # biases: Llama-architecture derivatives only (see gguf_family.py)
+    "attention.wq.bias": "attn_q.bias",
+    "attention.wk.bias": "attn_k.bias",
+    "attention.wv.bias": "attn_v.bias",
+    "attention.wo.bias": "attn_output.bias",
+    "feed_forward.w1.bias": "ffn_gate.bias",
+    "feed_forward.w2.bias": "ffn_down.bias",
+    "feed_forward.w3.bias": "ffn_up.bias",
 }
 _TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
               "output.weight": "output.weight"}
@@ -105,7 +113,10 @@ def _add_metadata(writer, args: ModelArgs, file_type: int, name: str) -> None:
     writer.add_vocab_size(args.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if args.use_scaled_rope:
+    from .gguf_family import add_derivative_metadata
+
+    add_derivative_metadata(writer, args)
+    if args.use_scaled_rope and args.rope_scaling_type == "llama3":
         for field, value in zip(_ROPE_FIELDS, (args.rope_scaling_factor, args.rope_low_freq_factor,
                                                args.rope_high_freq_factor, args.rope_original_max_seq_len)):
             writer.add_float32(f"{_ROPE_KEY}.{field}", float(value))
@@ -116,8 +127,13 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     merges "left right" in rank order, and the Llama 3 pre-tokenizer."""
     import gguf
 
+    from ..hf_tokenizer import HFTokenizer
     from ..tokenizer import CHAT_TEMPLATE, _bytes_to_hf
 
+    if isinstance(tokenizer, HFTokenizer):  # a derivative's own vocabulary
+        from .gguf_family import add_hf_tokenizer
+
+        return add_hf_tokenizer(writer, tokenizer, vocab_size)
     if tokenizer.n_words > vocab_size:
         # Llama 3.2's tokenizer.json lists <|image|> at 128256, past the 128256 embedding rows; like llama.cpp's
         # own converter, keep the ids the model has rows for (a token without a row could never be produced).
@@ -155,7 +171,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     if tokenizer.special_tokens.get("<|finetune_right_pad_id|>", vocab_size) < vocab_size:
         writer.add_pad_token_id(tokenizer.special_tokens["<|finetune_right_pad_id|>"])
     writer.add_add_bos_token(True)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE)
 
 
 def _encode_tensor(tensor: torch.Tensor, qtype) -> np.ndarray:
@@ -203,7 +219,7 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.d
         "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
     state = model.state_dict()
     plan: list[tuple[str, torch.Tensor, object]] = []  # (gguf name, tensor, ggml type)
-    if args.use_scaled_rope:
+    if args.use_scaled_rope and args.rope_scaling_type == "llama3":
         plan.append(("rope_freqs.weight", rope_freq_divisors(args), Q.F32))
     for key, tensor in state.items():
         if key == "output.weight" and args.tie_word_embeddings:
@@ -405,13 +421,14 @@ def _field(reader, key: str, default=None):
 
 def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
               dtype: str | torch.dtype | None = None, progress: bool = False, dequantize: bool = False):
-    """(model, tokenizer) from a llama-architecture GGUF with a Llama 3 style BPE vocabulary. Quantized
-    weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) stay quantized and run on the CPU kernels
+    """(model, tokenizer) from a llama-architecture GGUF: Llama 3 (its vocabulary on tiktoken) or a derivative
+    (its byte-level BPE or SentencePiece vocabulary on `tokenizers`, see gguf_family.py). Quantized weights
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) stay quantized and run on the CPU kernels
     (`llama3.inference.ggml_quant`), unless `dequantize=True` turns them into float tensors. dtype=None
     gives float32 for quantized files, else the stored float type."""
     import gguf
 
-    from ..tokenizer import Tokenizer, _hf_to_bytes
+    from .gguf_family import derivative_args
     from .gguf_quantized_model import build_quantized_model, is_quantized_file
     from .gguf_quants import check_quantized_tensor, check_tensor_types
     from .load import materialize_model
@@ -441,8 +458,10 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                      norm_eps=float(need("attention.layer_norm_rms_epsilon")),
                      rope_theta=float(need("rope.freq_base")), max_seq_len=int(need("context_length")),
                      tie_word_embeddings="output.weight" not in tensors)
+    args = derivative_args(args, reader.fields, set(tensors), path)
     if "rope_freqs.weight" in tensors:
         args = _scaled_rope_args(args, reader, torch.from_numpy(np.array(tensors["rope_freqs.weight"].data)), path)
+    tokenizer = _gguf_tokenizer(reader, path)
 
     def items():
         for name, t in tensors.items():
@@ -466,14 +485,27 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path),
                                   progress=progress, stored_shapes=_stored_shapes(tensors),
                                   stored_name=gguf_tensor_name)
+    return model, tokenizer
+
+
+def _gguf_tokenizer(reader, path: Path):
+    """Llama 3's vocabulary on the tiktoken path; a derivative's (another BPE, SentencePiece) on `tokenizers`."""
+    import gguf
+
+    from ..tokenizer import Tokenizer, _hf_to_bytes
+    from .gguf_family import hf_tokenizer_from_gguf, is_llama3_vocab
+
+    if not is_llama3_vocab(reader.fields):
+        return hf_tokenizer_from_gguf(reader.fields, path)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
-    if tokens is None or _field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{path}: no byte-level BPE ('gpt2') vocabulary in the metadata")
     ranks = {_hf_to_bytes(tok): i for i, (tok, kind) in enumerate(zip(tokens, types))
              if kind == gguf.TokenType.NORMAL}
     specials = [tok for tok, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
-    return model, Tokenizer(ranks, special_tokens=specials)
+    from .hf import attach_foreign_template
+
+    return attach_foreign_template(Tokenizer(ranks, special_tokens=specials), _field(reader, "tokenizer.chat_template"),
+                                   f"{path} (tokenizer.chat_template)")
 
 
 def _scaled_rope_args(args: ModelArgs, reader, divisors: torch.Tensor, path: Path) -> ModelArgs:

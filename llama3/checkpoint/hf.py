@@ -112,7 +112,8 @@ def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs
     Tensors used as stored are zero-copy views of the memory-mapped file; those that get converted or
     permuted are read (pread) into their own memory instead, so a converted copy never sits beside resident
     pages of its source: peak memory stays near the size of the weights."""
-    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
+    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads,
+             "attention.wq.bias": args.n_heads, "attention.wk.bias": args.n_kv_heads}
     for path, promised in files:
         with open_safetensors(path, low_memory=False) as mapped, open_safetensors(path) as reader:
             keys = list(mapped.keys())
@@ -131,7 +132,7 @@ def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs
                     raise ValueError(f"{path}: unexpected tensor {key!r}; not part of a Llama model") from None
                 n_heads = heads.get(meta_key.split(".", 2)[-1])
                 tensor = read_safetensors_tensor(mapped if use_map and n_heads is None else reader, key, path)
-                if n_heads is not None and tensor.dim() == 2 and tensor.shape[0] == n_heads * args.head_dim:
+                if n_heads is not None and tensor.dim() in (1, 2) and tensor.shape[0] == n_heads * args.head_dim:
                     tensor = permute_qk_to_meta(tensor, n_heads)  # wrong shapes are reported by the caller
                 yield meta_key, tensor, str(path)
 
@@ -171,26 +172,65 @@ def _special_names(tokenizer_json: Path, num_base: int) -> list[str] | None:
 
 
 def load_tokenizer(folder: Path):
-    """Our Tokenizer from a folder. A tiktoken tokenizer.model loads fastest; its special-token names come
-    from tokenizer.json when both exist (3.0 and 3.1 name the reserved ids differently). Otherwise the
-    byte-level BPE in tokenizer.json."""
+    """The tokenizer of a folder. Llama 3's (and ours) on the exact tiktoken path: a tiktoken tokenizer.model
+    loads fastest, its special-token names from tokenizer.json when both exist (3.0 and 3.1 name the reserved
+    ids differently), or the byte-level BPE of a tokenizer.json with Llama 3's special tokens. Any other
+    tokenizer.json (a derivative's own vocabulary) runs on the `tokenizers` library with its chat template."""
+    from ..hf_tokenizer import HFTokenizer, is_llama3_tokenizer_json
     from ..tokenizer import Tokenizer
 
-    for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
+    tokenizer_json = folder / "tokenizer.json"
+    json_data = read_json(tokenizer_json, what="tokenizer.json") if tokenizer_json.is_file() else None
+    for name in ("tokenizer.model", "original/tokenizer.model"):
         path = folder / name
-        if not path.is_file():
-            continue
+        if path.is_file() and _is_tiktoken_file(path):
+            try:
+                tokenizer = Tokenizer.from_tiktoken_file(path)
+                names = _special_names(tokenizer_json, len(tokenizer.mergeable_ranks))
+            except (ValueError, KeyError, TypeError) as e:
+                message = str(e) if str(path) in str(e) else f"{path}: {e}"
+                raise ValueError(f"{message}; a tiktoken tokenizer.model must be Llama 3 style byte-level BPE") from None
+            if names is not None:
+                tokenizer = Tokenizer(tokenizer.mergeable_ranks, special_tokens=names, pattern=tokenizer.pattern)
+            return attach_foreign_template(tokenizer, *_folder_template(folder))
+    if json_data is not None and is_llama3_tokenizer_json(json_data):
         try:
-            if path.suffix == ".json":
-                return Tokenizer.from_hf_json(path)
-            tokenizer = Tokenizer.from_tiktoken_file(path)
-            names = _special_names(folder / "tokenizer.json", len(tokenizer.mergeable_ranks))
-            return tokenizer if names is None else Tokenizer(tokenizer.mergeable_ranks, special_tokens=names,
-                                                             pattern=tokenizer.pattern)
+            tokenizer = Tokenizer.from_hf_json(tokenizer_json)
         except (ValueError, KeyError, TypeError) as e:
-            message = str(e) if str(path) in str(e) else f"{path}: {e}"
-            raise ValueError(f"{message}; only Llama 3 style byte-level BPE tokenizers are supported") from None
+            message = str(e) if str(tokenizer_json) in str(e) else f"{tokenizer_json}: {e}"
+            raise ValueError(f"{message}; Llama 3's special tokens need Llama 3 style byte-level BPE") from None
+        return attach_foreign_template(tokenizer, *_folder_template(folder))
+    if json_data is not None:
+        return HFTokenizer.from_folder(folder)
+    if (folder / "tokenizer.model").is_file():
+        raise ValueError(f"{folder / 'tokenizer.model'}: a SentencePiece model without a tokenizer.json; save the "
+                         "tokenizer with transformers (AutoTokenizer.from_pretrained(...).save_pretrained(...)) "
+                         "to get the tokenizer.json this package reads")
     raise ValueError(f"{folder}: no tokenizer.json or tokenizer.model; copy the model's tokenizer files here")
+
+
+def _folder_template(folder: Path) -> tuple[str | None, str | None]:
+    from ..hf_tokenizer import _chat_template
+
+    config_path = folder / "tokenizer_config.json"
+    config = read_json(config_path, what="tokenizer_config.json") if config_path.is_file() else {}
+    return _chat_template(folder, config)
+
+
+def attach_foreign_template(tokenizer, template: str | None, source: str | None):
+    """Llama 3's tokenizer with a chat template of another layout (no `<|start_header_id|>`: a ChatML
+    fine-tune of Llama 3, say) keeps the tiktoken path but chats in that template (`chat_format_for`)."""
+    if template is not None and "<|start_header_id|>" not in template:
+        tokenizer.chat_template, tokenizer.chat_template_source = template, source
+    return tokenizer
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    """Meta's tokenizer.model is text lines `base64 rank`; a SentencePiece one is a binary protobuf."""
+    with open(path, "rb") as f:
+        head = f.read(256).split(b"\n", 1)[0]
+    parts = head.split()
+    return len(parts) == 2 and parts[1].isdigit()
 
 
 _HF_JSON_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -249,15 +289,21 @@ def _special_token_fields(tokenizer) -> dict[str, Any]:
 
 
 def write_hf_tokenizer(tokenizer, out: Path, *, max_seq_len: int) -> None:
-    """tokenizer.json, tokenizer_config.json (chat template), special_tokens_map.json and tokenizer.model."""
+    """tokenizer.json, tokenizer_config.json (chat template), special_tokens_map.json and tokenizer.model
+    (a derivative's tokenizer: its own tokenizer.json and tokenizer_config.json)."""
+    from ..hf_tokenizer import HFTokenizer
     from ..tokenizer import CHAT_TEMPLATE
+
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save_files(out, model_max_length=max_seq_len)
+        return
 
     specials = _special_token_fields(tokenizer)
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_hf_json(tokenizer), ensure_ascii=False), encoding="utf-8")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **{k: v for k, v in specials.items() if v is not None},
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": True,
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": max_seq_len,
@@ -279,6 +325,8 @@ def write_hf_configs(args: ModelArgs, tokenizer, out: Path, *, dtype: torch.dtyp
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop_ids,
                   # Meta's instruct defaults (llama-models generation.py): temperature 0.6, top_p 0.9.
                   "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    if tokenizer.bos_id is None:
+        del generation["bos_token_id"]
     if "<|finetune_right_pad_id|>" in tokenizer.special_tokens:
         generation["pad_token_id"] = tokenizer.special_tokens["<|finetune_right_pad_id|>"]
     write_json(out / "generation_config.json", generation)

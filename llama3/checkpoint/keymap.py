@@ -24,6 +24,13 @@ _LAYER_MAP = {
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",  # biases: Llama-architecture derivatives only
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.wo.bias": "self_attn.o_proj.bias",
+    "feed_forward.w1.bias": "mlp.gate_proj.bias",
+    "feed_forward.w2.bias": "mlp.down_proj.bias",
+    "feed_forward.w3.bias": "mlp.up_proj.bias",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
@@ -58,23 +65,24 @@ def hf_to_meta_key(key: str) -> str:
 
 def permute_qk_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of wq/wk from interleaved pairs (Meta) to rotate-half order (HF): within each head,
-    row 2i+j moves to j·Dh/2 + i. w: (n_heads·Dh, D)."""
-    out_dim, in_dim = w.shape
+    row 2i+j moves to j·Dh/2 + i. w: (n_heads·Dh, D), or a bias (n_heads·Dh,)."""
+    out_dim = w.shape[0]
     head_dim = out_dim // n_heads
-    return w.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def permute_qk_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of `permute_qk_to_hf`."""
-    out_dim, in_dim = w.shape
+    out_dim = w.shape[0]
     head_dim = out_dim // n_heads
-    return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def _needs_permute(meta_key: str) -> int | None:
-    if meta_key.endswith("attention.wq.weight"):
+    """0 for wq (and its bias), 1 for wk: their rows carry RoPE pairs; None for every other tensor."""
+    if meta_key.endswith(("attention.wq.weight", "attention.wq.bias")):
         return 0
-    if meta_key.endswith("attention.wk.weight"):
+    if meta_key.endswith(("attention.wk.weight", "attention.wk.bias")):
         return 1
     return None
 

@@ -234,6 +234,11 @@ def save_meta(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.d
     """Write a Meta folder: params.json, consolidated.00..N-1.pth, tokenizer.model (atomically).
     Tied models omit output.weight (the embedding is the output matrix)."""
     args: ModelArgs = model.args
+    from ..hf_tokenizer import HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):  # a derivative's own tokenizer (tokenizer.json)
+        raise ValueError("Meta's format carries Llama 3's tiktoken tokenizer.model; this model has its own "
+                         "tokenizer, so save it as a Hugging Face folder or GGUF instead (--to hf / --to gguf)")
     _check_num_shards(args, num_shards)
     state = model.state_dict()
     dtype = parse_dtype(dtype) or state["tok_embeddings.weight"].dtype

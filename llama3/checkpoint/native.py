@@ -6,7 +6,8 @@ A step folder holds
     train_state.pt        optimizer state, step, data-loader state, RNG states, skipped-step count
     config.json           the resolved TrainConfig of the run
     model_args.json       the ModelArgs (so the weights load without the training config)
-    tokenizer.model       the tokenizer (tiktoken format)
+    tokenizer.model       the tokenizer (tiktoken format), or for a derivative its tokenizer.json and
+                          tokenizer_config.json
     COMPLETE              the completion marker, written last
 
 It is written into `RUN/.tmp-step-NNNNNNNN/` and renamed into place after the marker, so a crash mid-save
@@ -80,8 +81,13 @@ def save_training_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.
         "train_state.pt": lambda p: _torch_save(state, p),
         "config.json": lambda p: p.write_text(config_json),
         "model_args.json": lambda p: p.write_text(json.dumps(model.args.to_dict(), indent=2) + "\n"),
-        "tokenizer.model": tokenizer.save_tiktoken,
     }
+    from ..hf_tokenizer import HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):  # a derivative's own tokenizer files (tokenizer.json, ...)
+        writes["tokenizer.json"] = lambda p: tokenizer.save_files(p.parent)
+    else:
+        writes["tokenizer.model"] = tokenizer.save_tiktoken
     try:
         for name, write in writes.items():
             try:
@@ -249,4 +255,8 @@ def load_training_checkpoint(path: str | Path, *, device: str | torch.device = "
         tensors = ((k, t, str(weights)) for k, t in _read_weights(weights))
         model = materialize_model(args, tensors, device=device, dtype=dtype, what=str(step_dir),
                                   stored_shapes=stored)
+    if not (step_dir / "tokenizer.model").is_file() and (step_dir / "tokenizer.json").is_file():
+        from ..hf_tokenizer import HFTokenizer
+
+        return model.eval(), HFTokenizer.from_folder(step_dir)  # a derivative's own tokenizer
     return model.eval(), Tokenizer.from_file(step_dir / "tokenizer.model")

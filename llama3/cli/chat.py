@@ -1,4 +1,4 @@
-"""`llama3 chat`: a multi-turn chat REPL in Llama 3's chat format, streaming each reply.
+"""`llama3 chat`: a multi-turn chat REPL in the model's chat format, streaming each reply.
 
     llama3 chat --model out/hf --system "You are a helpful assistant."
     printf 'Hello\\nHow are you?\\n' | llama3 chat --model out/hf --temperature 0     # piped: one turn a line
@@ -35,12 +35,12 @@ class ChatSession:
     `max_new_tokens=None` means up to 256 tokens a reply, or the room left when the context is shorter."""
 
     def __init__(self, generator, *, system: str | None, max_new_tokens: int | None, sampling, notify=_notice):
-        from ..tokenizer import ChatFormat
+        from ..chat_template import chat_format_for
 
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         self.generator = generator
-        self.chat_format = ChatFormat(generator.tokenizer)
+        self.chat_format = chat_format_for(generator.tokenizer)  # Llama 3's, or the model's own template
         self.context = context_length(generator)
         self.system = system
         self.max_new_tokens = max_new_tokens
@@ -100,7 +100,8 @@ class ChatSession:
             self.messages.pop()
             raise
         pieces: list[str] = []
-        stream = self.generator.stream(prompt, max_new_tokens=self._new_tokens(len(prompt)), sampling=self.sampling)
+        stream = self.generator.stream(prompt, max_new_tokens=self._new_tokens(len(prompt)), sampling=self.sampling,
+                                       stop_ids=sorted(self.chat_format.stop_tokens))
         try:
             for piece in stream:
                 pieces.append(piece)

@@ -187,12 +187,12 @@ def _prepare(cfg, device, log, fit_seq_len: bool):
     import torch
 
     from ..checkpoint.load import load
-    from ..tokenizer import ChatFormat
+    from ..chat_template import chat_format_for
     from ..train.dpo import compute_reference_logps
 
     base, tokenizer = load(cfg.finetune.model_path, device=device, dtype=torch.float32)
     _fit_seq_len(cfg, base.args.max_seq_len, log, shrink=fit_seq_len)
-    train_examples, val_examples = _load_examples(cfg, ChatFormat(tokenizer))
+    train_examples, val_examples = _load_examples(cfg, chat_format_for(tokenizer))
     log(f"{cfg.data.path}: {len(train_examples)} training and {len(val_examples)} validation "
         f"{'dialogs' if cfg.finetune.method == 'sft' else 'pairs'}")
     if cfg.finetune.method == "dpo":

@@ -4,6 +4,7 @@
     llama3 generate --model out/hf --prompt "..." --temperature 0 --json      # one JSON object
     llama3 generate --model out/hf --prompt "..." --dtype bf16 --quantize int8 # fastest on a CPU
     llama3 generate --model out/hf --prompt-file prompt.txt                   # or --prompt-file - (stdin)
+    llama3 generate --model out/hf --prompt "Who is Emma?" --chat               # as a chat turn
 
 `--json` prints {"text", "token_ids", "finish_reason", "timing": {"load_s", "warmup_s", "prefill_s",
 "decode_s", "num_prompt_tokens", "num_new_tokens", "decode_tokens_per_s"}}. Notices (such as a reply limit
@@ -149,6 +150,17 @@ def _read_prompt(args: argparse.Namespace) -> str:
         raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
 
 
+def _prompt_and_stops(generator, prompt: str, chat: bool):
+    """The prompt's ids (BOS added by the tokenizer's rule), or with `--chat` the ids of a one-message dialog
+    in the model's chat format together with that format's stop tokens."""
+    if not chat:
+        return generator.tokenizer.encode(prompt, bos=True), None
+    from ..chat_template import chat_format_for
+
+    chat_format = chat_format_for(generator.tokenizer)
+    return chat_format.encode_dialog_prompt([{"role": "user", "content": prompt}]), sorted(chat_format.stop_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama3 generate", description=HELP)
     add_model_options(parser)
@@ -158,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_options(parser, temperature=0.6, top_p=0.9)
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timing")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as one user message in the model's chat format (Llama 3's, or the "
+                             "model's own template) and stop at its end of turn")
     args = parser.parse_args(argv)
 
     try:
@@ -166,19 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         generator = build_generator(args)
         load_s = time.perf_counter() - start
-        prompt_ids = generator.tokenizer.encode(prompt, bos=True)
+        prompt_ids, stop_ids = _prompt_and_stops(generator, prompt, args.chat)
         max_new, notice = fit_new_tokens(args.max_new_tokens, len(prompt_ids), context_length(generator))
         if notice:
             print(f"llama3 generate: note: {notice}", file=sys.stderr)
         if args.json:
             [result] = generator.generate([prompt_ids], max_new_tokens=max_new, sampling=sampling,
-                                          stop_strings=args.stop)
+                                          stop_strings=args.stop, stop_ids=stop_ids)
             timing = {"load_s": load_s, "warmup_s": result.timing.compile_s, **result.timing.to_dict()}
             print(json.dumps({"text": result.text, "token_ids": result.token_ids,
                               "finish_reason": result.finish_reason, "timing": timing}, ensure_ascii=False))
             return 0
         for piece in generator.stream(prompt_ids, max_new_tokens=max_new, sampling=sampling,
-                                      stop_strings=args.stop):
+                                      stop_strings=args.stop, stop_ids=stop_ids):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -7,7 +7,8 @@ Each line of a chat file is one dialog, as in OpenAI's fine-tuning format:
 
 Roles: system, user, assistant, tool (written as Llama 3.1's `ipython`). An assistant message may carry
 `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}]) instead of content, and
-`weight: 0` to keep that reply out of the loss. Dialogs are encoded with `ChatFormat.encode_dialog`, so the
+`weight: 0` to keep that reply out of the loss. Dialogs are encoded with the model's chat format
+(`ChatFormat.encode_dialog` for Llama 3, its Jinja template for a derivative), so the
 ids are exactly what `llama3 chat`/`serve` and HF's `apply_chat_template` produce at inference time.
 
 Each line of a preference file is one DPO pair:
@@ -32,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..tokenizer import ChatFormat
+from ..chat_template import ChatFormatLike
 from .jsonl import read_jsonl
 
 __all__ = [
@@ -163,21 +164,7 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, Any]]:
 
 # ----- encoding -----
 
-def _encode_masked(chat_format: ChatFormat, messages: list[dict[str, Any]],
-                   train_on: Literal["assistant", "all"]) -> tuple[list[int], list[bool]]:
-    """encode_dialog, then turn off the spans of assistant messages that carry weight 0."""
-    ids, mask = chat_format.encode_dialog(messages, train_on=train_on)
-    pos = 1  # after BOS
-    for message in messages:
-        length = len(chat_format.encode_message(message))
-        if message.get("weight") == 0:
-            mask[pos: pos + length] = [False] * length
-        pos += length
-    assert pos == len(ids), "message spans must tile the dialog"
-    return ids, mask
-
-
-def encode_chat_record(record: dict[str, Any], chat_format: ChatFormat, where: str, *, max_seq_len: int,
+def encode_chat_record(record: dict[str, Any], chat_format: ChatFormatLike, where: str, *, max_seq_len: int,
                        train_on: Literal["assistant", "all"] = "assistant",
                        overlong: Literal["truncate", "error"] = "truncate") -> ChatExample:
     """One JSONL record -> ChatExample, truncated to `max_seq_len` + 1 ids (inputs and targets overlap by one).
@@ -193,7 +180,10 @@ def encode_chat_record(record: dict[str, Any], chat_format: ChatFormat, where: s
     messages = validate_messages(record["messages"], where)
     if train_on == "assistant" and not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         raise ValueError(f"{where}: no assistant reply to learn from (add one, or use train_on='all')")
-    ids, mask = _encode_masked(chat_format, messages, train_on)
+    try:
+        ids, mask = chat_format.encode_dialog(messages, train_on=train_on)  # weight-0 replies stay out
+    except ValueError as e:  # e.g. a derivative's template that cannot render this dialog
+        raise ValueError(f"{where}: {e}") from None
     truncated = len(ids) > max_seq_len + 1
     if truncated:
         if overlong == "error":
@@ -217,7 +207,7 @@ def _as_messages(value: Any, where: str, field_name: str, default_role: str) -> 
     return validate_messages(value, f"{where}: {field_name}")
 
 
-def _response_mask(chat_format: ChatFormat, prompt: list[dict[str, Any]], response: list[dict[str, Any]],
+def _response_mask(chat_format: ChatFormatLike, prompt: list[dict[str, Any]], response: list[dict[str, Any]],
                    mask_formatting: bool) -> tuple[list[int], list[bool]]:
     """Ids of prompt + response with a mask over the response's assistant content. With `mask_formatting`
     the end-of-turn tokens are left out as well as the headers (Llama 3 paper §4.1.4: formatting tokens are
@@ -226,12 +216,12 @@ def _response_mask(chat_format: ChatFormat, prompt: list[dict[str, Any]], respon
     num_prompt = len(chat_format.encode_dialog(prompt)[0])
     mask = [False] * num_prompt + mask[num_prompt:]
     if mask_formatting:
-        enders = {chat_format.tokenizer.eot_id, chat_format.tokenizer.eom_id}
+        enders = chat_format.stop_tokens
         mask = [m and tok not in enders for tok, m in zip(ids, mask)]
     return ids, mask
 
 
-def encode_preference_record(record: dict[str, Any], chat_format: ChatFormat, where: str, *,
+def encode_preference_record(record: dict[str, Any], chat_format: ChatFormatLike, where: str, *,
                              max_seq_len: int, mask_formatting: bool = True) -> PreferenceExample:
     """One `prompt`/`chosen`/`rejected` record -> PreferenceExample (both sequences truncated alike)."""
     for key in ("prompt", "chosen", "rejected"):
@@ -262,7 +252,7 @@ def encode_preference_record(record: dict[str, Any], chat_format: ChatFormat, wh
     return PreferenceExample(*encoded["chosen"], *encoded["rejected"], source=where)
 
 
-def load_chat_jsonl(path: str | os.PathLike, chat_format: ChatFormat, *, max_seq_len: int,
+def load_chat_jsonl(path: str | os.PathLike, chat_format: ChatFormatLike, *, max_seq_len: int,
                     train_on: Literal["assistant", "all"] = "assistant",
                     overlong: Literal["truncate", "error"] = "truncate") -> list[ChatExample]:
     """Every dialog of a chat JSONL file, encoded; the first malformed line raises."""
@@ -276,7 +266,7 @@ def load_chat_jsonl(path: str | os.PathLike, chat_format: ChatFormat, *, max_seq
     return examples
 
 
-def load_preference_jsonl(path: str | os.PathLike, chat_format: ChatFormat, *, max_seq_len: int,
+def load_preference_jsonl(path: str | os.PathLike, chat_format: ChatFormatLike, *, max_seq_len: int,
                           mask_formatting: bool = True) -> list[PreferenceExample]:
     """Every pair of a preference JSONL file, encoded; the first malformed line raises."""
     examples = [encode_preference_record(record, chat_format, f"{path}:{lineno}", max_seq_len=max_seq_len,

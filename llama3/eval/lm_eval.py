@@ -173,7 +173,7 @@ class Llama3LM(LM):
         for key, indices in tqdm(groups.items(), desc="generate_until", disable=disable_tqdm):
             until, max_gen_toks, sampling = settings[key]
             prompts = [
-                ([self.tokenizer.bos_id] if self.add_bos else []) + self.tokenizer.encode(requests[i].args[0])
+                self.tokenizer.encode(requests[i].args[0], bos=self.add_bos)
                 for i in indices
             ]
             texts = generate_texts(

@@ -38,7 +38,7 @@ def encode_pair(
     whole_ids = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
     continuation_ids = whole_ids[len(context_ids) :]
-    prefix = [tokenizer.bos_id] if add_bos else []
+    prefix = tokenizer.encode("", bos=True) if add_bos else []  # BOS where the tokenizer uses one
     return prefix + context_ids, continuation_ids
 
 

@@ -280,7 +280,7 @@ def _run_multiple_choice(
 def _run_generation(
     task: Task, contexts: list[str], model, tokenizer: Tokenizer, batch_size: int
 ) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(context) for context in contexts]
+    prompts = [tokenizer.encode(context, bos=True) for context in contexts]
     generations = generate_texts(
         model, tokenizer, prompts, until=task.until, max_gen_toks=task.max_gen_toks, batch_size=batch_size
     )

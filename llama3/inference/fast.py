@@ -42,6 +42,18 @@ __all__ = [
 ]
 
 
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One linear layer computing `parts` side by side: weights (and biases, where a derivative has them)
+    stacked along the output dimension."""
+    weight = torch.cat([p.weight for p in parts], dim=0)  # (sum of outputs, D)
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]).detach(), requires_grad=False)
+    return fused
+
+
 class FusedAttention(nn.Module):
     """Grouped-query attention with one fused q/k/v projection; a drop-in for `model.Attention`."""
 
@@ -55,9 +67,7 @@ class FusedAttention(nn.Module):
     def from_attention(cls, attn: Attention) -> FusedAttention:
         n_heads = attn.wq.weight.shape[0] // attn.head_dim
         n_kv_heads = attn.wk.weight.shape[0] // attn.head_dim
-        weight = torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight], dim=0)  # ((H+2K)·Dh, D)
-        wqkv = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        wqkv.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        wqkv = _fused_linear([attn.wq, attn.wk, attn.wv])  # ((H+2K)·Dh, D)
         return cls(wqkv, attn.wo, n_heads, n_kv_heads, attn.head_dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
@@ -119,9 +129,7 @@ class FusedFeedForward(nn.Module):
 
     @classmethod
     def from_feed_forward(cls, ffn: FeedForward) -> FusedFeedForward:
-        weight = torch.cat([ffn.w1.weight, ffn.w3.weight], dim=0)  # (2·F, D)
-        w13 = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        w13.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        w13 = _fused_linear([ffn.w1, ffn.w3])  # (2·F, D)
         return cls(w13, ffn.w2, ffn.w1.weight.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,10 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32, use_ker
         raise ValueError("weight-only quantization here uses torch's CPU kernels; quantize a CPU model")
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and (name.startswith("layers.") or name == "output")]
+    biased = [name for name, module in targets if module.bias is not None]
+    if biased:  # the quantized layers hold a weight only; a bias would be lost
+        raise ValueError(f"{biased[0]} has a bias (a Llama-architecture derivative); weight-only quantization "
+                         "here takes bias-free projections: run this model without --quantize")
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -15,13 +15,13 @@ from fastapi.responses import StreamingResponse
 
 from ..inference.engine import Engine, EngineClosed, EngineRequest, QueueFull
 from ..inference.sampling import SamplingParams
-from ..tokenizer import ChatFormat
+from ..chat_template import TemplateChatFormat, chat_format_for
 from .completions import Choice, created, merge_events, new_id
 from .errors import APIError, error_body, json_bytes
 from .responses import chat_chunks, chat_response, completion_chunks, completion_response
 from .schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, ServerLimits
 from .structured import StructuredOutput
-from .tools import ToolPlan, build_dialog, encode_prompt, plan_tools
+from .tools import ToolPlan, build_dialog, encode_prompt, plan_tools, tools_active
 
 __all__ = ["CompletionService"]
 
@@ -61,9 +61,13 @@ class CompletionService:
             raise ValueError("the engine needs a tokenizer to serve text: Engine(model, tokenizer, ...)")
         self.engine, self.model_name, self.limits = engine, model_name, limits
         self.tokenizer = engine.tokenizer
-        self.chat_format = ChatFormat(self.tokenizer)
+        try:  # Llama 3's ChatFormat, or the model's own Jinja template
+            self.chat_format, self.chat_error = chat_format_for(self.tokenizer), None
+        except ValueError as e:  # a base model without a template still serves /v1/completions
+            self.chat_format, self.chat_error = None, str(e)
         self.stop_ids = frozenset(self.tokenizer.stop_tokens)
         self.structured = StructuredOutput(self.tokenizer, engine.vocab_size, self.stop_ids)
+        self.chat_stop_ids = frozenset(self.chat_format.stop_tokens) if self.chat_format else self.stop_ids
 
     # ----- checks -----
     def check_model(self, name: str) -> None:
@@ -153,18 +157,20 @@ class CompletionService:
         if body.tool_choice is not None and not body.tools:
             raise APIError(400, "'tool_choice' is only allowed when 'tools' are given.", param="tool_choice")
         self.check_text_size(sum(len(m.text()) for m in body.messages), "messages")
+        if self.chat_format is None:
+            raise APIError(400, self.chat_error, param="messages")
         try:
             plan = plan_tools(body, self.tokenizer)
         except ValueError as exc:
             raise APIError(400, str(exc), param="tool_choice") from None
         try:
-            prompt_ids = encode_prompt(self.chat_format, build_dialog(body)) + plan.prefix_ids
+            prompt_ids = self._chat_prompt(body) + plan.prefix_ids
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         max_new = self.check_context(len(prompt_ids), body.max_new_tokens(), "messages")
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         constraints, bias = await self.constraints_and_bias(body, body.n, plan)
-        requests = [EngineRequest(tuple(prompt_ids), max_new, self.sampling_for(body, i), self.stop_ids,
+        requests = [EngineRequest(tuple(prompt_ids), max_new, self.sampling_for(body, i), self.chat_stop_ids,
                                   num_logprobs, constraint=constraints[i], logit_bias=bias) for i in range(body.n)]
         choices = self.submit_all(requests, body.stop_list())
         meta = {"id": new_id("chatcmpl"), "created": created(), "model": self.model_name}
@@ -172,6 +178,16 @@ class CompletionService:
             return _sse(chat_chunks(choices, body, meta, plan, request.is_disconnected))
         await _collect(choices, request)
         return chat_response(choices, body, meta, plan, len(prompt_ids))
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        """The prompt ids of a chat request. Llama 3: tools in its 3.1 JSON layout (`tools.py`); a derivative's
+        template renders the tool definitions itself, if it reads them at all."""
+        if not isinstance(self.chat_format, TemplateChatFormat):
+            return encode_prompt(self.chat_format, build_dialog(body))
+        tools = [t.model_dump() for t in body.tools] if tools_active(body) else None
+        if tools and not self.chat_format.supports_tools:
+            raise ValueError("this model's chat template does not render tools; send the request without tools")
+        return self.chat_format.encode_dialog_prompt(build_dialog(body, inline_tools=False), tools=tools)
 
     async def complete(self, body: CompletionRequest, request: Request):
         """POST /v1/completions."""

@@ -66,11 +66,12 @@ def _builtin_names(request: ChatCompletionRequest) -> list[str]:
 
 
 # ----- the prompt -----
-def build_dialog(request: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """OpenAI messages -> the dialog to encode, with tools placed as Llama 3.1 expects. An assistant turn that
+def build_dialog(request: ChatCompletionRequest, *, inline_tools: bool = True) -> list[dict[str, Any]]:
+    """OpenAI messages -> the dialog to encode, with tools placed as Llama 3.1 expects (`inline_tools=False`:
+    without them, for a derivative's chat template that renders `tools` itself). An assistant turn that
     called a built-in tool carries `python_call` (the text after `<|python_tag|>`); see `encode_prompt`."""
     dialog = [_dialog_message(m) for m in request.messages]
-    if not tools_active(request):
+    if not tools_active(request) or not inline_tools:
         return dialog
     builtins = [n for n in _builtin_names(request) if n != "code_interpreter"]
     environment = "Environment: ipython\n" + (f"Tools: {', '.join(builtins)}\n" if builtins else "") + "\n"
