@@ -279,6 +279,7 @@ def parse_tool_calls(text: str, request: ChatCompletionRequest, python_tag: bool
     """OpenAI `tool_calls` if the finished answer `text` is a call (or calls) of offered functions, else None.
     `python_tag`: the answer opened with <|python_tag|> (a built-in call, or JSON after the tag)."""
     names = _names(request)
+    text = _unwrap_tool_call_tags(text)
     calls = split_json_calls(text, names) if text.strip() else None
     if calls and all(complete for _, _, complete in calls) and all(_is_object(args) for _, args, _ in calls):
         out = [_call(name, args) for name, args, _ in calls]
@@ -287,6 +288,15 @@ def parse_tool_calls(text: str, request: ChatCompletionRequest, python_tag: bool
     else:
         return None
     return out if request.parallel_tool_calls else out[:1]
+
+
+def _unwrap_tool_call_tags(text: str) -> str:
+    """`<tool_call>{...}</tool_call>` blocks (the Hermes/ChatML convention of many derivatives' templates) as
+    the ';'-separated JSON calls `split_json_calls` reads; any other text unchanged."""
+    if not text.lstrip().startswith("<tool_call>"):
+        return text
+    blocks = [b.split("</tool_call>", 1)[0].strip() for b in text.split("<tool_call>")[1:]]
+    return "; ".join(blocks)
 
 
 def _is_object(text: str) -> bool:
