@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from llama3.kernels import cpu_description  # the CPU's model and vector features, for reports
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "It is a truth universally acknowledged, that"
@@ -41,15 +42,6 @@ for chunk in llm(sys.argv[3], max_tokens=int(sys.argv[4]), temperature=0.0, stre
     sys.stdout.flush()
 """
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_demo_shaped_model(folder: Path) -> Path:
@@ -119,7 +111,7 @@ def main() -> int:
         summary = {name: {"first_token_s": statistics.median(r["first_token_s"] for r in runs),
                           "total_s": statistics.median(r["total_s"] for r in runs)} for name, runs in results.items()}
         peer = summary["llama.cpp-f16"]["first_token_s"]
-        print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), {args.threads} threads, "
+        print(f"CPU: {cpu_description()} ({os.cpu_count()} logical CPUs), {args.threads} threads, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         print(f"model: {model_dir if args.model else 'demo-shaped random'} ({model.num_params() / 1e6:.1f}M "
               f"parameters); prompt {PROMPT!r}, {NEW_TOKENS} greedy tokens; median of {args.rounds} rounds\n")
@@ -128,7 +120,7 @@ def main() -> int:
         for name, s in summary.items():
             print(f"| {name} | {s['first_token_s']:.2f} | {s['total_s']:.2f} | {s['first_token_s'] / peer:.2f}x |")
         if args.json:
-            Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "summary": summary}, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "summary": summary}, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

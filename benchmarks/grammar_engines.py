@@ -21,9 +21,10 @@ is for GPUs only).
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
+
+from llama3.kernels import cpu_description  # the CPU's model and vector features, for reports
 
 SCHEMA = {
     "type": "object",
@@ -42,17 +43,6 @@ ANSWER = json.dumps({"name": "Elizabeth Bennet", "age": 20, "email": "lizzy@long
                      "address": {"city": "Meryton", "zip": "HX1 2AB"}})
 BATCH = 8
 
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def llama3_tokenizer():
@@ -159,7 +149,7 @@ def main() -> None:
     except ImportError as exc:
         xg = None
         print(f"xgrammar cannot be imported ({exc}): only llguidance measured (see the docstring)")
-    print(f"\nmachine: {cpu_model()}, 2 threads; Llama 3 tokenizer "
+    print(f"\nmachine: {cpu_description()}, 2 threads; Llama 3 tokenizer "
           f"({tok.n_words} ids); batch {BATCH}; answer of {len(tokens)} tokens\n")
     print("| engine | tokenizer setup (s) | compile any-JSON (ms) | compile schema (ms) | "
           "fill 8 masks + accept 8 tokens (ms/step) | apply (8, V) mask (ms) |")

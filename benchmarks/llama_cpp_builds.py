@@ -17,26 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from llama3.kernels import cpu_description  # the CPU's model and vector features, for reports
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = {"dim": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 256, "tie_word_embeddings": True}
 QUANTS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def describe_exit(returncode: int) -> str:
@@ -160,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     files = write_files(workdir, next(iter(builds.values())), args.timeout)
     prompt = list(range(1000, 1000 + args.prompt_tokens))
-    print(f"CPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f}; {args.threads} threads; "
+    print(f"CPU: {cpu_description()}; load average {os.getloadavg()[0]:.1f}; {args.threads} threads; "
           f"files in {workdir}", flush=True)
     best: dict[tuple[str, str], dict] = {}
     for _ in range(args.rounds):

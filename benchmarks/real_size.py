@@ -26,11 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from llama3.kernels import cpu_description  # the CPU's model and vector features, for reports
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"8b": "llama3.1-8b", "3b": "llama3.2-3b", "1b": "llama3.2-1b"}
@@ -43,12 +44,6 @@ def _env() -> dict:
     """The environment for subprocesses: this checkout's llama3 first."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def write_hf_shards(shape: str, out: Path) -> None:
@@ -246,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_index + 1} {precision} {runtime}: "
                       f"{json.dumps({k: {m: v for m, v in r.items() if m != 'token_ids'} for k, r in run.items()})}",
                       file=sys.stderr)
-    print(f"### {args.shape} ({SHAPES[args.shape]} shape, random weights), {cpu_model()}, {args.threads} threads\n")
+    print(f"### {args.shape} ({SHAPES[args.shape]} shape, random weights), {cpu_description()}, {args.threads} threads\n")
     print(table(results, files))
     if args.out:
-        Path(args.out).write_text(json.dumps({"shape": args.shape, "cpu": cpu_model(), "results": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"shape": args.shape, "cpu": cpu_description(), "results": results}, indent=1))
     return 0
 
 

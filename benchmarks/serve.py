@@ -40,23 +40,13 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import threading
 import time
 
+from llama3.kernels import cpu_description  # the CPU's model and vector features, for reports
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def llama3_tokenizer():
@@ -294,7 +284,7 @@ def _soak_main(args) -> int:
         == report["engine_finished"],
         f"memory flat (growth <= {args.max_rss_growth_mb} MB)": report["rss_growth_mb"] <= args.max_rss_growth_mb,
     }
-    report["cpu"] = _cpu_model()
+    report["cpu"] = cpu_description()
     print(f"machine: {report['cpu']}, {os.cpu_count()} CPUs; preset {args.preset}, {args.clients} clients × "
           f"{args.rounds} rounds, {args.max_tokens} tokens each, {report['wall_s']:.1f} s")
     print(f"answers: {report['statuses']}; streams dropped by clients: {report['disconnected']}")
@@ -306,17 +296,6 @@ def _soak_main(args) -> int:
             json.dump(report, f, indent=2)
     return 0 if all(report["checks"].values()) else 1
 
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _free_port() -> int:
@@ -430,7 +409,7 @@ def structured_overhead(args) -> None:
         engine.stop()
     free_s, constrained_s = statistics.median(free), statistics.median(constrained)
     step_s, grammar_s = statistics.median(free_steps), statistics.median(grammar_per_step)
-    print(f"\nmachine: {cpu_model()}, {args.threads} threads; preset {args.preset} "
+    print(f"\nmachine: {cpu_description()}, {args.threads} threads; preset {args.preset} "
           f"{args.dtype} with vocab {tokenizer.n_words}, random weights; batch {batch}; prompt {args.prompt_len}, "
           f"{args.max_tokens} new tokens; median of {args.repeats} alternating runs\n")
     print("| rows | decode step, first to last token (ms) | per-row token (ms) |")
@@ -498,7 +477,7 @@ def main() -> None:
         server.join(10)
 
     single = rows[0]["tokens_per_s"]
-    print(f"\nmachine: {cpu_model()}, {args.threads} threads; preset {args.preset} "
+    print(f"\nmachine: {cpu_description()}, {args.threads} threads; preset {args.preset} "
           f"{args.dtype}, random weights; prompt {args.prompt_len} tokens, {args.max_tokens} new tokens, "
           f"{args.requests_per_stream} requests per stream, {args.num_slots} slots")
     print(f"peer: plain Generator batch-1 decode {peer:.1f} tok/s (no HTTP, no engine)\n")

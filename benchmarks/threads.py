@@ -17,12 +17,13 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from llama3.kernels import cpu_description  # the CPU's model and vector features, for reports
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -33,15 +34,6 @@ SHAPES = {
              "tie_word_embeddings": True},
 }
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def worker(spec: dict) -> dict:
@@ -119,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; load average {os.getloadavg()[0]:.1f} at start; "
+    print(f"CPU: {cpu_description()}, {os.cpu_count()} logical cores; load average {os.getloadavg()[0]:.1f} at start; "
           f"shape {args.shape} {args.dtype}, {'compiled' if args.compile else 'eager'}", flush=True)
     configs = list(itertools.product([int(t) for t in args.threads.split(",")], args.policies.split(","),
                                      args.loads.split(",")))
