@@ -94,12 +94,12 @@ def _centre_bias(data: np.ndarray, kind: str) -> np.ndarray:
     return dequantize(blocks.reshape(data.shape), kind).astype(np.float64)
 
 
-@pytest.mark.skipif(not kernels.available(), reason="never: the kernels build on every test machine")
 @pytest.mark.parametrize("kind", list(QUANT_TYPES))
 @pytest.mark.parametrize("rows", [1, 3, 21])
 def test_ggml_kernel_equals_a_float64_reference(kind, rows):
     """The kernel's sum, recomputed in float64: weights as dequantized, activations rounded to int8 per
     block of 32 where they multiply (centred) codes, exact where they multiply an affine type's bias."""
+    assert kernels.available(), f"the CPU kernels must build on every test machine: {kernels.why_unavailable()}"
     K, N = 512, 37  # N: more than two tiles of 16 rows, the last one partial
     data = quantize(_weights(N, K, seed=5), kind)
     w = dequantize(data, kind).astype(np.float64)
@@ -119,8 +119,8 @@ def test_ggml_kernel_equals_a_float64_reference(kind, rows):
     assert (y16.float() - y).abs().max() < 0.03 * y.abs().max()
 
 
-@pytest.mark.skipif(not kernels.available(), reason="never: the kernels build on every test machine")
 def test_ggml_kernel_refuses_bad_inputs():
+    assert kernels.available(), f"the CPU kernels must build on every test machine: {kernels.why_unavailable()}"
     data = torch.from_numpy(quantize(_weights(4, 256), "Q4_K"))
     x = torch.randn(2, 256)
     with pytest.raises(RuntimeError, match="ggml type 99 is not one of"):
