@@ -95,27 +95,101 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
 # ----- attention -----
 
 class KVCache(nn.Module):
-    """A static, preallocated key/value cache: (B, K, S, Dh) each. Rows are independent sequences; the
-    caller says where each new token goes (`cache_pos`, (B, T)), so rows may sit at different lengths."""
+    """Key/value cache of one layer: (B, K, S, Dh) each. Rows are independent sequences; the caller says
+    where each new token goes (`cache_pos`, (B, T)), so rows may sit at different lengths. Slot s holds
+    position s, so S bounds the positions a row can reach; `grow` makes room (copying what is written).
 
-    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
+    With `k_scale`/`v_scale` the entries are int8 with one fp32 scale per (row, head, position): symmetric
+    absmax over the head's Dh values, so a cache entry costs Dh + 4 bytes instead of 2·Dh (bf16). They are
+    dequantized when read, in the attention's dtype."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        assert k.shape == v.shape and (k_scale is None) == (v_scale is None)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.register_buffer("k_scale", k_scale, persistent=False)
+        self.register_buffer("v_scale", v_scale, persistent=False)
+
+    @classmethod
+    def allocate(cls, batch_size: int, n_kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None, *, quantize: str | None = None) -> KVCache:
+        """Zeros for `batch_size` rows × `length` positions; `quantize="int8"` stores int8 entries + scales."""
+        shape = (batch_size, n_kv_heads, length, head_dim)
+        if quantize is None:
+            return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        if quantize != "int8":
+            raise ValueError(f"KV cache quantization {quantize!r} is not supported; use 'int8' or none")
+        scale_shape = (*shape[:-1], 1)
+        return cls(torch.zeros(shape, dtype=torch.int8, device=device),
+                   torch.zeros(shape, dtype=torch.int8, device=device),
+                   torch.zeros(scale_shape, dtype=torch.float32, device=device),
+                   torch.zeros(scale_shape, dtype=torch.float32, device=device))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def view(self, rows: slice, num_positions: int) -> KVCache:
+        """A cache over rows `rows` and positions [0, num_positions) of this one, sharing its memory:
+        writes through the view land here (the engine runs each step on the window its sequences need)."""
+        return KVCache(*(t[rows, :, :num_positions] for t in (self.k, self.v)),
+                       *((None, None) if self.k_scale is None
+                         else (t[rows, :, :num_positions] for t in (self.k_scale, self.v_scale))))
+
+    @torch.no_grad()
+    def grow(self, length: int) -> None:
+        """Reallocate to `length` positions, in place, keeping the entries written so far."""
+        if length <= self.length:
+            return
+        for name in ("k", "v", "k_scale", "v_scale"):
+            old = getattr(self, name)
+            if old is None:
+                continue
+            new = old.new_zeros(*old.shape[:2], length, old.shape[3])
+            new[:, :, :old.shape[2]] = old
+            setattr(self, name, new)
 
     def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, T, K, Dh) at cache_pos (B, T); return the whole cache (B, K, S, Dh)."""
+        """Write k, v (B, T, K, Dh) at cache_pos (B, T); return the whole cache (B, K, S, Dh) in k's dtype."""
         rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # (B, 1)
-        # Advanced indices around a slice put the indexed dims first: k[rows, :, pos] is (B, T, K, Dh).
-        self.k[rows, :, cache_pos] = k.to(self.k.dtype)
-        self.v[rows, :, cache_pos] = v.to(self.v.dtype)
-        return self.k, self.v
+        # Advanced indices around a slice put the indexed dims first: self.k[rows, :, pos] is (B, T, K, Dh).
+        if self.k_scale is None:
+            self.k[rows, :, cache_pos] = k.to(self.k.dtype)
+            self.v[rows, :, cache_pos] = v.to(self.v.dtype)
+            return self.k.to(k.dtype), self.v.to(v.dtype)
+        for codes, scales, new in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            new = new.float()
+            scale = new.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0  # (B, T, K, 1)
+            codes[rows, :, cache_pos] = torch.round(new / scale).clamp(-127, 127).to(torch.int8)
+            scales[rows, :, cache_pos] = scale
+        return ((self.k.float() * self.k_scale).to(k.dtype),  # (B, K, S, Dh)
+                (self.v.float() * self.v_scale).to(v.dtype))
+
+
+def _local_rows(linear: nn.Module) -> int:
+    """Output rows of a projection as this process holds them: a tensor-parallel shard's local rows (a
+    DTensor's `.shape` is the global one), or `out_features` for layers without a float weight."""
+    weight = getattr(linear, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
+    return linear.out_features
 
 
 class Attention(nn.Module):
-    """Grouped-query attention (Ainslie et al. 2023): H query heads share K key/value heads."""
+    """Grouped-query attention (Ainslie et al. 2023): H query heads share K key/value heads.
+
+    After a load-time fusion (`llama3.inference.fast.fuse_projections`) wq/wk/wv are one `wqkv` whose
+    output is [q | k | v]; the forward takes whichever is present. H and K are read from the projection
+    (and the cache), so a tensor-parallel shard runs its local heads with the same code."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -125,46 +199,94 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
+        self.wqkv: nn.Module | None = None
         self.kv_cache: KVCache | None = None
+
+    def local_kv_heads(self) -> int:
+        """K as this process holds it (a tensor-parallel shard holds K / tp)."""
+        if self.wqkv is None:
+            return _local_rows(self.wk) // self.head_dim
+        group = self.n_heads // self.n_kv_heads  # q heads per kv head, unchanged by sharding
+        return _local_rows(self.wqkv) // (self.head_dim * (group + 2))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q (B, T, H, Dh), k and v (B, T, K, Dh)."""
+        B, T, _ = x.shape
+        Dh = self.head_dim
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            qkv = self.wqkv(x)  # (B, T, (H + 2K)·Dh)
+            kv_width = qkv.shape[-1] // (self.n_heads // self.n_kv_heads + 2)  # K·Dh
+            q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_width, kv_width, kv_width], dim=-1)
+        return q.view(B, T, -1, Dh), k.view(B, T, -1, Dh), v.view(B, T, -1, Dh)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 cache_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, Dh); H may be a TP shard of n_heads
-        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, Dh)
-        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k, v = self._project(x)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.kv_cache is not None:
             assert cache_pos is not None, "a model with a KV cache needs cache positions"
             keys, values = self.kv_cache.update(cache_pos, k, v)  # (B, K, S, Dh)
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
-        q = q.transpose(1, 2)  # (B, H, T, Dh)
-        # Grouped heads: repeat each kv head for its group of query heads (Meta's repeat_kv).
-        n_rep = q.shape[1] // keys.shape[1]
-        if n_rep > 1:
-            keys = keys.repeat_interleave(n_rep, dim=1)
-            values = values.repeat_interleave(n_rep, dim=1)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
+        if T == 1 and mask is not None and mask.dim() == 4:
+            out = _attend_one_query(q, keys, values, mask)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*Dh)
+            out = _attend_sdpa(q, keys, values, mask)
         return self.wo(out)
 
 
+def _attend_one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Decode: one new token per row. Query heads h = j·n_rep + r share kv head j (Meta's repeat_kv order),
+    so grouping q as (B, K, n_rep, Dh) lets each kv head serve its group without copying the cache.
+    q (B, 1, H, Dh), keys/values (B, K, S, Dh), mask broadcastable to (B, 1, 1, S) -> (B, 1, H·Dh)."""
+    B, K, S, Dh = keys.shape
+    q = q.view(B, K, -1, Dh)  # (B, K, n_rep, Dh)
+    # Written as multiply-and-sum (fp32 accumulation) rather than matmul: compiled, each becomes one fused
+    # loop over the cache, where a batched matmul of these tiny shapes costs a library call per layer
+    # (measured: 36-130 us each, 9% of a ~100M model's decode step).
+    scores = (q.unsqueeze(3).float() * keys.unsqueeze(2).float()).sum(-1) * (1.0 / math.sqrt(Dh))  # (B, K, n_rep, S)
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts over K and n_rep
+    probs = scores.softmax(-1)
+    out = (probs.unsqueeze(-1) * values.unsqueeze(2).float()).sum(3).to(values.dtype)  # (B, K, n_rep, Dh)
+    return out.reshape(B, 1, -1)  # (B, 1, H·Dh)
+
+
+def _attend_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Prompts and training: q (B, T, H, Dh), keys/values (B, K, S, Dh) -> (B, T, H·Dh) through SDPA."""
+    B, T = q.shape[:2]
+    q = q.transpose(1, 2)  # (B, H, T, Dh)
+    # Grouped heads: repeat each kv head for its group of query heads (Meta's repeat_kv).
+    n_rep = q.shape[1] // keys.shape[1]
+    if n_rep > 1:
+        keys = keys.repeat_interleave(n_rep, dim=1)
+        values = values.repeat_interleave(n_rep, dim=1)
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H·Dh)
+
+
 class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x). After a load-time fusion w1/w3 are one `w13` whose
+    output is [w1 x | w3 x] (one read of x, one product); the forward takes whichever is present."""
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w13: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (..., F) each
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -246,17 +368,28 @@ class Transformer(nn.Module):
 
     # ----- KV cache -----
     def setup_caches(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
-                     device: torch.device | str | None = None) -> None:
-        """Attach a static KV cache of `batch_size` rows × `max_seq_len` positions to every layer."""
+                     device: torch.device | str | None = None, *, quantize: str | None = None) -> None:
+        """Attach a KV cache of `batch_size` rows × `max_seq_len` positions (default: the model's context) to
+        every layer, sized for the kv heads each layer holds (fused, quantized or tensor-parallel layers
+        alike). `quantize="int8"` keeps int8 entries with per-position scales (see `KVCache`). Callers that
+        do not know the final length start small and `grow_caches` as the sequence gets longer."""
         max_seq_len = max_seq_len or self.args.max_seq_len
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"cache length {max_seq_len} exceeds the model's context ({self.args.max_seq_len})")
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = device or self.tok_embeddings.weight.device
+        weight = self.tok_embeddings.weight  # quantized embeddings keep an empty one for dtype and device
+        dtype = dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
+        device = device or (weight.to_local() if hasattr(weight, "to_local") else weight).device
         for layer in self.layers:
             attn = layer.attention
-            n_kv_local = attn.wk.weight.shape[0] // attn.head_dim  # local heads under tensor parallel
-            attn.kv_cache = KVCache(batch_size, n_kv_local, max_seq_len, attn.head_dim, dtype, device)
+            attn.kv_cache = KVCache.allocate(batch_size, attn.local_kv_heads(), max_seq_len, attn.head_dim,
+                                             dtype, device, quantize=quantize)
+
+    def grow_caches(self, length: int) -> None:
+        """Make every layer's cache hold `length` positions (at most the model's context), keeping its entries."""
+        if length > self.args.max_seq_len:
+            raise ValueError(f"cache length {length} exceeds the model's context ({self.args.max_seq_len})")
+        for layer in self.layers:
+            layer.attention.kv_cache.grow(length)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
@@ -265,7 +398,11 @@ class Transformer(nn.Module):
     @property
     def cache_len(self) -> int | None:
         cache = self.layers[0].attention.kv_cache if len(self.layers) else None
-        return None if cache is None else cache.k.shape[2]
+        return None if cache is None else cache.length
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the KV caches of all layers (0 without caches)."""
+        return sum(layer.attention.kv_cache.nbytes() for layer in self.layers if layer.attention.kv_cache is not None)
 
     # ----- forward -----
     def forward(self, tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,

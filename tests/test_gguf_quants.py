@@ -199,9 +199,7 @@ def test_quantized_file_runs_quantized_and_equals_the_gguf_package_dequantizatio
     assert kl <= 5e-4, kl
     assert _kl(ref_logits, plain) > kl  # the quantization itself moves the logits more than our products do
     # decode: one token at a time through the KV cache gives the same logits as the full forward
-    from llama3.inference.fast import setup_caches
-
-    setup_caches(ours, batch_size=1, max_seq_len=32)
+    ours.setup_caches(batch_size=1, max_seq_len=32)  # the model's own set-up reads ggml layers' sizes
     with torch.no_grad():
         steps = [ours(tokens[:1, i:i + 1], input_pos=torch.tensor([i])) for i in range(8)]
     torch.testing.assert_close(torch.cat(steps, dim=1), logits[:1, :8], rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import random_model, tiny_args
 
 from llama3 import kernels
-from llama3.inference.fast import optimize_for_inference, setup_caches, to_huge_pages
+from llama3.inference.fast import optimize_for_inference, to_huge_pages
 from llama3.inference.gemv import GemvLinear, use_gemv_kernels
 
 # (M, K, N): one row and several (up to 8 per pass, then another pass), widths with and without a tail of the 32/64-wide steps,
@@ -213,7 +213,7 @@ def test_model_decode_on_kernels_matches_torch_linear(dtype, tolerance):
     assert not any(isinstance(m, GemvLinear) for m in plain.modules())
     assert fast.output.weight is fast.tok_embeddings.weight  # still tied after the swap and the page move
     for model in (plain, fast):
-        setup_caches(model, 1, 16)
+        model.setup_caches(1, 16)
     with torch.no_grad():
         plain(x[:, :5], input_pos=torch.arange(5)), fast(x[:, :5], input_pos=torch.arange(5))  # prefill
         a = plain(x[:, 5:], input_pos=torch.tensor([5]))  # one row: the kernel path

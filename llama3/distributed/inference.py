@@ -20,11 +20,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..inference.generate import Generator
-from ..model import KVCache, Transformer
+from ..model import Transformer
 from .mesh import init_distributed
 from .parallelize import apply_tensor_parallel, check_tp_shapes
 
-__all__ = ["TensorParallelGenerator", "load_tensor_parallel", "setup_local_caches", "tp_generator_from_args"]
+__all__ = ["TensorParallelGenerator", "load_tensor_parallel", "tp_generator_from_args"]
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -32,35 +32,13 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
-def setup_local_caches(model: Transformer, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> None:
-    """Attach KV caches sized for this rank's kv heads (a DTensor's `.shape` is the global one, so
-    `Transformer.setup_caches` would size them for all heads)."""
-    if max_seq_len > model.args.max_seq_len:
-        raise ValueError(f"cache length {max_seq_len} exceeds the model's context ({model.args.max_seq_len})")
-    weight = _local(model.tok_embeddings.weight)
-    dtype, device = dtype or weight.dtype, device or weight.device
-    for layer in model.layers:
-        attn = layer.attention
-        n_kv_local = _local(attn.wk.weight).shape[0] // attn.head_dim
-        attn.kv_cache = KVCache(batch_size, n_kv_local, max_seq_len, attn.head_dim, dtype, device)
-
-
 class TensorParallelGenerator(Generator):
-    """`Generator` over a tensor-parallel model: the same API, eager decode, per-rank KV caches."""
+    """`Generator` over a tensor-parallel model: the same API, eager decode, per-rank KV caches (the
+    model's `setup_caches` sizes each rank's cache for the kv heads its shard of `wk` holds)."""
 
     def __init__(self, model: Transformer, tokenizer, *, cache_bucket: int = 256):
         super().__init__(model, tokenizer, compile=False, cache_bucket=cache_bucket)
         self.device = _local(model.tok_embeddings.weight).device
-
-    def prepare_cache(self, batch_size: int, needed_len: int) -> float:
-        limit = self.model.args.max_seq_len
-        cache_len = min(-(-needed_len // self.cache_bucket) * self.cache_bucket, limit)
-        current = self._cache_shape
-        if current is None or current[0] != batch_size or current[1] < needed_len:
-            setup_local_caches(self.model, batch_size, cache_len)
-            self._cache_shape = (batch_size, cache_len)
-        return 0.0
 
 
 def load_tensor_parallel(path: str | Path, tp_mesh: DeviceMesh, *, device: torch.device,

@@ -1,6 +1,8 @@
 """Continuous batching: many requests share one model and one static KV cache.
 
-The cache (`model.setup_caches(num_slots, max_seq_len)`) is a pool of slots, one row per running sequence.
+The cache (`model.setup_caches(num_slots, ...)`) is a pool of slots, one row per running sequence; its
+position dimension starts small and doubles, for every slot, when a sequence needs more (up to
+`max_seq_len`). `kv_cache="int8"` stores it as int8 with a scale per head and position.
 A single engine thread owns the model and loops:
 
 1. admit waiting requests into free slots (a bounded queue in front: `QueueFull` when it is full);
@@ -34,7 +36,6 @@ from torch import nn
 
 from ..model import KVCache
 from .constraints import TokenConstraint, constrain_logits
-from .fast import setup_caches
 from .sampling import GREEDY, SamplingParams, make_generator, sample
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
 
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API
 _POSITION_BUCKET = 128  # the attention window grows in steps of this many positions
+_POOL_START = 512  # positions per slot the cache pool starts with (it doubles when a window needs more)
 
 
 class QueueFull(RuntimeError):
@@ -214,9 +216,13 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, num_slots: int = 8, max_seq_len: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 256, batch_invariant: bool = False):
+                 max_queue: int = 64, prefill_chunk: int = 256, batch_invariant: bool = False,
+                 kv_cache: str | None = None):
         if num_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("num_slots and prefill_chunk must be >= 1 and max_queue >= 0")
+        if kv_cache not in (None, "int8"):
+            raise ValueError(f"kv_cache must be None (the model's dtype) or 'int8', got {kv_cache!r}")
+        self.kv_cache = kv_cache
         self.model, self.tokenizer = model, tokenizer  # the tokenizer is for callers (the server); not used here
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
         self.batch_invariant = batch_invariant
@@ -245,7 +251,8 @@ class Engine:
         """Allocate the KV cache and start the engine thread."""
         if self._thread is not None:
             return self
-        setup_caches(self.model, self.num_slots, self.max_seq_len)  # works for fused layers too
+        # The pool starts with one bucket of positions per slot and grows as sequences get longer.
+        self.model.setup_caches(self.num_slots, min(_POOL_START, self.max_seq_len), quantize=self.kv_cache)
         self._full_caches = [layer.attention.kv_cache for layer in self.model.layers]
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llama3-engine", daemon=True)
@@ -429,22 +436,30 @@ class Engine:
 
     # ----- cache windows -----
     def _window(self, row_start: int, row_stop: int, num_positions: int) -> list[KVCache]:
-        """Per layer, a KVCache whose buffers are views of rows [row_start, row_stop) and positions
-        [0, num_positions) of the full cache: writes through them land in the pool."""
+        """Per layer, a view of rows [row_start, row_stop) and positions [0, num_positions) (rounded up to
+        a bucket) of the pool: writes through it land in the pool. The pool's position dimension grows
+        (for every slot, doubling) when a window reaches past it."""
         length = min(self.max_seq_len, -(-num_positions // _POSITION_BUCKET) * _POSITION_BUCKET)
+        if length > self._full_caches[0].length:
+            self._grow_pool(length)
         key = (row_start, row_stop, length)
         if key not in self._windows:
             if len(self._windows) > 1024:  # views are cheap to rebuild; keep the dict bounded
                 self._windows.clear()
-            views = []
-            for full in self._full_caches:
-                view = KVCache.__new__(KVCache)
-                nn.Module.__init__(view)
-                view.register_buffer("k", full.k[row_start:row_stop, :, :length], persistent=False)
-                view.register_buffer("v", full.v[row_start:row_stop, :, :length], persistent=False)
-                views.append(view)
-            self._windows[key] = views
+            self._windows[key] = [full.view(slice(row_start, row_stop), length) for full in self._full_caches]
         return self._windows[key]
+
+    def _grow_pool(self, needed: int) -> None:
+        """Double the pool's positions until `needed` fit (at most `max_seq_len`), keeping every entry."""
+        length = self._full_caches[0].length
+        while length < needed:
+            length *= 2
+        self.model.grow_caches(min(length, self.max_seq_len))
+        self._windows.clear()  # views of the old buffers
+
+    def cache_bytes(self) -> int:
+        """Bytes of the KV-cache pool now (it grows with the longest sequence)."""
+        return sum(full.nbytes() for full in self._full_caches)
 
     def _forward(self, window: list[KVCache], tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """The model on a cache window; returns final hidden states (B, T, D)."""

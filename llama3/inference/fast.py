@@ -2,12 +2,7 @@
 
 - `fuse_projections(model)`: each layer's wq/wk/wv become one `wqkv` and w1/w3 one `w13`, so a decode
   step reads the activations once and launches one matrix-vector product instead of three (or two).
-  The fused modules keep the block's call signature, so `Transformer.forward` runs them unchanged.
-- `FusedAttention` also has a decode path for a single query token: plain matmuls over the cache with the
-  query heads grouped by their kv head (no `repeat_interleave` copy of the cache, no SDPA dispatch), which
-  compiles into a tight kernel on CPU. Prompts (T > 1) still go through SDPA.
-- `setup_caches(model, batch_size, max_seq_len)`: attaches the static KV cache to original and fused
-  layers alike (the model's own `setup_caches` reads `wk`, which fusion removes).
+  A state transform: the model's own Attention/FeedForward run with `wqkv`/`w13` when they hold them.
 - `to_huge_pages(model)`: moves the weights into memory backed by 2 MiB pages. A decode step streams every
   weight once, and with 4 KiB pages a 1B model's 2.5 GB crosses 600K pages per token: the page-table walks
   cost 15-20% of the step here (BENCHMARKS.md).
@@ -20,24 +15,19 @@ All of it is plain PyTorch; without `torch.compile` it is the eager fallback.
 from __future__ import annotations
 
 import contextlib
-import math
 import mmap
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..model import Attention, FeedForward, KVCache, Transformer, apply_rope
+from ..model import Transformer
 
 __all__ = [
-    "FusedAttention",
-    "FusedFeedForward",
     "compile_options",
     "fuse_projections",
     "is_fused",
     "load_for_inference",
     "optimize_for_inference",
-    "setup_caches",
     "to_huge_pages",
 ]
 
@@ -54,97 +44,15 @@ def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-class FusedAttention(nn.Module):
-    """Grouped-query attention with one fused q/k/v projection; a drop-in for `model.Attention`."""
-
-    def __init__(self, wqkv: nn.Module, wo: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int):
-        super().__init__()
-        self.wqkv, self.wo = wqkv, wo
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.kv_cache: KVCache | None = None
-
-    @classmethod
-    def from_attention(cls, attn: Attention) -> FusedAttention:
-        n_heads = attn.wq.weight.shape[0] // attn.head_dim
-        n_kv_heads = attn.wk.weight.shape[0] // attn.head_dim
-        wqkv = _fused_linear([attn.wq, attn.wk, attn.wv])  # ((H+2K)·Dh, D)
-        return cls(wqkv, attn.wo, n_heads, n_kv_heads, attn.head_dim)
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
-                cache_pos: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * Dh, K * Dh, K * Dh], dim=-1)
-        q = apply_rope(q.view(B, T, H, Dh), rope)
-        k = apply_rope(k.view(B, T, K, Dh), rope)
-        v = v.view(B, T, K, Dh)
-        if self.kv_cache is not None:
-            assert cache_pos is not None, "a model with a KV cache needs cache positions"
-            keys, values = self.kv_cache.update(cache_pos, k, v)  # (B, K, S, Dh)
-        else:
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
-        if T == 1 and mask is not None:
-            out = self._attend_one_query(q, keys, values, mask)
-        else:
-            out = self._attend_sdpa(q, keys, values, mask)
-        return self.wo(out)
-
-    def _attend_one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          mask: torch.Tensor) -> torch.Tensor:
-        """One new token per row: query heads h = j·n_rep + r share kv head j (Meta's repeat_kv order), so
-        grouping q as (B, K, n_rep, Dh) lets each kv head serve its group in one matmul."""
-        B, K, S, Dh = keys.shape
-        q = q.view(B, K, -1, Dh)  # (B, 1, H, Dh) -> (B, K, n_rep, Dh)
-        # Written as multiply-and-sum (fp32 accumulation) rather than matmul: compiled, each becomes one
-        # fused loop over the cache, where a batched matmul of these tiny shapes costs a library call per
-        # layer (measured: 36-130 us each, 9% of a ~100M model's decode step).
-        scores = (q.unsqueeze(3).float() * keys.unsqueeze(2).float()).sum(-1) * (1.0 / math.sqrt(Dh))  # (B, K, n_rep, S)
-        scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
-        probs = scores.softmax(-1)
-        out = (probs.unsqueeze(-1) * values.unsqueeze(2).float()).sum(3).to(values.dtype)  # (B, K, n_rep, Dh)
-        return out.reshape(B, 1, -1)  # (B, 1, H·Dh)
-
-    def _attend_sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
-        B, T = q.shape[:2]
-        q = q.transpose(1, 2)  # (B, H, T, Dh)
-        n_rep = q.shape[1] // keys.shape[1]
-        if n_rep > 1:
-            keys = keys.repeat_interleave(n_rep, dim=1)
-            values = values.repeat_interleave(n_rep, dim=1)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H·Dh)
-
-
-class FusedFeedForward(nn.Module):
-    """SwiGLU with w1 and w3 in one projection `w13`: w2(silu(a) * b) where [a, b] = w13 x."""
-
-    def __init__(self, w13: nn.Module, w2: nn.Module, hidden_dim: int):
-        super().__init__()
-        self.w13, self.w2, self.hidden_dim = w13, w2, hidden_dim
-
-    @classmethod
-    def from_feed_forward(cls, ffn: FeedForward) -> FusedFeedForward:
-        w13 = _fused_linear([ffn.w1, ffn.w3])  # (2·F, D)
-        return cls(w13, ffn.w2, ffn.w1.weight.shape[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split([self.hidden_dim, self.hidden_dim], dim=-1)
-        return self.w2(F.silu(gate) * up)
-
-
 def is_fused(model: Transformer) -> bool:
-    return len(model.layers) > 0 and isinstance(model.layers[0].attention, FusedAttention)
+    return len(model.layers) > 0 and model.layers[0].attention.wqkv is not None
 
 
 @torch.no_grad()
 def fuse_projections(model: Transformer) -> Transformer:
-    """Replace every layer's attention and feed-forward by fused versions, in place (the unfused weights are
-    released as each layer is converted, so peak memory grows by one layer). Returns the model.
+    """Fuse every layer's wq/wk/wv into one `wqkv` and w1/w3 into one `w13`, in place: a state transform
+    (the model's Attention and FeedForward run whichever projections they hold). The unfused weights are
+    released as each layer is converted, so peak memory grows by one layer. Returns the model.
 
     The numbers are unchanged: a fused matmul computes the same dot products as the separate ones.
     Call it before quantizing, and only for inference: the fused weights no longer match checkpoint names.
@@ -152,39 +60,19 @@ def fuse_projections(model: Transformer) -> Transformer:
     if is_fused(model) or not _all_linear(model):
         return model  # quantized GGUF layers (ggml blocks, each tensor its own type) stay as they are
     for layer in model.layers:
-        if layer.attention.kv_cache is not None:
+        attn, ffn = layer.attention, layer.feed_forward
+        if attn.kv_cache is not None:
             raise ValueError("fuse_projections must run before caches are set up; call model.clear_caches()")
-        layer.attention = FusedAttention.from_attention(layer.attention)
-        layer.feed_forward = FusedFeedForward.from_feed_forward(layer.feed_forward)
+        attn.wqkv = _fused_linear([attn.wq, attn.wk, attn.wv])  # ((H+2K)·Dh, D)
+        del attn.wq, attn.wk, attn.wv
+        ffn.w13 = _fused_linear([ffn.w1, ffn.w3])  # (2·F, D)
+        del ffn.w1, ffn.w3
     return model
 
 
 def _all_linear(model: Transformer) -> bool:
     return all(type(m) is nn.Linear for layer in model.layers for m in
                (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.feed_forward.w1, layer.feed_forward.w3))
-
-
-def _kv_heads(attn: nn.Module) -> int:
-    if isinstance(attn, FusedAttention):
-        return attn.n_kv_heads
-    return attn.wk.out_features // attn.head_dim  # local heads under tensor parallel
-
-
-def _cache_dtype(model: Transformer) -> torch.dtype:
-    dtype = model.tok_embeddings.weight.dtype
-    return dtype if dtype.is_floating_point else torch.float32
-
-
-def setup_caches(model: Transformer, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
-    """Attach a static KV cache of `batch_size` rows × `max_seq_len` slots to every layer (fused or not)."""
-    if max_seq_len > model.args.max_seq_len:
-        raise ValueError(f"cache length {max_seq_len} exceeds the model's context length ({model.args.max_seq_len})")
-    dtype = dtype or _cache_dtype(model)
-    device = device or model.tok_embeddings.weight.device
-    for layer in model.layers:
-        attn = layer.attention
-        attn.kv_cache = KVCache(batch_size, _kv_heads(attn), max_seq_len, attn.head_dim, dtype, device)
 
 
 def compile_options(dtype: torch.dtype = torch.bfloat16) -> dict:

@@ -16,8 +16,11 @@
 - `stream` yields text pieces that never split a UTF-8 character and never show part of a stop string.
 - Timing: `prefill_s` is time to first token (prefill + first sample), `decode_s` the rest;
   `decode_tokens_per_s` counts tokens made by decode steps (all but the first).
-- Compilation (`compile=True`) happens once per cache shape bucket (batch size × cache length rounded up to
-  `cache_bucket`), in a warm-up outside the timed region; later calls of the same bucket reuse it.
+- The KV cache grows with the sequence: it starts with room for the prompts and one `cache_bucket` of new
+  tokens and doubles (copying its entries) when decoding reaches its end, up to the model's context.
+  `kv_cache="int8"` stores it as int8 with a scale per head and position (about half of bf16's bytes).
+- Compilation (`compile=True`) happens once per cache shape (batch size × cache length), in a warm-up
+  outside the timed region (`compile_s`); later calls of the same shape reuse it.
 
 Lower-level pieces for other engines: `prefill(tokens, input_pos, last_index)` and
 `decode_step(tokens, input_pos)` return (B, V) fp32 logits; `prepare_cache(batch_size, needed_len)`.
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
-from .fast import compile_options, quiet_autotune, setup_caches
+from .fast import compile_options, quiet_autotune
 from .sampling import SamplingParams, make_generator, sample
 
 __all__ = ["GenerationResult", "GenerationTiming", "Generator"]
@@ -125,8 +128,11 @@ class Generator:
     """Prefill + decode for one model and tokenizer. See the module docstring for the API."""
 
     def __init__(self, model: Transformer, tokenizer, *, compile: bool = False, cache_bucket: int = 256,
-                 inductor_options: dict | None = None):
+                 inductor_options: dict | None = None, kv_cache: str | None = None):
+        if kv_cache not in (None, "int8"):
+            raise ValueError(f"kv_cache must be None (the model's dtype) or 'int8', got {kv_cache!r}")
         self.model = model.eval()
+        self.kv_cache = kv_cache
         self.tokenizer = tokenizer
         self.device = model.tok_embeddings.weight.device
         self.cache_bucket = cache_bucket
@@ -158,21 +164,35 @@ class Generator:
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         return self.model.logits(hidden[rows, last_index])  # (B, V)
 
+    def cache_length_for(self, needed_len: int) -> int:
+        """The cache length that holds `needed_len` positions: `cache_bucket` times a power of two (so a
+        growing conversation reallocates, and a compiled step recompiles, a logarithmic number of times),
+        at most the model's context."""
+        length = self.cache_bucket
+        while length < needed_len:
+            length *= 2
+        return min(length, self.model.args.max_seq_len)
+
     def prepare_cache(self, batch_size: int, needed_len: int) -> float:
-        """Make sure a cache of `batch_size` rows holds `needed_len` positions (rounded up to the bucket, at
-        most the model's context); compile and warm the decode step for that shape if new. Returns the
-        seconds spent warming up."""
-        limit = self.model.args.max_seq_len
-        cache_len = min(-(-needed_len // self.cache_bucket) * self.cache_bucket, limit)
+        """Make sure a cache of `batch_size` rows holds `needed_len` positions: allocate it, or grow it in
+        place keeping its entries (`cache_length_for`); compile and warm the decode step for that shape if
+        new. Returns the seconds spent warming up."""
+        length = self.cache_length_for(needed_len)
         current = self._cache_shape
-        if current is None or current[0] != batch_size or current[1] < needed_len:
-            setup_caches(self.model, batch_size, cache_len)
-            self._cache_shape = current = (batch_size, cache_len)
+        if current is None or current[0] != batch_size or self.model.cache_len is None:
+            self.model.setup_caches(batch_size, length, quantize=self.kv_cache)
+        elif current[1] < needed_len:
+            self.model.grow_caches(length)
+        else:
+            length = current[1]
+        self._cache_shape = current = (batch_size, length)
         if not self.compile or current in self._warm_shapes:
             return 0.0
         start = time.perf_counter()
         tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        positions = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        # The last slot: beyond every position written so far (warming may happen mid-generation, after a
+        # growth), and overwritten by its row's own token before any query can see it.
+        positions = torch.full((batch_size, 1), length - 1, dtype=torch.long, device=self.device)
         with quiet_autotune():
             for _ in range(2):  # the first call compiles, the second runs what later calls run
                 self.decode_step(tokens, positions)
@@ -239,7 +259,8 @@ class Generator:
 
         longest = max(len(ids) for ids in encoded)
         timing = GenerationTiming(num_prompt_tokens=sum(len(ids) for ids in encoded))
-        timing.compile_s = self.prepare_cache(batch, longest + max_new_tokens)
+        # Room for the prompts and up to one bucket of new tokens; the cache grows as decoding goes on.
+        timing.compile_s = self.prepare_cache(batch, longest + min(max_new_tokens, self.cache_bucket))
 
         start = time.perf_counter()
         tokens = torch.zeros(batch, longest, dtype=torch.long)  # (B, T) right-padded
@@ -255,8 +276,14 @@ class Generator:
 
         start = step_start = time.perf_counter()
         input_pos = lengths.view(batch, 1).clone()  # (B, 1) position of each row's newest token
+        top = longest  # the largest position in input_pos
         while any(r.finish_reason is None for r in rows):
+            if top >= self._cache_shape[1]:  # the cache is full: grow it (warm-up time is not decode time)
+                warm_s = self.prepare_cache(batch, top + 1)
+                timing.compile_s += warm_s
+                start, step_start = start + warm_s, step_start + warm_s
             logits = self.decode_step(next_ids.view(batch, 1), input_pos)
+            top += 1
             next_ids = self._pick(logits, params, generator, counts)
             input_pos += 1
             self._add(rows, next_ids, stop_set, max_new_tokens, counts)
