@@ -305,6 +305,21 @@ def test_generate_cli_runs_a_quantized_file(model_and_tokenizer, tmp_path, capsy
         optimize_for_inference(loaded, quantize="int4")
 
 
+def test_finetune_refuses_a_quantized_file(model_and_tokenizer, tmp_path, capsys):
+    """Block layers have no gradients: `llama3 finetune` says so in one line and how to get float weights."""
+    from llama3.cli.finetune import main as finetune
+
+    model, tokenizer = model_and_tokenizer
+    path = llama3.save(model, tokenizer, tmp_path / "m.gguf", format="gguf", dtype="q4_0")
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n')
+    assert finetune(["--model", str(path), "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "quantized GGUF file (Q4_0, Q6_K)" in err and f"llama3 convert {path} OUT --to hf" in err
+    assert not (tmp_path / "out").exists()
+
+
 # ----- bad files -----
 
 def _write_raw_gguf(path, tensors: dict[str, tuple[np.ndarray, object, tuple[int, ...]]]):

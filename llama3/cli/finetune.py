@@ -188,9 +188,11 @@ def _prepare(cfg, device, log, fit_seq_len: bool):
 
     from ..checkpoint.load import load
     from ..chat_template import chat_format_for
+    from ..inference.ggml_quant import require_float_weights
     from ..train.dpo import compute_reference_logps
 
     base, tokenizer = load(cfg.finetune.model_path, device=device, dtype=torch.float32)
+    require_float_weights(base, cfg.finetune.model_path, "fine-tuning")
     _fit_seq_len(cfg, base.args.max_seq_len, log, shrink=fit_seq_len)
     train_examples, val_examples = _load_examples(cfg, chat_format_for(tokenizer))
     log(f"{cfg.data.path}: {len(train_examples)} training and {len(val_examples)} validation "

@@ -39,6 +39,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="weight-only quantization at load time (int8: ~2x less memory traffic than bf16)")
+    add_kv_cache_option(parser)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="compile the decode step with torch.compile: auto (default) compiles models of "
                              f"{COMPILE_MIN_PARAMS // 10**6}M+ parameters, where it pays for its warm-up; "
@@ -49,6 +50,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-model", default=None,
                         help="a small model with the same tokenizer for speculative decoding (greedy only)")
     parser.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per speculative round")
+
+
+def add_kv_cache_option(parser: argparse.ArgumentParser) -> None:
+    """`--kv-cache int8` (shared by generate, chat and serve)."""
+    parser.add_argument("--kv-cache", choices=["int8"], default=None,
+                        help="int8: keep the KV cache as int8 with a scale per head and position, about half "
+                             "the memory of bf16 (default: the model's dtype)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float, top_p: float) -> None:
@@ -71,10 +79,14 @@ def sampling_from_args(args: argparse.Namespace):
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
+def _model_of(generator):
+    """The generator's model (for a speculative pair, the target's)."""
+    return generator.target.model if hasattr(generator, "target") else generator.model
+
+
 def context_length(generator) -> int:
     """The model's context in tokens (for a speculative pair, the target's)."""
-    model = generator.target.model if hasattr(generator, "target") else generator.model
-    return model.args.max_seq_len
+    return _model_of(generator).args.max_seq_len
 
 
 def fit_new_tokens(requested: int | None, num_prompt: int, context: int) -> tuple[int, str | None]:
@@ -125,13 +137,14 @@ def build_generator(args: argparse.Namespace, *, cache_bucket: int = 256):
         return tp_generator_from_args(args, cache_bucket=cache_bucket)
     model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     compile_step = _should_compile(args.compile, model)
-    generator = Generator(model, tokenizer, compile=compile_step, cache_bucket=cache_bucket)
+    generator = Generator(model, tokenizer, compile=compile_step, cache_bucket=cache_bucket, kv_cache=args.kv_cache)
     if args.draft_model is None:
         return generator
     from ..inference.speculative import SpeculativeGenerator
 
     draft, _ = load_for_inference(args.draft_model, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    draft_generator = Generator(draft, tokenizer, compile=compile_step, cache_bucket=cache_bucket)
+    draft_generator = Generator(draft, tokenizer, compile=compile_step, cache_bucket=cache_bucket,
+                                kv_cache=args.kv_cache)
     return SpeculativeGenerator(generator, draft_generator, num_draft_tokens=args.num_draft_tokens)
 
 
@@ -190,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                                           stop_strings=args.stop, stop_ids=stop_ids)
             timing = {"load_s": load_s, "warmup_s": result.timing.compile_s, **result.timing.to_dict()}
             print(json.dumps({"text": result.text, "token_ids": result.token_ids,
-                              "finish_reason": result.finish_reason, "timing": timing}, ensure_ascii=False))
+                              "finish_reason": result.finish_reason, "timing": timing,
+                              "kv_cache_bytes": _model_of(generator).cache_bytes()}, ensure_ascii=False))
             return 0
         for piece in generator.stream(prompt_ids, max_new_tokens=max_new, sampling=sampling,
                                       stop_strings=args.stop, stop_ids=stop_ids):

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .generate import add_kv_cache_option
+
 HELP = "serve a model over an OpenAI-compatible HTTP API with a web chat page at /"
 
 
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    add_kv_cache_option(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body size limit")
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     optimize_for_inference(model, quantize=args.quantize)
     max_seq_len = args.max_seq_len or min(model.args.max_seq_len, 8192)
     engine = Engine(model, tokenizer, num_slots=args.num_slots, max_queue=args.max_queue,
-                    max_seq_len=max_seq_len, batch_invariant=args.batch_invariant).start()
+                    max_seq_len=max_seq_len, batch_invariant=args.batch_invariant, kv_cache=args.kv_cache).start()
     model_name = args.model_name or default_model_name(Path(args.model))
     app = create_app(engine, api_key=api_key, model_name=model_name, limits=limits,
                      embedding_pooling=args.embedding_pooling,

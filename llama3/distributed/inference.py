@@ -36,8 +36,8 @@ class TensorParallelGenerator(Generator):
     """`Generator` over a tensor-parallel model: the same API, eager decode, per-rank KV caches (the
     model's `setup_caches` sizes each rank's cache for the kv heads its shard of `wk` holds)."""
 
-    def __init__(self, model: Transformer, tokenizer, *, cache_bucket: int = 256):
-        super().__init__(model, tokenizer, compile=False, cache_bucket=cache_bucket)
+    def __init__(self, model: Transformer, tokenizer, *, cache_bucket: int = 256, kv_cache: str | None = None):
+        super().__init__(model, tokenizer, compile=False, cache_bucket=cache_bucket, kv_cache=kv_cache)
         self.device = _local(model.tok_embeddings.weight).device
 
 
@@ -82,4 +82,4 @@ def tp_generator_from_args(args, *, cache_bucket: int = 256) -> TensorParallelGe
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     elif not getattr(args, "no_compile", True):
         print("tensor parallel: decoding eagerly (no torch.compile)", file=sys.stderr)
-    return TensorParallelGenerator(model, tokenizer, cache_bucket=cache_bucket)
+    return TensorParallelGenerator(model, tokenizer, cache_bucket=cache_bucket, kv_cache=getattr(args, "kv_cache", None))

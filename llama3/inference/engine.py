@@ -346,7 +346,7 @@ class Engine:
         with self._cond:
             return {"queue_depth": len(self._pending),
                     "active_slots": self.num_slots - self.num_free_slots(),
-                    "num_slots": self.num_slots, "max_queue": self.max_queue,
+                    "num_slots": self.num_slots, "max_queue": self.max_queue, "kv_cache_bytes": self.cache_bytes(),
                     "counters": dict(self.stats),
                     "ttft": self.ttft_hist, "latency": self.latency_hist}
 

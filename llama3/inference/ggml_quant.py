@@ -23,7 +23,7 @@ from torch import nn
 from .. import kernels
 from ..checkpoint.gguf_quants import QUANT_TYPES, dequantize
 
-__all__ = ["GGMLEmbedding", "GGMLLinear", "dequantize_model", "has_ggml_layers"]
+__all__ = ["GGMLEmbedding", "GGMLLinear", "dequantize_model", "has_ggml_layers", "require_float_weights"]
 
 _FALLBACK_ROWS = 1024  # weight rows dequantized at a time on the pure-PyTorch path
 
@@ -107,6 +107,15 @@ class GGMLEmbedding(nn.Module):
 
 def has_ggml_layers(model: nn.Module) -> bool:
     return any(isinstance(m, (GGMLLinear, GGMLEmbedding)) for m in model.modules())
+
+
+def require_float_weights(model: nn.Module, path, task: str) -> None:
+    """Refuse, with a ValueError that says what to do, a `task` (e.g. "fine-tuning") that needs float
+    weights on a model loaded from a quantized GGUF file `path` (its block layers have no gradients)."""
+    kinds = sorted({m.kind for m in model.modules() if isinstance(m, (GGMLLinear, GGMLEmbedding))})
+    if kinds:
+        raise ValueError(f"{path} is a quantized GGUF file ({', '.join(kinds)}); {task} needs float weights: "
+                         f"convert it first (llama3 convert {path} OUT --to hf) and use OUT")
 
 
 @torch.no_grad()
