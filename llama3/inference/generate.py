@@ -178,13 +178,14 @@ class Generator:
         place keeping its entries (`cache_length_for`); compile and warm the decode step for that shape if
         new. Returns the seconds spent warming up."""
         length = self.cache_length_for(needed_len)
-        current = self._cache_shape
-        if current is None or current[0] != batch_size or self.model.cache_len is None:
+        cache = self.model.layers[0].attention.kv_cache if len(self.model.layers) else None
+        # The model's own cache decides (another generator or an engine may have set up a different one).
+        if (cache is None or cache.k.shape[0] != batch_size or cache.quantized != (self.kv_cache == "int8")):
             self.model.setup_caches(batch_size, length, quantize=self.kv_cache)
-        elif current[1] < needed_len:
+        elif cache.length < needed_len:
             self.model.grow_caches(length)
         else:
-            length = current[1]
+            length = cache.length
         self._cache_shape = current = (batch_size, length)
         if not self.compile or current in self._warm_shapes:
             return 0.0
