@@ -58,7 +58,7 @@ def _shim(path: Path, target: str) -> None:
 def demo_root(tmp_path_factory):
     """A folder like the repository after `make demo`, with a tiny model of the demo's shape."""
     from llama3.bpe import train_tokenizer
-    from llama3.cli.pretrain import run as run_pretraining
+    from llama3.train.pretrain import pretrain
     from llama3.data.pretrain import prepare_dataset
     from llama3.train.recipes import recipe
 
@@ -73,7 +73,7 @@ def demo_root(tmp_path_factory):
     cfg.data.path, cfg.train.out_dir, cfg.data.batch_size = str(demo / "data"), str(demo / "pretrain"), 2
     cfg.train.steps, cfg.train.val_interval, cfg.train.val_batches, cfg.checkpoint.interval = 2, 0, 1, 2
     cfg.logging.progress_bar = False
-    run_pretraining(cfg)
+    pretrain(cfg)
     (demo / "pretrain" / "hf").rename(demo / "base")
     shutil.copytree(demo / "base", demo / "chat")
     bin_dir = root / ".bin"
