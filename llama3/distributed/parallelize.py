@@ -156,15 +156,28 @@ def apply_activation_checkpointing(model: Transformer, mode: ActivationCheckpoin
     if mode not in ("full", "selective"):
         raise ValueError(f"--parallel.activation_checkpoint={mode!r}: choose none, full or selective")
     every = _selective_every(selective_option) if mode == "selective" else 1
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-
     for i, block in enumerate(model.layers):
-        if every == 0:  # op-level: a fresh policy per call (it counts the matmuls of one pass)
-            block.forward = functools.partial(
-                checkpoint, block.forward, use_reentrant=False,
-                context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy()))
-        elif i % every == 0:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        if every == 0 or i % every == 0:
+            block.forward = functools.partial(_checkpointed, block.forward, op_level=every == 0)
+
+
+def _checkpointed(forward, *args, op_level: bool, **kwargs):
+    """`forward(*args, **kwargs)` under non-reentrant activation checkpointing. A plain function (not a
+    partial of `checkpoint` itself), so a compiled block traces through it into one graph."""
+    from torch.utils.checkpoint import checkpoint
+
+    if op_level:
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=_op_level_contexts, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _op_level_contexts():
+    """Op-level selective checkpointing's context managers, with a fresh policy per call (it counts the
+    matmuls of one pass). Defined at module level: torch.compile cannot take a function created while it
+    traces."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy())
 
 
 def _selective_every(option: str) -> int:
