@@ -195,8 +195,9 @@ def _selective_every(option: str) -> int:
 
 
 def apply_compile(model: Transformer, *, backend: str = "inductor") -> None:
-    """torch.compile each block in place (`Module.compile` keeps parameter names). All blocks share one
-    graph, so compilation happens once; the loop between blocks stays eager for FSDP's hooks."""
+    """torch.compile each block in place (`Module.compile` keeps parameter names), with activation
+    checkpointing inside the graph when a block has it. Blocks alike share one graph, so compilation
+    happens once per kind of block; the loop between blocks stays eager for FSDP's hooks."""
     for block in model.layers:
         block.compile(backend=backend, fullgraph=True)
 
