@@ -100,7 +100,7 @@ def worker_ours(spec: dict) -> dict:
     import torch
 
     from llama3.inference import Generator, SamplingParams
-    from llama3.inference.fast import load_for_inference
+    from llama3.inference.loading import load_for_inference
 
     from llama3 import kernels
 

@@ -50,9 +50,9 @@ class ChatFormatLike(Protocol):
 
 def chat_format_for(tokenizer: Any) -> ChatFormatLike:
     """Llama 3's exact `ChatFormat` for its own tokenizer; the model's Jinja template for a derivative's."""
-    from .hf_tokenizer import HFTokenizer
-
-    if not isinstance(tokenizer, HFTokenizer):
+    # A derivative's tokenizer (`hf_tokenizer.HFTokenizer`) says so in `version`; asked by attribute because
+    # hf_tokenizer imports this module (its template's end-of-turn tokens become stop tokens).
+    if getattr(tokenizer, "version", None) != "derivative":
         # A Llama 3 vocabulary keeps ChatFormat unless its files bring a template of another layout
         # (a ChatML fine-tune of Llama 3, say), which `load` attaches as `chat_template`.
         if getattr(tokenizer, "chat_template", None) is None:

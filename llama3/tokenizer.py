@@ -314,9 +314,10 @@ class Tokenizer:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .checkpoint.safety import atomic_output_file
+
+    with atomic_output_file(path, overwrite=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ----- chat format -----
@@ -344,7 +345,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
-_ROLES = {"system", "user", "assistant", "ipython", "tool"}
+# The roles a message may have (OpenAI style; "tool" is written as Llama 3.1's "ipython").
+ROLES = ("system", "user", "assistant", "tool", "ipython")
 
 
 class ChatFormat:
@@ -419,8 +421,8 @@ def _check_role(message: Message) -> str:
     if not isinstance(message, dict) or "role" not in message:
         raise ValueError(f"each message must be an object with a 'role', got {message!r}")
     role = message["role"]
-    if role not in _ROLES:
-        raise ValueError(f"unknown role {role!r}; use one of {sorted(_ROLES)}")
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; use one of {sorted(ROLES)}")
     return role
 
 

@@ -73,6 +73,12 @@ def test_perplexity_matches_training_validation_loss(tmp_path):
     assert metrics["num_tokens"] == 24 * 128
     assert metrics["token_nll"] == pytest.approx(final["val_loss"], rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(math.exp(final["val_loss"]), rel=1e-4)
+    # The command is the library function with the flags as arguments: the same numbers.
+    from llama3.eval import run as evaluate
+
+    document = evaluate(run / "hf", [str(data)], packed=True, window=128, limit=24, progress=False)
+    assert document["results"][str(data)]["metrics"] == metrics
+    assert document["config"]["limit"] == 24 and document["model"] == str(run / "hf")
 
     # Per-document scoring of the whole split (each document from its own BOS, sliding windows) measures
     # the same model on more text with more context: close to, not equal to, the validation loss.

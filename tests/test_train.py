@@ -313,3 +313,27 @@ def test_activation_checkpointing_keeps_names_and_gradients(mode):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0)
+
+
+def test_op_level_selective_checkpointing_wraps_every_block_and_keeps_gradients():
+    """`selective_ac_option=op` (torchtitan's op-level mode) on one device: the same function as under torchrun."""
+    from llama3.train.loop import Runtime, build_model
+
+    args = tiny_args("gqa")
+    initial = random_model(args, seed=5)
+    batch = _random_batches(1)[0]
+    grads = []
+    for ac in ("none", "selective"):
+        cfg = TrainConfig()
+        cfg.parallel.activation_checkpoint, cfg.parallel.selective_ac_option = ac, "op"
+        model = build_model(args, cfg, Runtime(device=torch.device("cpu")), initialize=_copy_weights(initial))
+        wrapped = [isinstance(block.forward, functools.partial) for block in model.layers]
+        assert wrapped == [ac == "selective"] * args.n_layers
+        causal_lm_loss(model, batch, chunk_size=64).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0)
+    cfg = TrainConfig()
+    cfg.parallel.activation_checkpoint, cfg.parallel.selective_ac_option = "selective", "every"
+    with pytest.raises(ValueError, match="selective_ac_option='every'.*'op'.*positive integer"):
+        build_model(args, cfg, Runtime(device=torch.device("cpu")))

@@ -431,7 +431,7 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     from .gguf_family import derivative_args
     from .gguf_quantized_model import build_quantized_model, is_quantized_file
     from .gguf_quants import check_quantized_tensor, check_tensor_types
-    from .load import materialize_model
+    from .materialize import materialize_model
 
     path = Path(path)
     try:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import ModelArgs
 from .keymap import hf_to_meta_key, meta_to_hf_key, meta_to_hf_state_dict, permute_qk_to_meta
-from .load import materialize_model
+from .materialize import materialize_model
 from .safety import (
     atomic_output_dir,
     contained_path,

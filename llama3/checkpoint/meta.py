@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ModelArgs
-from .load import materialize_model
+from .materialize import materialize_model
 from .safety import atomic_output_dir, parse_dtype, read_json, write_json
 
 __all__ = ["load_meta", "load_pth", "read_meta_args", "save_meta", "shard_paths", "split_dim"]

@@ -59,35 +59,20 @@ def _calibrate(cfg, data_dir: Path, tokenizer) -> tuple[float, int]:
     """Seconds per optimizer step of this config here, and the CPU thread count that was fastest.
 
     The machine may be shared: with other processes busy, two OpenMP threads can be slower than one, so
-    both are timed on real batches (a few steps each) and the faster is kept."""
+    both are timed on real batches (the training loop's own step, a few each) and the faster is kept."""
     import torch
 
     from ..data.pretrain import PackedBatches
-    from ..train.loop import build_model, setup_runtime
-    from ..train.loss import causal_lm_loss
-    from ..train.optim import build_optimizer
+    from ..train.loop import setup_runtime, time_steps
 
     runtime = setup_runtime(cfg)
     model_args = cfg.model.model_args(vocab_size=tokenizer.n_words, max_seq_len=cfg.data.seq_len)
-    model = build_model(model_args, cfg, runtime)
-    optimizer = build_optimizer(model, cfg.optim, runtime.device.type)
     batches = PackedBatches(data_dir, "train", batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len)
-    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
     candidates = sorted({1, torch.get_num_threads()}) if runtime.device.type == "cpu" else [torch.get_num_threads()]
     timings = {}
     for threads in candidates:
         torch.set_num_threads(threads)
-        best = math.inf
-        for i in range(3):
-            batch = {k: v.to(runtime.device) for k, v in next(batches).items()}
-            start = time.perf_counter()
-            with torch.autocast(runtime.device.type, dtype=dtype, enabled=cfg.train.dtype == "bf16"):
-                causal_lm_loss(model, batch).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if i:  # the first step warms up allocators and kernels
-                best = min(best, time.perf_counter() - start)
-        timings[threads] = best
+        timings[threads] = time_steps(cfg, model_args=model_args, train_batches=batches, runtime=runtime)
     threads = min(timings, key=timings.get)
     torch.set_num_threads(threads)
     return timings[threads], threads
@@ -124,7 +109,7 @@ def _pretrain(files, out: Path, minutes: float, vocab_size: int, stats: dict):
     from ..bpe import train_tokenizer
     from ..data.pretrain import prepare_dataset
     from ..train.recipes import recipe
-    from .pretrain import run as run_pretraining
+    from ..train.pretrain import pretrain
 
     print(f"[1/6] training a {vocab_size}-rank BPE tokenizer on {len(files)} files in {files[0].parent}")
     t0 = time.perf_counter()
@@ -155,7 +140,7 @@ def _pretrain(files, out: Path, minutes: float, vocab_size: int, stats: dict):
           f"(calibrated {step_s * 1000:.0f} ms/step on {threads} thread(s); "
           f"{cfg.train.steps * tokens_per_step / stats['train_tokens']:.1f} epochs)")
     t0 = time.perf_counter()
-    result = run_pretraining(cfg, resume=False)
+    result = pretrain(cfg, resume=False)
     train_s = time.perf_counter() - t0
     _replace_dir(out / "pretrain" / "hf", out / "base")
     stats.update(params_m=result.model.num_params() / 1e6, steps=result.step, stop_reason=result.stop_reason,
@@ -189,7 +174,7 @@ def _split_chat_data(chat_data: Path, out: Path) -> tuple[Path, list[list[dict]]
 
 def _fine_tune(out: Path, train_path: Path, steps: int, stats: dict) -> list[dict]:
     """Step 4: chat SFT of OUT/base into OUT/chat; returns the fine-tuning's metrics records."""
-    from .finetune import run as run_finetune
+    from ..train.finetune import finetune
     from ..train.recipes import finetune_recipe
 
     cfg = finetune_recipe("sft")
@@ -206,7 +191,7 @@ def _fine_tune(out: Path, train_path: Path, steps: int, stats: dict) -> list[dic
     print(f"[4/6] chat fine-tuning (SFT, loss on assistant tokens): {steps} steps of "
           f"{cfg.data.batch_size}×{cfg.data.seq_len} tokens")
     t0 = time.perf_counter()
-    report = run_finetune(cfg, log=print)
+    report = finetune(cfg, log=print)
     _replace_dir(out / "sft" / "hf", out / "chat")
     val = {int(k): v for k, v in report["val_loss"].items()}
     stats.update(sft_s=time.perf_counter() - t0, sft_steps=report["steps"],

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +25,9 @@ examples:
 """
 
 
-# Llama 3.1's 128K context would make one perplexity window a 128K-token forward; longer windows are an
-# explicit choice (--window).
-DEFAULT_MAX_WINDOW = 8192
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from ..eval.runner import DEFAULT_MAX_WINDOW
+
     parser = argparse.ArgumentParser(
         prog="llama3 eval",
         description=HELP,
@@ -95,74 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_perplexity_source(spec: str) -> bool:
-    path = Path(spec)
-    if path.is_dir() or path.suffix == ".txt":
-        return True
-    if path.suffix == ".jsonl" and path.is_file():
-        with open(path, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "")
-        try:
-            record = json.loads(first)
-        except json.JSONDecodeError:
-            return False
-        return (
-            isinstance(record, dict)
-            and set(record) <= {"text", "id", "meta", "source", "title"}
-            and "text" in record
-        )
-    return False
-
-
-def _run_perplexity(spec: str, model, tokenizer, args) -> dict[str, Any]:
-    from ..eval.perplexity import perplexity_of_shards, perplexity_of_text, read_text_documents
-    from ..eval.scoring import LogLikelihoodScorer
-
-    window = args.window or min(model.args.max_seq_len, DEFAULT_MAX_WINDOW)
-    scorer = LogLikelihoodScorer(model, batch_size=args.batch_size, max_length=window)
-    progress = not args.quiet
-    if Path(spec).is_dir():
-        result = perplexity_of_shards(
-            scorer,
-            tokenizer,
-            spec,
-            split=args.split,
-            stride=args.stride,
-            packed=args.packed,
-            document_mask=not args.no_document_mask,
-            limit=args.limit,
-            progress=progress,
-        )
-    else:
-        if args.packed:
-            raise ValueError("--packed applies to a prepared shard folder, not to a text file")
-        texts = read_text_documents(spec)[: args.limit]
-        result = perplexity_of_text(scorer, tokenizer, texts, stride=args.stride, progress=progress)
-    return {
-        "metrics": result.to_dict(),
-        "window": scorer.max_length,
-        "stride": args.stride or scorer.max_length,
-        "packed": bool(args.packed),
-    }
-
-
-def _run_task(spec: str, model, tokenizer, args) -> dict[str, Any]:
-    from ..eval.tasks import evaluate_task, resolve_task
-
-    task = resolve_task(spec, fmt=args.format, fewshot_file=args.fewshot_file, data_dir=args.data_dir)
-    # The default leaves half of a short context (the demo model's 256 tokens) for the prompt.
-    task.max_gen_toks = args.max_gen_toks or min(256, model.args.max_seq_len // 2)
-    return evaluate_task(
-        model,
-        tokenizer,
-        task,
-        num_fewshot=args.num_fewshot,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
-
-
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per (task, metric): value, standard error and number of examples."""
     rows = [("task", "metric", "value", "stderr", "n")]
@@ -190,56 +116,21 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..checkpoint.safety import atomic_output_file
+
+    with atomic_output_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=True) + "\n", encoding="utf-8")
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Load the model and run every task named in `args.task`; returns the results document."""
-    from ..checkpoint.load import load
+    """`llama3.eval.run` with the parsed flags; returns the results document."""
+    from ..eval.runner import run
 
-    specs = [s.strip() for s in args.task.split(",") if s.strip()]
-    if not specs:
-        raise ValueError("--task is empty; name a task, a task file, a text file or a shard folder")
-    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
-    results: dict[str, dict[str, Any]] = {}
-    samples: dict[str, Any] = {}
-    for spec in specs:
-        start = time.perf_counter()
-        result = (
-            _run_perplexity(spec, model, tokenizer, args)
-            if _is_perplexity_source(spec)
-            else _run_task(spec, model, tokenizer, args)
-        )
-        name = spec if spec not in results else f"{spec}#{len(results)}"
-        samples[name] = result.pop("samples", None)
-        result["seconds"] = round(time.perf_counter() - start, 3)
-        results[name] = result
-    document = {
-        "model": str(args.model),
-        "results": results,
-        "config": {
-            "num_fewshot": args.num_fewshot,
-            "limit": args.limit,
-            "batch_size": args.batch_size,
-            "device": args.device,
-            "dtype": args.dtype,
-            "max_gen_toks": args.max_gen_toks,
-        },
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if args.log_samples:
-        document["samples"] = samples
-    return document
+    return run(args.model, args.task, num_fewshot=args.num_fewshot, limit=args.limit, fmt=args.format,
+               fewshot_file=args.fewshot_file, data_dir=args.data_dir, batch_size=args.batch_size,
+               max_gen_toks=args.max_gen_toks, window=args.window, stride=args.stride, split=args.split,
+               packed=args.packed, document_mask=not args.no_document_mask, device=args.device,
+               dtype=args.dtype, log_samples=args.log_samples, progress=not args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,7 +121,7 @@ def build_generator(args: argparse.Namespace, *, cache_bucket: int = 256):
     """Load the model (and draft) as the options say; returns a Generator or SpeculativeGenerator."""
     import torch
 
-    from ..inference.fast import load_for_inference
+    from ..inference.loading import load_for_inference
     from ..inference.generate import Generator
 
     if args.threads is not None:
@@ -131,10 +131,7 @@ def build_generator(args: argparse.Namespace, *, cache_bucket: int = 256):
     from ..distributed.mesh import launched_by_torchrun
 
     if launched_by_torchrun():  # under torchrun: one model split over the ranks (tensor parallel)
-        from ..distributed.inference import tp_generator_from_args
-
-        args.no_compile = args.compile != "on"  # tensor parallel decodes eagerly; it says so when asked to compile
-        return tp_generator_from_args(args, cache_bucket=cache_bucket)
+        return _tensor_parallel_generator(args, cache_bucket)
     model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     compile_step = _should_compile(args.compile, model)
     generator = Generator(model, tokenizer, compile=compile_step, cache_bucket=cache_bucket, kv_cache=args.kv_cache)
@@ -146,6 +143,19 @@ def build_generator(args: argparse.Namespace, *, cache_bucket: int = 256):
     draft_generator = Generator(draft, tokenizer, compile=compile_step, cache_bucket=cache_bucket,
                                 kv_cache=args.kv_cache)
     return SpeculativeGenerator(generator, draft_generator, num_draft_tokens=args.num_draft_tokens)
+
+
+def _tensor_parallel_generator(args: argparse.Namespace, cache_bucket: int):
+    from ..distributed.inference import tensor_parallel_generator
+    from ..distributed.mesh import is_rank0
+
+    if args.quantize or args.draft_model:
+        raise ValueError("--quantize and --draft-model are not supported with tensor parallel (torchrun)")
+    generator = tensor_parallel_generator(args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+                                          cache_bucket=cache_bucket, kv_cache=args.kv_cache)
+    if args.compile == "on" and is_rank0():
+        print("tensor parallel: decoding eagerly (no torch.compile)", file=sys.stderr)
+    return generator
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not cfg.data.path:
         parser.error("no dataset: pass --data DIR (a folder written by `llama3 prepare`)")
+    from ..train.pretrain import pretrain
+
     try:
-        run(cfg, resume=args.resume)
+        pretrain(cfg, resume=args.resume)
     except ValueError as e:
         print(f"llama3 pretrain: error: {e}", file=sys.stderr)
         return 2
@@ -84,26 +86,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama3 pretrain: error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def run(cfg, *, resume: bool = False):
-    """Build the data pipeline for `cfg` and run the training loop; returns the TrainResult."""
-    from pathlib import Path
-
-    from ..data.pretrain import PackedBatches, load_index
-    from ..tokenizer import Tokenizer
-    from ..train.loop import setup_runtime, train
-
-    runtime = setup_runtime(cfg)
-    data_dir = Path(cfg.data.path)
-    index = load_index(data_dir)
-    tokenizer = Tokenizer.from_file(data_dir / index["tokenizer"])
-    batch_args = {"batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "dp_rank": runtime.dp_rank,
-                  "dp_world_size": runtime.dp_world_size, "document_mask": cfg.data.document_mask}
-    train_batches = PackedBatches(data_dir, "train", seed=cfg.data.seed, **batch_args)
-    val_batches = None
-    if index["splits"].get("val", {}).get("num_tokens", 0) > cfg.data.seq_len * cfg.data.batch_size:
-        def val_batches():
-            return PackedBatches(data_dir, "val", shuffle=False, repeat=False, **batch_args)
-    return train(cfg, tokenizer=tokenizer, train_batches=train_batches, val_batches=val_batches,
-                 resume=resume, runtime=runtime)

@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
+from ..tokenizer import MAX_RUN_CHARS  # longer runs take the slow, run-cutting encoder
 from .jsonl import read_jsonl_texts
 
 __all__ = ["FORMAT", "PackedBatches", "load_index", "prepare_dataset", "read_documents"]
 
 FORMAT = "llama3-tokens-v1"
 SHARD_TOKENS = 64 * 1024 * 1024  # tokens per shard file: 128 MiB in uint16
-MAX_RUN_CHARS = 25_000  # as llama3.tokenizer: longer runs take the slow, run-cutting encoder
 
 
 # ----- reading documents -----
@@ -143,9 +143,10 @@ class _ShardWriter:
             return
         tokens = np.concatenate(self._buffer)
         name = f"{self.split}-{len(self.shards):06d}.bin"
-        tmp = self.folder / (name + ".tmp")
-        tokens.tofile(tmp)
-        os.replace(tmp, self.folder / name)
+        from ..checkpoint.safety import atomic_output_file  # here: tokenizing workers never import torch
+
+        with atomic_output_file(self.folder / name, overwrite=True) as tmp:
+            tokens.tofile(tmp)
         self.shards.append({"file": name, "num_tokens": int(tokens.size)})
         self._buffer, self._buffered = [], 0
 
@@ -200,9 +201,11 @@ def prepare_dataset(inputs: Sequence[str | Path], output_dir: str | Path, tokeni
     bar.close()
     for w in writers.values():
         w.flush()
-    shutil.copyfile(Path(tokenizer_path) if Path(tokenizer_path).is_file() else
-                    Path(tokenizer_path) / "tokenizer.model", output_dir / "tokenizer.model.tmp")
-    os.replace(output_dir / "tokenizer.model.tmp", output_dir / "tokenizer.model")
+    from ..checkpoint.safety import atomic_output_file
+
+    with atomic_output_file(output_dir / "tokenizer.model", overwrite=True) as tmp:
+        shutil.copyfile(Path(tokenizer_path) if Path(tokenizer_path).is_file() else
+                        Path(tokenizer_path) / "tokenizer.model", tmp)
     index = {
         "format": FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.n_words,
         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "tokenizer": "tokenizer.model",
@@ -211,9 +214,8 @@ def prepare_dataset(inputs: Sequence[str | Path], output_dir: str | Path, tokeni
         "splits": {s: {"num_documents": w.num_documents, "num_tokens": sum(x["num_tokens"] for x in w.shards),
                        "shards": w.shards} for s, w in writers.items()},
     }
-    tmp = output_dir / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(tmp, output_dir / "index.json")
+    with atomic_output_file(output_dir / "index.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(index, indent=2) + "\n")
     return index
 
 

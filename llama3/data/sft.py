@@ -34,6 +34,8 @@ from typing import Any, Literal
 import torch
 
 from ..chat_template import ChatFormatLike
+from ..tokenizer import ROLES
+from . import IGNORE_INDEX
 from .jsonl import read_jsonl
 
 __all__ = [
@@ -55,8 +57,6 @@ __all__ = [
     "with_reference_logps",
 ]
 
-IGNORE_INDEX = -100  # labels with this value carry no loss (torch.nn.functional.cross_entropy's default)
-_ROLES = ("system", "user", "assistant", "tool", "ipython")
 _MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "weight"}
 
 
@@ -136,8 +136,8 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, Any]]:
         if unknown:
             raise ValueError(f"{at}: unknown keys {sorted(unknown)}; allowed: {sorted(_MESSAGE_KEYS)}")
         role = message.get("role")
-        if role not in _ROLES:
-            raise ValueError(f"{at}: role {role!r} is not one of {list(_ROLES)}")
+        if role not in ROLES:
+            raise ValueError(f"{at}: role {role!r} is not one of {list(ROLES)}")
         if role == "system" and i != 0:
             raise ValueError(f"{at}: a system message may only come first")
         out: dict[str, Any] = {"role": role}

@@ -24,7 +24,7 @@ from ..model import Transformer
 from .mesh import init_distributed
 from .parallelize import apply_tensor_parallel, check_tp_shapes
 
-__all__ = ["TensorParallelGenerator", "load_tensor_parallel", "tp_generator_from_args"]
+__all__ = ["TensorParallelGenerator", "load_tensor_parallel", "tensor_parallel_generator"]
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -63,23 +63,23 @@ def load_tensor_parallel(path: str | Path, tp_mesh: DeviceMesh, *, device: torch
     return model.eval(), tokenizer
 
 
-def tp_generator_from_args(args, *, cache_bucket: int = 256) -> TensorParallelGenerator:
-    """The `llama3 generate` hook under torchrun: all ranks form one tensor-parallel group.
+def tensor_parallel_generator(model_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                              seed: int | None = None, cache_bucket: int = 256,
+                              quiet_other_ranks: bool = True, kv_cache: str | None = None) -> TensorParallelGenerator:
+    """A generator whose model is split over all ranks of this torchrun job (one tensor-parallel group).
+    A collective: every rank calls it with the same arguments.
 
-    Uses the CLI's --model, --dtype, --device (cuda: one GPU per rank) and --seed. Sampling stays in step
-    across ranks because all ranks draw from the same seed (rank 0's, when none is given) on the same
-    gathered logits. Ranks other than 0 send their stdout to /dev/null so the text prints once."""
-    if getattr(args, "quantize", None) or getattr(args, "draft_model", None):
-        raise ValueError("--quantize and --draft-model are not supported with tensor parallel (torchrun)")
-    device_type = "cuda" if str(args.device).startswith("cuda") else "cpu"
+    `device` "cuda" puts each rank on its own GPU. Sampling stays in step across ranks because all ranks
+    draw from the same seed (`seed`, or rank 0's random one) on the same gathered logits. With
+    `quiet_other_ranks`, ranks other than 0 send their stdout to /dev/null so text prints once. `kv_cache`
+    "int8" keeps each rank's cache as int8 (see `Transformer.setup_caches`)."""
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
     info = init_distributed(device_type)
     mesh = init_device_mesh(device_type, (info.world_size,), mesh_dim_names=("tp",))
-    seed = torch.tensor([args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")])
-    dist.broadcast(seed, src=0)
-    torch.manual_seed(int(seed))
-    model, tokenizer = load_tensor_parallel(args.model, mesh, device=info.device, dtype=args.dtype)
-    if info.rank != 0:
+    shared_seed = torch.tensor([seed if seed is not None else int.from_bytes(os.urandom(4), "little")])
+    dist.broadcast(shared_seed, src=0)
+    torch.manual_seed(int(shared_seed))
+    model, tokenizer = load_tensor_parallel(model_path, mesh, device=info.device, dtype=dtype)
+    if quiet_other_ranks and info.rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
-    elif not getattr(args, "no_compile", True):
-        print("tensor parallel: decoding eagerly (no torch.compile)", file=sys.stderr)
-    return TensorParallelGenerator(model, tokenizer, cache_bucket=cache_bucket, kv_cache=getattr(args, "kv_cache", None))
+    return TensorParallelGenerator(model, tokenizer, cache_bucket=cache_bucket, kv_cache=kv_cache)

@@ -14,6 +14,7 @@ wo/w2 becomes a reduce-scatter and the norms' activations are not replicated.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Literal
 
@@ -138,29 +139,65 @@ def _selective_policy():
     return policy
 
 
-def apply_activation_checkpointing(model: Transformer, mode: ActivationCheckpoint) -> None:
-    """Wrap each block so its activations are recomputed in backward: "full" keeps only the block input,
-    "selective" keeps matmul/attention outputs per `_selective_policy`. Parameter names gain a
-    `_checkpoint_wrapped_module.` segment that `state_dict()` strips again."""
+def apply_activation_checkpointing(model: Transformer, mode: ActivationCheckpoint, *,
+                                   selective_option: str = "2") -> None:
+    """Recompute blocks' activations in backward instead of storing them, with torchtitan's meanings:
+
+    - "full": every block keeps only its input;
+    - "selective" with `selective_option` an integer N (default "2"): every N-th block, starting with the
+      first, is checkpointed in full (layer-selective), the others keep their activations;
+    - "selective" with `selective_option="op"`: every block keeps its matmul/attention outputs and
+      recomputes the rest (`_selective_policy`, op-level).
+
+    The same on one device and under torchrun. Each block's `forward` is wrapped in place (no wrapper
+    module), so parameter names and checkpoints are unchanged."""
     if mode == "none":
         return
     if mode not in ("full", "selective"):
         raise ValueError(f"--parallel.activation_checkpoint={mode!r}: choose none, full or selective")
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    every = _selective_every(selective_option) if mode == "selective" else 1
+    for i, block in enumerate(model.layers):
+        if every == 0 or i % every == 0:
+            block.forward = functools.partial(_checkpointed, block.forward, op_level=every == 0)
+
+
+def _checkpointed(forward, *args, op_level: bool, **kwargs):
+    """`forward(*args, **kwargs)` under non-reentrant activation checkpointing. A plain function (not a
+    partial of `checkpoint` itself), so a compiled block traces through it into one graph."""
+    from torch.utils.checkpoint import checkpoint
+
+    if op_level:
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=_op_level_contexts, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _op_level_contexts():
+    """Op-level selective checkpointing's context managers, with a fresh policy per call (it counts the
+    matmuls of one pass). Defined at module level: torch.compile cannot take a function created while it
+    traces."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    for i, block in enumerate(model.layers):
-        if mode == "full":
-            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
-        else:
-            wrapped = checkpoint_wrapper(block, preserve_rng_state=False,
-                                         context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy()))
-        model.layers[i] = wrapped
+    return create_selective_checkpoint_contexts(_selective_policy())
+
+
+def _selective_every(option: str) -> int:
+    """N of "every N-th block" for `--parallel.selective_ac_option`, 0 for "op"."""
+    if str(option) == "op":
+        return 0
+    try:
+        every = int(option)
+    except ValueError:
+        every = 0
+    if every < 1:
+        raise ValueError(f"--parallel.selective_ac_option={option!r}: give 'op' (op-level) or a positive "
+                         "integer N (checkpoint every N-th block)")
+    return every
 
 
 def apply_compile(model: Transformer, *, backend: str = "inductor") -> None:
-    """torch.compile each block in place (`Module.compile` keeps parameter names). All blocks share one
-    graph, so compilation happens once; the loop between blocks stays eager for FSDP's hooks."""
+    """torch.compile each block in place (`Module.compile` keeps parameter names), with activation
+    checkpointing inside the graph when a block has it. Blocks alike share one graph, so compilation
+    happens once per kind of block; the loop between blocks stays eager for FSDP's hooks."""
     for block in model.layers:
         block.compile(backend=backend, fullgraph=True)
 
@@ -180,27 +217,36 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, *, param_dtype: torch.dt
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh, cfg, *, param_dtype: torch.dtype = torch.float32,
+def parallelize(model: Transformer, mesh: DeviceMesh | None, cfg, *, param_dtype: torch.dtype = torch.float32,
                 reduce_dtype: torch.dtype = torch.float32, loss_parallel: bool = False,
                 sequence_parallel: bool = True, force_fsdp: bool = False,
                 compile_backend: str = "inductor") -> Transformer:
     """Apply tensor parallel, activation checkpointing, compile and FSDP2 to `model` (best built on the
     meta device) in that order, per `cfg` (a `ParallelSection`: dp_replicate, dp_shard, tp,
-    activation_checkpoint, compile) and `mesh` from `build_mesh`. Returns the same model object.
+    activation_checkpoint, selective_ac_option, compile) and `mesh` from `build_mesh`. Returns the same
+    model object.
 
-    FSDP is applied when there is more than one data-parallel rank, when `param_dtype` differs from the
-    weights' dtype (FSDP2 is what carries bf16 mixed precision), or when `force_fsdp`. Afterwards call
-    `model.to_empty(device=...)` and `model.init_weights()` (or load a checkpoint).
+    `mesh=None` is one device: only activation checkpointing and compile apply, with the same meaning
+    as under torchrun (single-device training goes through here too). With a mesh, FSDP is applied when
+    there is more than one data-parallel rank, when `param_dtype` differs from the weights' dtype (FSDP2 is
+    what carries bf16 mixed precision), or when `force_fsdp`. Afterwards call `model.to_empty(device=...)`
+    and `model.init_weights()` (or load a checkpoint).
     """
-    tp = mesh["tp"].size()
+    weight_dtype = model.tok_embeddings.weight.dtype
+    if mesh is None and (force_fsdp or loss_parallel or param_dtype != weight_dtype):
+        raise ValueError("FSDP mixed precision and loss parallel need a device mesh (run under torchrun); "
+                         "on one device use --train.dtype=bf16 (autocast) instead")
+    tp = mesh["tp"].size() if mesh is not None else 1
     if tp > 1:
         check_tp_shapes(model.args, tp)
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
-    apply_activation_checkpointing(model, getattr(cfg, "activation_checkpoint", "none"))
+    apply_activation_checkpointing(model, getattr(cfg, "activation_checkpoint", "none"),
+                                   selective_option=getattr(cfg, "selective_ac_option", "2"))
     if getattr(cfg, "compile", False):
         apply_compile(model, backend=compile_backend)
+    if mesh is None:
+        return model
     dp_replicate, dp_shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
-    weight_dtype = model.tok_embeddings.weight.dtype
     if force_fsdp or dp_replicate * dp_shard > 1 or param_dtype != weight_dtype:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dp_replicate > 1 else mesh["dp_shard"]
         apply_fsdp(model, dp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from ..model import Transformer
+from ..train.loss import causal_lm_loss
+from ..train.runtime import Runtime
 from .checkpoint import export_hf, save_sharded_checkpoint
 from .collectives import all_reduce_mean, clip_grad_norm_
 from .loss import vocab_parallel_lm_loss
@@ -54,9 +56,7 @@ def broadcast_init_weights(model: Transformer, *, device: torch.device) -> None:
 
 
 def distributed_runtime(cfg, *, compile_backend: str = "inductor") -> Any:
-    """A `llama3.train.loop.Runtime` for this torchrun process and `cfg` (a `TrainConfig`)."""
-    from ..train.loop import Runtime
-
+    """A `llama3.train.runtime.Runtime` for this torchrun process and `cfg` (a `TrainConfig`)."""
     device = None if cfg.train.device == "auto" else cfg.train.device
     info = init_distributed(device)
     mesh = build_mesh(cfg.parallel, info.world_size, info.device.type)
@@ -86,8 +86,7 @@ def distributed_runtime(cfg, *, compile_backend: str = "inductor") -> Any:
         all_reduce_mean=functools.partial(all_reduce_mean, group=dp_mesh.get_group()),
         world_size=info.world_size,
         init_weights=functools.partial(broadcast_init_weights, device=info.device),
-        loss_fn=(functools.partial(vocab_parallel_lm_loss, chunk_size=cfg.train.loss_chunk_size)
-                 if loss_parallel else None),
+        lm_loss=vocab_parallel_lm_loss if loss_parallel else causal_lm_loss,
         clip_grad_norm=functools.partial(clip_grad_norm_, foreach=True),
         save_checkpoint=save_sharded_checkpoint,
         export_hf=_export_hf,

@@ -26,7 +26,6 @@ __all__ = [
     "compile_options",
     "fuse_projections",
     "is_fused",
-    "load_for_inference",
     "optimize_for_inference",
     "to_huge_pages",
 ]
@@ -171,12 +170,3 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
     if huge_pages and model.tok_embeddings.weight.device.type == "cpu":
         to_huge_pages(model)
     return model.eval().requires_grad_(False)
-
-
-def load_for_inference(path, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                       quantize: str | None = None, fuse: bool = True):
-    """`llama3.load` a model folder, then `optimize_for_inference` it. Returns (model, tokenizer)."""
-    from ..checkpoint.load import load
-
-    model, tokenizer = load(path, device=device, dtype=dtype)
-    return optimize_for_inference(model, fuse=fuse, quantize=quantize), tokenizer

@@ -37,6 +37,7 @@ import torch
 from ..model import Transformer
 from .fast import compile_options, quiet_autotune
 from .sampling import SamplingParams, make_generator, sample
+from .stops import find_stop, shown_length
 
 __all__ = ["GenerationResult", "GenerationTiming", "Generator"]
 
@@ -98,9 +99,8 @@ class _Row:
             self.finish(reason="length")
 
     def _check_stop_strings(self, start: int) -> None:
-        hits = [i for i in (self.text.find(s, start) for s in self.stop_strings) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
+        if (cut := find_stop(self.text, self.stop_strings, start)) >= 0:
+            self.text = self.text[:cut]
             self.finish_reason = "stop"
 
     def finish(self, reason: str) -> None:
@@ -113,12 +113,7 @@ class _Row:
     def pending_text(self) -> str:
         """New text that can be shown: all of it once finished, otherwise without a tail that could still
         become a stop string."""
-        end = len(self.text)
-        if self.finish_reason is None:
-            for n in range(min(self.max_stop - 1, end), 0, -1):
-                if any(s.startswith(self.text[end - n:]) for s in self.stop_strings):
-                    end -= n
-                    break
+        end = len(self.text) if self.finish_reason is not None else shown_length(self.text, self.stop_strings)
         piece = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)
         return piece

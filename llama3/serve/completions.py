@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..inference.engine import FinishEvent, PromptLogprobsEvent, RequestHandle, TokenEvent
+from ..inference.stops import find_stop, shown_length
 from .errors import APIError
 
 __all__ = ["Choice", "chat_logprob_entry", "merge_events", "new_id", "token_text", "usage_dict"]
@@ -97,23 +98,15 @@ class Choice:
         if self.stopped_by_string or not self.stop:
             return False
         longest = max(map(len, self.stop))
-        search_from = max(0, self._sent - longest)
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-        if not hits:
+        cut = find_stop(self.text, self.stop, max(0, self._sent - longest))
+        if cut < 0:
             return False
-        self.text = self.text[:min(hits)]
+        self.text = self.text[:cut]
         self.stopped_by_string = True
         return True
 
     def _take(self, final: bool) -> str:
-        safe = len(self.text)
-        if not final and self.stop:
-            # Hold back a tail that could still grow into a stop string.
-            for s in self.stop:
-                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                    if self.text.endswith(s[:k]):
-                        safe = min(safe, len(self.text) - k)
-                        break
+        safe = len(self.text) if final else shown_length(self.text, self.stop)
         delta = self.text[self._sent:safe]
         self._sent = max(self._sent, safe)
         return delta

@@ -116,7 +116,10 @@ class ParallelSection:
     dp_shard: int = -1  # FSDP2 shard degree; -1 = all ranks not used by other dims
     dp_replicate: int = 1  # DDP/HSDP replicas
     tp: int = 1  # tensor-parallel degree
+    # torchtitan's meanings, one device or many (llama3.distributed.parallelize.apply_activation_checkpointing):
+    # full = every block; selective = every N-th block (selective_ac_option=N) or op-level ("op")
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    selective_ac_option: str = "2"
     compile: bool = False  # torch.compile each transformer block
 
 

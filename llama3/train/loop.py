@@ -13,8 +13,9 @@ What a caller can swap (the extension points):
   loss reads) with `state_dict()`/`load_state_dict()` for exact resume (see `llama3.data.pretrain`).
 - `val_batches()`: returns a fresh iterable of validation batches (the first `cfg.train.val_batches` are used).
 - `loss_fn(model, batch) -> scalar`: default `causal_lm_loss` (chunked cross-entropy, ignore index -100).
-- `runtime`: device and data-parallel placement (`Runtime`); `Runtime.parallelize` is where distributed
-  training applies TP → activation checkpointing → compile → FSDP2 to the meta-device model.
+- `runtime`: device and data-parallel placement (`llama3.train.runtime.Runtime`, one device by default);
+  `Runtime.parallelize` applies TP → activation checkpointing → compile → FSDP2 to the meta-device model
+  (`llama3.distributed.parallelize.parallelize`, with no mesh on one device).
 
 Model building is `build_model`: meta device → parallelize → to_empty → initialize. Per step: micro-batches
 under bf16 autocast (optional), gradient clipping, a non-finite check *before* the optimizer update, the lr
@@ -39,45 +40,25 @@ from ..checkpoint import native
 from ..checkpoint.safety import WriteFailed
 from ..config import ModelArgs
 from ..model import Transformer
-from .config import ParallelSection, TrainConfig
-from .loss import causal_lm_loss, release_scratch
+from .config import TrainConfig
+from .loss import release_scratch
 from .metrics import MetricsWriter, format_duration, measure_peak_flops, memory_gib
 from .optim import build_optimizer
+from .runtime import Runtime
 from .schedule import lr_at
 
 __all__ = [
     "Runtime",
     "TrainResult",
-    "apply_activation_checkpointing",
     "build_model",
     "evaluate",
     "setup_runtime",
+    "time_steps",
     "train",
 ]
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-
-
-@dataclass
-class Runtime:
-    """Where this process trains. Single-process by default; distributed training fills in the rest."""
-
-    device: torch.device
-    dp_rank: int = 0
-    dp_world_size: int = 1
-    is_main: bool = True  # rank 0 writes logs, metrics and checkpoints
-    # meta-device model -> parallelized model (TP, AC, compile, FSDP2); None = single device
-    parallelize: Callable[[Transformer, ParallelSection], Transformer] | None = None
-    # mean of a scalar tensor over data-parallel ranks (for logged losses); identity on one process
-    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-    world_size: int = 1  # processes in the job (MFU is per device)
-    # Distributed training (llama3.distributed.runtime) swaps these in; None = the single-device default.
-    init_weights: Callable[[Transformer], None] | None = None  # instead of model.init_weights()
-    loss_fn: LossFn | None = None  # the default loss when the caller gives none
-    clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None  # global norm
-    save_checkpoint: Callable[..., Path] | None = None  # called on every rank (sharded checkpoints)
-    export_hf: Callable[[Transformer, Any, Path, Callable[[str], None]], None] | None = None  # every rank
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
@@ -98,37 +79,17 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(device=device)
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
-    """Recompute blocks in backward instead of storing their activations. `full`: every block; `selective`:
-    every second block (torchtitan's layer-selective option). Wraps `forward` in place, so parameter
-    names (and checkpoints) are unchanged."""
-    if mode == "none":
-        return
-    from torch.utils.checkpoint import checkpoint
-
-    for i, block in enumerate(model.layers):
-        if mode == "full" or (mode == "selective" and i % 2 == 0):
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
 def build_model(args: ModelArgs, cfg: TrainConfig, runtime: Runtime, *,
                 initialize: Callable[[Transformer], None] | None = None) -> Transformer:
-    """Meta device → parallelize (or AC + compile on one device) → to_empty → init_weights / initialize."""
+    """Meta device → parallelize (TP → activation checkpointing → compile → FSDP2; on one device the first
+    and last do nothing) → to_empty → init_weights / initialize."""
     with torch.device("meta"):
         model = Transformer(args)
-    if runtime.parallelize is not None:
-        model = runtime.parallelize(model, cfg.parallel)
-    else:
-        apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
-        if cfg.parallel.compile:
-            for block in model.layers:
-                block.compile()
+    model = runtime.parallelize(model, cfg.parallel)
     model.to_empty(device=runtime.device)
     torch.manual_seed(cfg.train.seed)
-    if initialize is None and runtime.init_weights is not None:
+    if initialize is None:
         runtime.init_weights(model)
-    elif initialize is None:
-        model.init_weights(buffer_device=runtime.device)
     else:
         model.init_buffers(runtime.device)
         initialize(model)
@@ -195,8 +156,7 @@ class _StepRunner:
             (loss / cfg.grad_accum).backward()
             loss_total += loss.detach() / cfg.grad_accum
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        clip = self.runtime.clip_grad_norm or functools.partial(torch.nn.utils.clip_grad_norm_, foreach=True)
-        grad_norm = clip(self.params, max_norm)
+        grad_norm = self.runtime.clip_grad_norm(self.params, max_norm)
         loss_value = float(self.runtime.all_reduce_mean(loss_total))
         grad_norm_value = float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
@@ -206,6 +166,30 @@ class _StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "grad_norm": grad_norm_value, "skipped": not finite,
                 "num_tokens": num_tokens, "data_checksum": checksum}
+
+
+def time_steps(cfg: TrainConfig, *, model_args: ModelArgs, train_batches: Iterator[Batch], num_steps: int = 3,
+               runtime: Runtime | None = None) -> float:
+    """Seconds of one optimizer step of `cfg` (the loop's own step: micro-batches, clipping, update) on a
+    model built from scratch: the best of `num_steps` steps after the first, which warms up allocators and
+    kernels. What a wall-time budget is turned into a number of steps with (`llama3 demo`)."""
+    if num_steps < 2:
+        raise ValueError(f"num_steps={num_steps}: time at least 2 steps (the first one only warms up)")
+    runtime = runtime or setup_runtime(cfg)
+    model = build_model(model_args, cfg, runtime)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim, runtime.device.type)
+    run_step = _StepRunner(model, optimizer, cfg, runtime,
+                           functools.partial(runtime.lm_loss, chunk_size=cfg.train.loss_chunk_size))
+    best = math.inf
+    for i in range(num_steps):
+        start = time.perf_counter()
+        run_step(train_batches, cfg.optim.lr)
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize(runtime.device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _format_line(rec: dict[str, Any], total_steps: int) -> str:
@@ -240,8 +224,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
     model.train()
     optimizer = build_optimizer(model, cfg.optim, runtime.device.type)
     reports_perplexity = loss_fn is None  # the default losses are cross-entropy; a caller's (DPO) may not be
-    loss_fn = (loss_fn or runtime.loss_fn
-               or functools.partial(causal_lm_loss, chunk_size=cfg.train.loss_chunk_size))
+    loss_fn = loss_fn or functools.partial(runtime.lm_loss, chunk_size=cfg.train.loss_chunk_size)
 
     start_step, skipped_in_row, checkpoint_dir = 0, 0, None
     if resume:
@@ -280,15 +263,13 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
                  "rng_cpu": torch.get_rng_state()}
         if runtime.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(runtime.device)
-        writer = runtime.save_checkpoint or (native.save_training_checkpoint if runtime.is_main else None)
-        if writer is not None:
-            try:
-                result.last_checkpoint = writer(
-                    out_dir, step, model=model, optimizer=optimizer, train_state=state, config_json=cfg.to_json(),
-                    tokenizer=tokenizer, keep=cfg.checkpoint.keep)
-            except OSError as e:  # a full disk: one line naming the path and the checkpoint to resume from
-                raise WriteFailed.from_os_error(e, f"the checkpoint of step {step}", fallback_path=out_dir,
-                                                training=True, last_checkpoint=result.last_checkpoint) from None
+        try:
+            result.last_checkpoint = runtime.save_checkpoint(
+                out_dir, step, model=model, optimizer=optimizer, train_state=state, config_json=cfg.to_json(),
+                tokenizer=tokenizer, keep=cfg.checkpoint.keep)
+        except OSError as e:  # a full disk: one line naming the path and the checkpoint to resume from
+            raise WriteFailed.from_os_error(e, f"the checkpoint of step {step}", fallback_path=out_dir,
+                                            training=True, last_checkpoint=result.last_checkpoint) from None
 
     if start_step == 0 and (val_loss := validate()) is not None:
         result.val_losses[0] = val_loss
@@ -350,8 +331,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
     metrics.close()
     release_scratch()  # the loss's reusable CPU buffers (up to ~0.5 GB with a 128K vocabulary)
     result.step = step
-    if cfg.checkpoint.export_hf and (runtime.export_hf is not None or runtime.is_main):
-        (runtime.export_hf or _export_hf)(model, tokenizer, out_dir / "hf", log)
+    if cfg.checkpoint.export_hf:
+        runtime.export_hf(model, tokenizer, out_dir / "hf", log)
     return result
 
 
@@ -361,10 +342,3 @@ def _write_record(metrics: MetricsWriter, record: dict[str, Any], last_checkpoin
     except OSError as e:
         raise WriteFailed.from_os_error(e, f"metrics of step {record['step']}", fallback_path=metrics.path,
                                         training=True, last_checkpoint=last_checkpoint) from None
-
-
-def _export_hf(model: Transformer, tokenizer: Any, path: Path, log: Callable[[str], None]) -> None:
-    from ..checkpoint.load import save
-
-    save(model, tokenizer, path, format="hf", overwrite=True)
-    log(f"exported a Hugging Face folder to {path}")

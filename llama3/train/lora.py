@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.keymap import meta_to_hf_key, permute_qk_to_hf, permute_qk_to_meta
+from ..checkpoint.safety import atomic_output_dir
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -227,18 +226,9 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_n
             n_heads = args.n_heads if module_name.endswith("wq") else args.n_kv_heads
             tensor = permute_qk_to_hf(tensor, n_heads)
         tensors[_peft_key(module_name, which)] = tensor.contiguous().cpu()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_output_dir(path, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(_peft_config(config, base_model_name_or_path), indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..data import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "linear_cross_entropy", "release_scratch"]
 
-IGNORE_INDEX = -100
 
 
 _workspace = threading.local()

@@ -4,7 +4,7 @@ Three torchrun launches (starting processes is the slow part, so each runs sever
 - 2 ranks: `llama3 pretrain` with FSDP (dp_shard=2), then with TP (tp=2); TP inference logits and greedy
   tokens; `llama3 generate` under torchrun.
 - 4 ranks: `llama3 pretrain` with FSDP×TP (2×2), a resume of the 2-rank FSDP run's step-3 checkpoint on
-  that 2×2 mesh, and HSDP (2 replicas × 2 shards) with selective activation checkpointing.
+  that 2×2 mesh, and HSDP (2 replicas × 2 shards) with op-level selective activation checkpointing.
 - 1 plain process (in this test process): the reference run, and a resume of the same checkpoint.
 Every run sees the same global batch (4 rows of 32 tokens) in the same order, so fp32 losses must agree to
 1e-5 and the exported weights must agree too.
@@ -140,10 +140,11 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
                                                "--parallel.tp=2")},
         {"kind": "cli", "argv": _pretrain_argv(dataset, r["resume4"], "--data.batch_size=2", "--parallel.dp_shard=2",
                                                "--parallel.tp=2", "--resume")},
-        # HSDP: shard within pairs, replicate across them; with selective activation checkpointing.
+        # HSDP: shard within pairs, replicate across them; with op-level selective activation checkpointing.
         {"kind": "cli", "argv": _pretrain_argv(dataset, r["hsdp2x2"], "--data.batch_size=1",
                                                "--parallel.dp_replicate=2", "--parallel.dp_shard=2",
-                                               "--parallel.activation_checkpoint=selective")},
+                                               "--parallel.activation_checkpoint=selective",
+                                               "--parallel.selective_ac_option=op")},
     ], root)
 
     _interrupted_copy(r["fsdp2"], r["resume1"])
