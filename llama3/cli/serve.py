@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-invariant", action="store_true",
                         help="a request's tokens and logprobs do not depend on what shares its batch, bit for bit "
                              "(every decode step runs all --num-slots rows; slower at low load)")
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0,
+                        help="memory for the automatic prefix cache, which keeps the keys and values of prompt "
+                             "prefixes (system prompts, earlier chat turns) for the requests that start the same "
+                             "way (default 1 GB; 0 turns it off)")
     parser.add_argument("--embedding-pooling", choices=["mean", "last"], default="mean",
                         help="how /v1/embeddings pools the final hidden states (default mean)")
     return parser
@@ -127,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama3 serve: {exc}", file=sys.stderr)
         return 2
 
+    if not args.kv_cache_gb >= 0:  # also refuses NaN
+        print(f"llama3 serve: --kv-cache-gb must be >= 0 (0 turns the prefix cache off), got {args.kv_cache_gb}",
+              file=sys.stderr)
+        return 2
     if args.threads is not None:
         if args.threads < 1:
             print(f"llama3 serve: --threads must be >= 1, got {args.threads}", file=sys.stderr)
@@ -140,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     optimize_for_inference(model, quantize=args.quantize)
     max_seq_len = args.max_seq_len or min(model.args.max_seq_len, 8192)
     engine = Engine(model, tokenizer, num_slots=args.num_slots, max_queue=args.max_queue,
-                    max_seq_len=max_seq_len, batch_invariant=args.batch_invariant).start()
+                    max_seq_len=max_seq_len, batch_invariant=args.batch_invariant,
+                    prefix_cache_bytes=int(args.kv_cache_gb * 2**30)).start()
     model_name = args.model_name or default_model_name(Path(args.model))
     app = create_app(engine, api_key=api_key, model_name=model_name, limits=limits,
                      embedding_pooling=args.embedding_pooling,

@@ -14,6 +14,10 @@ model is only ever called on a window of the cache: the rows `[0, n)` that cover
 are handed out lowest first) and the positions `[0, L)` that cover every written token, rounded up to a
 bucket, so a step costs what the live sequences need, not what the pool could hold.
 
+With a prefix cache (`prefix_cache_bytes` > 0, see prefix_cache.py), a newly admitted prompt first copies the
+keys and values of its longest already-seen prefix into its row and prefills only the rest; every prompt's
+full blocks are kept for the requests after it.
+
 Events flow back through the handle, to a thread (`for event in handle`) or to an asyncio loop
 (`async for event in handle`).
 """
@@ -35,6 +39,7 @@ from torch import nn
 from ..model import KVCache
 from .constraints import TokenConstraint, constrain_logits
 from .fast import setup_caches
+from .prefix_cache import PrefixCache, block_bytes
 from .sampling import GREEDY, SamplingParams, make_generator, sample
 
 __all__ = [
@@ -175,6 +180,7 @@ class _Slot:
     num_cached: int = 0
     last_token: int = -1
     num_generated: int = 0
+    prefix_checked: bool = False  # the prefix cache was asked for this prompt
     prompt_logprobs: list = field(default_factory=list)
     prompt_top: list = field(default_factory=list)
 
@@ -206,6 +212,8 @@ class Engine:
     `tokenizer` is carried for callers that need text (the server); the engine itself works on ids.
     `max_queue` requests may wait for a free slot; `prefill_chunk` bounds the prompt tokens one step
     prefills, so running streams wait at most one chunk's forward pass for their next token.
+    `prefix_cache_bytes` > 0 keeps prompt prefixes' keys and values in blocks of `prefix_block_size` tokens
+    for the requests that start the same way (0: off).
 
         engine = Engine(model, tokenizer, num_slots=8).start()
         handle = engine.submit(EngineRequest(prompt_ids=(...), max_new_tokens=64))
@@ -214,9 +222,18 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, num_slots: int = 8, max_seq_len: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 256, batch_invariant: bool = False):
+                 max_queue: int = 64, prefill_chunk: int = 256, batch_invariant: bool = False,
+                 prefix_cache_bytes: int = 0, prefix_block_size: int = 16):
         if num_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("num_slots and prefill_chunk must be >= 1 and max_queue >= 0")
+        if prefix_cache_bytes < 0:
+            raise ValueError(f"the prefix-cache budget must be >= 0 bytes (0 turns it off), got {prefix_cache_bytes}")
+        if prefix_cache_bytes and (prefix_block_size < 1 or prefill_chunk % prefix_block_size
+                                   or prefill_chunk < 2 * prefix_block_size):
+            raise ValueError(f"with a prefix cache, prefill_chunk ({prefill_chunk}) must be a multiple of the block "
+                             f"size ({prefix_block_size}) and at least two blocks")
+        self.prefix_cache_bytes, self.prefix_block_size = prefix_cache_bytes, prefix_block_size
+        self.prefix_cache: PrefixCache | None = None  # made in start(), once the cache's shapes are known
         self.model, self.tokenizer = model, tokenizer  # the tokenizer is for callers (the server); not used here
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
         self.batch_invariant = batch_invariant
@@ -237,7 +254,8 @@ class Engine:
         # Every key exists from the start, so /metrics can copy the dict while the engine thread counts.
         self.stats = collections.Counter({k: 0 for k in (
             "requests_total", "prompt_tokens_total", "generation_tokens_total", "finished_stop",
-            "finished_length", "finished_cancelled", "finished_error")})
+            "finished_length", "finished_cancelled", "finished_error",
+            "prefix_cache_query_tokens_total", "prefix_cache_hit_tokens_total")})
         self.ttft_hist, self.latency_hist = _Histogram(), _Histogram()
 
     # ----- lifecycle -----
@@ -247,6 +265,10 @@ class Engine:
             return self
         setup_caches(self.model, self.num_slots, self.max_seq_len)  # works for fused layers too
         self._full_caches = [layer.attention.kv_cache for layer in self.model.layers]
+        if self.prefix_cache_bytes:
+            layers = self._cache_tensors()
+            self.prefix_cache = PrefixCache(self.prefix_block_size, self.prefix_cache_bytes,
+                                            block_bytes(layers, self.prefix_block_size))
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llama3-engine", daemon=True)
         self._thread.start()
@@ -262,6 +284,8 @@ class Engine:
         self._thread = None
         self.model.clear_caches()
         self._windows.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @property
     def running(self) -> bool:
@@ -341,6 +365,7 @@ class Engine:
                     "active_slots": self.num_slots - self.num_free_slots(),
                     "num_slots": self.num_slots, "max_queue": self.max_queue,
                     "counters": dict(self.stats),
+                    "prefix_cache": self._prefix_cache_gauges(),
                     "ttft": self.ttft_hist, "latency": self.latency_hist}
 
     def _retry_after(self) -> float:
@@ -456,6 +481,39 @@ class Engine:
             for layer, full in zip(self.model.layers, self._full_caches):
                 layer.attention.kv_cache = full
 
+    # ----- prefix cache -----
+    def _cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the whole pool's (k, v), each (num_slots, K, S, Dh): what the prefix cache copies."""
+        return [(cache.k, cache.v) for cache in self._full_caches]
+
+    def _prefix_cache_gauges(self) -> dict | None:
+        cache = self.prefix_cache
+        if cache is None:
+            return None
+        return {"blocks": cache.num_blocks, "capacity_blocks": cache.capacity_blocks, "bytes": cache.num_bytes,
+                "capacity_bytes": cache.capacity_blocks * cache.bytes_per_block, "block_size": cache.block_size}
+
+    def _reuse_prefix(self, slot: _Slot) -> None:
+        """Start a new prompt from the longest stored prefix: copy its blocks into the slot's row. At least
+        one block is always prefilled, so the prompt's last token gets its logits and the suffix prefill is
+        never a few-row product (whose rounding would differ from a full prefill's)."""
+        slot.prefix_checked = True
+        request = slot.handle.request
+        if self.prefix_cache is None or request.prompt_logprobs:  # prompt logprobs need every position's states
+            return
+        prompt = request.prompt_ids
+        keys = self.prefix_cache.lookup(prompt, len(prompt) - self.prefix_block_size)
+        num_reused = self.prefix_cache.load(keys, self._cache_tensors(), slot.index)
+        slot.num_prefilled = slot.num_cached = num_reused
+        self.stats["prefix_cache_query_tokens_total"] += len(prompt)
+        self.stats["prefix_cache_hit_tokens_total"] += num_reused
+
+    def _store_prefix(self, slot: _Slot) -> None:
+        """Keep the full blocks of what has been prefilled of the slot's prompt."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(slot.handle.request.prompt_ids, slot.num_prefilled, self._cache_tensors(),
+                                    slot.index)
+
     # ----- prefill -----
     def _prefill_step(self) -> None:
         """Prefill up to `prefill_chunk` prompt tokens, earliest-admitted prompts first (several short prompts
@@ -467,15 +525,31 @@ class Engine:
                 return
             slot = min(waiting, key=lambda s: s.handle.request_id)
             try:
-                if self.batch_invariant:
-                    size = self._invariant_chunk_size(slot)
-                    if size > budget:
-                        return
-                    budget -= self._prefill_chunk(slot, size)
-                else:
-                    budget -= self._prefill_chunk(slot, budget)
+                if not slot.prefix_checked:
+                    self._reuse_prefix(slot)
+                size = self._chunk_size(slot, budget)
+                if size == 0:
+                    return
+                budget -= self._prefill_chunk(slot, size)
             except Exception as exc:  # noqa: BLE001 -- one prompt that fails ends alone; the others go on
                 self._finish(slot, "error", f"generation failed: {exc}")
+
+    def _chunk_size(self, slot: _Slot, budget: int) -> int:
+        """How many prompt tokens of `slot` to prefill now within `budget`; 0: wait for the next step."""
+        if self.batch_invariant:
+            size = self._invariant_chunk_size(slot)
+            return size if size <= budget else 0
+        remaining = len(slot.handle.request.prompt_ids) - slot.num_prefilled
+        size = min(budget, remaining)
+        if self.prefix_cache is None or size == remaining:
+            return size
+        # With a prefix cache, chunks end on block boundaries and none is shorter than a block (nor leaves
+        # less than a block behind): a prompt's rows then come out the same whether its prefix was reused.
+        block = self.prefix_block_size
+        size -= size % block
+        if remaining - size < block:
+            size -= block
+        return max(size, 0)
 
     def _invariant_chunk_size(self, slot: _Slot) -> int:
         """With `batch_invariant`, a prompt is cut at multiples of `prefill_chunk` whatever else is
@@ -493,6 +567,7 @@ class Engine:
         hidden = self._forward(self._window(slot.index, slot.index + 1, start + len(chunk)), tokens, positions)
         slot.num_prefilled = slot.num_cached = start + len(chunk)
         self.stats["prompt_tokens_total"] += len(chunk)
+        self._store_prefix(slot)
         if request.prompt_logprobs:
             self._score_prompt_chunk(slot, hidden[0], start)
         if slot.prefilling:
