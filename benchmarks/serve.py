@@ -31,6 +31,15 @@ token of every row to the last, so prefill is left out; the cost is reported per
 share of the free step. Goal: <= 10%.
 
     .venv/bin/python benchmarks/serve.py --structured --preset 100m --max-tokens 48 --repeats 3
+
+`--prefix` measures automatic prefix caching over HTTP (the server as above, `--kv-cache-gb` of prefix cache):
+every client request opens with the same `--system-len`-token system prompt then a short question of its
+own. Requests alternate: one whose system prompt is fresh random ids (a miss: the cold TTFT, the peer in
+the same run) and one with the shared system prompt (a hit: only the question's blocks are prefilled). Then
+`--turns` chat turns of one conversation (each turn's prompt = all earlier turns, their answers, a new
+question). The model's context is raised to 2,048 positions for it. Goal: TTFT on a hit <= 0.3 x cold.
+
+    .venv/bin/python benchmarks/serve.py --prefix --preset 100m --system-len 1536 --repeats 4
 """
 
 from __future__ import annotations
@@ -83,8 +92,11 @@ def run_server(port: int, args_dict: dict, ready) -> None:
     tokenizer = llama3_tokenizer()
     # The soak sends chat text: its model takes the whole Llama 3 vocabulary.
     overrides = {"vocab_size": tokenizer.n_words, "max_seq_len": 512} if args_dict.get("load") else {}
+    if args_dict.get("prefix"):  # a 1.5K-token system prompt and a chat on top of it
+        overrides = {"max_seq_len": 2048}
     model = optimize_for_inference(build_model(args_dict["preset"], args_dict["dtype"], **overrides))
-    engine = Engine(model, tokenizer, num_slots=args_dict["num_slots"], max_queue=256).start()
+    engine = Engine(model, tokenizer, num_slots=args_dict["num_slots"], max_queue=256,
+                    prefix_cache_bytes=int(args_dict.get("kv_cache_gb", 0) * 2**30)).start()
     app = create_app(engine, model_name="bench")
     ready.set()
     serve(build_server(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -423,6 +435,72 @@ def structured_overhead(args) -> None:
           f"{step_s * 1e3:.1f} ms (median of {len(free_steps)} steps)")
 
 
+def _prefix_counters(base: str) -> tuple[float, float]:
+    metrics = _metrics(base)
+    return metrics.get("llama3_prefix_cache_hit_tokens_total", 0.0), metrics.get("llama3_prefix_cache_query_tokens_total", 0.0)
+
+
+def prefix_sharing(args) -> None:
+    """Cold vs cached TTFT on a shared system prompt, alternating, then chat turns (see the module doc)."""
+    import random
+
+    import httpx
+
+    from llama3.config import preset
+
+    vocab = preset(args.preset).vocab_size
+    rng = random.Random(0)
+    system = [rng.randrange(1000, vocab) for _ in range(args.system_len)]
+    url_of = None
+
+    async def ttft(prompt: list[int]) -> float:
+        async with httpx.AsyncClient(timeout=600) as client:
+            return (await one_request(client, url_of, prompt, 4))[0]
+
+    def question(n: int = 24) -> list[int]:
+        return [rng.randrange(1000, vocab) for _ in range(n)]
+
+    port = _free_port()
+    ready = mp.get_context("spawn").Event()
+    server = mp.get_context("spawn").Process(target=run_server, args=(port, {**vars(args), "prefix": True}, ready),
+                                             daemon=True)
+    server.start()
+    try:
+        ready.wait(300)
+        base = f"http://127.0.0.1:{port}"
+        url_of = base + "/v1/completions"
+        _wait_healthy(base)
+        asyncio.run(ttft(system + question()))  # warm-up; also stores the shared system prompt
+        cold, warm = [], []
+        for _ in range(args.repeats):
+            fresh = [rng.randrange(1000, vocab) for _ in range(args.system_len)]
+            cold.append(asyncio.run(ttft(fresh + question())))
+            warm.append(asyncio.run(ttft(system + question())))
+        hits_before, queried_before = _prefix_counters(base)
+        conversation, turns = list(system), []
+        for _ in range(args.turns):
+            conversation += question(32)
+            turns.append(asyncio.run(ttft(list(conversation))))
+            conversation += question(48)  # the answer, as the client sends it back next turn
+        hits, queried = _prefix_counters(base)
+    finally:
+        server.terminate()
+        server.join(10)
+    cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+    print(f"\nmachine: {cpu_description()}, {args.threads} threads; preset {args.preset} {args.dtype}, random "
+          f"weights; system prompt {args.system_len} tokens + 24-token question, 4 new tokens; "
+          f"--kv-cache-gb {args.kv_cache_gb}")
+    print("| run | TTFT each (s) | median (s) |")
+    print("|---|---|---:|")
+    print(f"| cold (fresh system prompt) | {', '.join(f'{t:.3f}' for t in cold)} | {cold_s:.3f} |")
+    print(f"| cached system prompt | {', '.join(f'{t:.3f}' for t in warm)} | {warm_s:.3f} |")
+    print(f"| chat turns (+80 tokens a turn) | {', '.join(f'{t:.3f}' for t in turns)} | "
+          f"{statistics.median(turns):.3f} |")
+    print(f"\nTTFT cached / cold: {warm_s / cold_s:.3f} (pairs: "
+          f"{', '.join(f'{w / c:.3f}' for c, w in zip(cold, warm))}); chat turns' prompt tokens from the cache: "
+          f"{(hits - hits_before) / max(1.0, queried - queried_before):.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="100m")
@@ -441,7 +519,15 @@ def main() -> None:
     parser.add_argument("--structured", action="store_true",
                         help="measure constrained decoding's cost at batch 8 instead (engine only, no HTTP)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per mode with --structured")
+    parser.add_argument("--prefix", action="store_true",
+                        help="measure prefix caching: TTFT on a shared system prompt and chat turns (see above)")
+    parser.add_argument("--system-len", type=int, default=1536, help="--prefix: system prompt tokens")
+    parser.add_argument("--turns", type=int, default=4, help="--prefix: chat turns")
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="prefix cache memory (0: off)")
     args = parser.parse_args()
+    if args.prefix:
+        prefix_sharing(args)
+        return
     if args.load:
         raise SystemExit(_soak_main(args))
     if args.structured:

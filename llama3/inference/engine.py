@@ -39,6 +39,7 @@ from torch import nn
 from ..model import KVCache
 from .constraints import TokenConstraint, constrain_logits
 from .fast import setup_caches
+from .multi_lora import LoRASet
 from .prefix_cache import PrefixCache, block_bytes
 from .sampling import GREEDY, SamplingParams, make_generator, sample
 
@@ -81,6 +82,7 @@ class EngineRequest:
         it forbids and advances it with each token drawn. One per request, never shared.
     logit_bias: {token id: value in [-100, 100]} added to the logits before sampling (OpenAI's logit_bias).
         Log-probabilities stay the model's own, before bias and mask.
+    adapter: the name of a LoRA adapter loaded with `Engine.load_lora` (None: the base model).
     """
 
     prompt_ids: tuple[int, ...]
@@ -91,6 +93,7 @@ class EngineRequest:
     prompt_logprobs: bool = False
     constraint: TokenConstraint | None = None
     logit_bias: dict[int, float] | None = None
+    adapter: str | None = None
 
 
 @dataclass
@@ -181,6 +184,8 @@ class _Slot:
     last_token: int = -1
     num_generated: int = 0
     prefix_checked: bool = False  # the prefix cache was asked for this prompt
+    lora_slot: int = 0  # the adapter's slot in the LoRA stacks; 0 = the base model
+    namespace: int | None = None  # the adapter's prefix-cache namespace (None for the base model)
     prompt_logprobs: list = field(default_factory=list)
     prompt_top: list = field(default_factory=list)
 
@@ -234,6 +239,7 @@ class Engine:
                              f"size ({prefix_block_size}) and at least two blocks")
         self.prefix_cache_bytes, self.prefix_block_size = prefix_cache_bytes, prefix_block_size
         self.prefix_cache: PrefixCache | None = None  # made in start(), once the cache's shapes are known
+        self.lora = LoRASet(model)
         self.model, self.tokenizer = model, tokenizer  # the tokenizer is for callers (the server); not used here
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
         self.batch_invariant = batch_invariant
@@ -307,6 +313,8 @@ class Engine:
         if request.num_logprobs is not None and not 0 <= request.num_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"num_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         self._check_logit_bias(request.logit_bias)
+        if request.adapter is not None and request.adapter not in self.lora.adapters:
+            raise ValueError(f"no LoRA adapter named '{request.adapter}' is loaded")
         with self._cond:
             if not self.running:
                 raise EngineClosed("the engine is not running")
@@ -349,6 +357,28 @@ class Engine:
                 future.set_result(fn())
             except Exception as exc:  # noqa: BLE001 -- the caller gets the error, the engine goes on
                 future.set_exception(exc)
+
+    # ----- LoRA adapters -----
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT LoRA folder at `path` as adapter `name` (a request picks it by `adapter=name`).
+        Blocks until done (on the engine thread, between two steps, when the engine runs). ValueError on a
+        bad folder, a name in use, or an adapter for another base model."""
+        self._between_steps(lambda: self.lora.add(name, path))
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving adapter `name`; requests still using it end with an error. ValueError if unknown."""
+        self._between_steps(lambda: self._unload_lora(name))
+
+    def _unload_lora(self, name: str) -> None:
+        self.lora.remove(name)
+        for slot in filter(None, list(self._slots)):
+            if slot.handle.request.adapter == name:
+                self._finish(slot, "error", f"the LoRA adapter '{name}' was unloaded")
+
+    def _between_steps(self, fn):
+        if self._thread is None:  # not started: nothing else uses the model
+            return fn()
+        return self.run_on_engine(fn).result()
 
     def generate(self, prompt_ids, max_new_tokens: int, **kwargs) -> list[int]:
         """Blocking convenience: the generated ids of one request (for scripts and tests)."""
@@ -411,9 +441,17 @@ class Engine:
                 self._count_finish("cancelled")
                 handle._emit(FinishEvent("cancelled", len(handle.request.prompt_ids), 0))
                 continue
+            adapter = self.lora.adapters.get(handle.request.adapter) if handle.request.adapter else None
+            if handle.request.adapter and adapter is None:  # unloaded while the request waited
+                self._count_finish("error")
+                handle._emit(FinishEvent("error", len(handle.request.prompt_ids), 0,
+                                         f"the LoRA adapter '{handle.request.adapter}' is not loaded"))
+                continue
             index = self._slots.index(None)
             generator = make_generator(handle.request.sampling, self.device)
             self._slots[index] = _Slot(index, handle, generator)
+            if adapter is not None:
+                self._slots[index].lora_slot, self._slots[index].namespace = adapter.slot, adapter.namespace
             if self._token_counts is not None:
                 self._token_counts[index].zero_()
 
@@ -471,13 +509,17 @@ class Engine:
             self._windows[key] = views
         return self._windows[key]
 
-    def _forward(self, window: list[KVCache], tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """The model on a cache window; returns final hidden states (B, T, D)."""
+    def _forward(self, window: list[KVCache], tokens: torch.Tensor, input_pos: torch.Tensor,
+                 lora_slots: list[int]) -> torch.Tensor:
+        """The model on a cache window, row i under LoRA adapter slot `lora_slots[i]` (0: none); returns
+        final hidden states (B, T, D)."""
         for layer, view in zip(self.model.layers, window):
             layer.attention.kv_cache = view
+        self.lora.select(lora_slots)
         try:
             return self.model(tokens, input_pos=input_pos, return_hidden=True)
         finally:
+            self.lora.select(None)
             for layer, full in zip(self.model.layers, self._full_caches):
                 layer.attention.kv_cache = full
 
@@ -502,7 +544,7 @@ class Engine:
         if self.prefix_cache is None or request.prompt_logprobs:  # prompt logprobs need every position's states
             return
         prompt = request.prompt_ids
-        keys = self.prefix_cache.lookup(prompt, len(prompt) - self.prefix_block_size)
+        keys = self.prefix_cache.lookup(prompt, len(prompt) - self.prefix_block_size, slot.namespace)
         num_reused = self.prefix_cache.load(keys, self._cache_tensors(), slot.index)
         slot.num_prefilled = slot.num_cached = num_reused
         self.stats["prefix_cache_query_tokens_total"] += len(prompt)
@@ -512,7 +554,7 @@ class Engine:
         """Keep the full blocks of what has been prefilled of the slot's prompt."""
         if self.prefix_cache is not None:
             self.prefix_cache.store(slot.handle.request.prompt_ids, slot.num_prefilled, self._cache_tensors(),
-                                    slot.index)
+                                    slot.index, slot.namespace)
 
     # ----- prefill -----
     def _prefill_step(self) -> None:
@@ -564,7 +606,8 @@ class Engine:
         chunk = request.prompt_ids[start:start + max_tokens]
         tokens = torch.tensor([chunk], device=self.device)  # (1, T)
         positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)  # (1, T)
-        hidden = self._forward(self._window(slot.index, slot.index + 1, start + len(chunk)), tokens, positions)
+        hidden = self._forward(self._window(slot.index, slot.index + 1, start + len(chunk)), tokens, positions,
+                               [slot.lora_slot])
         slot.num_prefilled = slot.num_cached = start + len(chunk)
         self.stats["prompt_tokens_total"] += len(chunk)
         self._store_prefix(slot)
@@ -616,7 +659,8 @@ class Engine:
         for s in running:
             tokens[s.index, 0] = s.last_token
         window = self._window(0, num_rows, int(positions.max()) + 1)
-        hidden = self._forward(window, tokens.to(self.device), positions.to(self.device))  # (n, 1, D)
+        lora_slots = [0 if s is None else s.lora_slot for s in self._slots[:num_rows]]
+        hidden = self._forward(window, tokens.to(self.device), positions.to(self.device), lora_slots)  # (n, 1, D)
         for s in running:
             s.num_cached += 1
         rows = torch.tensor([s.index for s in running], device=self.device)
