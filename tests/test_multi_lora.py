@@ -124,3 +124,64 @@ def test_an_adapter_for_another_base_is_refused(setup):
     other = random_model(tiny_args("gqa", vocab_size=256, max_seq_len=128, dim=128), seed=1)
     with pytest.raises(ValueError, match="another base model"):
         Engine(other).load_lora("all", str(folders["all"]))
+
+
+def test_server_routes_by_model_name_and_loads_and_unloads_adapters(tmp_path, llama3_tokenizer):
+    import httpx
+    import openai
+
+    from llama3.train.lora import LoRAConfig, apply_lora, merge_lora, save_peft_adapter
+    from tests.serve_server import RunningServer
+
+    base = random_model(tiny_args("gqa", vocab_size=llama3_tokenizer.n_words, max_seq_len=128), seed=2)
+    adapted = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    save_peft_adapter(adapted, tmp_path / "adapter")
+    merged = Engine(merge_lora(adapted), num_slots=1).start()
+    try:
+        expected = merged.generate(PROMPT, 6)
+    finally:
+        merged.stop()
+    server = RunningServer(Engine(fuse_projections(copy.deepcopy(base)), llama3_tokenizer, num_slots=2),
+                           model_name="base", allow_lora_updates=True)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    try:
+        load = httpx.post(server.url + "/v1/load_lora_adapter",
+                          json={"lora_name": "austen", "lora_path": str(tmp_path / "adapter")})
+        assert load.status_code == 200 and "austen" in load.text
+        assert [m.id for m in client.models.list().data] == ["base", "austen"]
+        reply = client.completions.create(model="austen", prompt=list(PROMPT), max_tokens=6, temperature=0)
+        assert reply.model == "austen"
+        assert reply.choices[0].text == llama3_tokenizer.decode(expected)
+        base_reply = client.completions.create(model="base", prompt=list(PROMPT), max_tokens=6, temperature=0)
+        assert base_reply.choices[0].text != reply.choices[0].text
+        with pytest.raises(openai.NotFoundError, match="'base', 'austen'"):
+            client.completions.create(model="other", prompt=list(PROMPT), max_tokens=1)
+        with pytest.raises(openai.BadRequestError, match="base model"):
+            client.embeddings.create(model="austen", input="Hi")
+        bad = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path)})
+        assert bad.status_code == 400 and "not a PEFT adapter folder" in bad.json()["error"]["message"]
+        assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "austen"}).status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="austen", prompt=list(PROMPT), max_tokens=1)
+        assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "austen"}).status_code == 404
+    finally:
+        server.stop()
+
+
+def test_adapter_updates_are_refused_unless_allowed(llama3_tokenizer):
+    from fastapi.testclient import TestClient
+
+    from llama3.serve.app import create_app
+
+    engine = Engine(random_model(tiny_args("gqa", vocab_size=llama3_tokenizer.n_words)), llama3_tokenizer).start()
+    try:
+        client = TestClient(create_app(engine))
+        answer = client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"})
+        assert answer.status_code == 403 and "--allow-lora-updates" in answer.json()["error"]["message"]
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "a", "lora_int_id": 1}).status_code == 400
+    finally:
+        engine.stop()

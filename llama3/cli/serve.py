@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="memory for the automatic prefix cache, which keeps the keys and values of prompt "
                              "prefixes (system prompts, earlier chat turns) for the requests that start the same "
                              "way (default 1 GB; 0 turns it off)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                        help="serve the PEFT LoRA adapter folder PATH as model NAME beside the base model "
+                             "(repeatable); requests pick one by their `model` field")
+    parser.add_argument("--allow-lora-updates", action="store_true",
+                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read folders "
+                             "on this machine: keep them to trusted clients, with --api-key)")
     parser.add_argument("--embedding-pooling", choices=["mean", "last"], default="mean",
                         help="how /v1/embeddings pools the final hidden states (default mean)")
     return parser
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         api_key = resolve_api_key(args)
+        model_name = args.model_name or default_model_name(Path(args.model))
+        adapters = parse_lora_flags(args.lora, model_name)
         limits = ServerLimits(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout)
         connection_limits = ConnectionLimits(**({} if args.max_connections is None
                                                 else {"max_connections": args.max_connections}))
@@ -150,10 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, tokenizer, num_slots=args.num_slots, max_queue=args.max_queue,
                     max_seq_len=max_seq_len, batch_invariant=args.batch_invariant,
                     prefix_cache_bytes=int(args.kv_cache_gb * 2**30)).start()
-    model_name = args.model_name or default_model_name(Path(args.model))
+    try:
+        for name, path in adapters:
+            engine.load_lora(name, path)
+    except ValueError as exc:
+        engine.stop()
+        print(f"llama3 serve: --lora: {exc}", file=sys.stderr)
+        return 2
     app = create_app(engine, api_key=api_key, model_name=model_name, limits=limits,
                      embedding_pooling=args.embedding_pooling,
-                     generation_defaults=generation_defaults(Path(args.model)))
+                     generation_defaults=generation_defaults(Path(args.model)),
+                     allow_lora_updates=args.allow_lora_updates)
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host_shown}:{args.port}"
     print(usage_banner(url, model_name, api_key), flush=True)
@@ -164,6 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def parse_lora_flags(values: list[str], model_name: str) -> list[tuple[str, str]]:
+    """--lora NAME=PATH values -> (name, path) pairs; ValueError for a malformed or clashing one."""
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"'{value}' is not NAME=PATH (e.g. --lora austen=runs/chat/adapter)")
+        if name == model_name or name in dict(pairs):
+            raise ValueError(f"the name '{name}' is taken (by the base model or another --lora); pick another")
+        pairs.append((name, path))
+    return pairs
 
 
 def default_model_name(path: Path) -> str:

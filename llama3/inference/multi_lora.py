@@ -162,7 +162,10 @@ class LoRASet:
 
         if name in self.adapters:
             raise ValueError(f"a LoRA adapter named '{name}' is already loaded; unload it first or pick another name")
-        config, pairs = read_peft_adapter(path, self.model.args)
+        try:
+            config, pairs = read_peft_adapter(path, self.model.args)
+        except OSError as exc:  # e.g. the folder has a config but no weights file
+            raise ValueError(f"{path}: cannot read the adapter ({exc})") from None
         sizes = self._sizes()
         for module_name, (lora_a, lora_b) in pairs.items():
             expected_in, expected_out = sizes[module_name.rsplit(".", 1)[1]]
