@@ -40,6 +40,12 @@ the same run) and one with the shared system prompt (a hit: only the question's 
 question). The model's context is raised to 2,048 positions for it. Goal: TTFT on a hit <= 0.3 x cold.
 
     .venv/bin/python benchmarks/serve.py --prefix --preset 100m --system-len 1536 --repeats 4
+
+`--invariance` measures what batch invariance (`Engine(batch_invariant=True)`: every decode step runs all
+`--num-slots` rows) costs at low load (no HTTP): seconds per decode step with 1 and with 2 sequences
+running, the engine built both ways, runs alternating.
+
+    .venv/bin/python benchmarks/serve.py --invariance --preset 100m --num-slots 8 --repeats 3
 """
 
 from __future__ import annotations
@@ -435,6 +441,40 @@ def structured_overhead(args) -> None:
           f"{step_s * 1e3:.1f} ms (median of {len(free_steps)} steps)")
 
 
+def invariance_cost(args) -> None:
+    """Decode step time at 1 and 2 running sequences, with and without batch_invariant, alternating."""
+    import random
+
+    import torch
+
+    from llama3.inference.engine import Engine
+    from llama3.inference.fast import optimize_for_inference
+
+    torch.set_num_threads(args.threads)
+    model = optimize_for_inference(build_model(args.preset, args.dtype))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, model.args.vocab_size) for _ in range(args.prompt_len)] for _ in range(2)]
+    engines = {mode: Engine(model, num_slots=args.num_slots, max_seq_len=args.prompt_len + args.max_tokens + 8,
+                            batch_invariant=mode) for mode in (False, True)}
+    times: dict[tuple[bool, int], list[float]] = {(m, n): [] for m in (False, True) for n in (1, 2)}
+    for _ in range(args.repeats):
+        for mode, engine in engines.items():  # one engine at a time holds the model's caches
+            engine.start()
+            try:
+                for n in (1, 2):
+                    times[(mode, n)].append(decode_seconds_per_step(engine, prompts[:n], args.max_tokens, None))
+            finally:
+                engine.stop()
+    print(f"\nmachine: {cpu_description()}, {args.threads} threads; preset {args.preset} {args.dtype}, random "
+          f"weights; {args.num_slots} slots; prompt {args.prompt_len}, {args.max_tokens} new tokens; median of "
+          f"{args.repeats} alternating runs\n")
+    print("| running sequences | decode step (ms) | with batch_invariant (ms) | ratio |")
+    print("|---:|---:|---:|---:|")
+    for n in (1, 2):
+        plain, invariant = statistics.median(times[(False, n)]), statistics.median(times[(True, n)])
+        print(f"| {n} | {plain * 1e3:.1f} | {invariant * 1e3:.1f} | {invariant / plain:.2f} |")
+
+
 def _prefix_counters(base: str) -> tuple[float, float]:
     metrics = _metrics(base)
     return metrics.get("llama3_prefix_cache_hit_tokens_total", 0.0), metrics.get("llama3_prefix_cache_query_tokens_total", 0.0)
@@ -524,7 +564,12 @@ def main() -> None:
     parser.add_argument("--system-len", type=int, default=1536, help="--prefix: system prompt tokens")
     parser.add_argument("--turns", type=int, default=4, help="--prefix: chat turns")
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="prefix cache memory (0: off)")
+    parser.add_argument("--invariance", action="store_true",
+                        help="measure what batch invariance costs at low load (see above)")
     args = parser.parse_args()
+    if args.invariance:
+        invariance_cost(args)
+        return
     if args.prefix:
         prefix_sharing(args)
         return
