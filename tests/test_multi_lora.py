@@ -153,6 +153,8 @@ def test_server_routes_by_model_name_and_loads_and_unloads_adapters(tmp_path, ll
                           json={"lora_name": "austen", "lora_path": str(tmp_path / "adapter")})
         assert load.status_code == 200 and "austen" in load.text
         assert [m.id for m in client.models.list().data] == ["base", "austen"]
+        card = httpx.get(server.url + "/v1/models/austen").json()
+        assert card["parent"] == "base" and card["root"] == str(tmp_path / "adapter")
         reply = client.completions.create(model="austen", prompt=list(PROMPT), max_tokens=6, temperature=0)
         assert reply.model == "austen"
         assert reply.choices[0].text == llama3_tokenizer.decode(expected)

@@ -166,6 +166,9 @@ class LoRASet:
             config, pairs = read_peft_adapter(path, self.model.args)
         except OSError as exc:  # e.g. the folder has a config but no weights file
             raise ValueError(f"{path}: cannot read the adapter ({exc})") from None
+        except RuntimeError as exc:  # q/k rows that cannot be regrouped into this model's heads
+            raise ValueError(f"{path}: the adapter does not fit this model ({exc}); it was trained for another "
+                             f"base model") from None
         sizes = self._sizes()
         for module_name, (lora_a, lora_b) in pairs.items():
             expected_in, expected_out = sizes[module_name.rsplit(".", 1)[1]]
