@@ -46,6 +46,11 @@ question). The model's context is raised to 2,048 positions for it. Goal: TTFT o
 running, the engine built both ways, runs alternating.
 
     .venv/bin/python benchmarks/serve.py --invariance --preset 100m --num-slots 8 --repeats 3
+
+`--lora-rows` measures what LoRA adapters cost a decode step (no HTTP): 4 sequences decoding together, all on
+the base model vs under two different rank-16 adapters on every projection (2 rows each), alternating.
+
+    .venv/bin/python benchmarks/serve.py --lora-rows --preset 100m --repeats 3
 """
 
 from __future__ import annotations
@@ -328,12 +333,15 @@ STRUCTURED_SCHEMA = {"type": "array", "minItems": 1000, "items": {
     "required": ["name", "age", "tags"], "additionalProperties": False}}
 
 
-def decode_seconds_per_step(engine, prompts: list[list[int]], max_tokens: int, constraints: list | None) -> float:
-    """Seconds per decode step of one batch: from the moment every row has its first token to the last token."""
+def decode_seconds_per_step(engine, prompts: list[list[int]], max_tokens: int, constraints: list | None,
+                            adapters: list | None = None) -> float:
+    """Seconds per decode step of one batch: from the moment every row has its first token to the last token.
+    `constraints` and `adapters` (LoRA adapter names): one per row, or None."""
     from llama3.inference.engine import EngineRequest, TokenEvent
 
     handles = [engine.submit(EngineRequest(tuple(p), max_tokens, stop_token_ids=frozenset(),
-                                           constraint=None if constraints is None else constraints[i]))
+                                           constraint=None if constraints is None else constraints[i],
+                                           adapter=None if adapters is None else adapters[i]))
                for i, p in enumerate(prompts)]
     arrivals: list[list[float]] = [[] for _ in handles]
 
@@ -475,6 +483,54 @@ def invariance_cost(args) -> None:
         print(f"| {n} | {plain * 1e3:.1f} | {invariant * 1e3:.1f} | {invariant / plain:.2f} |")
 
 
+def lora_rows_cost(args) -> None:
+    """Decode step time of 4 rows: base only vs two adapters sharing the step, alternating."""
+    import copy
+    import random
+    import tempfile
+
+    import torch
+
+    from llama3.inference.engine import Engine
+    from llama3.inference.fast import optimize_for_inference
+    from llama3.train.lora import LoRAConfig, apply_lora, save_peft_adapter
+
+    torch.set_num_threads(args.threads)
+    base = build_model(args.preset, args.dtype)
+    folder = tempfile.mkdtemp(prefix="lora-bench-")
+    for i in range(2):
+        adapted = apply_lora(copy.deepcopy(base), LoRAConfig(rank=16, alpha=32))
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.01, generator=torch.Generator().manual_seed(i))
+        save_peft_adapter(adapted, f"{folder}/a{i}")
+        del adapted
+    engine = Engine(optimize_for_inference(base), num_slots=4, max_seq_len=args.prompt_len + args.max_tokens + 8)
+    engine.load_lora("a0", f"{folder}/a0")
+    engine.load_lora("a1", f"{folder}/a1")
+    engine.start()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, base.args.vocab_size) for _ in range(args.prompt_len)] for _ in range(4)]
+    plain, adapted_s = [], []
+    try:
+        for _ in range(args.repeats):
+            plain.append(decode_seconds_per_step(engine, prompts, args.max_tokens, None))
+            adapted_s.append(decode_seconds_per_step(engine, prompts, args.max_tokens, None,
+                                                     adapters=["a0", "a1", "a0", "a1"]))
+    finally:
+        engine.stop()
+    plain_s, lora_s = statistics.median(plain), statistics.median(adapted_s)
+    print(f"\nmachine: {cpu_description()}, {args.threads} threads; preset {args.preset} {args.dtype}, random "
+          f"weights; 4 rows; prompt {args.prompt_len}, {args.max_tokens} new tokens; rank-16 adapters on all 7 "
+          f"projections; median of {args.repeats} alternating runs\n")
+    print("| rows | decode step (ms) |")
+    print("|---|---:|")
+    print(f"| 4 on the base | {plain_s * 1e3:.1f} |")
+    print(f"| 2 under adapter a0, 2 under a1 | {lora_s * 1e3:.1f} |")
+    print(f"\nwith adapters / base: {lora_s / plain_s:.3f}")
+
+
 def _prefix_counters(base: str) -> tuple[float, float]:
     metrics = _metrics(base)
     return metrics.get("llama3_prefix_cache_hit_tokens_total", 0.0), metrics.get("llama3_prefix_cache_query_tokens_total", 0.0)
@@ -566,7 +622,12 @@ def main() -> None:
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="prefix cache memory (0: off)")
     parser.add_argument("--invariance", action="store_true",
                         help="measure what batch invariance costs at low load (see above)")
+    parser.add_argument("--lora-rows", action="store_true",
+                        help="measure what LoRA adapter rows cost a decode step (see above)")
     args = parser.parse_args()
+    if args.lora_rows:
+        lora_rows_cost(args)
+        return
     if args.invariance:
         invariance_cost(args)
         return

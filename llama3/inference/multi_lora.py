@@ -2,14 +2,19 @@
 
 `LoRASet(model)` holds named adapters (PEFT folders, read by `train.lora.read_peft_adapter`). Once the first
 is added, every adaptable projection of the model becomes a `MultiLoRALinear`: the base module (whatever it
-is: nn.Linear, the project's matrix-vector kernels, int8/int4 layers) plus, per adapter slot, a stacked A
-and B. A forward pass reads one adapter slot per batch row (`LoRASet.select`) and computes
+is: nn.Linear, the project's matrix-vector kernels, int8/int4 layers) plus every loaded adapter's A and B,
+concatenated along the rank: A_all = [A_1; A_2; ...] (ΣR, in), B_all = [B_1, B_2, ...] (out, ΣR). A forward
+pass reads one adapter slot per batch row (`LoRASet.select`; 0 = none) and computes
 
-    y = base(x) + B[slot] (A[slot] x)        (the scale alpha / r folded into B at load)
+    y = base(x) + B_all ((A_all x) * keep)        (the scale alpha / r folded into B at load)
 
-with two batched matrix products over the rows (gathered A, B), never a Python loop over rows. Slot 0 is
-"no adapter" (zeros), so base rows and adapted rows share the decode step; when no row has an adapter the
-update is skipped altogether.
+where `keep` (B, ΣR) is 1 on the rank columns of the row's own adapter and 0 elsewhere: two plain matrix
+products for the whole batch, never a Python loop over rows or adapters, and no per-row copy of adapter
+weights (gathering A[slot], B[slot] per row cost 1.8x a 100M model's decode step; this costs what
+`benchmarks/serve.py --lora-rows` measures). A row without an adapter gets an update of exact zeros, so
+base rows and adapted rows share the decode step and base rows keep their numbers bit for bit; when no row
+has an adapter the update is skipped. The price: every loaded adapter's (small) A and B are read each step,
+so the cost grows with the number of adapters loaded, not with the rows using them.
 
 Fused projections. Inference fuses wq/wk/wv into `wqkv` and w1/w3 into `w13` (fast.py), and the adapters
 apply to the fused modules: the per-target adapters of one fused module become one adapter whose A stacks
@@ -17,8 +22,8 @@ theirs along the rank ([A_q; A_k; A_v], (r_q + r_k + r_v, in)) and whose B is bl
 in its own rows and rank columns). B_fused A_fused x is then exactly [B_q A_q x; B_k A_k x; B_v A_v x], the
 concatenation the fused base output needs, and the base keeps its one fused matrix-vector product per step
 (unfusing for LoRA would cost every request, adapted or not, the three separate reads fusion saves). A
-target the adapter does not train is a zero block. Adapters of different ranks are zero-padded to the
-largest: the padding adds exact zeros.
+target the adapter does not train is a zero block. Adapters of different ranks simply take different
+numbers of columns.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LoRASet", "MultiLoRALinear"]
@@ -35,7 +41,20 @@ __all__ = ["LoRASet", "MultiLoRALinear"]
 class _Selection:
     """The adapter slot of each batch row for the next forward pass, shared by every MultiLoRALinear."""
 
-    rows: torch.Tensor | None = None  # (B,) long; None: every row is the base model
+    def __init__(self):
+        self.rows: torch.Tensor | None = None  # (B,) long; None: every row is the base model
+        self._keep: dict[tuple, torch.Tensor] = {}
+
+    def set(self, rows: torch.Tensor | None) -> None:
+        self.rows, self._keep = rows, {}
+
+    def keep(self, column_slot: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, ΣR): 1 where a rank column belongs to the row's adapter. Computed once per forward pass for
+        each column layout (the layers' modules share a few), not once per module."""
+        key = (column_slot.data_ptr(), column_slot.numel(), dtype)
+        if key not in self._keep:
+            self._keep[key] = (column_slot == self.rows[:, None]).to(dtype).unsqueeze(1)
+        return self._keep[key]
 
 
 class MultiLoRALinear(nn.Module):
@@ -47,21 +66,27 @@ class MultiLoRALinear(nn.Module):
         self.base, self.in_features, self.part_sizes, self.selection = base, in_features, list(part_sizes), selection
         self.out_features = sum(self.part_sizes)
         self.slot_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A (r, in), B (out, r))
-        self.lora_A: torch.Tensor | None = None  # (num_slots, R, in); slot 0 zeros
-        self.lora_B: torch.Tensor | None = None  # (num_slots, out, R)
+        self.lora_A: torch.Tensor | None = None  # (ΣR, in): every adapter's A, stacked along the rank
+        self.lora_B: torch.Tensor | None = None  # (out, ΣR)
+        self.column_slot: torch.Tensor | None = None  # (ΣR,): the adapter slot each rank column belongs to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (B, T, out)
         rows = self.selection.rows
         if rows is None or self.lora_A is None:
             return y
-        lora_a = self.lora_A[rows].to(x.dtype)  # (B, R, in)
-        lora_b = self.lora_B[rows].to(x.dtype)  # (B, out, R)
-        return y + torch.bmm(torch.bmm(x, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))  # (B, T, out)
+        low_rank = F.linear(x, self.lora_A.to(x.dtype))  # (B, T, ΣR)
+        low_rank.mul_(self.selection.keep(self.column_slot, x.dtype))  # only the row's own adapter's columns
+        out = y.shape[-1]
+        return torch.addmm(y.reshape(-1, out), low_rank.reshape(-1, low_rank.shape[-1]),
+                           self.lora_B.to(x.dtype).t()).view(y.shape)  # (B, T, out)
 
     def set_slot(self, slot: int, parts: list[tuple[torch.Tensor, torch.Tensor] | None], scale: float) -> None:
         """Give adapter `slot` the (A, B) of each fused part (None: that part is not adapted)."""
         ranks = [0 if p is None else p[0].shape[0] for p in parts]
+        if not any(ranks):  # this adapter leaves the projection alone
+            self.clear_slot(slot)
+            return
         out = sum(self.part_sizes)
         fused_a = torch.zeros(sum(ranks), self.in_features)
         fused_b = torch.zeros(out, sum(ranks))  # block-diagonal: part i's rows x part i's rank columns
@@ -80,18 +105,13 @@ class MultiLoRALinear(nn.Module):
 
     def _restack(self) -> None:
         if not self.slot_weights:
-            self.lora_A = self.lora_B = None
+            self.lora_A = self.lora_B = self.column_slot = None
             return
-        num_slots = max(self.slot_weights) + 1
-        rank = max(a.shape[0] for a, _ in self.slot_weights.values())
-        dtype = _weight_dtype(self.base)
-        stacked_a = torch.zeros(num_slots, rank, self.in_features)
-        stacked_b = torch.zeros(num_slots, sum(self.part_sizes), rank)
-        for slot, (a, b) in self.slot_weights.items():
-            stacked_a[slot, :a.shape[0]] = a
-            stacked_b[slot, :, :a.shape[0]] = b
-        device = _weight_device(self.base)
-        self.lora_A, self.lora_B = stacked_a.to(device, dtype), stacked_b.to(device, dtype)
+        slots = sorted(self.slot_weights)
+        dtype, device = _weight_dtype(self.base), _weight_device(self.base)
+        self.lora_A = torch.cat([self.slot_weights[s][0] for s in slots]).to(device, dtype)  # (ΣR, in)
+        self.lora_B = torch.cat([self.slot_weights[s][1] for s in slots], dim=1).to(device, dtype)  # (out, ΣR)
+        self.column_slot = torch.cat([torch.full((self.slot_weights[s][0].shape[0],), s) for s in slots]).to(device)
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
@@ -179,7 +199,7 @@ class LoRASet:
         self._install()
         used = {a.slot for a in self.adapters.values()}
         slot = next(s for s in itertools.count(1) if s not in used)
-        for module, targets, layer in self._modules:  # every module, so every stack has a row for every slot
+        for module, targets, layer in self._modules:
             module.set_slot(slot, [pairs.get(f"layers.{layer}.{_HOLDER[t]}.{t}") for t in targets], config.scaling)
         self.adapters[name] = _Adapter(slot, str(path), next(self._namespaces))
 
@@ -194,6 +214,6 @@ class LoRASet:
     def select(self, slots: list[int] | None) -> None:
         """The adapter slot of each batch row for the next forward passes (None or all 0: the base alone)."""
         if slots is None or not any(slots) or self._modules is None:
-            self.selection.rows = None
+            self.selection.set(None)
         else:
-            self.selection.rows = torch.tensor(slots, device=self.model.tok_embeddings.weight.device)
+            self.selection.set(torch.tensor(slots, device=self.model.tok_embeddings.weight.device))
