@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..inference.engine import Engine
+from ..inference.engine import Engine, EngineClosed
 from .embeddings import EmbeddingRequest, EmbeddingService
 from .errors import APIError, SafeJSONResponse, error_response
 from .handlers import CompletionService
@@ -207,6 +207,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
             await asyncio.to_thread(engine.load_lora, body.lora_name, body.lora_path)
         except ValueError as exc:
             raise APIError(400, str(exc), param="lora_path") from None
+        except EngineClosed as exc:
+            raise APIError(503, f"{exc}; retry shortly.", headers={"Retry-After": "5"}) from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
@@ -216,6 +218,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
             await asyncio.to_thread(engine.unload_lora, body.lora_name)
         except ValueError as exc:
             raise APIError(404, str(exc), param="lora_name", code="model_not_found") from None
+        except EngineClosed as exc:
+            raise APIError(503, f"{exc}; retry shortly.", headers={"Retry-After": "5"}) from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/chat/completions")
