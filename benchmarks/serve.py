@@ -31,6 +31,26 @@ token of every row to the last, so prefill is left out; the cost is reported per
 share of the free step. Goal: <= 10%.
 
     .venv/bin/python benchmarks/serve.py --structured --preset 100m --max-tokens 48 --repeats 3
+
+`--prefix` measures automatic prefix caching over HTTP (the server as above, `--kv-cache-gb` of prefix cache):
+every client request opens with the same `--system-len`-token system prompt then a short question of its
+own. Requests alternate: one whose system prompt is fresh random ids (a miss: the cold TTFT, the peer in
+the same run) and one with the shared system prompt (a hit: only the question's blocks are prefilled). Then
+`--turns` chat turns of one conversation (each turn's prompt = all earlier turns, their answers, a new
+question). The model's context is raised to 2,048 positions for it. Goal: TTFT on a hit <= 0.3 x cold.
+
+    .venv/bin/python benchmarks/serve.py --prefix --preset 100m --system-len 1536 --repeats 4
+
+`--invariance` measures what batch invariance (`Engine(batch_invariant=True)`: every decode step runs all
+`--num-slots` rows) costs at low load (no HTTP): seconds per decode step with 1 and with 2 sequences
+running, the engine built both ways, runs alternating.
+
+    .venv/bin/python benchmarks/serve.py --invariance --preset 100m --num-slots 8 --repeats 3
+
+`--lora-rows` measures what LoRA adapters cost a decode step (no HTTP): 4 sequences decoding together, all on
+the base model vs under two different rank-16 adapters on every projection (2 rows each), alternating.
+
+    .venv/bin/python benchmarks/serve.py --lora-rows --preset 100m --repeats 3
 """
 
 from __future__ import annotations
@@ -83,8 +103,11 @@ def run_server(port: int, args_dict: dict, ready) -> None:
     tokenizer = llama3_tokenizer()
     # The soak sends chat text: its model takes the whole Llama 3 vocabulary.
     overrides = {"vocab_size": tokenizer.n_words, "max_seq_len": 512} if args_dict.get("load") else {}
+    if args_dict.get("prefix"):  # a 1.5K-token system prompt and a chat on top of it
+        overrides = {"max_seq_len": 2048}
     model = optimize_for_inference(build_model(args_dict["preset"], args_dict["dtype"], **overrides))
-    engine = Engine(model, tokenizer, num_slots=args_dict["num_slots"], max_queue=256).start()
+    engine = Engine(model, tokenizer, num_slots=args_dict["num_slots"], max_queue=256,
+                    prefix_cache_bytes=int(args_dict.get("kv_cache_gb", 0) * 2**30)).start()
     app = create_app(engine, model_name="bench")
     ready.set()
     serve(build_server(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -310,12 +333,15 @@ STRUCTURED_SCHEMA = {"type": "array", "minItems": 1000, "items": {
     "required": ["name", "age", "tags"], "additionalProperties": False}}
 
 
-def decode_seconds_per_step(engine, prompts: list[list[int]], max_tokens: int, constraints: list | None) -> float:
-    """Seconds per decode step of one batch: from the moment every row has its first token to the last token."""
+def decode_seconds_per_step(engine, prompts: list[list[int]], max_tokens: int, constraints: list | None,
+                            adapters: list | None = None) -> float:
+    """Seconds per decode step of one batch: from the moment every row has its first token to the last token.
+    `constraints` and `adapters` (LoRA adapter names): one per row, or None."""
     from llama3.inference.engine import EngineRequest, TokenEvent
 
     handles = [engine.submit(EngineRequest(tuple(p), max_tokens, stop_token_ids=frozenset(),
-                                           constraint=None if constraints is None else constraints[i]))
+                                           constraint=None if constraints is None else constraints[i],
+                                           adapter=None if adapters is None else adapters[i]))
                for i, p in enumerate(prompts)]
     arrivals: list[list[float]] = [[] for _ in handles]
 
@@ -423,6 +449,154 @@ def structured_overhead(args) -> None:
           f"{step_s * 1e3:.1f} ms (median of {len(free_steps)} steps)")
 
 
+def invariance_cost(args) -> None:
+    """Decode step time at 1 and 2 running sequences, with and without batch_invariant, alternating."""
+    import random
+
+    import torch
+
+    from llama3.inference.engine import Engine
+    from llama3.inference.fast import optimize_for_inference
+
+    torch.set_num_threads(args.threads)
+    model = optimize_for_inference(build_model(args.preset, args.dtype))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, model.args.vocab_size) for _ in range(args.prompt_len)] for _ in range(2)]
+    engines = {mode: Engine(model, num_slots=args.num_slots, max_seq_len=args.prompt_len + args.max_tokens + 8,
+                            batch_invariant=mode) for mode in (False, True)}
+    times: dict[tuple[bool, int], list[float]] = {(m, n): [] for m in (False, True) for n in (1, 2)}
+    for _ in range(args.repeats):
+        for mode, engine in engines.items():  # one engine at a time holds the model's caches
+            engine.start()
+            try:
+                for n in (1, 2):
+                    times[(mode, n)].append(decode_seconds_per_step(engine, prompts[:n], args.max_tokens, None))
+            finally:
+                engine.stop()
+    print(f"\nmachine: {cpu_description()}, {args.threads} threads; preset {args.preset} {args.dtype}, random "
+          f"weights; {args.num_slots} slots; prompt {args.prompt_len}, {args.max_tokens} new tokens; median of "
+          f"{args.repeats} alternating runs\n")
+    print("| running sequences | decode step (ms) | with batch_invariant (ms) | ratio |")
+    print("|---:|---:|---:|---:|")
+    for n in (1, 2):
+        plain, invariant = statistics.median(times[(False, n)]), statistics.median(times[(True, n)])
+        print(f"| {n} | {plain * 1e3:.1f} | {invariant * 1e3:.1f} | {invariant / plain:.2f} |")
+
+
+def lora_rows_cost(args) -> None:
+    """Decode step time of 4 rows: base only vs two adapters sharing the step, alternating."""
+    import copy
+    import random
+    import tempfile
+
+    import torch
+
+    from llama3.inference.engine import Engine
+    from llama3.inference.fast import optimize_for_inference
+    from llama3.train.lora import LoRAConfig, apply_lora, save_peft_adapter
+
+    torch.set_num_threads(args.threads)
+    base = build_model(args.preset, args.dtype)
+    folder = tempfile.mkdtemp(prefix="lora-bench-")
+    for i in range(2):
+        adapted = apply_lora(copy.deepcopy(base), LoRAConfig(rank=16, alpha=32))
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.01, generator=torch.Generator().manual_seed(i))
+        save_peft_adapter(adapted, f"{folder}/a{i}")
+        del adapted
+    engine = Engine(optimize_for_inference(base), num_slots=4, max_seq_len=args.prompt_len + args.max_tokens + 8)
+    engine.load_lora("a0", f"{folder}/a0")
+    engine.load_lora("a1", f"{folder}/a1")
+    engine.start()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, base.args.vocab_size) for _ in range(args.prompt_len)] for _ in range(4)]
+    plain, adapted_s = [], []
+    try:
+        for _ in range(args.repeats):
+            plain.append(decode_seconds_per_step(engine, prompts, args.max_tokens, None))
+            adapted_s.append(decode_seconds_per_step(engine, prompts, args.max_tokens, None,
+                                                     adapters=["a0", "a1", "a0", "a1"]))
+    finally:
+        engine.stop()
+    plain_s, lora_s = statistics.median(plain), statistics.median(adapted_s)
+    print(f"\nmachine: {cpu_description()}, {args.threads} threads; preset {args.preset} {args.dtype}, random "
+          f"weights; 4 rows; prompt {args.prompt_len}, {args.max_tokens} new tokens; rank-16 adapters on all 7 "
+          f"projections; median of {args.repeats} alternating runs\n")
+    print("| rows | decode step (ms) |")
+    print("|---|---:|")
+    print(f"| 4 on the base | {plain_s * 1e3:.1f} |")
+    print(f"| 2 under adapter a0, 2 under a1 | {lora_s * 1e3:.1f} |")
+    print(f"\nwith adapters / base: {lora_s / plain_s:.3f}")
+
+
+def _prefix_counters(base: str) -> tuple[float, float]:
+    metrics = _metrics(base)
+    return metrics.get("llama3_prefix_cache_hit_tokens_total", 0.0), metrics.get("llama3_prefix_cache_query_tokens_total", 0.0)
+
+
+def prefix_sharing(args) -> None:
+    """Cold vs cached TTFT on a shared system prompt, alternating, then chat turns (see the module doc)."""
+    import random
+
+    import httpx
+
+    from llama3.config import preset
+
+    vocab = preset(args.preset).vocab_size
+    rng = random.Random(0)
+    system = [rng.randrange(1000, vocab) for _ in range(args.system_len)]
+    url_of = None
+
+    async def ttft(prompt: list[int]) -> float:
+        async with httpx.AsyncClient(timeout=600) as client:
+            return (await one_request(client, url_of, prompt, 4))[0]
+
+    def question(n: int = 24) -> list[int]:
+        return [rng.randrange(1000, vocab) for _ in range(n)]
+
+    port = _free_port()
+    ready = mp.get_context("spawn").Event()
+    server = mp.get_context("spawn").Process(target=run_server, args=(port, {**vars(args), "prefix": True}, ready),
+                                             daemon=True)
+    server.start()
+    try:
+        ready.wait(300)
+        base = f"http://127.0.0.1:{port}"
+        url_of = base + "/v1/completions"
+        _wait_healthy(base)
+        asyncio.run(ttft(system + question()))  # warm-up; also stores the shared system prompt
+        cold, warm = [], []
+        for _ in range(args.repeats):
+            fresh = [rng.randrange(1000, vocab) for _ in range(args.system_len)]
+            cold.append(asyncio.run(ttft(fresh + question())))
+            warm.append(asyncio.run(ttft(system + question())))
+        hits_before, queried_before = _prefix_counters(base)
+        conversation, turns = list(system), []
+        for _ in range(args.turns):
+            conversation += question(32)
+            turns.append(asyncio.run(ttft(list(conversation))))
+            conversation += question(48)  # the answer, as the client sends it back next turn
+        hits, queried = _prefix_counters(base)
+    finally:
+        server.terminate()
+        server.join(10)
+    cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+    print(f"\nmachine: {cpu_description()}, {args.threads} threads; preset {args.preset} {args.dtype}, random "
+          f"weights; system prompt {args.system_len} tokens + 24-token question, 4 new tokens; "
+          f"--kv-cache-gb {args.kv_cache_gb}")
+    print("| run | TTFT each (s) | median (s) |")
+    print("|---|---|---:|")
+    print(f"| cold (fresh system prompt) | {', '.join(f'{t:.3f}' for t in cold)} | {cold_s:.3f} |")
+    print(f"| cached system prompt | {', '.join(f'{t:.3f}' for t in warm)} | {warm_s:.3f} |")
+    print(f"| chat turns (+80 tokens a turn) | {', '.join(f'{t:.3f}' for t in turns)} | "
+          f"{statistics.median(turns):.3f} |")
+    print(f"\nTTFT cached / cold: {warm_s / cold_s:.3f} (pairs: "
+          f"{', '.join(f'{w / c:.3f}' for c, w in zip(cold, warm))}); chat turns' prompt tokens from the cache: "
+          f"{(hits - hits_before) / max(1.0, queried - queried_before):.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="100m")
@@ -441,7 +615,25 @@ def main() -> None:
     parser.add_argument("--structured", action="store_true",
                         help="measure constrained decoding's cost at batch 8 instead (engine only, no HTTP)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per mode with --structured")
+    parser.add_argument("--prefix", action="store_true",
+                        help="measure prefix caching: TTFT on a shared system prompt and chat turns (see above)")
+    parser.add_argument("--system-len", type=int, default=1536, help="--prefix: system prompt tokens")
+    parser.add_argument("--turns", type=int, default=4, help="--prefix: chat turns")
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="prefix cache memory (0: off)")
+    parser.add_argument("--invariance", action="store_true",
+                        help="measure what batch invariance costs at low load (see above)")
+    parser.add_argument("--lora-rows", action="store_true",
+                        help="measure what LoRA adapter rows cost a decode step (see above)")
     args = parser.parse_args()
+    if args.lora_rows:
+        lora_rows_cost(args)
+        return
+    if args.invariance:
+        invariance_cost(args)
+        return
+    if args.prefix:
+        prefix_sharing(args)
+        return
     if args.load:
         raise SystemExit(_soak_main(args))
     if args.structured:

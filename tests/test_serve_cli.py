@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import llama3
+from llama3.train.lora import LoRAConfig, apply_lora, save_peft_adapter
 from llama3.inference.embeddings import embed
 from tests.conftest import random_model, tiny_args
 from tests.serve_server import free_port
@@ -29,9 +31,12 @@ def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
                                 "--temperature", "0", "--max-new-tokens", "12", "--json", "--no-compile"],
                                check=True, capture_output=True, text=True, timeout=120)
     expected = json.loads(generated.stdout.strip().splitlines()[-1])
+    adapted = apply_lora(copy.deepcopy(model), LoRAConfig(rank=2, alpha=4, targets=("wv", "w2")))
+    save_peft_adapter(adapted, tmp_path / "adapter")  # B = 0: the adapter's answers are the base's
     port = free_port()
     command = [sys.executable, "-m", "llama3", "serve", "--model", str(folder), "--port", str(port),
-               "--num-slots", "2", "--threads", "1", "--batch-invariant", "--embedding-pooling", "last"]
+               "--num-slots", "2", "--threads", "1", "--batch-invariant", "--embedding-pooling", "last",
+               "--kv-cache-gb", "0.01", "--lora", f"zero={tmp_path / 'adapter'}"]
     # The key comes from the environment: on the command line every user of the machine could read it in `ps`.
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "LLAMA3_API_KEY": "s3cret"})
@@ -65,6 +70,12 @@ def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
         ids = [t for t in expected["token_ids"] if not llama3_tokenizer.is_special(t)]
         assert completion.choices[0].text == llama3_tokenizer.decode(ids)
         assert completion.usage.completion_tokens == len(expected["token_ids"]) == 12
+        # --lora: listed, and served by name (a zero update: the same greedy text); --kv-cache-gb: in /metrics
+        assert [m.id for m in client.models.list().data] == ["tiny-chat", "zero"]
+        adapted = client.completions.create(model="zero", prompt=prompt, max_tokens=12, temperature=0)
+        assert adapted.model == "zero" and adapted.choices[0].text == completion.choices[0].text
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer s3cret"}).text
+        assert "llama3_prefix_cache_capacity_blocks" in metrics
         # --embedding-pooling last: the last position's final hidden state, normalised
         [vector] = client.embeddings.create(model="tiny-chat", input=prompt).data
         reference = embed(model, [llama3_tokenizer.encode(prompt, bos=True)], pooling="last")[0]
@@ -72,6 +83,16 @@ def test_serve_command_prints_url_and_serves(tmp_path, llama3_tokenizer):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("flags, message", [(["--lora", "noequals"], "is not NAME=PATH"),
+                                            (["--lora", "nope=a", "--model-name", "nope"], "is taken"),
+                                            (["--kv-cache-gb", "-1"], "--kv-cache-gb must be >= 0")])
+def test_serve_command_rejects_bad_lora_and_cache_flags(tmp_path, capsys, flags, message):
+    from llama3.cli.serve import main
+
+    assert main(["--model", str(tmp_path / "nope"), *flags]) == 2  # refused before any model is loaded
+    assert message in capsys.readouterr().err
 
 
 def test_serve_command_rejects_a_missing_model(tmp_path):

@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-invariant", action="store_true",
                         help="a request's tokens and logprobs do not depend on what shares its batch, bit for bit "
                              "(every decode step runs all --num-slots rows; slower at low load)")
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0,
+                        help="memory for the automatic prefix cache, which keeps the keys and values of prompt "
+                             "prefixes (system prompts, earlier chat turns) for the requests that start the same "
+                             "way (default 1 GB; 0 turns it off)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                        help="serve the PEFT LoRA adapter folder PATH as model NAME beside the base model "
+                             "(repeatable); requests pick one by their `model` field")
+    parser.add_argument("--allow-lora-updates", action="store_true",
+                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read folders "
+                             "on this machine: keep them to trusted clients, with --api-key)")
     parser.add_argument("--embedding-pooling", choices=["mean", "last"], default="mean",
                         help="how /v1/embeddings pools the final hidden states (default mean)")
     return parser
@@ -123,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         api_key = resolve_api_key(args)
+        model_name = args.model_name or default_model_name(Path(args.model))
+        adapters = parse_lora_flags(args.lora, model_name)
         limits = ServerLimits(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout)
         connection_limits = ConnectionLimits(**({} if args.max_connections is None
                                                 else {"max_connections": args.max_connections}))
@@ -130,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama3 serve: {exc}", file=sys.stderr)
         return 2
 
+    if not args.kv_cache_gb >= 0:  # also refuses NaN
+        print(f"llama3 serve: --kv-cache-gb must be >= 0 (0 turns the prefix cache off), got {args.kv_cache_gb}",
+              file=sys.stderr)
+        return 2
     if args.threads is not None:
         if args.threads < 1:
             print(f"llama3 serve: --threads must be >= 1, got {args.threads}", file=sys.stderr)
@@ -143,11 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     optimize_for_inference(model, quantize=args.quantize)
     max_seq_len = args.max_seq_len or min(model.args.max_seq_len, 8192)
     engine = Engine(model, tokenizer, num_slots=args.num_slots, max_queue=args.max_queue,
-                    max_seq_len=max_seq_len, batch_invariant=args.batch_invariant, kv_cache=args.kv_cache).start()
-    model_name = args.model_name or default_model_name(Path(args.model))
+                    max_seq_len=max_seq_len, batch_invariant=args.batch_invariant, kv_cache=args.kv_cache,
+                    prefix_cache_bytes=int(args.kv_cache_gb * 2**30)).start()
+    try:
+        for name, path in adapters:
+            engine.load_lora(name, path)
+    except ValueError as exc:
+        engine.stop()
+        print(f"llama3 serve: --lora: {exc}", file=sys.stderr)
+        return 2
     app = create_app(engine, api_key=api_key, model_name=model_name, limits=limits,
                      embedding_pooling=args.embedding_pooling,
-                     generation_defaults=generation_defaults(Path(args.model)))
+                     generation_defaults=generation_defaults(Path(args.model)),
+                     allow_lora_updates=args.allow_lora_updates)
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host_shown}:{args.port}"
     print(usage_banner(url, model_name, api_key), flush=True)
@@ -158,6 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def parse_lora_flags(values: list[str], model_name: str) -> list[tuple[str, str]]:
+    """--lora NAME=PATH values -> (name, path) pairs; ValueError for a malformed or clashing one."""
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"'{value}' is not NAME=PATH (e.g. --lora austen=runs/chat/adapter)")
+        if name == model_name or name in dict(pairs):
+            raise ValueError(f"the name '{name}' is taken (by the base model or another --lora); pick another")
+        pairs.append((name, path))
+    return pairs
 
 
 def default_model_name(path: Path) -> str:

@@ -16,6 +16,10 @@ model is only ever called on a window of the cache: the rows `[0, n)` that cover
 are handed out lowest first) and the positions `[0, L)` that cover every written token, rounded up to a
 bucket, so a step costs what the live sequences need, not what the pool could hold.
 
+With a prefix cache (`prefix_cache_bytes` > 0, see prefix_cache.py), a newly admitted prompt first copies the
+keys and values of its longest already-seen prefix into its row and prefills only the rest; every prompt's
+full blocks are kept for the requests after it.
+
 Events flow back through the handle, to a thread (`for event in handle`) or to an asyncio loop
 (`async for event in handle`).
 """
@@ -36,6 +40,8 @@ from torch import nn
 
 from ..model import KVCache
 from .constraints import TokenConstraint, constrain_logits
+from .multi_lora import LoRASet
+from .prefix_cache import PrefixCache, block_bytes
 from .sampling import GREEDY, SamplingParams, make_generator, sample
 
 __all__ = [
@@ -78,6 +84,7 @@ class EngineRequest:
         it forbids and advances it with each token drawn. One per request, never shared.
     logit_bias: {token id: value in [-100, 100]} added to the logits before sampling (OpenAI's logit_bias).
         Log-probabilities stay the model's own, before bias and mask.
+    adapter: the name of a LoRA adapter loaded with `Engine.load_lora` (None: the base model).
     """
 
     prompt_ids: tuple[int, ...]
@@ -88,6 +95,7 @@ class EngineRequest:
     prompt_logprobs: bool = False
     constraint: TokenConstraint | None = None
     logit_bias: dict[int, float] | None = None
+    adapter: str | None = None
 
 
 @dataclass
@@ -177,6 +185,9 @@ class _Slot:
     num_cached: int = 0
     last_token: int = -1
     num_generated: int = 0
+    prefix_checked: bool = False  # the prefix cache was asked for this prompt
+    lora_slot: int = 0  # the adapter's slot in the LoRA stacks; 0 = the base model
+    namespace: int | None = None  # the adapter's prefix-cache namespace (None for the base model)
     prompt_logprobs: list = field(default_factory=list)
     prompt_top: list = field(default_factory=list)
 
@@ -208,6 +219,8 @@ class Engine:
     `tokenizer` is carried for callers that need text (the server); the engine itself works on ids.
     `max_queue` requests may wait for a free slot; `prefill_chunk` bounds the prompt tokens one step
     prefills, so running streams wait at most one chunk's forward pass for their next token.
+    `prefix_cache_bytes` > 0 keeps prompt prefixes' keys and values in blocks of `prefix_block_size` tokens
+    for the requests that start the same way (0: off).
 
         engine = Engine(model, tokenizer, num_slots=8).start()
         handle = engine.submit(EngineRequest(prompt_ids=(...), max_new_tokens=64))
@@ -217,12 +230,21 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer=None, *, num_slots: int = 8, max_seq_len: int | None = None,
                  max_queue: int = 64, prefill_chunk: int = 256, batch_invariant: bool = False,
-                 kv_cache: str | None = None):
+                 kv_cache: str | None = None, prefix_cache_bytes: int = 0, prefix_block_size: int = 16):
         if num_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("num_slots and prefill_chunk must be >= 1 and max_queue >= 0")
         if kv_cache not in (None, "int8"):
             raise ValueError(f"kv_cache must be None (the model's dtype) or 'int8', got {kv_cache!r}")
         self.kv_cache = kv_cache
+        if prefix_cache_bytes < 0:
+            raise ValueError(f"the prefix-cache budget must be >= 0 bytes (0 turns it off), got {prefix_cache_bytes}")
+        if prefix_cache_bytes and (prefix_block_size < 1 or prefill_chunk % prefix_block_size
+                                   or prefill_chunk < 2 * prefix_block_size):
+            raise ValueError(f"with a prefix cache, prefill_chunk ({prefill_chunk}) must be a multiple of the block "
+                             f"size ({prefix_block_size}) and at least two blocks")
+        self.prefix_cache_bytes, self.prefix_block_size = prefix_cache_bytes, prefix_block_size
+        self.prefix_cache: PrefixCache | None = None  # made in start(), once the cache's shapes are known
+        self.lora = LoRASet(model)
         self.model, self.tokenizer = model, tokenizer  # the tokenizer is for callers (the server); not used here
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
         self.batch_invariant = batch_invariant
@@ -243,7 +265,8 @@ class Engine:
         # Every key exists from the start, so /metrics can copy the dict while the engine thread counts.
         self.stats = collections.Counter({k: 0 for k in (
             "requests_total", "prompt_tokens_total", "generation_tokens_total", "finished_stop",
-            "finished_length", "finished_cancelled", "finished_error")})
+            "finished_length", "finished_cancelled", "finished_error",
+            "prefix_cache_query_tokens_total", "prefix_cache_hit_tokens_total")})
         self.ttft_hist, self.latency_hist = _Histogram(), _Histogram()
 
     # ----- lifecycle -----
@@ -254,6 +277,10 @@ class Engine:
         # The pool starts with one bucket of positions per slot and grows as sequences get longer.
         self.model.setup_caches(self.num_slots, min(_POOL_START, self.max_seq_len), quantize=self.kv_cache)
         self._full_caches = [layer.attention.kv_cache for layer in self.model.layers]
+        if self.prefix_cache_bytes:
+            layers = self._cache_tensors()
+            self.prefix_cache = PrefixCache(self.prefix_block_size, self.prefix_cache_bytes,
+                                            block_bytes(layers, self.prefix_block_size))
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llama3-engine", daemon=True)
         self._thread.start()
@@ -269,6 +296,8 @@ class Engine:
         self._thread = None
         self.model.clear_caches()
         self._windows.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @property
     def running(self) -> bool:
@@ -290,6 +319,8 @@ class Engine:
         if request.num_logprobs is not None and not 0 <= request.num_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"num_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         self._check_logit_bias(request.logit_bias)
+        if request.adapter is not None and request.adapter not in self.lora.adapters:
+            raise ValueError(f"no LoRA adapter named '{request.adapter}' is loaded")
         with self._cond:
             if not self.running:
                 raise EngineClosed("the engine is not running")
@@ -333,6 +364,28 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 -- the caller gets the error, the engine goes on
                 future.set_exception(exc)
 
+    # ----- LoRA adapters -----
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT LoRA folder at `path` as adapter `name` (a request picks it by `adapter=name`).
+        Blocks until done (on the engine thread, between two steps, when the engine runs). ValueError on a
+        bad folder, a name in use, or an adapter for another base model."""
+        self._between_steps(lambda: self.lora.add(name, path))
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving adapter `name`; requests still using it end with an error. ValueError if unknown."""
+        self._between_steps(lambda: self._unload_lora(name))
+
+    def _unload_lora(self, name: str) -> None:
+        self.lora.remove(name)
+        for slot in filter(None, list(self._slots)):
+            if slot.handle.request.adapter == name:
+                self._finish(slot, "error", f"the LoRA adapter '{name}' was unloaded")
+
+    def _between_steps(self, fn):
+        if self._thread is None:  # not started: nothing else uses the model
+            return fn()
+        return self.run_on_engine(fn).result()
+
     def generate(self, prompt_ids, max_new_tokens: int, **kwargs) -> list[int]:
         """Blocking convenience: the generated ids of one request (for scripts and tests)."""
         request = EngineRequest(prompt_ids=tuple(prompt_ids), max_new_tokens=max_new_tokens, **kwargs)
@@ -348,6 +401,7 @@ class Engine:
                     "active_slots": self.num_slots - self.num_free_slots(),
                     "num_slots": self.num_slots, "max_queue": self.max_queue, "kv_cache_bytes": self.cache_bytes(),
                     "counters": dict(self.stats),
+                    "prefix_cache": self._prefix_cache_gauges(),
                     "ttft": self.ttft_hist, "latency": self.latency_hist}
 
     def _retry_after(self) -> float:
@@ -393,9 +447,17 @@ class Engine:
                 self._count_finish("cancelled")
                 handle._emit(FinishEvent("cancelled", len(handle.request.prompt_ids), 0))
                 continue
+            adapter = self.lora.adapters.get(handle.request.adapter) if handle.request.adapter else None
+            if handle.request.adapter and adapter is None:  # unloaded while the request waited
+                self._count_finish("error")
+                handle._emit(FinishEvent("error", len(handle.request.prompt_ids), 0,
+                                         f"the LoRA adapter '{handle.request.adapter}' is not loaded"))
+                continue
             index = self._slots.index(None)
             generator = make_generator(handle.request.sampling, self.device)
             self._slots[index] = _Slot(index, handle, generator)
+            if adapter is not None:
+                self._slots[index].lora_slot, self._slots[index].namespace = adapter.slot, adapter.namespace
             if self._token_counts is not None:
                 self._token_counts[index].zero_()
 
@@ -461,15 +523,57 @@ class Engine:
         """Bytes of the KV-cache pool now (it grows with the longest sequence)."""
         return sum(full.nbytes() for full in self._full_caches)
 
-    def _forward(self, window: list[KVCache], tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """The model on a cache window; returns final hidden states (B, T, D)."""
+    def _forward(self, window: list[KVCache], tokens: torch.Tensor, input_pos: torch.Tensor,
+                 lora_slots: list[int]) -> torch.Tensor:
+        """The model on a cache window, row i under LoRA adapter slot `lora_slots[i]` (0: none); returns
+        final hidden states (B, T, D)."""
         for layer, view in zip(self.model.layers, window):
             layer.attention.kv_cache = view
+        self.lora.select(lora_slots)
         try:
             return self.model(tokens, input_pos=input_pos, return_hidden=True)
         finally:
+            self.lora.select(None)
             for layer, full in zip(self.model.layers, self._full_caches):
                 layer.attention.kv_cache = full
+
+    # ----- prefix cache -----
+    def _cache_tensors(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer, the whole pool's (k, v), each (num_slots, K, S, Dh), and for an int8 cache its scales
+        (num_slots, K, S, 1): what the prefix cache copies."""
+        return [(cache.k, cache.v) if not cache.quantized else (cache.k, cache.v, cache.k_scale, cache.v_scale)
+                for cache in self._full_caches]
+
+    def _prefix_cache_gauges(self) -> dict | None:
+        cache = self.prefix_cache
+        if cache is None:
+            return None
+        return {"blocks": cache.num_blocks, "capacity_blocks": cache.capacity_blocks, "bytes": cache.num_bytes,
+                "capacity_bytes": cache.capacity_blocks * cache.bytes_per_block, "block_size": cache.block_size}
+
+    def _reuse_prefix(self, slot: _Slot) -> None:
+        """Start a new prompt from the longest stored prefix: copy its blocks into the slot's row. At least
+        one block is always prefilled, so the prompt's last token gets its logits and the suffix prefill is
+        never a few-row product (whose rounding would differ from a full prefill's)."""
+        slot.prefix_checked = True
+        request = slot.handle.request
+        if self.prefix_cache is None or request.prompt_logprobs:  # prompt logprobs need every position's states
+            return
+        prompt = request.prompt_ids
+        keys = self.prefix_cache.lookup(prompt, len(prompt) - self.prefix_block_size, slot.namespace)
+        reused_positions = len(keys) * self.prefix_block_size
+        if reused_positions > self._full_caches[0].length:  # the pool grows lazily; make room for the copy
+            self._grow_pool(min(self.max_seq_len, -(-reused_positions // _POSITION_BUCKET) * _POSITION_BUCKET))
+        num_reused = self.prefix_cache.load(keys, self._cache_tensors(), slot.index)
+        slot.num_prefilled = slot.num_cached = num_reused
+        self.stats["prefix_cache_query_tokens_total"] += len(prompt)
+        self.stats["prefix_cache_hit_tokens_total"] += num_reused
+
+    def _store_prefix(self, slot: _Slot) -> None:
+        """Keep the full blocks of what has been prefilled of the slot's prompt."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(slot.handle.request.prompt_ids, slot.num_prefilled, self._cache_tensors(),
+                                    slot.index, slot.namespace)
 
     # ----- prefill -----
     def _prefill_step(self) -> None:
@@ -482,15 +586,31 @@ class Engine:
                 return
             slot = min(waiting, key=lambda s: s.handle.request_id)
             try:
-                if self.batch_invariant:
-                    size = self._invariant_chunk_size(slot)
-                    if size > budget:
-                        return
-                    budget -= self._prefill_chunk(slot, size)
-                else:
-                    budget -= self._prefill_chunk(slot, budget)
+                if not slot.prefix_checked:
+                    self._reuse_prefix(slot)
+                size = self._chunk_size(slot, budget)
+                if size == 0:
+                    return
+                budget -= self._prefill_chunk(slot, size)
             except Exception as exc:  # noqa: BLE001 -- one prompt that fails ends alone; the others go on
                 self._finish(slot, "error", f"generation failed: {exc}")
+
+    def _chunk_size(self, slot: _Slot, budget: int) -> int:
+        """How many prompt tokens of `slot` to prefill now within `budget`; 0: wait for the next step."""
+        if self.batch_invariant:
+            size = self._invariant_chunk_size(slot)
+            return size if size <= budget else 0
+        remaining = len(slot.handle.request.prompt_ids) - slot.num_prefilled
+        size = min(budget, remaining)
+        if self.prefix_cache is None or size == remaining:
+            return size
+        # With a prefix cache, chunks end on block boundaries and none is shorter than a block (nor leaves
+        # less than a block behind): a prompt's rows then come out the same whether its prefix was reused.
+        block = self.prefix_block_size
+        size -= size % block
+        if remaining - size < block:
+            size -= block
+        return max(size, 0)
 
     def _invariant_chunk_size(self, slot: _Slot) -> int:
         """With `batch_invariant`, a prompt is cut at multiples of `prefill_chunk` whatever else is
@@ -505,9 +625,11 @@ class Engine:
         chunk = request.prompt_ids[start:start + max_tokens]
         tokens = torch.tensor([chunk], device=self.device)  # (1, T)
         positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)  # (1, T)
-        hidden = self._forward(self._window(slot.index, slot.index + 1, start + len(chunk)), tokens, positions)
+        hidden = self._forward(self._window(slot.index, slot.index + 1, start + len(chunk)), tokens, positions,
+                               [slot.lora_slot])
         slot.num_prefilled = slot.num_cached = start + len(chunk)
         self.stats["prompt_tokens_total"] += len(chunk)
+        self._store_prefix(slot)
         if request.prompt_logprobs:
             self._score_prompt_chunk(slot, hidden[0], start)
         if slot.prefilling:
@@ -556,7 +678,8 @@ class Engine:
         for s in running:
             tokens[s.index, 0] = s.last_token
         window = self._window(0, num_rows, int(positions.max()) + 1)
-        hidden = self._forward(window, tokens.to(self.device), positions.to(self.device))  # (n, 1, D)
+        lora_slots = [0 if s is None else s.lora_slot for s in self._slots[:num_rows]]
+        hidden = self._forward(window, tokens.to(self.device), positions.to(self.device), lora_slots)  # (n, 1, D)
         for s in running:
             s.num_cached += 1
         rows = torch.tensor([s.index for s in running], device=self.device)

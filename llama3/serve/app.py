@@ -5,7 +5,7 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models,
-GET /health, GET /metrics, GET / (the chat page). Errors always have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with `allow_lora_updates`), GET /health, GET /metrics, GET / (the chat page). Errors always have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..inference.engine import Engine
+from ..inference.engine import Engine, EngineClosed
 from .embeddings import EmbeddingRequest, EmbeddingService
 from .errors import APIError, SafeJSONResponse, error_response
 from .handlers import CompletionService
 from .metrics import HttpCounters, render_metrics
 from .responses import GenerationFailed
-from .schema import ChatCompletionRequest, CompletionRequest, ServerLimits
+from .schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    ServerLimits,
+    UnloadLoRAAdapterRequest,
+)
 
 __all__ = ["APIError", "create_app"]
 
@@ -51,7 +57,8 @@ class _Guard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         label = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
-                                 "/v1/completions", "/v1/embeddings") else "other"
+                                 "/v1/completions", "/v1/embeddings", "/v1/load_lora_adapter",
+                                 "/v1/unload_lora_adapter") else "other"
 
         started = False
 
@@ -139,12 +146,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = "llama3",
                limits: ServerLimits | None = None, embedding_pooling: str = "mean",
-               generation_defaults: dict | None = None) -> FastAPI:
+               generation_defaults: dict | None = None, allow_lora_updates: bool = False) -> FastAPI:
     """The FastAPI app serving `engine` (already started; its `tokenizer` must be set). `api_key`, when
     given, is required as a Bearer token on /v1/* and /metrics; `limits` bound request sizes;
     `embedding_pooling` ("mean" or "last") is how /v1/embeddings pools the final hidden states;
     `generation_defaults` (the model's generation_config.json sampling, e.g. temperature and top_p) are
-    listed in the model card for clients such as the chat page to start from."""
+    listed in the model card for clients such as the chat page to start from. `allow_lora_updates` opens
+    POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read folders on this machine, so they are
+    refused unless the operator allows them)."""
     limits = limits or ServerLimits()
     service = CompletionService(engine, model_name, limits)
     embeddings = EmbeddingService(engine, embedding_pooling, limits.max_prompt_chars)
@@ -176,12 +185,42 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [card(), *service.adapter_cards()]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        service.check_model(name)
-        return card()
+        adapter = service.check_model(name)
+        return card() if adapter is None else next(c for c in service.adapter_cards() if c["id"] == adapter)
+
+    def check_lora_updates() -> None:
+        if not allow_lora_updates:
+            raise APIError(403, "Loading and unloading LoRA adapters is off on this server; start it with "
+                                "--allow-lora-updates (or load adapters at start with --lora NAME=PATH).")
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+        check_lora_updates()
+        if body.lora_name == model_name:
+            raise APIError(400, f"'{body.lora_name}' is the base model's name; give the adapter another name.",
+                           param="lora_name")
+        try:
+            await asyncio.to_thread(engine.load_lora, body.lora_name, body.lora_path)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="lora_path") from None
+        except EngineClosed as exc:
+            raise APIError(503, f"{exc}; retry shortly.", headers={"Retry-After": "5"}) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+        check_lora_updates()
+        try:
+            await asyncio.to_thread(engine.unload_lora, body.lora_name)
+        except ValueError as exc:
+            raise APIError(404, str(exc), param="lora_name", code="model_not_found") from None
+        except EngineClosed as exc:
+            raise APIError(503, f"{exc}; retry shortly.", headers={"Retry-After": "5"}) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -193,7 +232,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
 
     @app.post("/v1/embeddings")
     async def create_embeddings(body: EmbeddingRequest):
-        service.check_model(body.model)
+        if service.check_model(body.model) is not None:
+            raise APIError(400, f"Embeddings come from the base model; send model '{model_name}' (or none), not "
+                                f"the adapter '{body.model}'.", param="model")
         return await embeddings.create(body, model_name)
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, counters=counters,

@@ -27,7 +27,8 @@ class SafeJSONResponse(JSONResponse):
     def render(self, content) -> bytes:
         return json_bytes(content)
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error",
                  408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                  500: "server_error", 503: "service_unavailable", 504: "timeout"}
 

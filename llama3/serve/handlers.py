@@ -70,10 +70,15 @@ class CompletionService:
         self.chat_stop_ids = frozenset(self.chat_format.stop_tokens) if self.chat_format else self.stop_ids
 
     # ----- checks -----
-    def check_model(self, name: str) -> None:
-        if name and name != self.model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model); a 404 for an unknown name."""
+        if not name or name == self.model_name:
+            return None
+        if name in self.engine.lora.adapters:
+            return name
+        served = ", ".join(f"'{n}'" for n in [self.model_name, *self.engine.lora.adapters])
+        raise APIError(404, f"The model '{name}' does not exist; this server serves {served}.",
+                       param="model", code="model_not_found")
 
     def check_context(self, num_prompt: int, max_new: int | None, param: str) -> int:
         """The number of new tokens to generate; a 400 stating the limit if the request cannot fit."""
@@ -149,10 +154,16 @@ class CompletionService:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "llama3",
                 "max_model_len": self.engine.max_seq_len}
 
+    def adapter_cards(self) -> list[dict[str, Any]]:
+        """One card per loaded LoRA adapter: `root` is its folder, `parent` the base model (as vLLM lists them)."""
+        return [{"id": name, "object": "model", "created": 0, "owned_by": "llama3", "root": adapter.path,
+                 "parent": self.model_name, "max_model_len": self.engine.max_seq_len}
+                for name, adapter in list(self.engine.lora.adapters.items())]
+
     # ----- endpoints -----
     async def chat(self, body: ChatCompletionRequest, request: Request):
         """POST /v1/chat/completions."""
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         self.check_n(body.n)
         if body.tool_choice is not None and not body.tools:
             raise APIError(400, "'tool_choice' is only allowed when 'tools' are given.", param="tool_choice")
@@ -171,9 +182,10 @@ class CompletionService:
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         constraints, bias = await self.constraints_and_bias(body, body.n, plan)
         requests = [EngineRequest(tuple(prompt_ids), max_new, self.sampling_for(body, i), self.chat_stop_ids,
-                                  num_logprobs, constraint=constraints[i], logit_bias=bias) for i in range(body.n)]
+                                  num_logprobs, constraint=constraints[i], logit_bias=bias, adapter=adapter)
+                    for i in range(body.n)]
         choices = self.submit_all(requests, body.stop_list())
-        meta = {"id": new_id("chatcmpl"), "created": created(), "model": self.model_name}
+        meta = {"id": new_id("chatcmpl"), "created": created(), "model": adapter or self.model_name}
         if body.stream:
             return _sse(chat_chunks(choices, body, meta, plan, request.is_disconnected))
         await _collect(choices, request)
@@ -191,7 +203,7 @@ class CompletionService:
 
     async def complete(self, body: CompletionRequest, request: Request):
         """POST /v1/completions."""
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         prompts, texts = self._prompt_ids(body)
         constraints, bias = await self.constraints_and_bias(body, len(prompts) * body.n)
         requests = []
@@ -201,12 +213,13 @@ class CompletionService:
                 requests.append(EngineRequest(tuple(ids), max_new, self.sampling_for(body, p * body.n + i),
                                               self.stop_ids, body.logprobs,
                                               prompt_logprobs=body.echo and body.logprobs is not None,
-                                              constraint=constraints[p * body.n + i], logit_bias=bias))
+                                              constraint=constraints[p * body.n + i], logit_bias=bias,
+                                              adapter=adapter))
         choices = self.submit_all(requests, body.stop_list())
         for choice in choices:  # echo returns the prompt as given (text), or decoded (token ids)
             p = choice.index // body.n
             choice.prompt_text = texts[p] if texts is not None else self.tokenizer.decode(prompts[p])
-        meta = {"id": new_id("cmpl"), "created": created(), "model": self.model_name}
+        meta = {"id": new_id("cmpl"), "created": created(), "model": adapter or self.model_name}
         if body.stream:
             return _sse(completion_chunks(choices, body, meta, request.is_disconnected))
         await _collect(choices, request)

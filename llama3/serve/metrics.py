@@ -35,6 +35,33 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _prefix_cache(lines: list[str], counters: dict, gauges: dict | None) -> None:
+    """Prefix-cache counters (prompt tokens looked up and found) and its use; nothing when it is off."""
+    if gauges is None:
+        return
+    queried, hit = counters.get("prefix_cache_query_tokens_total", 0), counters.get("prefix_cache_hit_tokens_total", 0)
+    lines += [
+        "# HELP llama3_prefix_cache_query_tokens_total Prompt tokens looked up in the prefix cache.",
+        "# TYPE llama3_prefix_cache_query_tokens_total counter",
+        f"llama3_prefix_cache_query_tokens_total {queried}",
+        "# HELP llama3_prefix_cache_hit_tokens_total Prompt tokens whose keys and values came from the prefix cache.",
+        "# TYPE llama3_prefix_cache_hit_tokens_total counter",
+        f"llama3_prefix_cache_hit_tokens_total {hit}",
+        "# HELP llama3_prefix_cache_hit_rate Share of looked-up prompt tokens found in the prefix cache.",
+        "# TYPE llama3_prefix_cache_hit_rate gauge",
+        f"llama3_prefix_cache_hit_rate {hit / queried if queried else 0.0:.6f}",
+        "# HELP llama3_prefix_cache_blocks Blocks held by the prefix cache.",
+        "# TYPE llama3_prefix_cache_blocks gauge",
+        f"llama3_prefix_cache_blocks {gauges['blocks']}",
+        "# HELP llama3_prefix_cache_capacity_blocks Blocks the prefix cache may hold (--kv-cache-gb).",
+        "# TYPE llama3_prefix_cache_capacity_blocks gauge",
+        f"llama3_prefix_cache_capacity_blocks {gauges['capacity_blocks']}",
+        "# HELP llama3_prefix_cache_bytes Bytes of keys and values held by the prefix cache.",
+        "# TYPE llama3_prefix_cache_bytes gauge",
+        f"llama3_prefix_cache_bytes {gauges['bytes']}",
+    ]
+
+
 def render_metrics(snapshot: dict, http: HttpCounters, model_name: str) -> str:
     """The /metrics body from an engine snapshot and the HTTP counters."""
     counters = snapshot["counters"]
@@ -73,6 +100,7 @@ def render_metrics(snapshot: dict, http: HttpCounters, model_name: str) -> str:
         "# TYPE llama3_model_info gauge",
         f'llama3_model_info{{model="{_label(model_name)}"}} 1',
     ]
+    _prefix_cache(lines, counters, snapshot.get("prefix_cache"))
     _histogram(lines, "llama3_time_to_first_token_seconds", "From submission to the first generated token.",
                snapshot["ttft"])
     _histogram(lines, "llama3_request_latency_seconds", "From submission to the end of generation.",

@@ -197,6 +197,19 @@ class ChatCompletionRequest(_SamplingFields):
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, strict=True)]], Field(min_length=1)]
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter, in vLLM's shape."""
+    model_config = ConfigDict(extra="forbid")
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter, in vLLM's shape (adapters are named, so no `lora_int_id`)."""
+    model_config = ConfigDict(extra="forbid")
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: Annotated[int, Field(ge=0, strict=True)] = 16  # the OpenAI default for completions

@@ -40,6 +40,7 @@ __all__ = [
     "LoRALinear",
     "apply_lora",
     "load_peft_adapter",
+    "read_peft_adapter",
     "lora_parameters",
     "lora_state_dict",
     "merge_lora",
@@ -231,8 +232,10 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_n
         (tmp / "adapter_config.json").write_text(json.dumps(_peft_config(config, base_model_name_or_path), indent=2))
 
 
-def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Add the adapters of a PEFT LoRA folder (ours or from `peft`) to a base model, in place."""
+def read_peft_adapter(path: str | os.PathLike, args) -> tuple[LoRAConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Read a PEFT LoRA folder (ours or from `peft`) for a base of shape `args` (ModelArgs): its config and,
+    per adapted projection under our names (`layers.N.attention.wq`), (A (r, in), B (out, r)), with B of
+    wq/wk already in our interleaved RoPE layout. Nothing is applied to a model (see `load_peft_adapter`)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -251,19 +254,30 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config = LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0)),
                         targets=tuple(hf_to_ours[t] for t in targets))
     tensors = load_file(str(path / "adapter_model.safetensors"))
-    apply_lora(model, config)
-    args = model.args
-    for module_name, parent, attr in _targets(model, config.targets):
-        lora = getattr(parent, attr)
-        for which in ("lora_A", "lora_B"):
-            key = _peft_key(module_name, which)
-            if key not in tensors:
-                raise ValueError(f"{path}: missing tensor {key}")
-            tensor = tensors.pop(key)
-            if which == "lora_B" and attr in ("wq", "wk"):
-                tensor = permute_qk_to_meta(tensor, args.n_heads if attr == "wq" else args.n_kv_heads)
-            getattr(lora, which).data.copy_(tensor)
+    pairs = {}
+    for i in range(args.n_layers):
+        for target in config.targets:
+            module_name = f"layers.{i}.{_TARGET_PLACES[target][0]}.{target}"
+            keys = [_peft_key(module_name, which) for which in ("lora_A", "lora_B")]
+            missing = [key for key in keys if key not in tensors]
+            if missing:
+                raise ValueError(f"{path}: missing tensor {missing[0]}")
+            lora_a, lora_b = (tensors.pop(key) for key in keys)
+            if target in ("wq", "wk"):
+                lora_b = permute_qk_to_meta(lora_b, args.n_heads if target == "wq" else args.n_kv_heads)
+            pairs[module_name] = (lora_a, lora_b)
     if tensors:
         raise ValueError(f"{path}: unexpected tensors {sorted(tensors)[:3]}...")
-    return model
+    return config, pairs
 
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add the adapters of a PEFT LoRA folder (ours or from `peft`) to a base model, in place."""
+    config, pairs = read_peft_adapter(path, model.args)
+    apply_lora(model, config)
+    for module_name, parent, attr in _targets(model, config.targets):
+        lora = getattr(parent, attr)
+        lora_a, lora_b = pairs[module_name]
+        lora.lora_A.data.copy_(lora_a)
+        lora.lora_B.data.copy_(lora_b)
+    return model
