@@ -166,7 +166,7 @@ class LoRASet:
         for i, layer in enumerate(self.model.layers):
             for holder_name, fused_name, targets in _FUSED:
                 holder = getattr(layer, holder_name)
-                groups = [(fused_name, targets)] if hasattr(holder, fused_name) else [(t, (t,)) for t in targets]
+                groups = [(fused_name, targets)] if getattr(holder, fused_name, None) is not None else [(t, (t,)) for t in targets]
                 for name, group in groups:
                     wrapped = MultiLoRALinear(getattr(holder, name), sizes[group[0]][0],
                                               [sizes[t][1] for t in group], self.selection)
