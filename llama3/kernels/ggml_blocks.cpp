@@ -15,13 +15,16 @@
 //     Σ w · x  ≈  scale · x_scale · Σ code · x_int8  +  bias · Σ x
 // with the integer sum exact and Σ x taken from the unrounded activations.
 //
-// Two code paths, chosen at compile time (-march=native):
+// Two code paths, chosen at compile time from the level's flags (kernels/__init__.py):
 // - AVX2: each 32 weights are decoded in registers (nibbles, 5th/6th bits, centring) and multiplied at
 //   once with up to 8 rows of x (vpmaddubsw / vpmaddwd), so a weight row is decoded once per 8 rows of x:
-//   a decode step reads each block once, a prompt decodes it once per 8 tokens;
+//   a decode step reads each block once, a prompt decodes it once per 8 tokens. The K types decode a
+//   256-value super-block's scales once and multiply its integer sub-scales into the byte products
+//   (vpmaddwd), leaving one float multiply-add per 32 weights and row of x;
 // - portable C++: a thread unpacks a tile of weight rows into bytes and floats (a few KB per row) and
 //   multiplies it with every row of x.
-// Weight rows are split over torch's thread pool in tiles of 16.
+// Weight rows are split over torch's thread pool: in runs taken from a shared counter (AVX2), in tiles of 16
+// (portable).
 
 #include "ops_namespace.h"
 
@@ -30,6 +33,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -47,7 +51,7 @@ namespace {
 
 constexpr int64_t kGroup = 16;   // weights per unpacked scale and bias
 constexpr int64_t kXBlock = 32;  // activations per int8 scale
-constexpr int64_t kTileRows = 16;  // weight rows unpacked together
+constexpr int64_t kTileRows = 16;  // weight rows unpacked (portable) or multiplied by every pass of x together
 
 inline float f16_at(const uint8_t* p) {
   uint16_t bits;
@@ -477,28 +481,42 @@ inline void any_row(const uint8_t* w, int64_t K, const QuantizedX& qx, int64_t m
   }
 }
 
-// y (M, N) = x · Wᵀ: tiles of weight rows over the threads, x in passes of 8, 4, 2, 1 rows
+// Bytes of weight rows per run handed to a thread (AVX2 path), as in gemv.cpp: long runs stream fastest, and
+// a small matrix still needs several runs per thread to share the work out.
+constexpr int64_t kMinRunBytes = 64 * 1024;
+constexpr int64_t kMaxRunBytes = 1024 * 1024;
+constexpr int64_t kRunsPerThread = 8;
+
+// y (M, N) = x · Wᵀ: runs of consecutive weight rows dealt to the threads as they come free (an atomic
+// counter: on a shared machine one core is often slower than the other for a while, and a fixed split would
+// make the fast one wait), each run in tiles of 16 rows against x in passes of 8, 4, 2, 1 rows
 template <class D>
 void fused_matmul(const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t K, const QuantizedX& qx, int64_t M,
                   float* yp) {
-  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t run_bytes = std::clamp(N * row_bytes / (threads * kRunsPerThread), kMinRunBytes, kMaxRunBytes);
+  const int64_t run_rows = std::max<int64_t>(1, run_bytes / row_bytes / kTileRows) * kTileRows;
+  const int64_t runs = (N + run_rows - 1) / run_rows;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, runs), 1, [&](int64_t, int64_t) {
     float out[8];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTileRows, n1 = std::min(N, n0 + kTileRows);
-      for (int64_t m0 = 0; m0 < M;) {
-        const int64_t left = M - m0, step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-        for (int64_t n = n0; n < n1; ++n) {
-          const uint8_t* w = wp + n * row_bytes;
-          switch (step) {
-            case 8: any_row<D, 8>(w, K, qx, m0, out); break;
-            case 4: any_row<D, 4>(w, K, qx, m0, out); break;
-            case 2: any_row<D, 2>(w, K, qx, m0, out); break;
-            default: any_row<D, 1>(w, K, qx, m0, out); break;
+    for (int64_t r = next.fetch_add(1); r < runs; r = next.fetch_add(1)) {
+      for (int64_t n0 = r * run_rows; n0 < std::min(N, (r + 1) * run_rows); n0 += kTileRows) {
+        const int64_t n1 = std::min(N, n0 + kTileRows);
+        for (int64_t m0 = 0; m0 < M;) {
+          const int64_t left = M - m0, step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+          for (int64_t n = n0; n < n1; ++n) {
+            const uint8_t* w = wp + n * row_bytes;
+            switch (step) {
+              case 8: any_row<D, 8>(w, K, qx, m0, out); break;
+              case 4: any_row<D, 4>(w, K, qx, m0, out); break;
+              case 2: any_row<D, 2>(w, K, qx, m0, out); break;
+              default: any_row<D, 1>(w, K, qx, m0, out); break;
+            }
+            for (int64_t i = 0; i < step; ++i) yp[(m0 + i) * N + n] = out[i];
           }
-          for (int64_t i = 0; i < step; ++i) yp[(m0 + i) * N + n] = out[i];
+          m0 += step;
         }
-        m0 += step;
       }
     }
   });
