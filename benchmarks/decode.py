@@ -254,7 +254,9 @@ def run_worker(spec: dict, timeout: int) -> dict:
     try:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                               text=True, check=False, timeout=timeout, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env={**os.environ, "PYTHONPATH": str(REPO),
+                                   # the `llama3` commands' wait policy (BENCHMARKS.md "Threads"), unless chosen
+                                   "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
     except subprocess.TimeoutExpired:
         return {"error": [f"timed out after {timeout} s: {spec['family']}"]}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -5,8 +5,9 @@
 
 For each matrix of the 1B shape (the fused FFN input 16384 x 2048 is taken as 8192 x 2048, the FFN output
 2048 x 8192, the output projection 128256 x 2048) one activation row goes through `gemv_bf16`, `gemv_int8`
-and `gemv_int4` of every level in `llama3.kernels.supported_isas()`, and through torch's bf16 `F.linear`
-as the peer; the loss kernel `xent_rows_` runs on 256 rows of the 128K vocabulary beside torch's
+and `gemv_int4` of every level in `llama3.kernels.supported_isas()`, through `ggml_matmul` on the GGUF block
+types Q8_0, Q4_0, Q4_K and Q6_K (rows of one quantized 64-row matrix, repeated), and through torch's bf16
+`F.linear` as the peer; the loss kernel `xent_rows_` runs on 256 rows of the 128K vocabulary beside torch's
 log-softmax + its gradient. The best of `--repeats` runs is reported (the machine is shared), as
 milliseconds and as GB/s of weights read.
 """
@@ -24,9 +25,20 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama3 import kernels  # noqa: E402
+from llama3.checkpoint.gguf_quants import QUANT_TYPES, quantize  # noqa: E402
 from llama3.inference.quantize import pack_int4_codes  # noqa: E402
 
 MATRICES = [(8192, 2048), (2048, 8192), (128256, 2048)]  # (N, K): rows of W, input width
+GGML_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
+
+
+def ggml_rows(kind: str, N: int, K: int) -> torch.Tensor:
+    """uint8 (N, row bytes): a 64-row random matrix quantized to `kind`, its rows repeated N / 64 times
+    (the speed does not depend on the values; quantizing all N rows in NumPy would take minutes)."""
+    import numpy as np
+
+    block = quantize(np.random.default_rng(0).standard_normal((64, K)).astype(np.float32), kind).reshape(64, -1)
+    return torch.from_numpy(np.ascontiguousarray(np.tile(block, (-(-N // 64), 1))[:N]))
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -48,12 +60,16 @@ def bench_gemv(N: int, K: int, repeats: int) -> list[tuple[str, float, float]]:
     codes = pack_int4_codes(torch.randint(0, 16, (N, K), dtype=torch.uint8))
     group_scales = (torch.rand(N, K // 32) * 0.1).half()
     rows = [("torch F.linear bf16", best_seconds(lambda: F.linear(x, w), repeats), 2.0 * N * K)]
+    blocks = {kind: ggml_rows(kind, N, K) for kind in GGML_TYPES}
     for isa in kernels.supported_isas():
         ops = kernels.ops(isa)
         rows += [(f"{isa} gemv_bf16", best_seconds(lambda ops=ops: ops.gemv_bf16(x, w), repeats), 2.0 * N * K),
                  (f"{isa} gemv_int8", best_seconds(lambda ops=ops: ops.gemv_int8(x, q, scales), repeats), 1.0 * N * K),
                  (f"{isa} gemv_int4", best_seconds(lambda ops=ops: ops.gemv_int4(x, codes, group_scales, group_scales, 32),
                                                    repeats), (0.5 + 4 / 32) * N * K)]
+        rows += [(f"{isa} ggml_matmul {kind}",
+                  best_seconds(lambda ops=ops, kind=kind: ops.ggml_matmul(x, blocks[kind], QUANT_TYPES[kind].ggml_id, K),
+                               repeats), blocks[kind].numel()) for kind in GGML_TYPES]
     return rows
 
 

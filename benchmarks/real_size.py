@@ -41,8 +41,11 @@ SHARD_LAYERS = 4  # layers per safetensors shard
 
 
 def _env() -> dict:
-    """The environment for subprocesses: this checkout's llama3 first."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    """The environment for subprocesses: this checkout's llama3 first, and OpenMP's passive wait unless the
+    caller chose a policy (what the `llama3` commands set: spinning threads collapse on a busy machine,
+    BENCHMARKS.md "Threads"); llama.cpp's OpenMP threads get the same."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 

@@ -94,27 +94,29 @@ def _centre_bias(data: np.ndarray, kind: str) -> np.ndarray:
     return dequantize(blocks.reshape(data.shape), kind).astype(np.float64)
 
 
+@pytest.mark.parametrize("isa", kernels.supported_isas())
 @pytest.mark.parametrize("kind", list(QUANT_TYPES))
 @pytest.mark.parametrize("rows", [1, 3, 21])
-def test_ggml_kernel_equals_a_float64_reference(kind, rows):
-    """The kernel's sum, recomputed in float64: weights as dequantized, activations rounded to int8 per
-    block of 32 where they multiply (centred) codes, exact where they multiply an affine type's bias."""
+def test_ggml_kernel_equals_a_float64_reference(kind, rows, isa):
+    """The kernel's sum, recomputed in float64, at every instruction-set level this CPU runs: weights as
+    dequantized, activations rounded to int8 per block of 32 where they multiply (centred) codes, exact
+    where they multiply an affine type's bias."""
     assert kernels.available(), f"the CPU kernels must build on every test machine: {kernels.why_unavailable()}"
-    K, N = 512, 37  # N: more than two tiles of 16 rows, the last one partial
+    ops = kernels.ops(isa)
+    K, N = 768, 37  # K: three 256-value super-blocks; N: more than two tiles of 16 rows, the last one partial
     data = quantize(_weights(N, K, seed=5), kind)
     w = dequantize(data, kind).astype(np.float64)
     x = np.random.default_rng(6).standard_normal((rows, K)).astype(np.float32)
     xr = _rounded_activations(x)
     bias = _centre_bias(data, kind) if kind in AFFINE else np.zeros_like(w)
     expected = xr @ (w - bias).T + x.astype(np.float64) @ bias.T
-    y = torch.ops.llama3.ggml_matmul(torch.from_numpy(x), torch.from_numpy(data), QUANT_TYPES[kind].ggml_id, K)
+    y = ops.ggml_matmul(torch.from_numpy(x), torch.from_numpy(data), QUANT_TYPES[kind].ggml_id, K)
     assert y.dtype == torch.float32 and y.shape == (rows, N)
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     # and close to the unrounded product (the rounding of x costs well under 2% of the output scale)
     exact = x.astype(np.float64) @ w.T
     assert np.abs(y.numpy() - exact).max() < 0.02 * np.abs(exact).max()
-    y16 = torch.ops.llama3.ggml_matmul(torch.from_numpy(x).bfloat16(), torch.from_numpy(data),
-                                       QUANT_TYPES[kind].ggml_id, K)
+    y16 = ops.ggml_matmul(torch.from_numpy(x).bfloat16(), torch.from_numpy(data), QUANT_TYPES[kind].ggml_id, K)
     assert y16.dtype == torch.bfloat16
     assert (y16.float() - y).abs().max() < 0.03 * y.abs().max()
 

@@ -15,23 +15,29 @@
 //     Σ w · x  ≈  scale · x_scale · Σ code · x_int8  +  bias · Σ x
 // with the integer sum exact and Σ x taken from the unrounded activations.
 //
-// Two code paths, chosen at compile time (-march=native):
+// Two code paths, chosen at compile time from the level's flags (kernels/__init__.py):
 // - AVX2: each 32 weights are decoded in registers (nibbles, 5th/6th bits, centring) and multiplied at
 //   once with up to 8 rows of x (vpmaddubsw / vpmaddwd), so a weight row is decoded once per 8 rows of x:
-//   a decode step reads each block once, a prompt decodes it once per 8 tokens;
+//   a decode step reads each block once, a prompt decodes it once per 8 tokens. The K types decode a
+//   256-value super-block's scales once and multiply its integer sub-scales into the byte products
+//   (vpmaddwd), leaving one float multiply-add per 32 weights and row of x;
 // - portable C++: a thread unpacks a tile of weight rows into bytes and floats (a few KB per row) and
 //   multiplies it with every row of x.
-// Weight rows are split over torch's thread pool in tiles of 16.
+// Weight rows are split over torch's thread pool: in runs taken from a shared counter (AVX2), in tiles of 16
+// (portable).
 
 #include "ops_namespace.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -45,7 +51,7 @@ namespace {
 
 constexpr int64_t kGroup = 16;   // weights per unpacked scale and bias
 constexpr int64_t kXBlock = 32;  // activations per int8 scale
-constexpr int64_t kTileRows = 16;  // weight rows unpacked together
+constexpr int64_t kTileRows = 16;  // weight rows unpacked (portable) or multiplied by every pass of x together
 
 inline float f16_at(const uint8_t* p) {
   uint16_t bits;
@@ -197,6 +203,7 @@ struct QuantizedX {
   std::vector<int8_t> q;        // (M, K)
   std::vector<float> scale;     // (M, K / 32)
   std::vector<float> group_sum;  // (M, K / 16)
+  std::vector<float> block_sum;  // (M, K / 32): the two group sums of each block added
 };
 
 QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
@@ -204,6 +211,7 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
   out.q.resize(M * K);
   out.scale.resize(M * K / kXBlock);
   out.group_sum.resize(M * K / kGroup);
+  out.block_sum.resize(M * K / kXBlock);
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t b = 0; b < K / kXBlock; ++b) {
@@ -218,6 +226,8 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
           for (int k = 0; k < kGroup; ++k) s += xb[h * kGroup + k];
           out.group_sum[m * K / kGroup + 2 * b + h] = s;
         }
+        out.block_sum[m * K / kXBlock + b] = out.group_sum[m * K / kGroup + 2 * b] +
+                                              out.group_sum[m * K / kGroup + 2 * b + 1];
       }
   });
   return out;
@@ -250,9 +260,10 @@ inline __m256i nibbles_32(const uint8_t* p, bool high) {
   return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
 }
 
+// The legacy types (32-value blocks): chunk c is block c, one scale for its 32 codes
 struct Chunk {
   __m256i codes;
-  float s0, s1, bias;
+  float scale, bias;
 };
 
 template <int kLegacyType>  // 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q8_0
@@ -263,7 +274,7 @@ struct LegacyDecoder {
   static Chunk chunk(const uint8_t* row, int64_t c) {
     const uint8_t* b = row + c * kBytes;
     const float d = f16_at(b);
-    if (kLegacyType == 8) return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), d, d, 0.f};
+    if (kLegacyType == 8) return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), d, 0.f};
     constexpr bool kFive = kLegacyType == 6 || kLegacyType == 7;
     constexpr int kCentre = kFive ? 16 : 8;
     __m256i q = nibbles_16(b + (kFive ? (kBias ? 8 : 6) : (kBias ? 4 : 2)));
@@ -273,46 +284,23 @@ struct LegacyDecoder {
       q = _mm256_or_si256(q, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
     }
     q = _mm256_sub_epi8(q, _mm256_set1_epi8(kCentre));
-    return {q, d, d, kBias ? f16_at(b + 2) + kCentre * d : 0.f};
+    return {q, d, kBias ? f16_at(b + 2) + kCentre * d : 0.f};
   }
 };
 
-template <bool kFifthBit>  // Q4_K, Q5_K
-struct KAffineDecoder {
-  static constexpr int64_t kBytes = kFifthBit ? 176 : 144;
-  static constexpr bool kBias = true;
-  static Chunk chunk(const uint8_t* row, int64_t c) {
-    const uint8_t* b = row + c / 8 * kBytes;
-    const int j = static_cast<int>(c % 8);  // sub-block: values 32j .. 32j + 31 of the super-block
-    constexpr int kCentre = kFifthBit ? 16 : 8;
-    __m256i q = nibbles_32(b + (kFifthBit ? 48 : 16) + 32 * (j / 2), j % 2 == 1);
-    if (kFifthBit) {  // bit j of byte l of qh is the 5th bit of value 32j + l
-      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
-      q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
-    }
-    int sc, mn;
-    k_scale_min(b + 4, j, sc, mn);
-    const float scale = f16_at(b) * sc;
-    return {_mm256_sub_epi8(q, _mm256_set1_epi8(kCentre)), scale, scale, kCentre * scale - f16_at(b + 2) * mn};
-  }
-};
+// Σ code · x over 32 bytes, per int32 lane (4 values each; lanes 0-3 hold values 0-15, lanes 4-7 values
+// 16-31), each 16-bit pair sum multiplied by its lane of `scale16` (1 when there is no integer sub-scale).
+// vpmaddubsw takes unsigned × signed bytes: |code| against x carrying the code's sign (x is never -128).
+// Its pair sums stay far from int16 saturation: |code| <= 32 and |x| <= 127 give at most 8128.
+inline __m256i dot_32(__m256i codes, __m256i abs_codes, const int8_t* x, __m256i scale16) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_codes, _mm256_sign_epi8(xv, codes)), scale16);
+}
 
-struct Q6KDecoder {
-  static constexpr int64_t kBytes = 210;
-  static constexpr bool kBias = false;
-  static Chunk chunk(const uint8_t* row, int64_t c) {
-    const uint8_t* b = row + c / 8 * kBytes;
-    const int j = static_cast<int>(c % 8), half = j / 4, t = j % 4;  // values 128·half + 32t + l
-    const __m256i low = nibbles_32(b + 64 * half + 32 * (t & 1), t >= 2);
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half));
-    const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
-    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
-    const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
-    const float d = f16_at(b + 208);
-    return {q, d * sc[2 * j], d * sc[2 * j + 1], 0.f};
-  }
-};
+// Accumulators per row of x: two chains of multiply-adds for one or two rows (the latency of one chain
+// would bound the loop), one above (registers: AVX2 has 16).
+template <int M>
+constexpr int accumulators_for() { return M <= 2 ? 2 : 1; }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -321,56 +309,214 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// out[m] = row w · row m0 + m of x, for M rows of x, each chunk of w decoded once
+template <int A, int M>
+inline void sum_rows(__m256 (&acc)[A][M], const float (&bias)[M], float* out) {
+  for (int m = 0; m < M; ++m) {
+    __m256 sum = acc[0][m];
+    for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[a][m]);
+    out[m] = hsum(sum) + bias[m];
+  }
+}
+
+// out[m] = row w · row m0 + m of x, for M rows of x, each block of w decoded once (legacy types)
 template <class D, int M>
 inline void fused_row(const uint8_t* w, int64_t K, const QuantizedX& qx, int64_t m0, float* out) {
+  constexpr int A = accumulators_for<M>();
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[M];
+  __m256 acc[A][M];
   float bias_acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), bias_acc[m] = 0.f;
-  for (int64_t c = 0; c < K / kXBlock; ++c) {
+  for (int m = 0; m < M; ++m) {
+    for (int a = 0; a < A; ++a) acc[a][m] = _mm256_setzero_ps();
+    bias_acc[m] = 0.f;
+  }
+  auto chunk = [&](int a, int64_t c) {
     const Chunk ch = D::chunk(w, c);
-    const __m256i w_abs = _mm256_sign_epi8(ch.codes, ch.codes);  // vpmaddubsw: unsigned × signed bytes
+    const __m256i w_abs = _mm256_sign_epi8(ch.codes, ch.codes);
     for (int m = 0; m < M; ++m) {
       const int64_t row = m0 + m;
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + row * K + c * kXBlock));
-      // per pair of bytes a 16-bit sum (at most 2 · 128 · 127), per 4 bytes 32 bits: lanes 0-3 hold
-      // values 0-15 of the chunk, lanes 4-7 values 16-31
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xv, ch.codes)), ones);
-      const float xs = qx.scale[row * K / kXBlock + c];
-      const __m256 scales = _mm256_set_m128(_mm_set1_ps(ch.s1 * xs), _mm_set1_ps(ch.s0 * xs));
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scales, acc[m]);
-      if (D::kBias) {
-        const float* sums = qx.group_sum.data() + row * K / kGroup + 2 * c;
-        bias_acc[m] += ch.bias * (sums[0] + sums[1]);
+      const __m256i dot = dot_32(ch.codes, w_abs, qx.q.data() + row * K + c * kXBlock, ones);
+      const __m256 scale = _mm256_set1_ps(ch.scale * qx.scale[row * K / kXBlock + c]);
+      acc[a][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[a][m]);
+      if (D::kBias) bias_acc[m] += ch.bias * qx.block_sum[row * K / kXBlock + c];
+    }
+  };
+  const int64_t chunks = K / kXBlock;
+  int64_t c = 0;
+  for (; c + A <= chunks; c += A)  // the accumulator index a compile-time constant: they stay in registers
+    for (int a = 0; a < A; ++a) chunk(a, c + a);
+  for (; c < chunks; ++c) chunk(0, c);
+  sum_rows(acc, bias_acc, out);
+}
+
+// ----- the K types: super-blocks of 256 values (8 chunks of 32) with one fp16 scale (and min) and 8 or 16
+// integer sub-scales. A super-block's shared part is decoded once; the sub-scales multiply the byte
+// products in integers (vpmaddwd), so each chunk costs one float multiply-add per row of x. -----
+
+// the 8 6-bit sub-scales (mins = false) or mins (mins = true) of Q4_K / Q5_K as bytes 0-7 (k_scale_min's
+// packing: entries 0-3 are the low 6 bits of bytes 0-3 / 4-7, entries 4-7 take their low 4 bits from bytes
+// 8-11 and their top 2 bits from the top of bytes 0-3 / 4-7)
+inline uint64_t k_six_bit(const uint8_t* packed, bool mins) {
+  uint32_t first, second, third;
+  std::memcpy(&first, packed, 4);
+  std::memcpy(&second, packed + 4, 4);
+  std::memcpy(&third, packed + 8, 4);
+  const uint32_t own = mins ? second : first;
+  const uint32_t low = own & 0x3F3F3F3Fu;
+  const uint32_t high = ((mins ? third >> 4 : third) & 0x0F0F0F0Fu) | (((own >> 6) & 0x03030303u) << 4);
+  return uint64_t(low) | (uint64_t(high) << 32);
+}
+
+template <bool kFifthBit>  // Q4_K, Q5_K
+struct KAffineDecoder {
+  static constexpr int64_t kBytes = kFifthBit ? 176 : 144;
+  static constexpr int kCentre = kFifthBit ? 16 : 8;
+  struct Super {
+    float d;
+    __m256 bias;      // lane j: chunk j's bias, kCentre · d · scale_j - dmin · min_j
+    __m128i scales;   // byte j: chunk j's 6-bit scale
+    __m256i high;     // Q5_K: the 5th bits (bit j of byte l: value 32j + l)
+  };
+  static Super super(const uint8_t* b) {
+    Super s;
+    s.d = f16_at(b);
+    s.scales = _mm_cvtsi64_si128(static_cast<int64_t>(k_six_bit(b + 4, false)));
+    const __m256 scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(s.scales));
+    const __m256 mins =
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(k_six_bit(b + 4, true)))));
+    s.bias = _mm256_fmsub_ps(_mm256_set1_ps(kCentre * s.d), scales, _mm256_mul_ps(_mm256_set1_ps(f16_at(b + 2)), mins));
+    s.high = kFifthBit ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
+    return s;
+  }
+  static __m256i codes(const Super& s, const uint8_t* b, int j) {
+    __m256i q = nibbles_32(b + (kFifthBit ? 48 : 16) + 32 * (j / 2), j % 2 == 1);
+    if (kFifthBit) {
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(s.high, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+      q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+    }
+    return _mm256_sub_epi8(q, _mm256_set1_epi8(kCentre));
+  }
+  // every 16-bit lane: scale j (byte j, the byte above it zero)
+  static __m256i scale16(const Super& s, int j) {
+    const __m128i v = _mm_shuffle_epi8(s.scales, _mm_set1_epi16(static_cast<int16_t>(0x8000 | j)));
+    return _mm256_broadcastsi128_si256(v);
+  }
+};
+
+struct Q6KDecoder {
+  static constexpr int64_t kBytes = 210;
+  struct Super {
+    float d;
+    __m256 bias;     // unused (symmetric)
+    __m128i scales;  // the 16 signed 8-bit sub-scales, one per 16 values
+    __m256i high;    // unused (the 2 high bits are read per half below)
+  };
+  static Super super(const uint8_t* b) {
+    return {f16_at(b + 208), _mm256_setzero_ps(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)),
+            _mm256_setzero_si256()};
+  }
+  static __m256i codes(const Super&, const uint8_t* b, int j) {
+    const int half = j / 4, t = j % 4;  // values 128·half + 32t + l
+    const __m256i low = nibbles_32(b + 64 * half + 32 * (t & 1), t >= 2);
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half));
+    const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
+    return _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+  }
+  // 16-bit lanes 0-7: sub-scale 2j (values 0-15 of the chunk), lanes 8-15: sub-scale 2j + 1
+  static __m256i scale16(const Super& s, int j) {
+    const __m128i pick = _mm_set_epi64x(static_cast<int64_t>(0x0101010101010101ULL * uint64_t(2 * j + 1)),
+                                        static_cast<int64_t>(0x0101010101010101ULL * uint64_t(2 * j)));
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s.scales, pick));
+  }
+};
+
+template <class D>
+constexpr bool has_bias() { return !std::is_same_v<D, Q6KDecoder>; }
+
+// out[m] = row w · row m0 + m of x for a K type: per super-block the scales once, then per chunk of 32
+// one integer dot product (sub-scales included) and one multiply-add by d · (x's block scale) per row
+template <class D, int M>
+inline void k_row(const uint8_t* w, int64_t K, const QuantizedX& qx, int64_t m0, float* out) {
+  constexpr int A = accumulators_for<M>();
+  __m256 acc[A][M];
+  const float no_bias[M] = {};
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[a][m] = _mm256_setzero_ps();
+  alignas(32) float dx[M][8];  // d · x's block scale, per row of x and chunk of the super-block
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    const uint8_t* b = w + sb * D::kBytes;
+    const typename D::Super s = D::super(b);
+    for (int m = 0; m < M; ++m) {
+      const int64_t blocks = (m0 + m) * K / kXBlock + sb * 8;
+      _mm256_store_ps(dx[m], _mm256_mul_ps(_mm256_set1_ps(s.d), _mm256_loadu_ps(qx.scale.data() + blocks)));
+      if (has_bias<D>())  // Σ_j bias_j · (exact sum of x over chunk j), into the same accumulator
+        acc[0][m] = _mm256_fmadd_ps(s.bias, _mm256_loadu_ps(qx.block_sum.data() + blocks), acc[0][m]);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const __m256i codes = D::codes(s, b, j);
+      const __m256i w_abs = _mm256_sign_epi8(codes, codes);
+      const __m256i scale16 = D::scale16(s, j);
+      for (int m = 0; m < M; ++m) {
+        const __m256i dot = dot_32(codes, w_abs, qx.q.data() + (m0 + m) * K + sb * 256 + 32 * j, scale16);
+        acc[j % A][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&dx[m][j]), acc[j % A][m]);
       }
     }
   }
-  for (int m = 0; m < M; ++m) out[m] = hsum(acc[m]) + bias_acc[m];
+  sum_rows(acc, no_bias, out);
 }
 
-// y (M, N) = x · Wᵀ: tiles of weight rows over the threads, x in passes of 8, 4, 2, 1 rows
+template <class D>
+struct IsK : std::false_type {};
+template <bool kFifthBit>
+struct IsK<KAffineDecoder<kFifthBit>> : std::true_type {};
+template <>
+struct IsK<Q6KDecoder> : std::true_type {};
+
+template <class D, int M>
+inline void any_row(const uint8_t* w, int64_t K, const QuantizedX& qx, int64_t m0, float* out) {
+  if constexpr (IsK<D>::value) {
+    k_row<D, M>(w, K, qx, m0, out);
+  } else {
+    fused_row<D, M>(w, K, qx, m0, out);
+  }
+}
+
+// Bytes of weight rows per run handed to a thread (AVX2 path), as in gemv.cpp: long runs stream fastest, and
+// a small matrix still needs several runs per thread to share the work out.
+constexpr int64_t kMinRunBytes = 64 * 1024;
+constexpr int64_t kMaxRunBytes = 1024 * 1024;
+constexpr int64_t kRunsPerThread = 8;
+
+// y (M, N) = x · Wᵀ: runs of consecutive weight rows dealt to the threads as they come free (an atomic
+// counter: on a shared machine one core is often slower than the other for a while, and a fixed split would
+// make the fast one wait), each run in tiles of 16 rows against x in passes of 8, 4, 2, 1 rows
 template <class D>
 void fused_matmul(const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t K, const QuantizedX& qx, int64_t M,
                   float* yp) {
-  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t run_bytes = std::clamp(N * row_bytes / (threads * kRunsPerThread), kMinRunBytes, kMaxRunBytes);
+  const int64_t run_rows = std::max<int64_t>(1, run_bytes / row_bytes / kTileRows) * kTileRows;
+  const int64_t runs = (N + run_rows - 1) / run_rows;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, runs), 1, [&](int64_t, int64_t) {
     float out[8];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTileRows, n1 = std::min(N, n0 + kTileRows);
-      for (int64_t m0 = 0; m0 < M;) {
-        const int64_t left = M - m0, step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-        for (int64_t n = n0; n < n1; ++n) {
-          const uint8_t* w = wp + n * row_bytes;
-          switch (step) {
-            case 8: fused_row<D, 8>(w, K, qx, m0, out); break;
-            case 4: fused_row<D, 4>(w, K, qx, m0, out); break;
-            case 2: fused_row<D, 2>(w, K, qx, m0, out); break;
-            default: fused_row<D, 1>(w, K, qx, m0, out); break;
+    for (int64_t r = next.fetch_add(1); r < runs; r = next.fetch_add(1)) {
+      for (int64_t n0 = r * run_rows; n0 < std::min(N, (r + 1) * run_rows); n0 += kTileRows) {
+        const int64_t n1 = std::min(N, n0 + kTileRows);
+        for (int64_t m0 = 0; m0 < M;) {
+          const int64_t left = M - m0, step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+          for (int64_t n = n0; n < n1; ++n) {
+            const uint8_t* w = wp + n * row_bytes;
+            switch (step) {
+              case 8: any_row<D, 8>(w, K, qx, m0, out); break;
+              case 4: any_row<D, 4>(w, K, qx, m0, out); break;
+              case 2: any_row<D, 2>(w, K, qx, m0, out); break;
+              default: any_row<D, 1>(w, K, qx, m0, out); break;
+            }
+            for (int64_t i = 0; i < step; ++i) yp[(m0 + i) * N + n] = out[i];
           }
-          for (int64_t i = 0; i < step; ++i) yp[(m0 + i) * N + n] = out[i];
+          m0 += step;
         }
-        m0 += step;
       }
     }
   });

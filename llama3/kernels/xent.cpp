@@ -15,8 +15,8 @@
 //     and, with write_grad, overwrites logits[i] with (softmax(logits[i]) - one_hot(targets[i])) * weights[i]
 //
 // Sums of exponentials are kept in fp32 within blocks of 256 values and in double across blocks. Three code
-// paths, chosen at compile time from the instruction sets the compiler was told to use: AVX-512, AVX2 + FMA,
-// and portable C++.
+// paths, chosen at compile time from the instruction sets the compiler was told to use: AVX-512 and AVX2 + FMA
+// (one templated body over a small vector type), and portable C++.
 
 #include "ops_namespace.h"
 
@@ -37,6 +37,9 @@
 #include <immintrin.h>
 #define LLAMA3_XENT_AVX2 1
 #endif
+#if defined(LLAMA3_XENT_AVX512) || defined(LLAMA3_XENT_AVX2)
+#define LLAMA3_XENT_VECTOR 1
+#endif
 
 namespace {
 
@@ -47,51 +50,125 @@ inline float load_value(const c10::BFloat16* p) { return static_cast<float>(*p);
 inline void store_value(float* p, float v) { *p = v; }
 inline void store_value(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }  // round to nearest even
 
+// The vector paths: one body (row_max, row_exp_sum, row_scale below) over the vector type `Vec`, which
+// supplies its width and the few operations whose instructions differ between AVX-512 and AVX2.
+#ifdef LLAMA3_XENT_VECTOR
 #ifdef LLAMA3_XENT_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(c10::BFloat16* p, __m512 v) {
-  // round to nearest even, as c10::BFloat16 does (the inputs here are finite or the loss is already NaN)
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-}
+struct Vec {
+  using F = __m512;
+  static constexpr int kWidth = 16;
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load(const c10::BFloat16* p) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static void store(c10::BFloat16* p, F v) {
+    // round to nearest even, as c10::BFloat16 does (the inputs here are finite or the loss is already NaN)
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F round(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static float reduce_add(F v) { return _mm512_reduce_add_ps(v); }
+  static float reduce_max(F v) { return _mm512_reduce_max_ps(v); }
+  // Arguments below this give 0 (scalef reaches fp32's subnormals on its own).
+  static constexpr float kLowest = -100.0f;
+  // p · 2^n for the clamped arguments x
+  static F scale_by_power_of_two(F p, F n, F) { return _mm512_scalef_ps(p, n); }
+};
+#else  // AVX2
+struct Vec {
+  using F = __m256;
+  static constexpr int kWidth = 8;
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load(const c10::BFloat16* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static void store(c10::BFloat16* p, F v) {
+    // round to nearest even, as c10::BFloat16 does (the inputs here are finite or the loss is already NaN)
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded =
+        _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    // the eight 16-bit results sit in 32-bit lanes: pack them (values below 65536, so no saturation)
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F round(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static float reduce_add(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float reduce_max(F v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  // AVX2 has no scalef: 2^n is built from its exponent bits, so arguments are clamped to -87 (n >= -126
+  // keeps the exponent normal) and results for arguments below -87 (under e^-87 = 1.6e-38, fp32's smallest
+  // normal) are set to 0.
+  static constexpr float kLowest = -87.0f;
+  static F scale_by_power_of_two(F p, F n, F x_unclamped) {
+    const __m256 underflow = _mm256_cmp_ps(x_unclamped, _mm256_set1_ps(kLowest), _CMP_LT_OQ);  // false for NaN
+    const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n)));
+  }
+};
+#endif
+
+using VecF = Vec::F;
+constexpr int kW = Vec::kWidth;
 
 // e^x for x <= 0 (the arguments here are logits minus their row's maximum): x = n·ln2 + r with |r| <= ln2/2,
 // e^r by a degree-7 polynomial (Taylor coefficients, relative error below 1e-7 on that interval), then
-// scaled by 2^n. Arguments below -100 give 0; NaN gives NaN, so a NaN logit reaches the loss.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-100.0f), x);  // NaN stays NaN (max returns its second operand then)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// scaled by 2^n. Arguments below Vec::kLowest give 0; NaN gives NaN, so a NaN logit reaches the loss.
+inline VecF exp_vec(VecF x_in) {
+  const VecF x = Vec::max(Vec::set1(Vec::kLowest), x_in);  // NaN stays NaN (max returns its second operand then)
+  const VecF n = Vec::round(Vec::mul(x, Vec::set1(1.44269504088896341f)));
   // ln2 split in a high part exact in float and a low part, so that r keeps its low bits
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  VecF r = Vec::fnmadd(n, Vec::set1(0.693145751953125f), x);
+  r = Vec::fnmadd(n, Vec::set1(1.428606765330187e-06f), r);
+  VecF p = Vec::set1(1.0f / 5040.0f);
+  p = Vec::fmadd(p, r, Vec::set1(1.0f / 720.0f));
+  p = Vec::fmadd(p, r, Vec::set1(1.0f / 120.0f));
+  p = Vec::fmadd(p, r, Vec::set1(1.0f / 24.0f));
+  p = Vec::fmadd(p, r, Vec::set1(1.0f / 6.0f));
+  p = Vec::fmadd(p, r, Vec::set1(0.5f));
+  p = Vec::fmadd(p, r, Vec::set1(1.0f));
+  p = Vec::fmadd(p, r, Vec::set1(1.0f));
+  return Vec::scale_by_power_of_two(p, n, x_in);
 }
 
 template <typename T>
 float row_max(const T* x, int64_t V) {
-  __m512 m0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
+  VecF m0 = Vec::set1(-std::numeric_limits<float>::infinity()), m1 = m0;
   int64_t k = 0;
-  for (; k + 32 <= V; k += 32) {
-    m0 = _mm512_max_ps(m0, load16(x + k));
-    m1 = _mm512_max_ps(m1, load16(x + k + 16));
+  for (; k + 2 * kW <= V; k += 2 * kW) {
+    m0 = Vec::max(m0, Vec::load(x + k));
+    m1 = Vec::max(m1, Vec::load(x + k + kW));
   }
-  float m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  float m = Vec::reduce_max(Vec::max(m0, m1));
   for (; k < V; ++k) m = std::max(m, load_value(x + k));
   return m;
 }
@@ -99,20 +176,20 @@ float row_max(const T* x, int64_t V) {
 // e[k] = e^(x[k] - mx); returns the sum of e
 template <typename T>
 double row_exp_sum(const T* x, float* e, int64_t V, float mx) {
-  const __m512 vmax = _mm512_set1_ps(mx);
+  const VecF vmax = Vec::set1(mx);
   double total = 0.0;
   int64_t k = 0;
   for (; k + kBlock <= V; k += kBlock) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
-    for (int64_t j = k; j < k + kBlock; j += 32) {
-      const __m512 e0 = exp16(_mm512_sub_ps(load16(x + j), vmax));
-      const __m512 e1 = exp16(_mm512_sub_ps(load16(x + j + 16), vmax));
-      _mm512_storeu_ps(e + j, e0);
-      _mm512_storeu_ps(e + j + 16, e1);
-      s0 = _mm512_add_ps(s0, e0);
-      s1 = _mm512_add_ps(s1, e1);
+    VecF s0 = Vec::zero(), s1 = s0;
+    for (int64_t j = k; j < k + kBlock; j += 2 * kW) {
+      const VecF e0 = exp_vec(Vec::sub(Vec::load(x + j), vmax));
+      const VecF e1 = exp_vec(Vec::sub(Vec::load(x + j + kW), vmax));
+      Vec::store(e + j, e0);
+      Vec::store(e + j + kW, e1);
+      s0 = Vec::add(s0, e0);
+      s1 = Vec::add(s1, e1);
     }
-    total += _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    total += Vec::reduce_add(Vec::add(s0, s1));
   }
   for (; k < V; ++k) {
     e[k] = std::exp(load_value(x + k) - mx);
@@ -124,109 +201,12 @@ double row_exp_sum(const T* x, float* e, int64_t V, float mx) {
 // x[k] = e[k] · scale for every k
 template <typename T>
 void row_scale(T* x, const float* e, int64_t V, float scale) {
-  const __m512 vs = _mm512_set1_ps(scale);
+  const VecF vs = Vec::set1(scale);
   int64_t k = 0;
-  for (; k + 16 <= V; k += 16) store16(x + k, _mm512_mul_ps(_mm512_loadu_ps(e + k), vs));
+  for (; k + kW <= V; k += kW) Vec::store(x + k, Vec::mul(Vec::load(e + k), vs));
   for (; k < V; ++k) store_value(x + k, e[k] * scale);
 }
-#elif defined(LLAMA3_XENT_AVX2)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(c10::BFloat16* p, __m256 v) {
-  // round to nearest even, as c10::BFloat16 does (the inputs here are finite or the loss is already NaN)
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  // the eight 16-bit results sit in 32-bit lanes: pack them (values below 65536, so no saturation)
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline float horizontal_max(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-// e^x for x <= 0, as exp16 above, with 2^n built from its exponent bits (AVX2 has no scalef): arguments are
-// clamped to -87 so that n >= -126 keeps the exponent normal, and results for arguments below -87 (under
-// e^-87 = 1.6e-38, fp32's smallest normal) are set to 0. NaN gives NaN.
-inline __m256 exp8(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);  // false for NaN
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // NaN stays NaN (max returns its second operand then)
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n)));
-}
-
-template <typename T>
-float row_max(const T* x, int64_t V) {
-  __m256 m0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
-  int64_t k = 0;
-  for (; k + 16 <= V; k += 16) {
-    m0 = _mm256_max_ps(m0, load8(x + k));
-    m1 = _mm256_max_ps(m1, load8(x + k + 8));
-  }
-  float m = horizontal_max(_mm256_max_ps(m0, m1));
-  for (; k < V; ++k) m = std::max(m, load_value(x + k));
-  return m;
-}
-
-// e[k] = e^(x[k] - mx); returns the sum of e
-template <typename T>
-double row_exp_sum(const T* x, float* e, int64_t V, float mx) {
-  const __m256 vmax = _mm256_set1_ps(mx);
-  double total = 0.0;
-  int64_t k = 0;
-  for (; k + kBlock <= V; k += kBlock) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-    for (int64_t j = k; j < k + kBlock; j += 16) {
-      const __m256 e0 = exp8(_mm256_sub_ps(load8(x + j), vmax));
-      const __m256 e1 = exp8(_mm256_sub_ps(load8(x + j + 8), vmax));
-      _mm256_storeu_ps(e + j, e0);
-      _mm256_storeu_ps(e + j + 8, e1);
-      s0 = _mm256_add_ps(s0, e0);
-      s1 = _mm256_add_ps(s1, e1);
-    }
-    total += horizontal_sum(_mm256_add_ps(s0, s1));
-  }
-  for (; k < V; ++k) {
-    e[k] = std::exp(load_value(x + k) - mx);
-    total += e[k];
-  }
-  return total;
-}
-
-// x[k] = e[k] · scale for every k
-template <typename T>
-void row_scale(T* x, const float* e, int64_t V, float scale) {
-  const __m256 vs = _mm256_set1_ps(scale);
-  int64_t k = 0;
-  for (; k + 8 <= V; k += 8) store8(x + k, _mm256_mul_ps(_mm256_loadu_ps(e + k), vs));
-  for (; k < V; ++k) store_value(x + k, e[k] * scale);
-}
-#else
+#else  // portable
 template <typename T>
 float row_max(const T* x, int64_t V) {
   float m = -std::numeric_limits<float>::infinity();
