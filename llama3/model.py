@@ -10,6 +10,7 @@ Shapes: B batch, T new tokens, S cache length, D dim, H query heads, K kv heads,
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -304,6 +305,20 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+@contextlib.contextmanager
+def _initializers_skipped():
+    """nn.Linear and nn.Embedding run their initializers in __init__; make those no-ops for a while."""
+    names = ("uniform_", "normal_", "kaiming_uniform_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 class Transformer(nn.Module):
     """Llama 3. Build it anywhere, on the meta device for big shapes, then call `init_weights()` (training
     from scratch) or load a state dict and call `init_buffers()`.
@@ -321,8 +336,22 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Not saved: recomputed from args (init_buffers), so checkpoints hold weights only.
-        self.register_buffer("rope_cache", precompute_rope(args, args.max_seq_len), persistent=False)
+        # Not saved: recomputed from args (init_buffers), so checkpoints hold weights only. Built on the meta
+        # device it is a placeholder of the right shape: computing it there would run torch's Python reference
+        # ops, whose first use imports ~800 modules (1.5-2 s of every load, measured).
+        if torch.empty(0).is_meta:
+            rope = torch.empty(args.max_seq_len, args.head_dim // 2, 2)
+        else:
+            rope = precompute_rope(args, args.max_seq_len)
+        self.register_buffer("rope_cache", rope, persistent=False)
+
+    @classmethod
+    def on_meta(cls, args: ModelArgs) -> Transformer:
+        """The model on the meta device with no initializer run (its tensors have shapes, no values): the
+        first step of every load, which then assigns the stored weights and calls `init_buffers()`. Torch's
+        initializers on meta tensors go through the same Python reference ops as above."""
+        with torch.device("meta"), _initializers_skipped():
+            return cls(args)
 
     # ----- initialization -----
     def init_buffers(self, device: torch.device | str | None = None) -> None:

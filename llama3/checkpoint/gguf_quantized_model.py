@@ -37,8 +37,7 @@ def build_quantized_model(args: ModelArgs, tensors: dict, meta_name, path: Path,
         raise ValueError(f"{path}: quantized GGUF weights run on the CPU kernels; load it with device='cpu', "
                          "or convert it to a float format first (`llama3 convert ... --to hf`)")
     dtype = dtype or torch.float32
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = Transformer.on_meta(args)
     state: dict[str, torch.Tensor] = {}
     for name, info in tensors.items():
         key = meta_name(name)

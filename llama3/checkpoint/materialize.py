@@ -74,8 +74,7 @@ def materialize_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor
 
     if stored_shapes is not None:
         check_stored_shapes(args, stored_shapes, what=what, stored_name=stored_name, sources=stored_sources)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = Transformer.on_meta(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if args.tie_word_embeddings:
         expected.pop("output.weight")
