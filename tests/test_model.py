@@ -141,3 +141,21 @@ def test_bf16_forward_keeps_fp32_logits():
     model = random_model(tiny_args("gqa"), dtype=torch.bfloat16)
     out = model(torch.randint(0, 256, (1, 8)))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_on_meta_builds_shapes_only_and_restores_the_initializers():
+    """Loads start from `Transformer.on_meta`: meta tensors of the right shapes, no initializer run, and
+    torch's initializers back in place afterwards (they are swapped out only while it builds)."""
+    from torch import nn
+
+    before = (nn.init.uniform_, nn.init.normal_, nn.init.kaiming_uniform_)
+    args = tiny_args("gqa")
+    model = Transformer.on_meta(args)
+    assert (nn.init.uniform_, nn.init.normal_, nn.init.kaiming_uniform_) == before
+    assert all(p.is_meta for p in model.parameters())
+    assert model.rope_cache.is_meta and tuple(model.rope_cache.shape) == (args.max_seq_len, args.head_dim // 2, 2)
+    real = random_model(args, seed=0)
+    model.load_state_dict(real.state_dict(), assign=True)
+    model.init_buffers()
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(model(tokens), real(tokens), rtol=0, atol=0)
