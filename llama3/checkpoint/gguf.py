@@ -268,6 +268,9 @@ class _TensorInfo:
         self.name, self.shape, self.tensor_type, self.data = name, shape, tensor_type, data
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _GGUFFile:
     """A GGUF file (versions 2 and 3) read straight from the bytes: the metadata into Python values and
     the tensors as views of a memory map.
@@ -300,13 +303,29 @@ class _GGUFFile:
             pos += n
             return text
 
+        def strings(count: int) -> list[str]:
+            """A string array (the vocabulary, the merges: ~400K strings for Llama 3) in one tight loop;
+            string() per item took 1.2 s of every load here, this ~0.4 s."""
+            nonlocal pos
+            out, size, length_at = [], len(buf), _U64.unpack_from
+            for _ in range(count):
+                (n,) = length_at(buf, pos)
+                end = pos + 8 + n
+                if end > size:
+                    raise ValueError("a string runs past the end of the file")
+                out.append(str(buf[pos + 8:end], "utf-8"))
+                pos = end
+            return out
+
         def value(kind: int):
             nonlocal pos
             if kind == 8:
                 return string()
             if kind == 9:
                 item_kind, count = take("IQ")
-                if item_kind in (8, 9):
+                if item_kind == 8:
+                    return strings(count)
+                if item_kind == 9:
                     return [value(item_kind) for _ in range(count)]
                 dtype = np.dtype(_NUMPY_DTYPES[item_kind]).newbyteorder("<")
                 end = pos + count * dtype.itemsize
