@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     from llama3.config import preset
     from llama3.distributed.runtime import distributed_runtime
     from llama3.train.config import TrainConfig
-    from llama3.train.loss import causal_lm_loss
 
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run to check the code path on CPU", file=sys.stderr)
@@ -151,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data.seq_len, cfg.data.batch_size = min(args.seq, 64), min(args.batch, 2)
     backend = args.compile_backend or ("aot_eager" if args.dry_run else "inductor")
     runtime = distributed_runtime(cfg, compile_backend=backend)
-    runtime.init_weights = None  # random init directly on the device: the values do not matter here
     device = runtime.device
     if cfg.parallel.compile:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         layers = args.layers or layers_that_fit(shape, free, tokens)
         shape = preset("llama3-8b", vocab_size=128256, max_seq_len=cfg.data.seq_len, n_layers=layers)
-    loss_fn = runtime.loss_fn or functools.partial(causal_lm_loss, chunk_size=cfg.train.loss_chunk_size)
+    loss_fn = functools.partial(runtime.lm_loss, chunk_size=cfg.train.loss_chunk_size)  # as the loop's
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, shape.vocab_size, (cfg.data.batch_size, cfg.data.seq_len + 1), generator=gen)
     batch = {"inputs": ids[:, :-1].to(device), "targets": ids[:, 1:].to(device)}
