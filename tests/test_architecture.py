@@ -16,6 +16,7 @@ modules are. With that graph:
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -181,3 +182,16 @@ def test_lower_layers_never_reach_the_server_or_the_cli(graph, layer):
     bad = sorted(f"{m} -> {t}" for m in members for t in graph[m]
                  if any(t == app or t.startswith(app + ".") for app in APPLICATIONS))
     assert not bad, f"{layer} imports the applications: {bad}"
+
+
+def test_the_distributed_package_loads_its_parts_on_first_use():
+    """`llama3 generate` asks `distributed.mesh` whether torchrun started it; that must not import the
+    parallelize stack (FSDP, tensor parallel), which costs most of a second of every start."""
+    code = ("import sys, llama3.distributed.mesh as mesh\n"
+            "assert isinstance(mesh.launched_by_torchrun(), bool)\n"
+            "assert 'llama3.distributed.parallelize' not in sys.modules, 'mesh pulled in parallelize'\n"
+            "import llama3.distributed as d\n"
+            "assert callable(d.check_tp_shapes) and 'llama3.distributed.parallelize' in sys.modules\n"
+            "try:\n    d.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no error')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

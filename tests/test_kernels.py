@@ -482,3 +482,10 @@ def test_a_level_built_on_purpose_gives_the_default_levels_numbers():
     q = torch.randint(-128, 128, (50, 320), dtype=torch.int8)  # -128 included: the AVX2 sign trick's edge
     scales = torch.rand(50)
     torch.testing.assert_close(other.gemv_int8(x, q, scales), default.gemv_int8(x, q, scales), rtol=1e-5, atol=1e-4)
+
+
+def test_torch_paths_are_the_ones_cpp_extension_names():
+    """The build command (and so the cache key) uses torch's folders without importing cpp_extension."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    assert kernels.torch_paths() == (include_paths(), library_paths())
