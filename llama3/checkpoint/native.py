@@ -245,8 +245,7 @@ def load_training_checkpoint(path: str | Path, *, device: str | torch.device = "
         raise ValueError(f"{path}: no complete training checkpoint (step-NNNNNNNN folder with {MARKER})")
     args = _read_model_args(step_dir)
     if (step_dir / ".metadata").is_file():  # sharded (distributed training): loaded into a built model
-        with torch.device("meta"):
-            model = Transformer(args)
+        model = Transformer.on_meta(args)
         model.to_empty(device=device)
         _load_weights(model, step_dir)
         model.init_buffers(device)

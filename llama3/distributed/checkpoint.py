@@ -53,8 +53,7 @@ def export_hf(model: torch.nn.Module, tokenizer: Any, path: str | Path, *, dtype
     weights = full_state_dict(model)
     path_out = None
     if _rank() == 0:
-        with torch.device("meta"):
-            plain = Transformer(model.args)
+        plain = Transformer.on_meta(model.args)
         plain.to_empty(device="cpu")
         plain.load_state_dict(weights, strict=not model.args.tie_word_embeddings)
         plain.init_buffers("cpu")

@@ -53,8 +53,7 @@ def load_tensor_parallel(path: str | Path, tp_mesh: DeviceMesh, *, device: torch
     shape_model, tokenizer = load(path, device="meta", dtype=dtype)
     args, weight_dtype = shape_model.args, shape_model.tok_embeddings.weight.dtype
     check_tp_shapes(args, tp_mesh.size())
-    with torch.device("meta"):
-        model = Transformer(args).to(weight_dtype)
+    model = Transformer.on_meta(args).to(weight_dtype)
     apply_tensor_parallel(model, tp_mesh, sequence_parallel=False)
     model.to_empty(device=device)
     full = load(path, device="cpu", dtype=dtype)[0].state_dict() if tp_mesh.get_rank() == 0 else {}

@@ -45,8 +45,7 @@ def broadcast_init_weights(model: Transformer, *, device: torch.device) -> None:
 
     full: dict[str, torch.Tensor] = {}
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        with torch.device("meta"):
-            plain = Transformer(model.args)
+        plain = Transformer.on_meta(model.args)
         plain.to_empty(device="cpu")
         plain.init_weights(buffer_device="cpu")
         full = plain.state_dict()

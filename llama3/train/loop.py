@@ -83,8 +83,7 @@ def build_model(args: ModelArgs, cfg: TrainConfig, runtime: Runtime, *,
                 initialize: Callable[[Transformer], None] | None = None) -> Transformer:
     """Meta device → parallelize (TP → activation checkpointing → compile → FSDP2; on one device the first
     and last do nothing) → to_empty → init_weights / initialize."""
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = Transformer.on_meta(args)
     model = runtime.parallelize(model, cfg.parallel)
     model.to_empty(device=runtime.device)
     torch.manual_seed(cfg.train.seed)
