@@ -116,3 +116,31 @@ def hf_model_from(model):
     if model.args.tie_word_embeddings:
         hf.tie_weights()
     return hf
+
+
+class IdVocab:
+    """The few tokenizer facts `Generator` needs for prompts given as token ids (no text)."""
+
+    stop_tokens = frozenset()
+
+    def stream_decoder(self):
+        class _Decoder:
+            def feed(self, ids):
+                return ""
+
+            def flush(self):
+                return ""
+
+        return _Decoder()
+
+
+def reference_greedy(model, prompt: list[int], num_new: int) -> list[int]:
+    """Plain greedy generation on a copy of `model` (so its cache does not touch an engine's)."""
+    import copy
+
+    from llama3.inference.generate import Generator
+    from llama3.inference.sampling import GREEDY
+
+    [result] = Generator(copy.deepcopy(model), IdVocab()).generate([prompt], max_new_tokens=num_new,
+                                                                    sampling=GREEDY, stop_ids=[])
+    return result.token_ids

@@ -17,39 +17,17 @@ from llama3.inference.engine import (
     QueueFull,
     TokenEvent,
 )
-from llama3.inference.generate import Generator
 from llama3.inference.sampling import GREEDY, SamplingParams
-from tests.conftest import random_model, tiny_args
+from tests.conftest import random_model, reference_greedy, tiny_args
 
 pytestmark = pytest.mark.timeout(120)
 
-
-class _Vocab:
-    """The few tokenizer facts Generator needs for id prompts over a 256-token vocabulary."""
-
-    stop_tokens = frozenset()
-
-    def stream_decoder(self):
-        class _Decoder:
-            def feed(self, ids):
-                return ""
-
-            def flush(self):
-                return ""
-
-        return _Decoder()
 
 
 @pytest.fixture(scope="module")
 def model():
     return random_model(tiny_args("gqa", max_seq_len=512), seed=3)
 
-
-def reference_greedy(model, prompt: list[int], num_new: int) -> list[int]:
-    """Plain generation (its own copy of the model, so its cache does not touch the engine's)."""
-    generator = Generator(copy.deepcopy(model), _Vocab())
-    [result] = generator.generate([prompt], max_new_tokens=num_new, sampling=GREEDY, stop_ids=[])
-    return result.token_ids
 
 
 def prompts_of(lengths, seed=0):

@@ -71,6 +71,24 @@ def greedy(engine: Engine, prompt: tuple[int, ...], num_new: int = 8) -> list[tu
     return [(e.token_id, e.logprob, e.top_logprobs) for e in events]
 
 
+def cold_then_warm(model, prompts, repeats=(), **engine_kwargs):
+    """Greedy results of `prompts` on an engine without a prefix cache, then of `prompts` + `repeats` on
+    one with it; returns (cold results, warm results, the warm engine's stats)."""
+    kwargs = dict(num_slots=2, prefill_chunk=64, **engine_kwargs)
+    cold = Engine(model, **kwargs).start()
+    try:
+        expected = [greedy(cold, p) for p in prompts]
+    finally:
+        cold.stop()
+    warm = Engine(model, prefix_cache_bytes=1 << 22, **kwargs).start()
+    try:
+        got = [greedy(warm, p) for p in [*prompts, *repeats]]
+        stats = dict(warm.stats)
+    finally:
+        warm.stop()
+    return expected, got, stats
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch_invariant", [False, True])
 def test_a_cache_hit_gives_the_same_tokens_and_logprobs_as_a_full_prefill(dtype, batch_invariant):
@@ -78,19 +96,8 @@ def test_a_cache_hit_gives_the_same_tokens_and_logprobs_as_a_full_prefill(dtype,
     first = SYSTEM + tuple(range(5, 40))
     turns = [first, SYSTEM + tuple(range(40, 77)),  # same system prompt, other question
              first + (7, 8, 9) + tuple(range(300, 331))]  # the next turn of the first chat
-    kwargs = dict(num_slots=2, prefill_chunk=64, batch_invariant=batch_invariant)
-    cold = Engine(model, **kwargs).start()
-    try:
-        expected = [greedy(cold, p) for p in turns]
-    finally:
-        cold.stop()
-    warm = Engine(model, prefix_cache_bytes=1 << 22, **kwargs).start()
-    try:
-        got = [greedy(warm, p) for p in turns]
-        again = greedy(warm, turns[2])  # now the whole of it but the last block is cached
-        stats = dict(warm.stats)
-    finally:
-        warm.stop()
+    # the repeat of turn 3: now the whole of it but the last block is cached
+    expected, (*got, again), stats = cold_then_warm(model, turns, turns[2:], batch_invariant=batch_invariant)
     assert got == expected and again == expected[2]  # tokens, logprobs and top-3, bit for bit
     assert stats["prefix_cache_query_tokens_total"] == sum(map(len, turns)) + len(turns[2])
     # turn 2 reuses the 96 tokens of SYSTEM's whole blocks; turn 3 all of turn 1's full blocks; the repeat
@@ -120,17 +127,6 @@ def test_an_int8_kv_cache_reuses_its_scales_with_the_blocks():
     int8 cache's own cold result bit for bit (copying the entries without their scales would not)."""
     model = fuse_projections(random_model(tiny_args("gqa", vocab_size=512, max_seq_len=512), seed=5))
     prompts = [SYSTEM + tuple(range(5, 30)), SYSTEM + tuple(range(30, 61))]
-    kwargs = dict(num_slots=2, prefill_chunk=64, kv_cache="int8")
-    cold = Engine(model, **kwargs).start()
-    try:
-        expected = [greedy(cold, p) for p in prompts]
-    finally:
-        cold.stop()
-    warm = Engine(model, prefix_cache_bytes=1 << 22, **kwargs).start()
-    try:
-        got = [greedy(warm, p) for p in prompts]
-        hits = warm.stats["prefix_cache_hit_tokens_total"]
-    finally:
-        warm.stop()
-    assert hits == 96  # the second prompt took SYSTEM's six full blocks from the store
+    expected, got, stats = cold_then_warm(model, prompts, kv_cache="int8")
+    assert stats["prefix_cache_hit_tokens_total"] == 96  # the second prompt took SYSTEM's six full blocks from the store
     assert got == expected

@@ -5,7 +5,6 @@ raised inside the batched step, and the engine ended every running request with 
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import pytest
@@ -13,36 +12,17 @@ import torch
 
 import llama3.inference.engine as engine_module
 from llama3.inference.engine import Engine, EngineRequest, FinishEvent, TokenEvent
-from llama3.inference.generate import Generator
 from llama3.inference.sampling import GREEDY, SamplingParams, sample
-from tests.conftest import random_model, tiny_args
+from tests.conftest import random_model, reference_greedy, tiny_args
 
 pytestmark = pytest.mark.timeout(120)
 
-
-class _Vocab:
-    stop_tokens = frozenset()
-
-    def stream_decoder(self):
-        class _Decoder:
-            def feed(self, ids):
-                return ""
-
-            def flush(self):
-                return ""
-
-        return _Decoder()
 
 
 @pytest.fixture(scope="module")
 def model():
     return random_model(tiny_args("gqa", max_seq_len=256), seed=5)
 
-
-def greedy_reference(model, prompt, num_new):
-    [result] = Generator(copy.deepcopy(model), _Vocab()).generate([prompt], max_new_tokens=num_new,
-                                                                    sampling=GREEDY, stop_ids=[])
-    return result.token_ids
 
 
 @pytest.mark.parametrize("params", [
@@ -117,7 +97,7 @@ def test_tiny_values_in_the_engine_decode_like_greedy_beside_greedy_streams(mode
         engine.stop()
     for prompt, (ids, finish) in zip(prompts, results):
         assert finish.reason == "length", finish
-        assert ids == greedy_reference(model, prompt, 12)
+        assert ids == reference_greedy(model, prompt, 12)
 
 
 def test_a_failing_row_ends_alone_and_the_others_keep_decoding(model, monkeypatch):
@@ -138,12 +118,12 @@ def test_a_failing_row_ends_alone_and_the_others_keep_decoding(model, monkeypatc
     try:
         results = _run_all(engine, [EngineRequest(tuple(p), 16, s) for p, s in zip(prompts, sampling)])
         assert engine.stats["finished_error"] == 1
-        assert engine.generate([1, 2, 3], 4) == greedy_reference(model, [1, 2, 3], 4)  # still serving
+        assert engine.generate([1, 2, 3], 4) == reference_greedy(model, [1, 2, 3], 4)  # still serving
     finally:
         engine.stop()
     for prompt, (ids, finish) in zip(prompts[:3], results[:3]):
         assert finish.reason == "length"
-        assert ids == greedy_reference(model, prompt, 16)
+        assert ids == reference_greedy(model, prompt, 16)
     ids, finish = results[3]
     assert isinstance(finish, FinishEvent) and finish.reason == "error"
     assert "sampling" in finish.message and ids == []
@@ -165,7 +145,7 @@ def test_a_failing_prefill_ends_alone(model, monkeypatch):
     finally:
         engine.stop()
     assert results[0][1].reason == "error" and "boom" in results[0][1].message
-    assert results[1][1].reason == "length" and results[1][0] == greedy_reference(model, [4, 5, 6], 8)
+    assert results[1][1].reason == "length" and results[1][0] == reference_greedy(model, [4, 5, 6], 8)
 
 
 @pytest.mark.parametrize("flags", [["--temperature", "1e-300"], ["--temperature", "1e-40"],
