@@ -99,6 +99,31 @@ def test_speculative_equals_plain_greedy(same_draft, llama3_tokenizer):
         spec.generate([PROMPTS[1]], max_new_tokens=5, sampling=SamplingParams(temperature=0.7))
 
 
+def test_speculative_caches_start_small_and_grow(llama3_tokenizer):
+    """Speculative decoding allocates room for the prompt and one bucket, then grows both caches in place as
+    the generator does, and the output stays the plain greedy one."""
+    target = random_model(tiny_args("gqa"), seed=0)
+    draft = random_model(tiny_args("mqa", n_layers=1), seed=3)
+    plain = Generator(target, llama3_tokenizer).generate([PROMPTS[1]], max_new_tokens=40, sampling=GREEDY)[0]
+    target.clear_caches()  # the plain run left a full-size cache behind
+    lengths = {"target": [], "draft": []}
+    for name, model in (("target", target), ("draft", draft)):
+        for method in ("setup_caches", "grow_caches"):
+            original = getattr(model, method)
+
+            def spy(*args, _original=original, _name=name, **kwargs):
+                lengths[_name].append(args[1] if len(args) > 1 else args[0])
+                return _original(*args, **kwargs)
+            setattr(model, method, spy)
+    spec = SpeculativeGenerator(Generator(target, llama3_tokenizer, cache_bucket=8),
+                                Generator(draft, llama3_tokenizer, cache_bucket=8), num_draft_tokens=3)
+    result = spec.generate([PROMPTS[1]], max_new_tokens=40)[0]
+    assert result.token_ids == plain.token_ids
+    for sizes in lengths.values():
+        # 9 prompt + 8 new + 3 drafts -> a 32-slot cache first, grown (not reallocated) to 64 for 9 + 40 + 3
+        assert sizes == [32, 64]
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(llama3_tokenizer):
     gen = Generator(random_model(tiny_args("gqa")), llama3_tokenizer)
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=11)

@@ -5,8 +5,11 @@ forward pass (T = k + 1 positions), keeps the longest prefix it agrees with, and
 (at the first disagreement, or a bonus token when all k were accepted). Under greedy decoding the output is
 exactly the target's own greedy output: every kept token is the target's argmax given the same prefix.
 
-Both models keep static KV caches; rejected proposals leave entries beyond the accepted position that the
-default mask (slot <= position) hides until later tokens overwrite them, so nothing is copied back.
+Both models keep KV caches that grow with the sequence as the plain generator's do (`Generator.prepare_cache`:
+room for the prompt and one bucket first, doubled in place when a round would pass the end), so a long
+`max_new_tokens` costs memory only once it is used. Rejected proposals leave entries beyond the accepted
+position that the default mask (slot <= position) hides until later tokens overwrite them, so nothing is
+copied back.
 
     spec = SpeculativeGenerator(target_generator, draft_generator, num_draft_tokens=4)
     [result] = spec.generate([prompt], max_new_tokens=64)      # same result type as Generator.generate
@@ -78,8 +81,8 @@ class SpeculativeGenerator:
         stop_set = set(self.tokenizer.stop_tokens if stop_ids is None else stop_ids)
         row = _Row(self.target, prompt, [stop_strings] if isinstance(stop_strings, str) else stop_strings)
         timing = GenerationTiming(num_prompt_tokens=len(prompt))
-        needed = len(prompt) + max_new_tokens + k  # the last verify reaches position needed - 1
-        timing.compile_s = self.target.prepare_cache(1, needed) + self.draft.prepare_cache(1, needed)
+        # Room for the prompt and up to one bucket of new tokens (plus a round of drafts); `_grow` adds more.
+        timing.compile_s = self._grow(len(prompt) + min(max_new_tokens, self.target.cache_bucket) + k)
 
         start = time.perf_counter()
         prompt_t = torch.tensor([prompt], device=self.target.device)  # (1, P)
@@ -97,6 +100,10 @@ class SpeculativeGenerator:
         draft_len = len(prompt)  # positions the draft cache holds correctly
         proposed = accepted = 0
         while row.finish_reason is None:
+            # This round writes positions up to len(sequence) + k - 1 in both caches.
+            warm_s = self._grow(len(sequence) + k)
+            timing.compile_s += warm_s
+            start += warm_s  # warm-up time is not decode time
             drafts = self._propose(sequence, draft_len, k)
             draft_len = len(sequence) + k - 1
             kept = self._verify(sequence, drafts)
@@ -112,6 +119,10 @@ class SpeculativeGenerator:
             timing.num_new_tokens = len(row.ids)
             yield row, timing
         self.acceptance_rate = accepted / proposed if proposed else 0.0
+
+    def _grow(self, needed_len: int) -> float:
+        """Both caches hold `needed_len` positions (grown in place, entries kept); returns warm-up seconds."""
+        return self.target.prepare_cache(1, needed_len) + self.draft.prepare_cache(1, needed_len)
 
     @torch.inference_mode()
     def _propose(self, sequence: list[int], draft_len: int, k: int) -> list[int]:
