@@ -15,7 +15,11 @@ All of it is plain PyTorch; without `torch.compile` it is the eager fallback.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import math
 import mmap
+import sys
 
 import torch
 from torch import nn
@@ -25,16 +29,23 @@ from ..model import Transformer
 __all__ = [
     "compile_options",
     "fuse_projections",
+    "huge_page_empty",
     "is_fused",
     "optimize_for_inference",
+    "release_file_pages",
     "to_huge_pages",
 ]
 
 
-def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+def _fused_linear(parts: list[nn.Linear], allocate=torch.empty) -> nn.Linear:
     """One linear layer computing `parts` side by side: weights (and biases, where a derivative has them)
-    stacked along the output dimension."""
-    weight = torch.cat([p.weight for p in parts], dim=0)  # (sum of outputs, D)
+    stacked along the output dimension, written into `allocate(shape, dtype)`. The parts' pages that came
+    from a memory-mapped checkpoint are dropped from our resident set once copied (`release_file_pages`)."""
+    first = parts[0].weight
+    weight = allocate((sum(p.weight.shape[0] for p in parts), first.shape[1]), first.dtype)  # (sum of outputs, D)
+    torch.cat([p.weight for p in parts], dim=0, out=weight)
+    for part in parts:
+        release_file_pages(part.weight)
     has_bias = parts[0].bias is not None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
     fused.weight = nn.Parameter(weight.detach(), requires_grad=False)
@@ -48,10 +59,15 @@ def is_fused(model: Transformer) -> bool:
 
 
 @torch.no_grad()
-def fuse_projections(model: Transformer) -> Transformer:
+def fuse_projections(model: Transformer, *, allocate=None, after_layer=None) -> Transformer:
     """Fuse every layer's wq/wk/wv into one `wqkv` and w1/w3 into one `w13`, in place: a state transform
     (the model's Attention and FeedForward run whichever projections they hold). The unfused weights are
-    released as each layer is converted, so peak memory grows by one layer. Returns the model.
+    released as each layer is converted (memory-mapped ones leave the resident set too), so peak memory
+    grows by one layer. Returns the model.
+
+    allocate(shape, dtype): where the fused weights are written (default `torch.empty`; `huge_page_empty`
+    puts them straight into huge pages). after_layer(layer): called once each layer is fused, so a
+    quantizer can convert it before the next layer's fused copies exist.
 
     The numbers are unchanged: a fused matmul computes the same dot products as the separate ones.
     Call it before quantizing, and only for inference: the fused weights no longer match checkpoint names.
@@ -62,10 +78,12 @@ def fuse_projections(model: Transformer) -> Transformer:
         attn, ffn = layer.attention, layer.feed_forward
         if attn.kv_cache is not None:
             raise ValueError("fuse_projections must run before caches are set up; call model.clear_caches()")
-        attn.wqkv = _fused_linear([attn.wq, attn.wk, attn.wv])  # ((H+2K)·Dh, D)
+        attn.wqkv = _fused_linear([attn.wq, attn.wk, attn.wv], allocate or torch.empty)  # ((H+2K)·Dh, D)
         del attn.wq, attn.wk, attn.wv
-        ffn.w13 = _fused_linear([ffn.w1, ffn.w3])  # (2·F, D)
+        ffn.w13 = _fused_linear([ffn.w1, ffn.w3], allocate or torch.empty)  # (2·F, D)
         del ffn.w1, ffn.w3
+        if after_layer is not None:
+            after_layer(layer)
     return model
 
 
@@ -101,25 +119,106 @@ _HUGE_PAGE = 2 * 2**20
 _HUGE_PAGE_MIN_BYTES = 2 * 2**20  # smaller tensors gain nothing from their own mapping
 
 
-def _huge_page_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of `tensor` in a fresh anonymous mapping advised for transparent huge pages. The mapping
-    lives as long as the tensor (torch.frombuffer keeps a reference to it)."""
-    nbytes = tensor.numel() * tensor.element_size()
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor in a fresh anonymous mapping advised for transparent huge pages (a plain
+    `torch.empty` where the platform has no MADV_HUGEPAGE or the tensor is under 2 MiB). The mapping lives
+    as long as the tensor (torch.frombuffer keeps a reference to it)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < _HUGE_PAGE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
     length = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
     area = mmap.mmap(-1, length + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = torch.frombuffer(area, dtype=torch.uint8)
     offset = (-raw.data_ptr()) % _HUGE_PAGE  # page-aligned already; align to the huge page
     area.madvise(mmap.MADV_HUGEPAGE, offset, length)
-    out = raw[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-    out.copy_(tensor)
+    return raw[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def _huge_page_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` in huge pages (`huge_page_empty`); the source's memory-mapped pages, if any, leave
+    the resident set once copied."""
+    out = huge_page_empty(tuple(tensor.shape), tensor.dtype)
+    source, target = tensor.reshape(-1), out.view(-1)
+    step = _COPY_CHUNK_BYTES // tensor.element_size()
+    for i in range(0, source.numel(), step):  # by chunks, so a big tensor (the embedding) never sits twice
+        target[i:i + step].copy_(source[i:i + step])
+        release_file_pages(source[i:i + step])
     return out
 
 
+_COPY_CHUNK_BYTES = 64 * 2**20
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of regular files (from /proc/self/maps; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        # a file mapping has a nonzero inode and a path; anonymous memory, heap and stacks have neither
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+_MADV_DONTNEED = 4  # Linux; Python's mmap module offers madvise only on its own mmap objects
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def release_file_pages(tensor: torch.Tensor) -> int:
+    """Drop the resident pages of a tensor that is a view of a memory-mapped file (a safetensors shard loaded
+    zero-copy), once its data has been copied elsewhere, so the copy does not sit beside its source in our
+    resident set. The kernel keeps them in its page cache, and touched again they are read back from the
+    file, so a later reader still sees the stored values. Anything not inside a file mapping is left alone
+    (on anonymous memory MADV_DONTNEED would zero the data). Returns the bytes released."""
+    if sys.platform != "linux" or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 0
+    page = mmap.PAGESIZE
+    start = (tensor.data_ptr() + page - 1) // page * page  # whole pages inside this tensor only
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end <= start or not any(lo <= start and end <= hi for lo, hi in _file_mappings()):
+        return 0
+    if _has_private_copies(start, end):
+        return 0  # written to since it was mapped (a private copy): dropping it would undo the write
+    _madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    return end - start
+
+
+_PAGE_FILE = 1 << 61  # /proc/self/pagemap: "page is file-page or shared-anon"; bit 63 is "present"
+
+
+def _has_private_copies(start: int, end: int) -> bool:
+    """Whether a page of a file mapping between `start` and `end` is resident as a private (anonymous) copy,
+    i.e. was written after mapping. Unknown (no pagemap) counts as yes."""
+    page = mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // page * 8)
+            entries = torch.frombuffer(bytearray(f.read((end - start) // page * 8)), dtype=torch.int64)
+    except (OSError, ValueError):
+        return True
+    present = entries < 0  # bit 63, the sign bit of an int64
+    return bool((present & ((entries & _PAGE_FILE) == 0)).any())
+
+
 @torch.no_grad()
-def to_huge_pages(model: nn.Module) -> int:
+def to_huge_pages(model: nn.Module, *, skip: frozenset[int] = frozenset()) -> int:
     """Move every CPU parameter and buffer of at least 2 MiB into memory advised for transparent huge pages,
-    in place; tensors that share storage (a tied output projection) stay shared. Returns the bytes moved;
-    0 where the platform has no MADV_HUGEPAGE (the model is left as it was)."""
+    in place; tensors that share storage (a tied output projection) stay shared, and memory-mapped sources
+    leave the resident set as they are copied, so the move never doubles resident memory. `skip`: data
+    pointers of tensors already there (fused into huge pages). Returns the bytes moved; 0 where the
+    platform has no MADV_HUGEPAGE (the model is left as it was)."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
     moved: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
@@ -127,12 +226,14 @@ def to_huge_pages(model: nn.Module) -> int:
     for module in model.modules():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if (tensor is None or tensor.device.type != "cpu" or not tensor.is_contiguous()
-                    or tensor.numel() * tensor.element_size() < _HUGE_PAGE_MIN_BYTES):
+                    or tensor.numel() * tensor.element_size() < _HUGE_PAGE_MIN_BYTES or tensor.data_ptr() in skip):
                 continue
             key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
             if key not in moved:
                 moved[key] = _huge_page_copy(tensor)
                 total += tensor.numel() * tensor.element_size()
+                # A tied output projection is the embedding's own Parameter, met again after its move.
+                moved[(moved[key].data_ptr(), tensor.dtype, tuple(tensor.shape))] = moved[key]
             if isinstance(tensor, nn.Parameter):
                 tensor.data = moved[key]
             else:
@@ -157,16 +258,26 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
     if dtype is not None:
         model.to(dtype)
         model.init_buffers()  # keep the RoPE table in fp32 and the tied embedding tied
-    if fuse:
-        fuse_projections(model)
+    on_cpu = model.tok_embeddings.weight.device.type == "cpu"
+    in_huge_pages: frozenset[int] = frozenset()
     if quantize is not None:
         from .quantize import quantize_model
 
+        # Layer by layer (fused, then quantized at once), so no more than one layer exists in float copies.
+        if fuse:
+            fuse_projections(model, after_layer=lambda layer: quantize_model(layer, quantize, group_size=group_size))
         quantize_model(model, quantize, group_size=group_size)
-    elif kernels:
-        from .gemv import use_gemv_kernels
+    else:
+        if fuse and not is_fused(model):
+            # Fused straight into huge pages: one copy of those weights, never two.
+            fuse_projections(model, allocate=huge_page_empty if huge_pages and on_cpu else None)
+            if huge_pages and on_cpu and is_fused(model):
+                in_huge_pages = frozenset(p.data_ptr() for layer in model.layers
+                                          for p in (layer.attention.wqkv.weight, layer.feed_forward.w13.weight))
+        if kernels:
+            from .gemv import use_gemv_kernels
 
-        use_gemv_kernels(model)
-    if huge_pages and model.tok_embeddings.weight.device.type == "cpu":
-        to_huge_pages(model)
+            use_gemv_kernels(model)
+    if huge_pages and on_cpu:
+        to_huge_pages(model, skip=in_huge_pages)
     return model.eval().requires_grad_(False)

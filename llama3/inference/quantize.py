@@ -36,14 +36,18 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, use_kernel: bool = True):
         super().__init__()
-        w = weight.detach().float()  # (N, K)
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (N,)
-        w_int8 = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        N, K = weight.shape
+        w_int8 = torch.empty(N, K, dtype=torch.int8)
+        scales = torch.empty(N)
+        for rows in _row_chunks(N, K):  # fp32 temporaries of a few MB, not of the whole weight
+            w = weight[rows].detach().float()  # (n, K)
+            scales[rows] = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            w_int8[rows] = torch.round(w / scales[rows, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("weight_int8", w_int8)
         # torch's CPU kernel is fast only with bf16 activations (measured: 12.6 GB/s of int8 weights vs 0.3
         # for fp16/fp32 at 2048 x 8192), so the product runs in bf16 whatever the model's dtype.
         self.register_buffer("scales", scales.to(torch.bfloat16))
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.in_features, self.out_features = K, N
         self.use_kernel = use_kernel
         self.use_gemv = use_kernel and kernels.available()
         # fp32 copy of the (bf16-rounded) scales for the project's kernel
@@ -86,13 +90,10 @@ class Int4WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features, self.group_size = K, N, group_size
         self.use_kernel = use_kernel
         self.use_gemv = use_kernel and K % 64 == 0 and group_size % 32 == 0 and kernels.available()
-        groups = weight.detach().float().reshape(N, K // group_size, group_size)  # (N, G, group)
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = (high - low).clamp(min=1e-8) / 15.0  # (N, G, 1)
-        if self.use_gemv:
-            # round scale and low to their stored fp16 first, so the codes are chosen for the stored values
-            scale, low = scale.half().float().clamp(min=2.0 ** -24), low.half().float()
-        q = torch.round((groups - low) / scale).clamp(0, 15).reshape(N, K).to(torch.uint8)
+        q = torch.empty(N, K, dtype=torch.uint8)
+        scale, low = torch.empty(N, K // group_size, 1), torch.empty(N, K // group_size, 1)
+        for rows in _row_chunks(N, K):  # fp32 temporaries of a few MB, not of the whole weight
+            q[rows], scale[rows], low[rows] = self._codes(weight[rows], group_size, fp16_params=self.use_gemv)
         self.register_buffer("codes", q if not use_kernel else None)  # unpacked: the pure-PyTorch path only
         if self.use_gemv:
             self.register_buffer("weight_int4", pack_int4_codes(q))
@@ -105,6 +106,19 @@ class Int4WeightOnlyLinear(nn.Module):
         scale_zero = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1)  # (N, G, 2)
         # bf16 whatever the model's dtype: the kernel is ~90x slower with fp16/fp32 activations (measured here).
         self.register_buffer("scale_zero", scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16))  # (G, N, 2)
+
+    @staticmethod
+    def _codes(weight: torch.Tensor, group_size: int, *, fp16_params: bool):
+        """(codes (n, K) uint8, scale (n, G, 1), low (n, G, 1)) of some rows of a weight."""
+        n, K = weight.shape
+        groups = weight.detach().float().reshape(n, K // group_size, group_size)  # (n, G, group)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = (high - low).clamp(min=1e-8) / 15.0  # (n, G, 1)
+        if fp16_params:
+            # round scale and low to their stored fp16 first, so the codes are chosen for the stored values
+            scale, low = scale.half().float().clamp(min=2.0 ** -24), low.half().float()
+        q = torch.round((groups - low) / scale).clamp(0, 15).reshape(n, K).to(torch.uint8)
+        return q, scale, low
 
     def dequantize(self) -> torch.Tensor:
         assert self.codes is not None, "built with use_kernel=True; the codes live only in the packed buffer"
@@ -147,6 +161,16 @@ def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([pack(codes[:, :full], 128), pack(codes[:, full:], 64)], dim=1).contiguous()
 
 
+_CHUNK_VALUES = 1 << 22  # 16 MB of fp32 per chunk: big enough for torch's threads, small beside any weight
+
+
+def _row_chunks(rows: int, cols: int) -> list[slice]:
+    """Row ranges of about `_CHUNK_VALUES` values, so quantizing a weight never needs fp32 copies of it whole
+    (at 8B the output projection alone would take 2 GB in fp32, several times over for the temporaries)."""
+    step = max(1, _CHUNK_VALUES // max(cols, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 def _quantized(linear: nn.Linear, mode: str, group_size: int, use_kernel: bool) -> nn.Module:
     if mode == "int4" and linear.in_features % group_size == 0:
         return Int4WeightOnlyLinear(linear.weight, group_size, use_kernel)
@@ -157,14 +181,22 @@ def _quantized(linear: nn.Linear, mode: str, group_size: int, use_kernel: bool) 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32, use_kernel: bool = True) -> nn.Module:
     """Replace the nn.Linear layers inside `model.layers` and `model.output` by weight-only quantized ones,
-    in place. The products run in bf16 (torch's int8/int4 CPU kernels are fast only there) and return the
-    model's dtype. Returns the model. Inference only."""
+    in place (given one block instead of a Transformer: every linear layer of the block, which is how the
+    load path quantizes block by block). Layers already quantized are left as they are. Each weight is
+    quantized in row chunks and released as soon as its replacement exists (memory-mapped pages leave the
+    resident set too), so peak memory is the quantized model plus about one float weight. The products
+    run in bf16 (torch's int8/int4 CPU kernels are fast only there) and return the model's dtype. Returns
+    the model. Inference only."""
+    from .fast import release_file_pages
+
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of: {', '.join(QUANT_MODES)}")
-    if model.tok_embeddings.weight.device.type != "cpu":
+    if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("weight-only quantization here uses torch's CPU kernels; quantize a CPU model")
+    whole_model = hasattr(model, "tok_embeddings")
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and (name.startswith("layers.") or name == "output")]
+               if isinstance(module, nn.Linear)
+               and (not whole_model or name.startswith("layers.") or name == "output")]
     biased = [name for name, module in targets if module.bias is not None]
     if biased:  # the quantized layers hold a weight only; a bias would be lost
         raise ValueError(f"{biased[0]} has a bias (a Llama-architecture derivative); weight-only quantization "
@@ -173,4 +205,5 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32, use_ker
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, _quantized(linear, mode, group_size, use_kernel))
+        release_file_pages(linear.weight)
     return model
