@@ -42,7 +42,7 @@ def _fused_linear(parts: list[nn.Linear], allocate=torch.empty) -> nn.Linear:
     stacked along the output dimension, written into `allocate(shape, dtype)`. The parts' pages that came
     from a memory-mapped checkpoint are dropped from our resident set once copied (`release_file_pages`)."""
     first = parts[0].weight
-    weight = allocate((sum(p.weight.shape[0] for p in parts), first.shape[1]), first.dtype)  # (sum of outputs, D)
+    weight = allocate((sum(p.weight.shape[0] for p in parts), first.shape[1]), dtype=first.dtype)  # (sum of outputs, D)
     torch.cat([p.weight for p in parts], dim=0, out=weight)
     for part in parts:
         release_file_pages(part.weight)

@@ -161,7 +161,7 @@ def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([pack(codes[:, :full], 128), pack(codes[:, full:], 64)], dim=1).contiguous()
 
 
-_CHUNK_VALUES = 1 << 22  # 16 MB of fp32 per chunk: big enough for torch's threads, small beside any weight
+_CHUNK_VALUES = 1 << 20  # 4 MB of fp32 per chunk: work enough for torch's threads, small beside any weight
 
 
 def _row_chunks(rows: int, cols: int) -> list[slice]:
