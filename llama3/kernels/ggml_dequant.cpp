@@ -1,0 +1,141 @@
+// Weights in ggml's quantized block formats turned back into floats, a slice of rows at a time.
+//
+//   llama3::ggml_dequantize(w uint8 (N, row_bytes), int ggml_type, int K, ScalarType dtype) -> dtype (N, K)
+//       row n of a ggml tensor of type Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K as float32 or
+//       bfloat16 (float32 rounded to nearest even)
+//
+// Prompts use it (llama3/inference/ggml_quant.py): a few hundred rows of activations meet each weight, so
+// decoding a bounded slice of weight rows to float32 and handing it to torch's GEMM beats the byte products
+// of ggml_matmul, and the embedding lookups read their rows through it.
+//
+// Values equal the `gguf` package's dequantization bit for bit. Every type's weight is a · q + b per 16 or
+// 32 values, with a = d (an f16) or d · sub-scale (a 6- or 8-bit integer) and q a code of at most 8 bits:
+// a · q then has at most 11 + 7 + 6 significant bits, fewer than float32's 24, so it is exact whatever the
+// order of the products, and the one rounding is that of the add (d · q + m for Q4_1 / Q5_1, d · q - dmin · m
+// for Q4_K / Q5_K; dmin · m is exact too). A fused multiply-add rounds once as well, so the compiler may
+// contract freely. The symmetric types add nothing (adding +0 would turn a product's -0 into +0).
+//
+// This file is included after ggml_blocks.cpp in kernels.cpp and reuses its block unpackers (`format_of`,
+// `Format::unpack`: centred integer codes and the scale per 16 values, which is exactly `a` above) and
+// `k_scale_min`. The conversion loops are plain C++ that the compiler vectorizes at every level (AVX2 builds
+// use 8-wide int8 → float conversions and multiply-adds); rows are split over torch's thread pool.
+
+#include "ops_namespace.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// The additive term per 16 values of the affine types, in gguf's sign convention (w = a · q + offset), and
+// the centre their unpacked codes were shifted by (q = code + centre).
+struct AffineTerms {
+  int centre;
+  void (*offsets)(const uint8_t* block, float* offset);  // block_values / 16 entries
+};
+
+void legacy_offsets(const uint8_t* b, float* offset) { offset[0] = offset[1] = f16_at(b + 2); }
+
+void k_offsets(const uint8_t* b, float* offset) {
+  const float dmin = f16_at(b + 2);
+  for (int j = 0; j < 8; ++j) {
+    int sc, mn;
+    k_scale_min(b + 4, j, sc, mn);
+    offset[2 * j] = offset[2 * j + 1] = -(dmin * static_cast<float>(mn));
+  }
+}
+
+// nullptr for the symmetric types (Q4_0, Q5_0, Q8_0, Q6_K)
+const AffineTerms* affine_terms(int64_t type) {
+  static const AffineTerms q4_1{8, legacy_offsets}, q5_1{16, legacy_offsets}, q4_k{8, k_offsets},
+      q5_k{16, k_offsets};
+  switch (type) {
+    case 3: return &q4_1;
+    case 7: return &q5_1;
+    case 12: return &q4_k;
+    case 13: return &q5_k;
+    default: return nullptr;
+  }
+}
+
+// One weight row (K values) to float32: per 16 values w = scale · code (symmetric) or
+// scale · (code + centre) + offset (affine). `codes`, `scale`, `bias` and `offset` are scratch for one block
+// (its values, and one entry per 16 of them).
+template <bool kAffine>
+void dequantize_row(const Format& f, const AffineTerms* affine, const uint8_t* w, int64_t K, float* out,
+                    int8_t* codes, float* scale, float* bias, float* offset) {
+  const int64_t blocks = K / f.values, groups = f.values / kGroup;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* block = w + i * f.bytes;
+    f.unpack(block, codes, scale, bias);  // bias (the centred form's) is not used: it was rounded
+    if constexpr (kAffine) affine->offsets(block, offset);
+    float* o = out + i * f.values;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* c = codes + g * kGroup;
+      const float a = scale[g];
+      if constexpr (kAffine) {
+        const float b = offset[g];
+        const int centre = affine->centre;
+        for (int k = 0; k < kGroup; ++k) o[g * kGroup + k] = a * static_cast<float>(c[k] + centre) + b;
+      } else {
+        for (int k = 0; k < kGroup; ++k) o[g * kGroup + k] = a * static_cast<float>(c[k]);
+      }
+    }
+  }
+}
+
+// float32 → bfloat16, rounding to nearest even (as torch's .to(torch.bfloat16) does)
+void to_bf16(const float* in, c10::BFloat16* out, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) out[k] = c10::BFloat16(in[k]);
+}
+
+constexpr int64_t kGrainRows = 8;  // rows per task of the thread pool: a few KB to a few tens of KB each
+
+at::Tensor ggml_dequantize(const at::Tensor& w, int64_t type, int64_t K, at::ScalarType dtype) {
+  const char* op = "llama3::ggml_dequantize";
+  const Format* f = format_of(type);
+  TORCH_CHECK(f != nullptr, op, ": ggml type ", type, " is not one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K");
+  TORCH_CHECK(w.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(K > 0 && K % f->values == 0, op, ": ", f->name, " rows need a positive multiple of ", f->values,
+              " values, got ", K);
+  const int64_t row_bytes = K / f->values * f->bytes;
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) == row_bytes && w.stride(1) == 1 &&
+                  (w.size(0) <= 1 || w.stride(0) == row_bytes),
+              op, ": w must be contiguous uint8 (N, ", row_bytes, ") for ", K, " ", f->name, " values per row, got ",
+              w.sizes());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": dtype must be float32 or bfloat16, got ", dtype);
+  const int64_t N = w.size(0);
+  at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
+  const auto* wp = w.const_data_ptr<uint8_t>();
+  const AffineTerms* affine = affine_terms(type);
+  at::parallel_for(0, N, kGrainRows, [&](int64_t n0, int64_t n1) {
+    std::vector<int8_t> codes(f->values);
+    std::vector<float> scale(f->values / kGroup), bias(f->values / kGroup), offset(f->values / kGroup);
+    std::vector<float> row(dtype == at::kFloat ? 0 : K);
+    for (int64_t n = n0; n < n1; ++n) {
+      float* dst = dtype == at::kFloat ? out.mutable_data_ptr<float>() + n * K : row.data();
+      if (affine != nullptr)
+        dequantize_row<true>(*f, affine, wp + n * row_bytes, K, dst, codes.data(), scale.data(), bias.data(),
+                             offset.data());
+      else
+        dequantize_row<false>(*f, affine, wp + n * row_bytes, K, dst, codes.data(), scale.data(), bias.data(),
+                              offset.data());
+      if (dtype == at::kBFloat16) to_bf16(row.data(), out.mutable_data_ptr<c10::BFloat16>() + n * K, K);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+LLAMA3_LIBRARY_FRAGMENT(m) {
+  m.def("ggml_dequantize(Tensor w, int ggml_type, int in_features, ScalarType dtype) -> Tensor");
+}
+
+LLAMA3_LIBRARY_IMPL_CPU(m) { m.impl("ggml_dequantize", &ggml_dequantize); }
