@@ -9,7 +9,7 @@ import torch
 
 from llama3 import kernels
 from llama3.checkpoint.gguf_quants import QUANT_TYPES, quantize
-from llama3.inference import ggml_quant
+from llama3.inference import gemv, ggml_quant
 from llama3.inference.ggml_quant import GGMLEmbedding, GGMLLinear
 from tests.test_gguf_quants import _random_blocks, _weights
 
@@ -67,7 +67,8 @@ def test_dequantize_works_under_torch_compile():
 def test_prompt_rows_multiply_slices_of_dequantized_rows(kind, monkeypatch):
     """Rows at or past the prompt threshold: y = x · dequantized Wᵀ in float32, the weight decoded a slice
     of rows at a time (slices of 16 here, so that a 40-row matrix takes three, the last one partial)."""
-    monkeypatch.setattr(ggml_quant, "_SLICE_BYTES", 16 * 512 * 4)
+    monkeypatch.setattr(gemv, "SLICE_BYTES", 16 * 512 * 4)
+    monkeypatch.setattr(gemv, "native_bf16_products", lambda: False)  # fp32 slices, whatever the CPU
     data = torch.from_numpy(quantize(_weights(40, 512), kind))
     layer = GGMLLinear(data, kind, 512)
     assert layer.use_kernel
@@ -75,7 +76,7 @@ def test_prompt_rows_multiply_slices_of_dequantized_rows(kind, monkeypatch):
     slices = []
     real = torch.ops.llama3.ggml_dequantize
     monkeypatch.setattr(ggml_quant, "_dequantize_op", lambda *a: slices.append(a[0].shape[0]) or real(*a))
-    x = torch.randn(2, ggml_quant.PROMPT_ROWS, 512)
+    x = torch.randn(2, gemv.PROMPT_ROWS, 512)
     y = layer(x)
     assert slices == [16, 16, 8]
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -84,7 +85,7 @@ def test_prompt_rows_multiply_slices_of_dequantized_rows(kind, monkeypatch):
     torch.testing.assert_close(y16.float(), y, rtol=0.02, atol=0.02 * float(y.abs().max()))
     # fewer rows than the threshold stay on the byte products (activations rounded to int8: not equal)
     slices.clear()
-    layer(x[0, :ggml_quant.PROMPT_ROWS - 1])
+    layer(x[0, :gemv.PROMPT_ROWS - 1])
     assert slices == []
 
 

@@ -2,7 +2,7 @@
 stores them, without ever turning the whole matrix into 16- or 32-bit floats.
 
 - `GGMLLinear`: y = x Wᵀ with W as rows of blocks. With the project's kernels, decode steps (fewer than
-  `PROMPT_ROWS` rows of x) go to `llama3::ggml_matmul` (`llama3/kernels/ggml_blocks.cpp`: activations
+  `gemv.PROMPT_ROWS` rows of x) go to `llama3::ggml_matmul` (`llama3/kernels/ggml_blocks.cpp`: activations
   rounded to int8 per block of 32, as llama.cpp's products round them). Prompts decode a slice of weight
   rows at a time (`llama3::ggml_dequantize`, a few MB of floats, never the whole matrix) and multiply it
   with torch's GEMM: a prompt meets every weight hundreds of times, so decoding it once per slice costs
@@ -26,17 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from . import gemv
 from ..checkpoint.gguf_quants import QUANT_TYPES, dequantize
 
 __all__ = ["GGMLEmbedding", "GGMLLinear", "dequantize_model", "has_ggml_layers", "require_float_weights"]
 
 _FALLBACK_ROWS = 1024  # weight rows dequantized at a time on the pure-PyTorch path
-# Rows of x from which a product dequantizes slices of W for torch's GEMM instead of the byte products.
-# Measured on Zen 3 (2 threads, 1B-shape matrices, benchmarks/ggml_prefill.py): the GEMM path is ahead
-# from about 16-32 rows for every block type.
-PROMPT_ROWS = 32
-_SLICE_BYTES = 4 << 20  # float bytes of weight rows decoded at a time: stays in the L3 cache for the GEMM
-
 
 _KINDS = {t.ggml_id: name for name, t in QUANT_TYPES.items()}
 
@@ -52,12 +47,6 @@ def _dequantize_rows(data: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _dequantize_op(data: torch.Tensor, ggml_type: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.ops.llama3.ggml_dequantize(data, ggml_type, in_features, dtype)
-
-
-def _native_bf16_products() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16; AMX CPUs have it too), where bf16 GEMMs
-    run 2-4x faster than fp32 ones; elsewhere bf16 is widened to fp32 inside the GEMM and gains nothing."""
-    return "avx512bf16" in kernels.supported_isas()
 
 
 # An operator (not plain Python) so that a compiled decode step (fullgraph) can call the lookup.
@@ -96,7 +85,7 @@ class GGMLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         # a compiled (decode) graph keeps the one operator call rather than unrolling the slices
-        if self.use_kernel and x2.shape[0] >= PROMPT_ROWS and not torch.compiler.is_compiling():
+        if self.use_kernel and x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
             y = self._sliced_gemm(x2)
         elif self.use_kernel:
             x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
@@ -108,15 +97,10 @@ class GGMLLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., N)
 
     def _sliced_gemm(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (M, K) · Wᵀ through torch's GEMM, W decoded `_SLICE_BYTES` of floats at a time; (M, N) float."""
-        dtype = torch.bfloat16 if _native_bf16_products() else torch.float32
-        slice_rows = max(1, _SLICE_BYTES // (self.in_features * dtype.itemsize))
-        x_in = x2.to(dtype)
-        y_t = torch.empty(self.out_features, x2.shape[0], dtype=dtype)  # (N, M): each slice fills whole rows
-        for n0 in range(0, self.out_features, slice_rows):
-            w = _dequantize_op(self.data[n0:n0 + slice_rows], self.ggml_id, self.in_features, dtype)
-            torch.mm(w, x_in.t(), out=y_t[n0:n0 + w.shape[0]])
-        return y_t.t()
+        """x2 (M, K) · Wᵀ through torch's GEMM, W decoded a slice of rows at a time; (M, N) float."""
+        dtype = torch.bfloat16 if gemv.native_bf16_products() else torch.float32
+        return gemv.sliced_matmul(x2, self.out_features, lambda n0, n1: _dequantize_op(
+            self.data[n0:n1], self.ggml_id, self.in_features, dtype), dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"

@@ -52,7 +52,7 @@ void k_offsets(const uint8_t* b, float* offset) {
 }
 
 // nullptr for the symmetric types (Q4_0, Q5_0, Q8_0, Q6_K)
-const AffineTerms* affine_terms(int64_t type) {
+[[maybe_unused]] const AffineTerms* affine_terms(int64_t type) {
   static const AffineTerms q4_1{8, legacy_offsets}, q5_1{16, legacy_offsets}, q4_k{8, k_offsets},
       q5_k{16, k_offsets};
   switch (type) {
@@ -68,7 +68,7 @@ const AffineTerms* affine_terms(int64_t type) {
 // scale · (code + centre) + offset (affine). `codes`, `scale`, `bias` and `offset` are scratch for one block
 // (its values, and one entry per 16 of them).
 template <bool kAffine>
-void dequantize_row(const Format& f, const AffineTerms* affine, const uint8_t* w, int64_t K, float* out,
+[[maybe_unused]] void dequantize_row(const Format& f, const AffineTerms* affine, const uint8_t* w, int64_t K, float* out,
                     int8_t* codes, float* scale, float* bias, float* offset) {
   const int64_t blocks = K / f.values, groups = f.values / kGroup;
   for (int64_t i = 0; i < blocks; ++i) {
@@ -90,9 +90,132 @@ void dequantize_row(const Format& f, const AffineTerms* affine, const uint8_t* w
   }
 }
 
+
+#ifdef LLAMA3_GGML_AVX2
+// ----- AVX2: ggml_blocks.cpp's register decoders give 32 centred codes at a time; 8 floats per step -----
+
+// 32 codes (bytes in value order) to floats: a_lo · (code + centre) + b for values 0-15, a_hi for 16-31;
+// the symmetric types (kAffine false) a · code alone
+template <bool kAffine>
+inline void codes_to_floats(__m256i codes, __m256 a_lo, __m256 a_hi, __m256 centre, __m256 b, float* out) {
+  const __m128i halves[2] = {_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1)};
+  for (int i = 0; i < 4; ++i) {
+    const __m128i bytes = i % 2 == 0 ? halves[i / 2] : _mm_srli_si128(halves[i / 2], 8);
+    __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    const __m256 a = i < 2 ? a_lo : a_hi;
+    if constexpr (kAffine) {
+      _mm256_storeu_ps(out + 8 * i, _mm256_fmadd_ps(a, _mm256_add_ps(q, centre), b));  // a · q exact: one rounding
+    } else {
+      _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(a, q));
+    }
+  }
+}
+
+template <int kLegacyType>
+void legacy_row_avx2(const uint8_t* w, int64_t K, float* out) {
+  using D = LegacyDecoder<kLegacyType>;
+  constexpr float kCentre = (kLegacyType == 6 || kLegacyType == 7) ? 16.f : 8.f;
+  for (int64_t c = 0; c < K / kXBlock; ++c) {
+    const Chunk ch = D::chunk(w, c);
+    const __m256 a = _mm256_set1_ps(ch.scale);
+    // Chunk::bias folds the centre in (rounded); the affine offset is the block's own m
+    const __m256 b = _mm256_set1_ps(D::kBias ? f16_at(w + c * D::kBytes + 2) : 0.f);
+    codes_to_floats<D::kBias>(ch.codes, a, a, _mm256_set1_ps(kCentre), b, out + c * kXBlock);
+  }
+}
+
+template <bool kFifthBit>
+void k_affine_row_avx2(const uint8_t* w, int64_t K, float* out) {
+  using D = KAffineDecoder<kFifthBit>;
+  const __m256 centre = _mm256_set1_ps(static_cast<float>(D::kCentre));
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    const uint8_t* b = w + sb * D::kBytes;
+    const typename D::Super s = D::super(b);
+    const float dmin = f16_at(b + 2);
+    for (int j = 0; j < 8; ++j) {
+      int sc, mn;
+      k_scale_min(b + 4, j, sc, mn);
+      const __m256 a = _mm256_set1_ps(s.d * static_cast<float>(sc));
+      codes_to_floats<true>(D::codes(s, b, j), a, a, centre, _mm256_set1_ps(-(dmin * static_cast<float>(mn))),
+                            out + sb * 256 + 32 * j);
+    }
+  }
+}
+
+void q6_k_row_avx2(const uint8_t* w, int64_t K, float* out) {
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    const uint8_t* b = w + sb * Q6KDecoder::kBytes;
+    const Q6KDecoder::Super s = Q6KDecoder::super(b);
+    const auto* sub = reinterpret_cast<const int8_t*>(b + 192);
+    for (int j = 0; j < 8; ++j)
+      codes_to_floats<false>(Q6KDecoder::codes(s, b, j), _mm256_set1_ps(s.d * static_cast<float>(sub[2 * j])),
+                             _mm256_set1_ps(s.d * static_cast<float>(sub[2 * j + 1])), _mm256_setzero_ps(),
+                             _mm256_setzero_ps(), out + sb * 256 + 32 * j);
+  }
+}
+
+using RowDecoder = void (*)(const uint8_t*, int64_t, float*);
+
+RowDecoder avx2_row_decoder(int64_t type) {
+  switch (type) {
+    case 2: return legacy_row_avx2<2>;
+    case 3: return legacy_row_avx2<3>;
+    case 6: return legacy_row_avx2<6>;
+    case 7: return legacy_row_avx2<7>;
+    case 8: return legacy_row_avx2<8>;
+    case 12: return k_affine_row_avx2<false>;
+    case 13: return k_affine_row_avx2<true>;
+    default: return q6_k_row_avx2;
+  }
+}
+
+// 8 floats to bf16, rounding to nearest even (NaN stays a quiet NaN, as c10::BFloat16 makes it)
+inline __m128i bf16_8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+#endif
+
 // float32 → bfloat16, rounding to nearest even (as torch's .to(torch.bfloat16) does)
 void to_bf16(const float* in, c10::BFloat16* out, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) out[k] = c10::BFloat16(in[k]);
+  int64_t k = 0;
+#ifdef LLAMA3_GGML_AVX2
+  for (; k + 8 <= n; k += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), bf16_8(_mm256_loadu_ps(in + k)));
+#endif
+  for (; k < n; ++k) out[k] = c10::BFloat16(in[k]);
+}
+
+// The portable path's per-block scratch (the AVX2 path decodes in registers and leaves it empty)
+struct Scratch {
+  std::vector<int8_t> codes;
+  std::vector<float> scale, bias, offset;
+  explicit Scratch([[maybe_unused]] const Format& f) {
+#ifndef LLAMA3_GGML_AVX2
+    codes.resize(f.values);
+    scale.resize(f.values / kGroup), bias.resize(f.values / kGroup), offset.resize(f.values / kGroup);
+#endif
+  }
+};
+
+// One weight row of type `type` (format `f`) to K floats
+inline void decode_row([[maybe_unused]] const Format& f, int64_t type, const uint8_t* w, int64_t K, float* out,
+                       [[maybe_unused]] Scratch& scratch) {
+#ifdef LLAMA3_GGML_AVX2
+  avx2_row_decoder(type)(w, K, out);
+#else
+  const AffineTerms* affine = affine_terms(type);
+  if (affine != nullptr)
+    dequantize_row<true>(f, affine, w, K, out, scratch.codes.data(), scratch.scale.data(), scratch.bias.data(),
+                         scratch.offset.data());
+  else
+    dequantize_row<false>(f, affine, w, K, out, scratch.codes.data(), scratch.scale.data(), scratch.bias.data(),
+                          scratch.offset.data());
+#endif
 }
 
 constexpr int64_t kGrainRows = 8;  // rows per task of the thread pool: a few KB to a few tens of KB each
@@ -113,19 +236,12 @@ at::Tensor ggml_dequantize(const at::Tensor& w, int64_t type, int64_t K, at::Sca
   const int64_t N = w.size(0);
   at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
   const auto* wp = w.const_data_ptr<uint8_t>();
-  const AffineTerms* affine = affine_terms(type);
   at::parallel_for(0, N, kGrainRows, [&](int64_t n0, int64_t n1) {
-    std::vector<int8_t> codes(f->values);
-    std::vector<float> scale(f->values / kGroup), bias(f->values / kGroup), offset(f->values / kGroup);
-    std::vector<float> row(dtype == at::kFloat ? 0 : K);
+    Scratch scratch(*f);
+    std::vector<float> row(dtype == at::kFloat ? 0 : K);  // bf16: each row in float32 first
     for (int64_t n = n0; n < n1; ++n) {
       float* dst = dtype == at::kFloat ? out.mutable_data_ptr<float>() + n * K : row.data();
-      if (affine != nullptr)
-        dequantize_row<true>(*f, affine, wp + n * row_bytes, K, dst, codes.data(), scale.data(), bias.data(),
-                             offset.data());
-      else
-        dequantize_row<false>(*f, affine, wp + n * row_bytes, K, dst, codes.data(), scale.data(), bias.data(),
-                              offset.data());
+      decode_row(*f, type, wp + n * row_bytes, K, dst, scratch);
       if (dtype == at::kBFloat16) to_bf16(row.data(), out.mutable_data_ptr<c10::BFloat16>() + n * K, K);
     }
   });
