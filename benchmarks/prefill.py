@@ -14,7 +14,7 @@ converted there by our writer on first use):
 | q4_0, q4_k_m, q8_0 | the GGUF file itself (ggml blocks) | the same file |
 
 Each measurement is a fresh process (ours and llama.cpp's alternating, `--rounds` times) that loads the
-model, runs the prompt once to warm up (page cache, allocator, thread pool) and then times two more runs,
+model, runs the prompt once to warm up (page cache, allocator, thread pool) and then times `--repeats` more,
 reporting the best: prefill tokens per second, as `llama3 generate` or llama-cpp-python (n_batch 512)
 reach them. The ratio ours / llama.cpp of the best runs is the figure to read: the machine may be shared.
 """
@@ -40,7 +40,6 @@ PAIRS = {  # name: (our source, our --quantize, our dtype, llama.cpp's file)
     "q4_k_m": ("q4_k_m", None, None, "q4_k_m"),
     "q8_0": ("q8_0", None, None, "q8_0"),
 }
-REPEATS = 2
 
 
 def worker_ours(spec: dict) -> float:
@@ -56,7 +55,7 @@ def worker_ours(spec: dict) -> float:
     gen = Generator(model, tokenizer, compile=False)
     greedy = SamplingParams(temperature=0)
     times = []
-    for _ in range(1 + REPEATS):
+    for _ in range(1 + spec["repeats"]):
         [result] = gen.generate([spec["prompt"]], max_new_tokens=1, sampling=greedy, stop_ids=[])
         times.append(result.timing.prefill_s)
     return LONG_PROMPT / min(times[1:])
@@ -68,7 +67,7 @@ def worker_llamacpp(spec: dict) -> float:
     llm = Llama(model_path=spec["file"], n_ctx=LONG_PROMPT + 16, n_batch=512, n_threads=spec["threads"],
                 n_threads_batch=spec["threads"], verbose=False)
     times = []
-    for _ in range(1 + REPEATS):
+    for _ in range(1 + spec["repeats"]):
         llm.reset()
         started = time.perf_counter()
         llm.eval(spec["prompt"])
@@ -105,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--q8-workdir", default=None, help="where the Q8_0 file lives (default: --workdir)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed prompts per process after the warm-up")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per worker")
     args = parser.parse_args(argv)
     if args.worker:
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = {"ours": {"file": str(path(source)), "quantize": quantize, "dtype": dtype},
                     "llamacpp": {"file": str(path(peer))}}
             for runtime, job in runs.items():
-                tok_s = measure({**job, "runtime": runtime, "threads": args.threads, "prompt": prompt}, args.timeout)
+                tok_s = measure({**job, "runtime": runtime, "threads": args.threads, "repeats": args.repeats,
+                                 "prompt": prompt}, args.timeout)
                 print(f"{pair} {runtime}: {tok_s}", file=sys.stderr, flush=True)
                 if isinstance(tok_s, float):
                     best.setdefault(pair, {})[runtime] = max(tok_s, best.get(pair, {}).get(runtime, 0.0))
