@@ -95,3 +95,30 @@ def test_embedding_lookup_dequantizes_only_its_rows_through_the_kernel():
     ids = torch.tensor([[5, 9, 5], [63, 0, 9]])
     expected = torch.from_numpy(_reference(data.numpy(), "Q5_K"))[ids]
     assert torch.equal(table(ids), expected)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
+def test_long_prompt_on_a_quantized_file_takes_the_gemm_path(preset, tmp_path, monkeypatch):
+    """A whole model from a quantized GGUF file (Q4_0 or Q4_K with Q6_K): a prompt of PROMPT_ROWS tokens
+    runs every product through slices of dequantized rows, and its logits equal the float model on the
+    `gguf` package's dequantization of the same file (fp32 both ways: only the summation order differs)."""
+    import llama3
+    from llama3.checkpoint.gguf import load_gguf
+    from tests.test_checkpoint_hf import byte_tokenizer
+    from tests.test_gguf_quants import _kl, _model
+
+    path = llama3.save(_model(), byte_tokenizer(), tmp_path / f"m-{preset}.gguf", format="gguf", dtype=preset)
+    ours, _ = llama3.load(path)
+    reference, _ = load_gguf(path, dequantize=True)
+    monkeypatch.setattr(gemv, "native_bf16_products", lambda: False)
+    kinds = []
+    real = ggml_quant._dequantize_op
+    monkeypatch.setattr(ggml_quant, "_dequantize_op", lambda w, t, *a: kinds.append(t) or real(w, t, *a))
+    tokens = torch.randint(0, 512, (1, gemv.PROMPT_ROWS), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, ref_logits = ours(tokens), reference(tokens)
+    layers = [m for m in ours.modules() if isinstance(m, GGMLLinear)]
+    assert len(kinds) >= len(layers) and {QUANT_TYPES[m.kind].ggml_id for m in layers} <= set(kinds)
+    assert _kl(ref_logits, logits) <= 5e-4
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
