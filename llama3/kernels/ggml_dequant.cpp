@@ -15,10 +15,12 @@
 // for Q4_K / Q5_K; dmin · m is exact too). A fused multiply-add rounds once as well, so the compiler may
 // contract freely. The symmetric types add nothing (adding +0 would turn a product's -0 into +0).
 //
-// This file is included after ggml_blocks.cpp in kernels.cpp and reuses its block unpackers (`format_of`,
-// `Format::unpack`: centred integer codes and the scale per 16 values, which is exactly `a` above) and
-// `k_scale_min`. The conversion loops are plain C++ that the compiler vectorizes at every level (AVX2 builds
-// use 8-wide int8 → float conversions and multiply-adds); rows are split over torch's thread pool.
+// This file is included after ggml_blocks.cpp in kernels.cpp and reuses its helpers. Two code paths:
+// - AVX2: ggml_blocks.cpp's register decoders (32 centred codes per step) widened 8 at a time to floats
+//   (about 2-3 G weights/s per core on Zen 3, under load: benchmarks/ggml_prefill.py);
+// - portable C++: its block unpackers (`Format::unpack`: centred integer codes and the scale per 16 values,
+//   exactly `a` above) and a float loop the compiler vectorizes.
+// Rows are split over torch's thread pool.
 
 #include "ops_namespace.h"
 
