@@ -17,6 +17,8 @@ Each measurement is a fresh process (ours and llama.cpp's alternating, `--rounds
 model, runs the prompt once to warm up (page cache, allocator, thread pool) and then times `--repeats` more,
 reporting the best: prefill tokens per second, as `llama3 generate` or llama-cpp-python (n_batch 512)
 reach them. The ratio ours / llama.cpp of the best runs is the figure to read: the machine may be shared.
+`--before-after` instead times ours with and without the sliced dequantize-and-GEMM prompt path in one
+process, alternating (the same load for both).
 """
 
 from __future__ import annotations
@@ -61,6 +63,31 @@ def worker_ours(spec: dict) -> float:
     return LONG_PROMPT / min(times[1:])
 
 
+def worker_before_after(spec: dict) -> dict:
+    """One process, one model: prompts with the sliced dequantize-and-GEMM path (after) and without it
+    (before: `gemv.PROMPT_ROWS` out of reach, so every row takes the kernels or torch's mixed products),
+    alternating `repeats` times after one warm-up each; the best tok/s of each."""
+    import torch
+
+    import llama3
+    from llama3.inference import Generator, SamplingParams, gemv
+    from llama3.inference.fast import optimize_for_inference
+
+    torch.set_num_threads(spec["threads"])
+    model, tokenizer = llama3.load(spec["file"], dtype=spec["dtype"])
+    optimize_for_inference(model, quantize=spec["quantize"])
+    gen = Generator(model, tokenizer, compile=False)
+    greedy = SamplingParams(temperature=0)
+    threshold, best = gemv.PROMPT_ROWS, {"before": 0.0, "after": 0.0}
+    for round_index in range(1 + spec["repeats"]):
+        for name, rows in (("after", threshold), ("before", 1 << 30)):
+            gemv.PROMPT_ROWS = rows
+            [result] = gen.generate([spec["prompt"]], max_new_tokens=1, sampling=greedy, stop_ids=[])
+            if round_index:
+                best[name] = max(best[name], LONG_PROMPT / result.timing.prefill_s)
+    return best
+
+
 def worker_llamacpp(spec: dict) -> float:
     from llama_cpp import Llama
 
@@ -75,7 +102,7 @@ def worker_llamacpp(spec: dict) -> float:
     return LONG_PROMPT / min(times[1:])
 
 
-def measure(spec: dict, timeout: int) -> float | str:
+def measure(spec: dict, timeout: int) -> float | dict | str:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=_env())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -104,13 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--q8-workdir", default=None, help="where the Q8_0 file lives (default: --workdir)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--before-after", action="store_true",
+                        help="ours only: the sliced prompt path against the kernels' in one process, alternating")
     parser.add_argument("--repeats", type=int, default=2, help="timed prompts per process after the warm-up")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per worker")
     args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        tok_s = (worker_ours if spec["runtime"] == "ours" else worker_llamacpp)(spec)
-        print(json.dumps({"prompt_tok_s": tok_s}))
+        workers = {"ours": worker_ours, "llamacpp": worker_llamacpp, "before_after": worker_before_after}
+        print(json.dumps({"prompt_tok_s": workers[spec["runtime"]](spec)}))
         return 0
     from llama3.kernels import cpu_description
     from llama3.tokenizer import Tokenizer
@@ -129,15 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for pair in args.pairs.split(","):
             source, quantize, dtype, peer = PAIRS[pair]
-            runs = {"ours": {"file": str(path(source)), "quantize": quantize, "dtype": dtype},
-                    "llamacpp": {"file": str(path(peer))}}
+            ours = {"file": str(path(source)), "quantize": quantize, "dtype": dtype}
+            runs = {"before_after": ours} if args.before_after else {"ours": ours, "llamacpp": {"file": str(path(peer))}}
             for runtime, job in runs.items():
                 tok_s = measure({**job, "runtime": runtime, "threads": args.threads, "repeats": args.repeats,
                                  "prompt": prompt}, args.timeout)
                 print(f"{pair} {runtime}: {tok_s}", file=sys.stderr, flush=True)
-                if isinstance(tok_s, float):
+                if isinstance(tok_s, dict):  # --before-after: both paths of one process
+                    for name, value in tok_s.items():
+                        best.setdefault(pair, {})[name] = max(value, best.get(pair, {}).get(name, 0.0))
+                elif isinstance(tok_s, float):
                     best.setdefault(pair, {})[runtime] = max(tok_s, best.get(pair, {}).get(runtime, 0.0))
     print(f"### prefill {LONG_PROMPT} tokens, {args.shape}, {cpu_description()}, {args.threads} threads\n")
+    if args.before_after:
+        print("| pair | before tok/s | after tok/s | after / before |\n|---|---|---|---|")
+        for pair, r in best.items():
+            print(f"| {pair} | {r['before']:.1f} | {r['after']:.1f} | {r['after'] / r['before']:.2f} |")
+        return 0
     print("| pair | ours tok/s | llama.cpp tok/s | ours / llama.cpp |\n|---|---|---|---|")
     for pair, r in best.items():
         ratio = f"{r['ours'] / r['llamacpp']:.2f}" if len(r) == 2 else "-"
