@@ -7,7 +7,11 @@ project's CPU, most on the short rows of a small model's output projection; BENC
 rows of activations stay in the core's L1 cache while the weights stream past (`use_kernel`): the kernel
 reads every activation row once per weight line, so rows that spill to L2 make it slower than oneDNN's
 GEMM (measured: 8 rows x 2048 wide, 1.3x slower; 8 rows x 576 wide, 2x faster). Prompts and wide batches
-go to `F.linear`. The int8 counterpart lives in `quantize.Int8WeightOnlyLinear`.
+go to `F.linear`, except bf16 weights on a CPU without native bf16 products (no AVX512-BF16 / AMX), where
+torch's bf16 GEMM widens every element on the fly and runs at a fraction of its fp32 speed (measured on Zen 3:
+about 4x slower at 512 rows): there prompts (`PROMPT_ROWS` rows or more) widen the weight a slice of rows at a
+time (`sliced_matmul`, a few MB, never the whole matrix) and multiply in fp32. The int8 counterpart lives
+in `quantize.Int8WeightOnlyLinear`; the quantized layers use `sliced_matmul` for their prompts as well.
 
 `use_gemv_kernels(model)` swaps them in, keeping each weight `Parameter` (so a tied output projection stays
 tied); it does nothing when the kernels cannot be built (`llama3.kernels.available()`), and the eager and
@@ -16,17 +20,44 @@ compiled paths give the same numbers either way up to fp32 summation order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
 
-__all__ = ["GemvLinear", "use_gemv_kernels", "use_kernel"]
+__all__ = ["PROMPT_ROWS", "GemvLinear", "native_bf16_products", "sliced_matmul", "use_gemv_kernels", "use_kernel"]
 
 MAX_ROWS = 8  # rows the kernels take in one pass over the weights
 ROW_BYTES = 16 * 1024  # activation bytes (all rows) that stay in L1 next to the streaming weights
 _OPS = {torch.bfloat16: "gemv_bf16", torch.float32: "gemv_f32"}
+# Rows of activations from which a stored weight (quantized, or bf16 without native bf16 products) is widened
+# slice by slice for torch's float GEMM rather than multiplied by the kernels or torch's own mixed-type
+# products. Measured on Zen 3, 2 threads, 1B-shape matrices (benchmarks/ggml_prefill.py): the GEMM path
+# pulls ahead between 32 and 64 rows.
+PROMPT_ROWS = 64
+SLICE_BYTES = 4 << 20  # float bytes of weight rows widened at a time: well inside the L3 cache for the GEMM
+
+
+def native_bf16_products() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16; AMX CPUs have it too), where torch's bf16 GEMM
+    runs 2-4x faster than its fp32 one; elsewhere bf16 is widened to fp32 inside the GEMM and gains nothing."""
+    return "avx512bf16" in kernels.supported_isas()
+
+
+def sliced_matmul(x2: torch.Tensor, out_features: int, weight_rows: Callable[[int, int], torch.Tensor],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """x2 (M, K) · Wᵀ -> (M, N) in `dtype`, W never whole in float: `weight_rows(n0, n1)` returns rows n0:n1
+    of W in `dtype`, asked for `SLICE_BYTES` at a time, and each slice meets all of x2 in one GEMM."""
+    slice_rows = max(1, SLICE_BYTES // (x2.shape[1] * dtype.itemsize))
+    x_t = x2.to(dtype).t()
+    y_t = torch.empty(out_features, x2.shape[0], dtype=dtype)  # (N, M): each slice fills whole rows
+    for n0 in range(0, out_features, slice_rows):
+        n1 = min(out_features, n0 + slice_rows)
+        torch.mm(weight_rows(n0, n1), x_t, out=y_t[n0:n1])
+    return y_t.t()
 
 
 def use_kernel(rows: int, in_features: int, bytes_per_value: int) -> bool:
@@ -47,12 +78,17 @@ class GemvLinear(nn.Module):
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.op = _OPS[weight.dtype]
+        self.widen_prompts = weight.dtype == torch.bfloat16 and not native_bf16_products()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if x.dtype == self.weight.dtype and use_kernel(rows, self.in_features, self.weight.element_size()):
             y = getattr(torch.ops.llama3, self.op)(x.reshape(rows, self.in_features), self.weight)
             return y.view(*x.shape[:-1], self.out_features)
+        if self.widen_prompts and rows >= PROMPT_ROWS and not torch.compiler.is_compiling():
+            y = sliced_matmul(x.reshape(rows, self.in_features), self.out_features,
+                              lambda n0, n1: self.weight[n0:n1].float(), torch.float32)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:

@@ -1,10 +1,15 @@
 """Layers that run on weights kept in ggml's quantized block formats (Q4_0 ... Q6_K), as a GGUF file
 stores them, without ever turning the whole matrix into 16- or 32-bit floats.
 
-- `GGMLLinear`: y = x Wᵀ with W as rows of blocks. With the project's kernels every product, decode step
-  or prompt, goes to `llama3::ggml_matmul` (`llama3/kernels/ggml_blocks.cpp`: activations rounded to int8
-  per block of 32, as llama.cpp's products round them); without them (no compiler, `LLAMA3_KERNELS=0`) the
-  pure-PyTorch path dequantizes a slice of rows at a time and multiplies in float32.
+- `GGMLLinear`: y = x Wᵀ with W as rows of blocks. With the project's kernels, decode steps (fewer than
+  `gemv.PROMPT_ROWS` rows of x) go to `llama3::ggml_matmul` (`llama3/kernels/ggml_blocks.cpp`: activations
+  rounded to int8 per block of 32, as llama.cpp's products round them). Prompts decode a slice of weight
+  rows at a time (`llama3::ggml_dequantize`, a few MB of floats, never the whole matrix) and multiply it
+  with torch's GEMM: a prompt meets every weight hundreds of times, so decoding it once per slice costs
+  little and the GEMM runs near the CPU's float peak (measured at the 1B shape on Zen 3: BENCHMARKS.md).
+  The slices are float32, or bfloat16 on CPUs with native bf16 products (AVX512-BF16, AMX). Without the
+  kernels (no compiler, `LLAMA3_KERNELS=0`) the pure-PyTorch path dequantizes a slice of rows at a time
+  with numpy and multiplies in float32.
 - `GGMLEmbedding`: the token embeddings; a lookup dequantizes only the rows it reads.
 
 The block bytes are a plain attribute (`data`), not a parameter or buffer: they are views of the file's
@@ -21,18 +26,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from . import gemv
 from ..checkpoint.gguf_quants import QUANT_TYPES, dequantize
 
 __all__ = ["GGMLEmbedding", "GGMLLinear", "dequantize_model", "has_ggml_layers", "require_float_weights"]
 
 _FALLBACK_ROWS = 1024  # weight rows dequantized at a time on the pure-PyTorch path
 
-
 _KINDS = {t.ggml_id: name for name, t in QUANT_TYPES.items()}
 
 
 def _dequantize_rows(data: torch.Tensor, kind: str) -> torch.Tensor:
+    """float32 rows of `data`: the kernel when it is built, else numpy (both equal the gguf package's)."""
+    if kernels.available():
+        qtype = QUANT_TYPES[kind]
+        return _dequantize_op(data.contiguous(), qtype.ggml_id,
+                              data.shape[1] // qtype.block_bytes * qtype.block_values, torch.float32)
     return torch.from_numpy(dequantize(data.numpy(), kind))
+
+
+def _dequantize_op(data: torch.Tensor, ggml_type: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ops.llama3.ggml_dequantize(data, ggml_type, in_features, dtype)
 
 
 # An operator (not plain Python) so that a compiled decode step (fullgraph) can call the lookup.
@@ -70,14 +84,23 @@ class GGMLLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel:
+        # a compiled (decode) graph keeps the one operator call rather than unrolling the slices
+        if self.use_kernel and x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
+            y = self._sliced_gemm(x2)
+        elif self.use_kernel:
             x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
             y = torch.ops.llama3.ggml_matmul(x_in, self.data, self.ggml_id, self.in_features)
         else:
             x32 = x2.float()
             y = torch.cat([F.linear(x32, _dequantize_rows(self.data[i:i + _FALLBACK_ROWS], self.kind))
                            for i in range(0, self.out_features, _FALLBACK_ROWS)], dim=-1)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (..., N)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., N)
+
+    def _sliced_gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) · Wᵀ through torch's GEMM, W decoded a slice of rows at a time; (M, N) float."""
+        dtype = torch.bfloat16 if gemv.native_bf16_products() else torch.float32
+        return gemv.sliced_matmul(x2, self.out_features, lambda n0, n1: _dequantize_op(
+            self.data[n0:n1], self.ggml_id, self.in_features, dtype), dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"

@@ -4,6 +4,8 @@
   products (used by `llama3.inference.gemv` and `quantize`);
 - `ggml_blocks.cpp`: `torch.ops.llama3.ggml_matmul`, products with weights in ggml's quantized block formats
   straight from a GGUF file (used by `llama3.inference.ggml_quant`);
+- `ggml_dequant.cpp`: `torch.ops.llama3.ggml_dequantize`, rows of those block formats back to float32 or
+  bfloat16, equal to the `gguf` package's dequantization (prompts and embedding lookups in `ggml_quant`);
 - `xent.cpp`: `torch.ops.llama3.xent_rows_`, cross-entropy rows and their logit gradients in place (used by
   the training loss, `llama3.train.loss`).
 
@@ -43,7 +45,7 @@ import torch
 __all__ = ["ISA_LEVELS", "available", "build", "build_warnings", "cache_dir", "cpu_description", "loaded_isa", "ops",
            "selected_isa", "supported_isas", "why_unavailable"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "xent.cpp", "ggml_blocks.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "xent.cpp", "ggml_blocks.cpp", "ggml_dequant.cpp")]
 _HEADERS = [Path(__file__).with_name("ops_namespace.h")]  # included by every source (the operator namespace)
 # What the compiler is given: one file that includes every source, so torch's headers are parsed once.
 _UNIT = Path(__file__).with_name("kernels.cpp")
@@ -260,11 +262,16 @@ def _ggml_matmul_shape(x, w, ggml_type, in_features):
     return x.new_empty(x.shape[0], w.shape[0])  # (M, N) in x's dtype
 
 
+def _ggml_dequantize_shape(w, ggml_type, in_features, dtype):
+    return w.new_empty(w.shape[0], in_features, dtype=dtype)  # (N, K)
+
+
 def _register_fakes(namespace: str) -> None:
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"{namespace}::{name}")(_gemv_shape)
     torch.library.register_fake(f"{namespace}::xent_rows_")(_xent_rows_shape)
     torch.library.register_fake(f"{namespace}::ggml_matmul")(_ggml_matmul_shape)
+    torch.library.register_fake(f"{namespace}::ggml_dequantize")(_ggml_dequantize_shape)
 
 
 _SWITCHED_OFF = "switched off by LLAMA3_KERNELS=0"

@@ -4,3 +4,4 @@
 #include "gemv.cpp"
 #include "xent.cpp"
 #include "ggml_blocks.cpp"
+#include "ggml_dequant.cpp"
