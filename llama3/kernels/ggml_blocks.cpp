@@ -37,9 +37,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -537,6 +542,120 @@ RunFn run_fn(int64_t type) {
   }
 }
 
+// ----- the products' own thread pool: workers that spin a bounded time before they sleep -----
+//
+// A decode step is ~7 products per layer, back to back with a little work between them. Torch's OpenMP pool
+// under OMP_WAIT_POLICY=PASSIVE (what the commands set, because spinning OpenMP threads collapse a busy
+// machine) puts its threads to sleep at the end of every parallel region, and waking them costs ~0.3-0.5 ms
+// per product on the VMs measured, against 0.1-1 ms of work. These workers instead spin (with pause) for
+// LLAMA3_GGML_SPIN_US microseconds after a product, so the next one finds them awake, then sleep on a futex.
+// And unlike an OpenMP region the caller never waits for a worker that has not started: the work is runs
+// taken from a shared counter, a worker joins a product only while it is open, and the caller closes it
+// once its own share is done and the runs that workers took are finished. A worker the OS does not
+// schedule (a busy machine) costs nothing but its share, which the caller takes.
+
+class SpinPool {
+ public:
+  // Run fn(ctx) on the calling thread and on up to `helpers` workers at once; fn must take its work from
+  // a shared counter (so any number of callers, the caller alone included, finish it). A second caller
+  // while one product runs (two Python threads) runs its own alone.
+  void run(void (*fn)(void*), void* ctx, int64_t helpers, int64_t spin_us) {
+    std::unique_lock<std::mutex> busy(running_, std::try_to_lock);
+    if (!busy.owns_lock()) return fn(ctx);
+    ensure_workers(helpers, spin_us);
+    fn_ = fn, ctx_ = ctx;
+    helpers_.store(helpers, std::memory_order_relaxed);
+    const uint32_t gen = gen_.load(std::memory_order_relaxed) + 1;
+    state_.store(uint64_t(gen) << 32, std::memory_order_release);  // open, nobody joined
+    gen_.store(gen, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) gen_.notify_all();
+    fn(ctx);
+    for (int i = 1;; ++i) {  // close: once no worker is inside, none may join any more
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if ((s & kActive) == 0 && state_.compare_exchange_weak(s, s | kClosed, std::memory_order_acq_rel)) break;
+      if (i % 1024 == 0) std::this_thread::yield();  // a worker inside was descheduled: let it finish
+      _mm_pause();
+    }
+  }
+
+ private:
+  static constexpr uint64_t kClosed = 1ull << 31, kActive = kClosed - 1;
+
+  void ensure_workers(int64_t helpers, int64_t spin_us) {
+    spin_us_.store(spin_us, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(grow_);
+    while (static_cast<int64_t>(workers_) < helpers) {
+      std::thread([this] { work(); }).detach();  // lives as long as the process (the pool is never freed)
+      ++workers_;
+    }
+  }
+
+  bool join(uint32_t gen) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+      if (uint32_t(s >> 32) != gen || (s & kClosed) || int64_t(s & kActive) >= helpers_.load(std::memory_order_relaxed))
+        return false;
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) return true;
+    }
+  }
+
+  void work() {
+    uint32_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_.load());
+      for (int i = 0; gen_.load(std::memory_order_acquire) == seen; ++i) {
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() >= until) {
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          gen_.wait(seen, std::memory_order_seq_cst);
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        } else {
+          _mm_pause();
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (join(seen)) {
+        fn_(ctx_);
+        state_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::atomic<uint32_t> gen_{0};
+  std::atomic<uint64_t> state_{uint64_t(0) | kClosed};  // generation << 32 | closed | workers inside
+  std::atomic<int> sleepers_{0};
+  std::atomic<int64_t> spin_us_{0};
+  void (*fn_)(void*) = nullptr;
+  void* ctx_ = nullptr;
+  std::atomic<int64_t> helpers_{0};
+  std::mutex running_, grow_;
+  size_t workers_ = 0;
+};
+
+// LLAMA3_GGML_SPIN_US: how long (microseconds) the pool's workers spin for the next product before they
+// sleep; "off" runs the products on torch's own thread pool instead. Read once.
+constexpr int64_t kDefaultSpinUs = 200;
+constexpr int64_t kTorchPool = -1;
+
+int64_t spin_us_setting() {
+  static const int64_t value = [] {
+    const char* text = std::getenv("LLAMA3_GGML_SPIN_US");
+    if (text == nullptr || *text == '\0') return kDefaultSpinUs;
+    if (std::string(text) == "off") return kTorchPool;
+    char* end = nullptr;
+    const long long us = std::strtoll(text, &end, 10);
+    TORCH_CHECK(*end == '\0' && us >= 0 && us <= 1000000, "LLAMA3_GGML_SPIN_US=", text,
+                " is not a number of microseconds from 0 to 1000000 or 'off'; unset it for the default (",
+                kDefaultSpinUs, ")");
+    return static_cast<int64_t>(us);
+  }();
+  return value;
+}
+
+SpinPool& spin_pool() {
+  static SpinPool* pool = new SpinPool();  // never destroyed: its detached workers may outlive static teardown
+  return *pool;
+}
+
 // One run of consecutive rows of one of the group's weights
 struct Run {
   int64_t part, n0, n1;
@@ -559,13 +678,22 @@ void fused_matmul(const std::vector<GroupPart>& parts, int64_t K, const Quantize
   }
   const int64_t count = static_cast<int64_t>(runs.size());
   std::atomic<int64_t> next{0};
-  auto work = [&](int64_t, int64_t) {
+  auto work = [&] {
     for (int64_t r = next.fetch_add(1); r < count; r = next.fetch_add(1)) {
       const GroupPart& g = parts[runs[r].part];
       run_fn(g.type)(g.data, g.row_bytes, runs[r].n0, runs[r].n1, K, qx, M, yp + g.column, ldy);
     }
   };
-  at::parallel_for(0, std::min(threads, count), 1, work);
+  const int64_t spin_us = spin_us_setting();
+  const int64_t helpers = std::min(threads, count) - 1;
+  if (helpers <= 0 || at::in_parallel_region()) {
+    work();
+  } else if (spin_us == kTorchPool) {
+    at::parallel_for(0, helpers + 1, 1, [&](int64_t, int64_t) { work(); });
+  } else {
+    using Work = decltype(work);
+    spin_pool().run([](void* ctx) { (*static_cast<Work*>(ctx))(); }, &work, helpers, spin_us);
+  }
 }
 #endif
 
