@@ -157,6 +157,50 @@ def test_grouped_products_equal_the_separate_ones(rows, isa):
         ops.ggml_matmul_group(x, parts, [types[0], types[1], types[0]], K)
 
 
+_POOL_SCRIPT = """
+import sys, threading, numpy as np, torch
+from llama3 import kernels
+from llama3.checkpoint.gguf_quants import quantize
+assert kernels.available()
+parts = [torch.from_numpy(quantize(np.random.default_rng(i).standard_normal((n, 256)).astype(np.float32), k))
+         for i, (k, n) in enumerate([("Q4_0", 300), ("Q6_K", 200)])]
+x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+torch.set_num_threads(2)
+try:
+    ys = [torch.ops.llama3.ggml_matmul_group(x, parts, [2, 14], 256) for _ in range(3)]
+except RuntimeError as exc:
+    sys.exit(str(exc))
+out = []  # two Python threads at once: the second runs its product alone, with the same result
+threads = [threading.Thread(target=lambda: out.append(torch.ops.llama3.ggml_matmul_group(x, parts, [2, 14], 256)))
+           for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert all(torch.equal(y, ys[0]) for y in ys + out)
+np.save(sys.argv[1], ys[0].numpy())
+"""
+
+
+def test_thread_pool_settings_give_the_same_products_and_bad_ones_are_refused(tmp_path):
+    """LLAMA3_GGML_SPIN_US picks who runs the products (by default our pool of spinning workers; torch's
+    pool with 'off'): each output row is one thread's sum whoever runs it, so the results are equal bit for
+    bit, also with two Python threads at once; a value that is not a number of microseconds is refused,
+    naming the variable and what it takes."""
+    import os
+    import subprocess
+    import sys
+
+    ours = tmp_path / "ours.npy"
+    namespace = {}
+    exec(compile(_POOL_SCRIPT.replace("sys.argv[1]", repr(str(ours))), "pool", "exec"), namespace)  # this process
+    for spin, code in (("off", 0), ("fast", 1)):
+        env = {**os.environ, "LLAMA3_GGML_SPIN_US": spin}
+        proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(tmp_path / "off.npy")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == code, proc.stderr[-2000:]
+    assert np.array_equal(np.load(ours), np.load(tmp_path / "off.npy"))
+    assert "LLAMA3_GGML_SPIN_US=fast is not a number of microseconds" in proc.stderr
+
+
 def test_pure_pytorch_path_matches_the_kernel():
     data = torch.from_numpy(quantize(_weights(40, 512), "Q5_K"))
     x = torch.randn(3, 7, 512)
