@@ -26,8 +26,9 @@
 //   (vpmaddwd), leaving one float multiply-add per 32 weights and row of x;
 // - portable C++: a thread unpacks a tile of weight rows into bytes and floats (a few KB per row) and
 //   multiplies it with every row of x.
-// Weight rows are split over torch's thread pool: in runs taken from a shared counter (AVX2; the runs of all
-// the weights of a group in one parallel region), in tiles of 16 (portable).
+// Weight rows are split over threads: in runs taken from a shared counter by the kernels' own pool of
+// briefly spinning workers (AVX2; the runs of all the weights of a group in one go; see SpinPool), in tiles
+// of 16 over torch's thread pool (portable).
 
 #include "ops_namespace.h"
 
