@@ -135,6 +135,72 @@ def test_ggml_kernel_refuses_bad_inputs():
         GGMLLinear(data[:, :100].contiguous(), "Q4_K", 256)
 
 
+@pytest.mark.parametrize("isa", kernels.supported_isas())
+@pytest.mark.parametrize("rows", [1, 5])
+def test_grouped_products_equal_the_separate_ones(rows, isa):
+    """ggml_matmul_group over weights of mixed types (a Q4_K_M layer's q/k/v: Q4_K, Q4_K, Q6_K) rounds x
+    once, as each separate product does, so its columns equal the separate products bit for bit."""
+    ops = kernels.ops(isa)
+    K = 512
+    kinds, sizes = ["Q4_K", "Q4_0", "Q6_K"], [40, 19, 33]  # not multiples of the 16-row tile
+    parts = [torch.from_numpy(quantize(_weights(n, K, seed=i), k)) for i, (k, n) in enumerate(zip(kinds, sizes))]
+    types = [QUANT_TYPES[k].ggml_id for k in kinds]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        y = ops.ggml_matmul_group(x, parts, types, K)
+        assert y.dtype == dtype and y.shape == (rows, sum(sizes))
+        separate = torch.cat([ops.ggml_matmul(x, w, t, K) for w, t in zip(parts, types)], dim=1)
+        assert torch.equal(y, separate)
+    with pytest.raises(RuntimeError, match="one ggml type per weight"):
+        ops.ggml_matmul_group(x, parts, types[:2], K)
+    with pytest.raises(RuntimeError, match=r"w must be contiguous uint8 \(N, 288\) for 512 Q4_K"):
+        ops.ggml_matmul_group(x, parts, [types[0], types[1], types[0]], K)
+
+
+_POOL_SCRIPT = """
+import sys, threading, numpy as np, torch
+from llama3 import kernels
+from llama3.checkpoint.gguf_quants import quantize
+assert kernels.available()
+parts = [torch.from_numpy(quantize(np.random.default_rng(i).standard_normal((n, 256)).astype(np.float32), k))
+         for i, (k, n) in enumerate([("Q4_0", 300), ("Q6_K", 200)])]
+x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+torch.set_num_threads(2)
+try:
+    ys = [torch.ops.llama3.ggml_matmul_group(x, parts, [2, 14], 256) for _ in range(3)]
+except RuntimeError as exc:
+    sys.exit(str(exc))
+out = []  # two Python threads at once: the second runs its product alone, with the same result
+threads = [threading.Thread(target=lambda: out.append(torch.ops.llama3.ggml_matmul_group(x, parts, [2, 14], 256)))
+           for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert all(torch.equal(y, ys[0]) for y in ys + out)
+np.save(sys.argv[1], ys[0].numpy())
+"""
+
+
+def test_thread_pool_settings_give_the_same_products_and_bad_ones_are_refused(tmp_path):
+    """LLAMA3_GGML_SPIN_US picks who runs the products (by default our pool of spinning workers; torch's
+    pool with 'off'): each output row is one thread's sum whoever runs it, so the results are equal bit for
+    bit, also with two Python threads at once; a value that is not a number of microseconds is refused,
+    naming the variable and what it takes."""
+    import os
+    import subprocess
+    import sys
+
+    ours = tmp_path / "ours.npy"
+    namespace = {}
+    exec(compile(_POOL_SCRIPT.replace("sys.argv[1]", repr(str(ours))), "pool", "exec"), namespace)  # this process
+    for spin, code in (("off", 0), ("fast", 1)):
+        env = {**os.environ, "LLAMA3_GGML_SPIN_US": spin}
+        proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(tmp_path / "off.npy")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == code, proc.stderr[-2000:]
+    assert np.array_equal(np.load(ours), np.load(tmp_path / "off.npy"))
+    assert "LLAMA3_GGML_SPIN_US=fast is not a number of microseconds" in proc.stderr
+
+
 def test_pure_pytorch_path_matches_the_kernel():
     data = torch.from_numpy(quantize(_weights(40, 512), "Q5_K"))
     x = torch.randn(3, 7, 512)
@@ -222,6 +288,37 @@ def test_tied_model_uses_the_quantized_embeddings_for_the_output(tmp_path):
     tokens = torch.arange(0, 480, 20).view(1, -1)
     with torch.no_grad():
         assert _kl(reference(tokens), ours(tokens)) <= 5e-4
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_fused_projections_of_a_quantized_file_group_the_mapped_blocks(model_and_tokenizer, tmp_path, use_kernel):
+    """fuse_projections on a quantized GGUF model (what optimize_for_inference runs) groups q/k/v and
+    gate/up into one product each over the same bytes (no copy of the file's pages), with logits equal to
+    the unfused model's, prompt and decode, on the kernels and on the pure-PyTorch path."""
+    from llama3.inference.fast import fuse_projections, is_fused
+    from llama3.inference.ggml_quant import GGMLGroupLinear
+
+    model, tokenizer = model_and_tokenizer
+    path = llama3.save(model, tokenizer, tmp_path / "m.gguf", format="gguf", dtype="q4_k_m")
+    ours, _ = llama3.load(path)
+    for m in ours.modules():
+        if isinstance(m, GGMLLinear):
+            m.use_kernel = m.use_kernel and use_kernel
+    attn = ours.layers[-1].attention
+    pointers = [w.data.data_ptr() for w in (attn.wq, attn.wk, attn.wv)]
+    assert {attn.wq.kind, attn.wv.kind} == {"Q4_K", "Q6_K"}  # a mixed group (attn_v: Q6_K in the last layer)
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unfused = ours(tokens)
+        fuse_projections(ours)
+        assert is_fused(ours) and isinstance(ours.layers[0].feed_forward.w13, GGMLGroupLinear)
+        assert [w.data_ptr() for w in ours.layers[-1].attention.wqkv._data] == pointers
+        assert ours.layers[-1].attention.wqkv.use_kernel == (use_kernel and kernels.available())
+        torch.testing.assert_close(ours(tokens), unfused, rtol=0, atol=0)
+        ours.setup_caches(batch_size=1, max_seq_len=32)
+        steps = [ours(tokens[:1, i:i + 1], input_pos=torch.tensor([i])) for i in range(6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), unfused[:1, :6], rtol=1e-4, atol=1e-4)
 
 
 def test_preset_mixture_follows_llama_cpp():

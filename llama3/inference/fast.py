@@ -3,6 +3,8 @@
 - `fuse_projections(model)`: each layer's wq/wk/wv become one `wqkv` and w1/w3 one `w13`, so a decode
   step reads the activations once and launches one matrix-vector product instead of three (or two).
   A state transform: the model's own Attention/FeedForward run with `wqkv`/`w13` when they hold them.
+  Quantized GGUF layers (ggml blocks, each tensor its own type) are grouped instead of concatenated
+  (`GGMLGroupLinear`): one call rounds x once and multiplies it with the weights where they lie.
 - `to_huge_pages(model)`: moves the weights into memory backed by 2 MiB pages. A decode step streams every
   weight once, and with 4 KiB pages a 1B model's 2.5 GB crosses 600K pages per token: the page-table walks
   cost 15-20% of the step here (BENCHMARKS.md).
@@ -72,8 +74,12 @@ def fuse_projections(model: Transformer, *, allocate=None, after_layer=None) -> 
     The numbers are unchanged: a fused matmul computes the same dot products as the separate ones.
     Call it before quantizing, and only for inference: the fused weights no longer match checkpoint names.
     """
-    if is_fused(model) or not _all_linear(model):
-        return model  # quantized GGUF layers (ggml blocks, each tensor its own type) stay as they are
+    if is_fused(model):
+        return model
+    if _all_ggml(model):
+        return _group_ggml_projections(model)
+    if not _all_linear(model):
+        return model
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         if attn.kv_cache is not None:
@@ -84,6 +90,33 @@ def fuse_projections(model: Transformer, *, allocate=None, after_layer=None) -> 
         del ffn.w1, ffn.w3
         if after_layer is not None:
             after_layer(layer)
+    return model
+
+
+def _projections(layer) -> tuple[nn.Module, ...]:
+    attn, ffn = layer.attention, layer.feed_forward
+    return attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3
+
+
+def _all_ggml(model: Transformer) -> bool:
+    from .ggml_quant import GGMLLinear
+
+    return all(type(m) is GGMLLinear for layer in model.layers for m in _projections(layer))
+
+
+def _group_ggml_projections(model: Transformer) -> Transformer:
+    """`fuse_projections` for a quantized GGUF model: wqkv and w13 become `GGMLGroupLinear`s over the same
+    block bytes (views of the file's memory map; a concatenation would copy them and double resident memory)."""
+    from .ggml_quant import GGMLGroupLinear
+
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        if attn.kv_cache is not None:
+            raise ValueError("fuse_projections must run before caches are set up; call model.clear_caches()")
+        attn.wqkv = GGMLGroupLinear([attn.wq, attn.wk, attn.wv])
+        del attn.wq, attn.wk, attn.wv
+        ffn.w13 = GGMLGroupLinear([ffn.w1, ffn.w3])
+        del ffn.w1, ffn.w3
     return model
 
 

@@ -11,6 +11,9 @@ stores them, without ever turning the whole matrix into 16- or 32-bit floats.
   kernels (no compiler, `LLAMA3_KERNELS=0`) the pure-PyTorch path dequantizes a slice of rows at a time
   with numpy and multiplies in float32.
 - `GGMLEmbedding`: the token embeddings; a lookup dequantizes only the rows it reads.
+- `GGMLGroupLinear`: several `GGMLLinear` that share their input (q/k/v, gate/up) as one product,
+  `llama3::ggml_matmul_group`: x rounded once and one parallel region for all, the weights left where they
+  lie (each its own ggml type: a Q4_K_M layer mixes Q4_K and Q6_K).
 
 The block bytes are a plain attribute (`data`), not a parameter or buffer: they are views of the file's
 memory map, so `model.to(dtype)`, the move to huge pages and `state_dict()` leave them alone and the
@@ -29,7 +32,8 @@ from .. import kernels
 from . import gemv
 from ..checkpoint.gguf_quants import QUANT_TYPES, dequantize
 
-__all__ = ["GGMLEmbedding", "GGMLLinear", "dequantize_model", "has_ggml_layers", "require_float_weights"]
+__all__ = ["GGMLEmbedding", "GGMLGroupLinear", "GGMLLinear", "dequantize_model", "has_ggml_layers",
+           "require_float_weights"]
 
 _FALLBACK_ROWS = 1024  # weight rows dequantized at a time on the pure-PyTorch path
 
@@ -128,8 +132,43 @@ class GGMLEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind}"
 
 
+class GGMLGroupLinear(nn.Module):
+    """[x W_0ᵀ | x W_1ᵀ | ...] for `parts`, GGMLLinear layers with the same in_features: the fused wqkv / w13 of
+    a quantized GGUF model. With the kernels, one `ggml_matmul_group` call rounds x to int8 once, as each
+    part's own product would, so the outputs equal the parts' run one by one. The parts' bytes are shared,
+    not copied (they are views of the file's memory map). Returns x's dtype."""
+
+    def __init__(self, parts: list[GGMLLinear]):
+        super().__init__()
+        if not parts or len({p.in_features for p in parts}) != 1:
+            raise ValueError(f"GGMLGroupLinear needs GGMLLinear parts with one in_features, got "
+                             f"{[p.in_features for p in parts]}")
+        self.parts = tuple(parts)  # not submodules: the group is the layer the model holds
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.use_kernel = all(p.use_kernel for p in parts)
+        self._data = [p.data for p in parts]
+        self._types = [p.ggml_id for p in parts]
+
+    def dequantize(self) -> torch.Tensor:
+        """The parts' float32 weights stacked (out_features, in_features): tests and format conversion only."""
+        return torch.cat([p.dequantize() for p in self.parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_kernel:
+            return torch.cat([p(x) for p in self.parts], dim=-1)
+        x2 = x.reshape(-1, self.in_features)
+        x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+        y = torch.ops.llama3.ggml_matmul_group(x_in, self._data, self._types, self.in_features)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (..., ΣN)
+
+    def extra_repr(self) -> str:
+        kinds = "+".join(p.kind for p in self.parts)
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kinds}"
+
+
 def has_ggml_layers(model: nn.Module) -> bool:
-    return any(isinstance(m, (GGMLLinear, GGMLEmbedding)) for m in model.modules())
+    return any(isinstance(m, (GGMLLinear, GGMLEmbedding, GGMLGroupLinear)) for m in model.modules())
 
 
 def require_float_weights(model: nn.Module, path, task: str) -> None:
@@ -146,7 +185,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     """Replace every GGML layer by an ordinary nn.Linear / nn.Embedding holding its dequantized weight, in
     place (for writing the model to another format). A tied output projection stays tied. Returns the model."""
     for name, module in list(model.named_modules()):
-        if not isinstance(module, (GGMLLinear, GGMLEmbedding)):
+        if not isinstance(module, (GGMLLinear, GGMLEmbedding, GGMLGroupLinear)):
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

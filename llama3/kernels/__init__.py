@@ -3,7 +3,8 @@
 - `gemv.cpp`: `torch.ops.llama3.gemv_bf16`, `gemv_f32`, `gemv_int8`, `gemv_int4`, the decode-time matrix-vector
   products (used by `llama3.inference.gemv` and `quantize`);
 - `ggml_blocks.cpp`: `torch.ops.llama3.ggml_matmul`, products with weights in ggml's quantized block formats
-  straight from a GGUF file (used by `llama3.inference.ggml_quant`);
+  straight from a GGUF file, and `ggml_matmul_group` for several such weights sharing one input (used by
+  `llama3.inference.ggml_quant`);
 - `ggml_dequant.cpp`: `torch.ops.llama3.ggml_dequantize`, rows of those block formats back to float32 or
   bfloat16, equal to the `gguf` package's dequantization (prompts and embedding lookups in `ggml_quant`);
 - `xent.cpp`: `torch.ops.llama3.xent_rows_`, cross-entropy rows and their logit gradients in place (used by
@@ -266,12 +267,17 @@ def _ggml_dequantize_shape(w, ggml_type, in_features, dtype):
     return w.new_empty(w.shape[0], in_features, dtype=dtype)  # (N, K)
 
 
+def _ggml_matmul_group_shape(x, ws, ggml_types, in_features):
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))  # (M, ΣN) in x's dtype
+
+
 def _register_fakes(namespace: str) -> None:
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"{namespace}::{name}")(_gemv_shape)
     torch.library.register_fake(f"{namespace}::xent_rows_")(_xent_rows_shape)
     torch.library.register_fake(f"{namespace}::ggml_matmul")(_ggml_matmul_shape)
     torch.library.register_fake(f"{namespace}::ggml_dequantize")(_ggml_dequantize_shape)
+    torch.library.register_fake(f"{namespace}::ggml_matmul_group")(_ggml_matmul_group_shape)
 
 
 _SWITCHED_OFF = "switched off by LLAMA3_KERNELS=0"

@@ -3,6 +3,9 @@
 //   llama3::ggml_matmul(x bf16|fp32 (M, K), w uint8 (N, row_bytes), int ggml_type, int K) -> x.dtype (M, N)
 //       y[m, n] = Σ_k x[m, k] · w[n, k], w[n] being row n of a ggml tensor of type Q4_0, Q4_1, Q5_0, Q5_1,
 //       Q8_0, Q4_K, Q5_K or Q6_K (layouts: llama3/checkpoint/gguf_quants.py)
+//   llama3::ggml_matmul_group(x (M, K), ws [uint8 (N_i, row_bytes_i)], int[] ggml_types, int K) -> (M, Σ N_i)
+//       [x W_0ᵀ | x W_1ᵀ | ...] for weights that share x (q/k/v, gate/up), each of its own type: x rounded
+//       once and one parallel region for all, the weights read where they lie
 //
 // Every one of these formats stores a weight as scale · code + bias with a small integer code and a scale
 // and bias shared by 16 or 32 consecutive weights. So a weight row is first unpacked into one common form
@@ -23,8 +26,9 @@
 //   (vpmaddwd), leaving one float multiply-add per 32 weights and row of x;
 // - portable C++: a thread unpacks a tile of weight rows into bytes and floats (a few KB per row) and
 //   multiplies it with every row of x.
-// Weight rows are split over torch's thread pool: in runs taken from a shared counter (AVX2), in tiles of 16
-// (portable).
+// Weight rows are split over threads: in runs taken from a shared counter by the kernels' own pool of
+// briefly spinning workers (AVX2; the runs of all the weights of a group in one go; see SpinPool), in tiles
+// of 16 over torch's thread pool (portable).
 
 #include "ops_namespace.h"
 
@@ -34,9 +38,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -204,6 +213,12 @@ struct QuantizedX {
   std::vector<float> scale;     // (M, K / 32)
   std::vector<float> group_sum;  // (M, K / 16)
   std::vector<float> block_sum;  // (M, K / 32): the two group sums of each block added
+};
+
+// One weight of a group multiplied with the same x: its bytes, type and the first column it writes in y
+struct GroupPart {
+  const uint8_t* data;
+  int64_t type, rows, row_bytes, column;
 };
 
 QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
@@ -487,52 +502,198 @@ constexpr int64_t kMinRunBytes = 64 * 1024;
 constexpr int64_t kMaxRunBytes = 1024 * 1024;
 constexpr int64_t kRunsPerThread = 8;
 
-// y (M, N) = x · Wᵀ: runs of consecutive weight rows dealt to the threads as they come free (an atomic
-// counter: on a shared machine one core is often slower than the other for a while, and a fixed split would
-// make the fast one wait), each run in tiles of 16 rows against x in passes of 8, 4, 2, 1 rows
+// rows [n0, n1) of one weight against all M rows of x, in tiles of 16 rows against x in passes of 8, 4, 2, 1
+// rows; row n of w lands in column n of y, whose rows are `ldy` floats apart
 template <class D>
-void fused_matmul(const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t K, const QuantizedX& qx, int64_t M,
-                  float* yp) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t run_bytes = std::clamp(N * row_bytes / (threads * kRunsPerThread), kMinRunBytes, kMaxRunBytes);
-  const int64_t run_rows = std::max<int64_t>(1, run_bytes / row_bytes / kTileRows) * kTileRows;
-  const int64_t runs = (N + run_rows - 1) / run_rows;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, runs), 1, [&](int64_t, int64_t) {
-    float out[8];
-    for (int64_t r = next.fetch_add(1); r < runs; r = next.fetch_add(1)) {
-      for (int64_t n0 = r * run_rows; n0 < std::min(N, (r + 1) * run_rows); n0 += kTileRows) {
-        const int64_t n1 = std::min(N, n0 + kTileRows);
-        for (int64_t m0 = 0; m0 < M;) {
-          const int64_t left = M - m0, step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-          for (int64_t n = n0; n < n1; ++n) {
-            const uint8_t* w = wp + n * row_bytes;
-            switch (step) {
-              case 8: any_row<D, 8>(w, K, qx, m0, out); break;
-              case 4: any_row<D, 4>(w, K, qx, m0, out); break;
-              case 2: any_row<D, 2>(w, K, qx, m0, out); break;
-              default: any_row<D, 1>(w, K, qx, m0, out); break;
-            }
-            for (int64_t i = 0; i < step; ++i) yp[(m0 + i) * N + n] = out[i];
-          }
-          m0 += step;
+void run_rows(const uint8_t* wp, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K, const QuantizedX& qx,
+              int64_t M, float* yp, int64_t ldy) {
+  float out[8];
+  for (int64_t t0 = n0; t0 < n1; t0 += kTileRows) {
+    const int64_t t1 = std::min(n1, t0 + kTileRows);
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t left = M - m0, step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      for (int64_t n = t0; n < t1; ++n) {
+        const uint8_t* w = wp + n * row_bytes;
+        switch (step) {
+          case 8: any_row<D, 8>(w, K, qx, m0, out); break;
+          case 4: any_row<D, 4>(w, K, qx, m0, out); break;
+          case 2: any_row<D, 2>(w, K, qx, m0, out); break;
+          default: any_row<D, 1>(w, K, qx, m0, out); break;
         }
+        for (int64_t i = 0; i < step; ++i) yp[(m0 + i) * ldy + n] = out[i];
       }
+      m0 += step;
     }
-  });
+  }
 }
 
-void fused_dispatch(int64_t type, const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t K, const QuantizedX& qx,
-                    int64_t M, float* yp) {
+using RunFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const QuantizedX&, int64_t, float*,
+                       int64_t);
+
+RunFn run_fn(int64_t type) {
   switch (type) {
-    case 2: fused_matmul<LegacyDecoder<2>>(wp, row_bytes, N, K, qx, M, yp); break;
-    case 3: fused_matmul<LegacyDecoder<3>>(wp, row_bytes, N, K, qx, M, yp); break;
-    case 6: fused_matmul<LegacyDecoder<6>>(wp, row_bytes, N, K, qx, M, yp); break;
-    case 7: fused_matmul<LegacyDecoder<7>>(wp, row_bytes, N, K, qx, M, yp); break;
-    case 8: fused_matmul<LegacyDecoder<8>>(wp, row_bytes, N, K, qx, M, yp); break;
-    case 12: fused_matmul<KAffineDecoder<false>>(wp, row_bytes, N, K, qx, M, yp); break;
-    case 13: fused_matmul<KAffineDecoder<true>>(wp, row_bytes, N, K, qx, M, yp); break;
-    default: fused_matmul<Q6KDecoder>(wp, row_bytes, N, K, qx, M, yp); break;
+    case 2: return run_rows<LegacyDecoder<2>>;
+    case 3: return run_rows<LegacyDecoder<3>>;
+    case 6: return run_rows<LegacyDecoder<6>>;
+    case 7: return run_rows<LegacyDecoder<7>>;
+    case 8: return run_rows<LegacyDecoder<8>>;
+    case 12: return run_rows<KAffineDecoder<false>>;
+    case 13: return run_rows<KAffineDecoder<true>>;
+    default: return run_rows<Q6KDecoder>;
+  }
+}
+
+// ----- the products' own thread pool: workers that spin a bounded time before they sleep -----
+//
+// A decode step is ~7 products per layer, back to back with a little work between them. Torch's OpenMP pool
+// under OMP_WAIT_POLICY=PASSIVE (what the commands set, because spinning OpenMP threads collapse a busy
+// machine) puts its threads to sleep at the end of every parallel region, and waking them costs ~0.3-0.5 ms
+// per product on the VMs measured, against 0.1-1 ms of work. These workers instead spin (with pause) for
+// LLAMA3_GGML_SPIN_US microseconds after a product, so the next one finds them awake, then sleep on a futex.
+// And unlike an OpenMP region the caller never waits for a worker that has not started: the work is runs
+// taken from a shared counter, a worker joins a product only while it is open, and the caller closes it
+// once its own share is done and the runs that workers took are finished. A worker the OS does not
+// schedule (a busy machine) costs nothing but its share, which the caller takes.
+
+class SpinPool {
+ public:
+  // Run fn(ctx) on the calling thread and on up to `helpers` workers at once; fn must take its work from
+  // a shared counter (so any number of callers, the caller alone included, finish it). A second caller
+  // while one product runs (two Python threads) runs its own alone.
+  void run(void (*fn)(void*), void* ctx, int64_t helpers, int64_t spin_us) {
+    std::unique_lock<std::mutex> busy(running_, std::try_to_lock);
+    if (!busy.owns_lock()) return fn(ctx);
+    ensure_workers(helpers, spin_us);
+    fn_ = fn, ctx_ = ctx;
+    helpers_.store(helpers, std::memory_order_relaxed);
+    const uint32_t gen = gen_.load(std::memory_order_relaxed) + 1;
+    state_.store(uint64_t(gen) << 32, std::memory_order_release);  // open, nobody joined
+    gen_.store(gen, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) gen_.notify_all();
+    fn(ctx);
+    for (int i = 1;; ++i) {  // close: once no worker is inside, none may join any more
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if ((s & kActive) == 0 && state_.compare_exchange_weak(s, s | kClosed, std::memory_order_acq_rel)) break;
+      if (i % 1024 == 0) std::this_thread::yield();  // a worker inside was descheduled: let it finish
+      _mm_pause();
+    }
+  }
+
+ private:
+  static constexpr uint64_t kClosed = 1ull << 31, kActive = kClosed - 1;
+
+  void ensure_workers(int64_t helpers, int64_t spin_us) {
+    spin_us_.store(spin_us, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(grow_);
+    while (static_cast<int64_t>(workers_) < helpers) {
+      std::thread([this] { work(); }).detach();  // lives as long as the process (the pool is never freed)
+      ++workers_;
+    }
+  }
+
+  bool join(uint32_t gen) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+      if (uint32_t(s >> 32) != gen || (s & kClosed) || int64_t(s & kActive) >= helpers_.load(std::memory_order_relaxed))
+        return false;
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) return true;
+    }
+  }
+
+  void work() {
+    uint32_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_.load());
+      for (int i = 0; gen_.load(std::memory_order_acquire) == seen; ++i) {
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() >= until) {
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          gen_.wait(seen, std::memory_order_seq_cst);
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        } else {
+          _mm_pause();
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (join(seen)) {
+        fn_(ctx_);
+        state_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::atomic<uint32_t> gen_{0};
+  std::atomic<uint64_t> state_{uint64_t(0) | kClosed};  // generation << 32 | closed | workers inside
+  std::atomic<int> sleepers_{0};
+  std::atomic<int64_t> spin_us_{0};
+  void (*fn_)(void*) = nullptr;
+  void* ctx_ = nullptr;
+  std::atomic<int64_t> helpers_{0};
+  std::mutex running_, grow_;
+  size_t workers_ = 0;
+};
+
+// LLAMA3_GGML_SPIN_US: how long (microseconds) the pool's workers spin for the next product before they
+// sleep; "off" runs the products on torch's own thread pool instead. Read once.
+constexpr int64_t kDefaultSpinUs = 200;
+constexpr int64_t kTorchPool = -1;
+
+int64_t spin_us_setting() {
+  static const int64_t value = [] {
+    const char* text = std::getenv("LLAMA3_GGML_SPIN_US");
+    if (text == nullptr || *text == '\0') return kDefaultSpinUs;
+    if (std::string(text) == "off") return kTorchPool;
+    char* end = nullptr;
+    const long long us = std::strtoll(text, &end, 10);
+    TORCH_CHECK(*end == '\0' && us >= 0 && us <= 1000000, "LLAMA3_GGML_SPIN_US=", text,
+                " is not a number of microseconds from 0 to 1000000 or 'off'; unset it for the default (",
+                kDefaultSpinUs, ")");
+    return static_cast<int64_t>(us);
+  }();
+  return value;
+}
+
+SpinPool& spin_pool() {
+  static SpinPool* pool = new SpinPool();  // never destroyed: its detached workers may outlive static teardown
+  return *pool;
+}
+
+// One run of consecutive rows of one of the group's weights
+struct Run {
+  int64_t part, n0, n1;
+};
+
+// y (M, ΣN) = x · [W_0 | W_1 | ...]ᵀ: the runs of every weight of the group dealt to the threads as they come
+// free from one shared counter (on a shared machine one core is often slower than the other for a while, and
+// a fixed split would make the fast one wait), all in ONE parallel region: waking the pool costs more than a
+// small product's work when its threads sleep between products
+void fused_matmul(const std::vector<GroupPart>& parts, int64_t K, const QuantizedX& qx, int64_t M, float* yp,
+                  int64_t ldy) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<Run> runs;
+  for (int64_t p = 0; p < static_cast<int64_t>(parts.size()); ++p) {
+    const GroupPart& g = parts[p];
+    const int64_t run_bytes = std::clamp(g.rows * g.row_bytes / (threads * kRunsPerThread), kMinRunBytes,
+                                         kMaxRunBytes);
+    const int64_t run_rows = std::max<int64_t>(1, run_bytes / g.row_bytes / kTileRows) * kTileRows;
+    for (int64_t n0 = 0; n0 < g.rows; n0 += run_rows) runs.push_back({p, n0, std::min(g.rows, n0 + run_rows)});
+  }
+  const int64_t count = static_cast<int64_t>(runs.size());
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t r = next.fetch_add(1); r < count; r = next.fetch_add(1)) {
+      const GroupPart& g = parts[runs[r].part];
+      run_fn(g.type)(g.data, g.row_bytes, runs[r].n0, runs[r].n1, K, qx, M, yp + g.column, ldy);
+    }
+  };
+  const int64_t spin_us = spin_us_setting();
+  const int64_t helpers = std::min(threads, count) - 1;
+  if (helpers <= 0 || at::in_parallel_region()) {
+    work();
+  } else if (spin_us == kTorchPool) {
+    at::parallel_for(0, helpers + 1, 1, [&](int64_t, int64_t) { work(); });
+  } else {
+    using Work = decltype(work);
+    spin_pool().run([](void* ctx) { (*static_cast<Work*>(ctx))(); }, &work, helpers, spin_us);
   }
 }
 #endif
@@ -559,56 +720,98 @@ inline float dot_row(const RowView& w, const int8_t* xq, const float* xs, const 
 }
 #endif
 
-at::Tensor ggml_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t type, int64_t K) {
-  const char* op = "llama3::ggml_matmul";
+// w checked against its type and K: returns the part it makes of a group, writing from column `column`
+GroupPart check_part(const char* op, const at::Tensor& w, int64_t type, int64_t K, int64_t column) {
   const Format* f = format_of(type);
   TORCH_CHECK(f != nullptr, op, ": ggml type ", type, " is not one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K");
-  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, op, ": x must be (M, ", K, "), got ", x_in.sizes());
+  TORCH_CHECK(w.device().is_cpu(), op, ": CPU tensors only");
   TORCH_CHECK(K % f->values == 0, op, ": ", f->name, " rows need a multiple of ", f->values, " values, got ", K);
   const int64_t row_bytes = K / f->values * f->bytes;
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) == row_bytes && w.stride(1) == 1 &&
                   w.stride(0) == row_bytes,
               op, ": w must be contiguous uint8 (N, ", row_bytes, ") for ", K, " ", f->name, " values per row, got ",
               w.sizes());
-  const auto out_dtype = x_in.scalar_type();
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, op, ": x must be float32 or bfloat16");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), N = w.size(0);
-  at::Tensor y32 = at::empty({M, N}, x.options());
-  const QuantizedX qx = quantize_x(x.const_data_ptr<float>(), M, K);
-  const auto* wp = w.const_data_ptr<uint8_t>();
-  float* yp = y32.mutable_data_ptr<float>();
-#ifdef LLAMA3_GGML_AVX2
-  fused_dispatch(type, wp, row_bytes, N, K, qx, M, yp);
-#else
-  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+  return {w.const_data_ptr<uint8_t>(), type, w.size(0), row_bytes, column};
+}
+
+#ifndef LLAMA3_GGML_AVX2
+// the portable path: each part in tiles of 16 weight rows, unpacked, against every row of x
+void portable_part(const GroupPart& g, int64_t K, const QuantizedX& qx, int64_t M, float* yp, int64_t ldy) {
+  const Format& f = *format_of(g.type);
+  const int64_t tiles = (g.rows + kTileRows - 1) / kTileRows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int8_t> codes(kTileRows * K);
     std::vector<float> scale(kTileRows * K / kGroup), bias(kTileRows * K / kGroup);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, N - n0);
+      const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, g.rows - n0);
       RowView views[kTileRows];
       for (int64_t r = 0; r < rows; ++r) {
         views[r] = {codes.data() + r * K, scale.data() + r * K / kGroup, bias.data() + r * K / kGroup};
-        unpack_row(*f, wp + (n0 + r) * row_bytes, K, views[r]);
+        unpack_row(f, g.data + (n0 + r) * g.row_bytes, K, views[r]);
       }
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xq = qx.q.data() + m * K;
         const float* xs = qx.scale.data() + m * K / kXBlock;
         const float* sums = qx.group_sum.data() + m * K / kGroup;
         for (int64_t r = 0; r < rows; ++r)
-          yp[m * N + n0 + r] = f->has_bias ? dot_row<true>(views[r], xq, xs, sums, K)
-                                           : dot_row<false>(views[r], xq, xs, sums, K);
+          yp[m * ldy + g.column + n0 + r] = f.has_bias ? dot_row<true>(views[r], xq, xs, sums, K)
+                                                       : dot_row<false>(views[r], xq, xs, sums, K);
       }
     }
   });
+}
+#endif
+
+// y (M, ΣN) = x · [W_0 | W_1 | ...]ᵀ with x rounded once for all the parts
+at::Tensor matmul_parts(const char* op, const at::Tensor& x_in, const std::vector<GroupPart>& parts, int64_t K,
+                        int64_t total) {
+  TORCH_CHECK(x_in.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, op, ": x must be (M, ", K, "), got ", x_in.sizes());
+  const auto out_dtype = x_in.scalar_type();
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, op, ": x must be float32 or bfloat16");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y32 = at::empty({M, total}, x.options());
+  const QuantizedX qx = quantize_x(x.const_data_ptr<float>(), M, K);
+  float* yp = y32.mutable_data_ptr<float>();
+#ifdef LLAMA3_GGML_AVX2
+  fused_matmul(parts, K, qx, M, yp, total);
+#else
+  for (const GroupPart& g : parts) portable_part(g, K, qx, M, yp, total);
 #endif
   return out_dtype == at::kFloat ? y32 : y32.to(out_dtype);
 }
 
+at::Tensor ggml_matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K) {
+  const char* op = "llama3::ggml_matmul";
+  const GroupPart part = check_part(op, w, type, K, 0);
+  return matmul_parts(op, x, {part}, K, part.rows);
+}
+
+// The products of several weights that share their input (q/k/v, gate/up), each in its own ggml type, as one
+// call: x rounded once, one parallel region, the outputs side by side; the weights stay where they are (views
+// of the file's pages), nothing is copied
+at::Tensor ggml_matmul_group(const at::Tensor& x, at::TensorList ws, at::IntArrayRef types, int64_t K) {
+  const char* op = "llama3::ggml_matmul_group";
+  TORCH_CHECK(!ws.empty() && ws.size() == types.size(), op, ": needs one ggml type per weight, got ", ws.size(),
+              " weights and ", types.size(), " types");
+  std::vector<GroupPart> parts;
+  int64_t total = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    parts.push_back(check_part(op, ws[i], types[i], K, total));
+    total += parts.back().rows;
+  }
+  return matmul_parts(op, x, parts, K, total);
+}
+
 }  // namespace
 
-LLAMA3_LIBRARY_FRAGMENT(m) { m.def("ggml_matmul(Tensor x, Tensor w, int ggml_type, int in_features) -> Tensor"); }
+LLAMA3_LIBRARY_FRAGMENT(m) {
+  m.def("ggml_matmul(Tensor x, Tensor w, int ggml_type, int in_features) -> Tensor");
+  m.def("ggml_matmul_group(Tensor x, Tensor[] ws, int[] ggml_types, int in_features) -> Tensor");
+}
 
-LLAMA3_LIBRARY_IMPL_CPU(m) { m.impl("ggml_matmul", &ggml_matmul); }
+LLAMA3_LIBRARY_IMPL_CPU(m) {
+  m.impl("ggml_matmul", &ggml_matmul);
+  m.impl("ggml_matmul_group", &ggml_matmul_group);
+}
