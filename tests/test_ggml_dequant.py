@@ -10,7 +10,8 @@ import torch
 from llama3 import kernels
 from llama3.checkpoint.gguf_quants import QUANT_TYPES, quantize
 from llama3.inference import gemv, ggml_quant
-from llama3.inference.ggml_quant import GGMLEmbedding, GGMLLinear
+from llama3.inference.fast import fuse_projections
+from llama3.inference.ggml_quant import GGMLEmbedding, GGMLGroupLinear, GGMLLinear
 from tests.test_gguf_quants import _random_blocks, _weights
 
 
@@ -98,11 +99,12 @@ def test_embedding_lookup_dequantizes_only_its_rows_through_the_kernel():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
-def test_long_prompt_on_a_quantized_file_takes_the_gemm_path(preset, tmp_path, monkeypatch):
-    """A whole model from a quantized GGUF file (Q4_0 or Q4_K with Q6_K): a prompt of PROMPT_ROWS tokens
-    runs every product through slices of dequantized rows, and its logits equal the float model on the
-    `gguf` package's dequantization of the same file (fp32 both ways: only the summation order differs)."""
+@pytest.mark.parametrize("preset,fused", [("q4_0", False), ("q4_k_m", False), ("q4_k_m", True)])
+def test_long_prompt_on_a_quantized_file_takes_the_gemm_path(preset, fused, tmp_path, monkeypatch):
+    """A whole model from a quantized GGUF file (Q4_0 or Q4_K with Q6_K), its q/k/v and gate/up grouped or
+    not: a prompt of PROMPT_ROWS tokens runs every product through slices of dequantized rows, and its logits
+    equal the float model on the `gguf` package's dequantization of the same file (fp32 both ways: only the
+    summation order differs)."""
     import llama3
     from llama3.checkpoint.gguf import load_gguf
     from tests.test_checkpoint_hf import byte_tokenizer
@@ -110,6 +112,9 @@ def test_long_prompt_on_a_quantized_file_takes_the_gemm_path(preset, tmp_path, m
 
     path = llama3.save(_model(), byte_tokenizer(), tmp_path / f"m-{preset}.gguf", format="gguf", dtype=preset)
     ours, _ = llama3.load(path)
+    if fused:
+        fuse_projections(ours)
+        assert isinstance(ours.layers[0].attention.wqkv, GGMLGroupLinear)
     reference, _ = load_gguf(path, dequantize=True)
     monkeypatch.setattr(gemv, "native_bf16_products", lambda: False)
     kinds = []
@@ -119,6 +124,7 @@ def test_long_prompt_on_a_quantized_file_takes_the_gemm_path(preset, tmp_path, m
     with torch.no_grad():
         logits, ref_logits = ours(tokens), reference(tokens)
     layers = [m for m in ours.modules() if isinstance(m, GGMLLinear)]
+    layers += [p for m in ours.modules() if isinstance(m, GGMLGroupLinear) for p in m.parts]
     assert len(kinds) >= len(layers) and {QUANT_TYPES[m.kind].ggml_id for m in layers} <= set(kinds)
     assert _kl(ref_logits, logits) <= 5e-4
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)

@@ -158,9 +158,13 @@ class GGMLGroupLinear(nn.Module):
         if not self.use_kernel:
             return torch.cat([p(x) for p in self.parts], dim=-1)
         x2 = x.reshape(-1, self.in_features)
-        x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-        y = torch.ops.llama3.ggml_matmul_group(x_in, self._data, self._types, self.in_features)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (..., ΣN)
+        if x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
+            # a prompt: each part through torch's GEMM on dequantized slices, as GGMLLinear does
+            y = torch.cat([p._sliced_gemm(x2) for p in self.parts], dim=-1)
+        else:
+            x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+            y = torch.ops.llama3.ggml_matmul_group(x_in, self._data, self._types, self.in_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., ΣN)
 
     def extra_repr(self) -> str:
         kinds = "+".join(p.kind for p in self.parts)
@@ -174,7 +178,9 @@ def has_ggml_layers(model: nn.Module) -> bool:
 def require_float_weights(model: nn.Module, path, task: str) -> None:
     """Refuse, with a ValueError that says what to do, a `task` (e.g. "fine-tuning") that needs float
     weights on a model loaded from a quantized GGUF file `path` (its block layers have no gradients)."""
-    kinds = sorted({m.kind for m in model.modules() if isinstance(m, (GGMLLinear, GGMLEmbedding))})
+    layers = [m for m in model.modules() if isinstance(m, (GGMLLinear, GGMLEmbedding))]
+    layers += [p for m in model.modules() if isinstance(m, GGMLGroupLinear) for p in m.parts]
+    kinds = sorted({m.kind for m in layers})
     if kinds:
         raise ValueError(f"{path} is a quantized GGUF file ({', '.join(kinds)}); {task} needs float weights: "
                          f"convert it first (llama3 convert {path} OUT --to hf) and use OUT")
