@@ -16,6 +16,8 @@ cache (cold: `posix_fadvise(DONTNEED)`) and once right after (warm):
 - prompt tok/s: a 512-token prompt's prefill;
 - peak RSS: the worker's `ru_maxrss`.
 
+The bf16 folder itself (`hf`) runs in ours only; its row compares with llama.cpp on the f16 file.
+
 Ours runs `llama3.load` + `optimize_for_inference` (quantized files on the ggml block kernel, the f16
 file in bf16 on the bf16 kernels) and the eager generator; llama.cpp runs llama-cpp-python with n_batch 512. The table goes to stdout (markdown) and
 the raw figures to --out (JSON).
@@ -35,7 +37,8 @@ from llama3.kernels import cpu_description  # the CPU's model and vector feature
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"8b": "llama3.1-8b", "3b": "llama3.2-3b", "1b": "llama3.2-1b"}
-PRECISIONS = ("f16", "q4_0", "q4_k_m")
+PRECISIONS = ("hf", "f16", "q4_0", "q4_k_m")
+GGUF_PRECISIONS = PRECISIONS[1:]  # "hf" is the bf16 folder itself, run by ours only (its llama.cpp peer: f16)
 PROMPT_TOKENS, NEW_TOKENS, LONG_PROMPT = 16, 32, 512
 SHARD_LAYERS = 4  # layers per safetensors shard
 
@@ -94,8 +97,8 @@ def build_files(shape: str, workdir: Path) -> dict[str, Path]:
     if not (hf / "model.safetensors.index.json").exists():
         print(f"writing the {shape} model to {hf}", file=sys.stderr)
         write_hf_shards(shape, hf)
-    files = {}
-    for precision in PRECISIONS:
+    files = {"hf": hf}
+    for precision in GGUF_PRECISIONS:
         path = workdir / f"{shape}-{precision}.gguf"
         if not path.exists():
             started = time.perf_counter()
@@ -155,12 +158,28 @@ def worker_llamacpp(spec: dict, started: float) -> dict:
 
 
 def evict(path: Path) -> None:
-    """Drop the file's pages from the page cache (no root needed for clean pages)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    """Drop the file's pages (every file's, for a folder) from the page cache (no root needed for clean pages)."""
+    for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def size_gb(path: Path) -> float:
+    files = [f for f in path.iterdir() if f.suffix == ".safetensors"] if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files) / 1e9
+
+
+def runtimes_for(precision: str) -> tuple[str, ...]:
+    return ("ours",) if precision == "hf" else ("ours", "llamacpp")
+
+
+def peer_runs(results: dict, precision: str) -> list[dict]:
+    """llama.cpp's runs that `precision` is compared with: its own, or f16's for the bf16 folder."""
+    peer = results.get("f16" if precision == "hf" else precision, {}).get("llamacpp", [])
+    return [r["ttft_warm"] for r in peer if "error" not in r["ttft_warm"]]
 
 
 def measure(runtime: str, spec: dict, timeout: int) -> dict:
@@ -186,7 +205,7 @@ def table(results: dict, files: dict[str, Path]) -> str:
             "| peak RSS GB | file GB | decode vs llama.cpp |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for precision, runs in results.items():
-        for runtime in ("ours", "llamacpp"):
+        for runtime in runtimes_for(precision):
             best = {}
             for key in ("ttft_cold", "ttft_warm"):
                 ok = [r[key]["ttft_s"] for r in runs[runtime] if "error" not in r[key]]
@@ -197,10 +216,10 @@ def table(results: dict, files: dict[str, Path]) -> str:
                 continue
             decode, prompt = max(r["decode_tok_s"] for r in warm), max(r["prompt_tok_s"] for r in warm)
             rss = max(r["peak_rss_gb"] for r in warm)
-            peer = [r["ttft_warm"] for r in runs["llamacpp"] if "error" not in r["ttft_warm"]]
+            peer = peer_runs(results, precision)
             ratio = f"{decode / max(r['decode_tok_s'] for r in peer):.2f}x" if peer and runtime == "ours" else ""
             lines.append(f"| {precision} | {runtime} | {best['ttft_cold']} | {best['ttft_warm']} | {decode:.2f} | "
-                         f"{prompt:.1f} | {rss:.2f} | {files[precision].stat().st_size / 1e9:.2f} | {ratio} |")
+                         f"{prompt:.1f} | {rss:.2f} | {size_gb(files[precision]):.2f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -231,13 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     words = next(text).read_text(encoding="utf-8")
     ids = tokenizer.encode(words, bos=True)
     spec = {"threads": args.threads, "prompt": ids[:PROMPT_TOKENS], "long_prompt": ids[:LONG_PROMPT]}
-    results = {p: {"ours": [], "llamacpp": []} for p in precisions}
+    results = {p: {r: [] for r in runtimes_for(p)} for p in precisions}
     for round_index in range(args.rounds):
         for precision in precisions:
-            for runtime in ("ours", "llamacpp"):
+            for runtime in runtimes_for(precision):
                 evict(files[precision])
-                # ours runs an f16 file in bf16 (the CPU kernels' half type); quantized files as stored
-                job = {**spec, "file": str(files[precision]), "dtype": "bfloat16" if precision == "f16" else None}
+                # ours runs the bf16 folder and the f16 file in bf16 (the CPU kernels' half type); quantized
+                # files as stored
+                job = {**spec, "file": str(files[precision]),
+                       "dtype": "bfloat16" if precision in ("hf", "f16") else None}
                 run = {"ttft_cold": measure(runtime, job, args.timeout)}
                 run["ttft_warm"] = measure(runtime, job, args.timeout)
                 results[precision][runtime].append(run)
