@@ -1,4 +1,4 @@
-"""Prompt rows (`gemv.PROMPT_ROWS` or more) on stored weights: bf16 (`GemvLinear`), int8 and int4
+"""Prompt rows (`gemv.PROMPT_ROWS` or more) on stored weights: bf16 (`GemvLinear`) and int8
 (`quantize`) widen a slice of weight rows at a time for torch's float GEMM (`gemv.sliced_matmul`); the
 result equals the product with the layer's own dequantized weight, the weight is asked for in slices (never
 whole), and fewer rows keep their kernels."""
@@ -9,9 +9,9 @@ import torch
 from llama3 import kernels
 from llama3.inference import gemv
 from llama3.inference.gemv import GemvLinear
-from llama3.inference.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear, pack_int4_codes, unpack_int4_codes
+from llama3.inference.quantize import Int8WeightOnlyLinear
 
-N, K = 40, 192  # K: one whole 128-value int4 chunk and a last 64
+N, K = 40, 192
 
 
 @pytest.fixture
@@ -28,11 +28,6 @@ def slices(monkeypatch):
 
     monkeypatch.setattr(gemv, "sliced_matmul", recording)
     return sizes
-
-
-def test_unpack_int4_codes_inverts_the_packing():
-    codes = torch.randint(0, 16, (5, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(unpack_int4_codes(pack_int4_codes(codes)), codes)
 
 
 def test_bf16_prompts_widen_slices_to_fp32(slices):
@@ -57,26 +52,6 @@ def test_int8_prompts_dequantize_slices(slices):
     y = layer(x)
     assert slices == [16, 16, 8] and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), x.double() @ dequantized.T, rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("native_bf16", [False, True])
-def test_int4_prompts_dequantize_slices(slices, monkeypatch, native_bf16):
-    monkeypatch.setattr(gemv, "native_bf16_products", lambda: native_bf16)
-    torch.manual_seed(2)
-    layer = Int4WeightOnlyLinear(torch.randn(N, K), group_size=32)
-    assert layer.use_gemv
-    codes = unpack_int4_codes(layer.weight_int4).double()
-    dequantized = (layer.lows_f16.double().repeat_interleave(32, 1)
-                   + codes * layer.scales_f16.double().repeat_interleave(32, 1))
-    x = torch.randn(gemv.PROMPT_ROWS, K)
-    y = layer(x)
-    assert y.dtype == torch.float32 and len(slices) == (2 if native_bf16 else 3)  # bf16 slices hold twice the rows
-    reference = x.double() @ dequantized.T
-    tolerance = 0.01 * float(reference.abs().max()) if native_bf16 else 1e-4
-    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=tolerance)
-    slices.clear()
-    layer(x[:gemv.PROMPT_ROWS - 1])  # below the threshold: the int4 kernel
-    assert slices == []
 
 
 def test_ggml_prompt_rows_follow_the_same_threshold(slices):

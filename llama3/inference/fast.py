@@ -305,8 +305,9 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
             # Fused straight into huge pages: one copy of those weights, never two.
             fuse_projections(model, allocate=huge_page_empty if huge_pages and on_cpu else None)
             if huge_pages and on_cpu and is_fused(model):
-                in_huge_pages = frozenset(p.data_ptr() for layer in model.layers
-                                          for p in (layer.attention.wqkv.weight, layer.feed_forward.w13.weight))
+                # (a quantized GGUF model's groups hold no float weight: their bytes stay on the file's pages)
+                fused = (m for layer in model.layers for m in (layer.attention.wqkv, layer.feed_forward.w13))
+                in_huge_pages = frozenset(m.weight.data_ptr() for m in fused if isinstance(m, nn.Linear))
         if kernels:
             from .gemv import use_gemv_kernels
 

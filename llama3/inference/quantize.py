@@ -12,10 +12,9 @@ Decode at batch 1 is bound by the bytes of weights read per token, so halving (i
   torch's GEMM (`gemv.sliced_matmul`: a few MB, never the whole matrix).
 - int4: asymmetric groups of `group_size` input channels, value = low + q · scale with q in [0, 15]. With
   the project's kernels, codes two per byte and fp16 scale/low, multiplied by `llama3::gemv_int4` (VNNI,
-  activations rounded to int8 per block of 32) for decode steps and short batches, and prompts dequantized
-  a slice of rows at a time for torch's GEMM (fp32, or bf16 on CPUs with native bf16 products); otherwise
-  packed by `aten._convert_weight_to_int4pack_for_cpu` for `aten._weight_int4pack_mm_for_cpu` (bf16 scale
-  and zero).
+  activations rounded to int8 per block of 32) for every row count (a prompt dequantized a slice at a time
+  for torch's GEMM measured 0.91x the kernel at the 1B shape on Zen 3: BENCHMARKS.md); otherwise packed by
+  `aten._convert_weight_to_int4pack_for_cpu` for `aten._weight_int4pack_mm_for_cpu` (bf16 scale and zero).
 
 Each module also has a pure-PyTorch path (`use_kernel=False`: dequantize, then `F.linear`), used as the
 reference in tests. `quantize_model(model, "int8" | "int4")` replaces every linear layer of the blocks and
@@ -31,8 +30,7 @@ from torch import nn
 from .. import kernels
 from . import gemv
 
-__all__ = ["QUANT_MODES", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "pack_int4_codes", "quantize_model",
-           "unpack_int4_codes"]
+__all__ = ["QUANT_MODES", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "pack_int4_codes", "quantize_model"]
 
 QUANT_MODES = ("int8", "int4")
 
@@ -146,12 +144,6 @@ class Int4WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_kernel:
             return F.linear(x.to(torch.bfloat16), self.dequantize().to(torch.bfloat16)).to(x.dtype)
-        rows = x.numel() // self.in_features
-        if self.use_gemv and _sliced_prompt(rows):
-            dtype = torch.bfloat16 if gemv.native_bf16_products() else torch.float32
-            y = gemv.sliced_matmul(x.reshape(rows, self.in_features), self.out_features,
-                                   lambda n0, n1: self._dequantize_rows(n0, n1, dtype), dtype)
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.use_gemv:
             x_in = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
             y = torch.ops.llama3.gemv_int4(x_in.reshape(-1, self.in_features), self.weight_int4, self.scales_f16,
@@ -160,13 +152,6 @@ class Int4WeightOnlyLinear(nn.Module):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).reshape(-1, self.in_features),
                                                         self.weight_int4, self.group_size, self.scale_zero)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # (..., N)
-
-    def _dequantize_rows(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows n0:n1 of the weight from the kernel layout, low + code · scale, in `dtype` (n1 - n0, K)."""
-        g = self.group_size
-        codes = unpack_int4_codes(self.weight_int4[n0:n1]).view(n1 - n0, -1, g).to(dtype)  # (n, G, g)
-        scale, low = self.scales_f16[n0:n1, :, None].to(dtype), self.lows_f16[n0:n1, :, None].to(dtype)
-        return torch.addcmul(low, codes, scale).view(n1 - n0, self.in_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.group_size}"
@@ -200,18 +185,6 @@ def _row_chunks(rows: int, cols: int) -> list[slice]:
     (at 8B the output projection alone would take 2 GB in fp32, several times over for the temporaries)."""
     step = max(1, _CHUNK_VALUES // max(cols, 1))
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
-
-
-def unpack_int4_codes(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_int4_codes`: (N, K / 2) uint8 in `gemv_int4`'s layout -> (N, K) codes."""
-    N, half = packed.shape
-    full = half // 64 * 64  # bytes of the whole 128-value chunks
-
-    def unpack(part: torch.Tensor, span: int) -> torch.Tensor:
-        chunks = part.reshape(N, -1, 1, span // 2)  # (N, chunks, 1, span / 2): low nibbles first, then high
-        return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(N, -1)
-
-    return torch.cat([unpack(packed[:, :full], 128), unpack(packed[:, full:], 64)], dim=1)
 
 
 def _quantized(linear: nn.Linear, mode: str, group_size: int, use_kernel: bool) -> nn.Module:
