@@ -181,10 +181,10 @@ np.save(sys.argv[1], ys[0].numpy())
 
 
 def test_thread_pool_settings_give_the_same_products_and_bad_ones_are_refused(tmp_path):
-    """LLAMA3_GGML_SPIN_US picks who runs the products (by default our pool of spinning workers; torch's
-    pool with 'off'): each output row is one thread's sum whoever runs it, so the results are equal bit for
-    bit, also with two Python threads at once; a value that is not a number of microseconds is refused,
-    naming the variable and what it takes."""
+    """LLAMA3_GGML_SPIN_US picks who runs the products (by default torch's pool; with a number of
+    microseconds our pool of spinning workers): each output row is one thread's sum whoever runs it, so the
+    results are equal bit for bit, also with two Python threads at once; a value that is not a number of
+    microseconds is refused, naming the variable and what it takes."""
     import os
     import subprocess
     import sys
@@ -192,12 +192,12 @@ def test_thread_pool_settings_give_the_same_products_and_bad_ones_are_refused(tm
     ours = tmp_path / "ours.npy"
     namespace = {}
     exec(compile(_POOL_SCRIPT.replace("sys.argv[1]", repr(str(ours))), "pool", "exec"), namespace)  # this process
-    for spin, code in (("off", 0), ("fast", 1)):
+    for spin, code in (("300", 0), ("fast", 1)):
         env = {**os.environ, "LLAMA3_GGML_SPIN_US": spin}
-        proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(tmp_path / "off.npy")], env=env,
+        proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(tmp_path / "spin.npy")], env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == code, proc.stderr[-2000:]
-    assert np.array_equal(np.load(ours), np.load(tmp_path / "off.npy"))
+    assert np.array_equal(np.load(ours), np.load(tmp_path / "spin.npy"))
     assert "LLAMA3_GGML_SPIN_US=fast is not a number of microseconds" in proc.stderr
 
 

@@ -26,9 +26,9 @@
 //   (vpmaddwd), leaving one float multiply-add per 32 weights and row of x;
 // - portable C++: a thread unpacks a tile of weight rows into bytes and floats (a few KB per row) and
 //   multiplies it with every row of x.
-// Weight rows are split over threads: in runs taken from a shared counter by the kernels' own pool of
-// briefly spinning workers (AVX2; the runs of all the weights of a group in one go; see SpinPool), in tiles
-// of 16 over torch's thread pool (portable).
+// Weight rows are split over threads: in runs taken from a shared counter (AVX2; the runs of all the weights
+// of a group in one parallel region, on torch's thread pool or, opted in, on SpinPool), in tiles of 16 over
+// torch's thread pool (portable).
 
 #include "ops_namespace.h"
 
@@ -549,7 +549,8 @@ RunFn run_fn(int64_t type) {
 // under OMP_WAIT_POLICY=PASSIVE (what the commands set, because spinning OpenMP threads collapse a busy
 // machine) puts its threads to sleep at the end of every parallel region, and waking them costs ~0.3-0.5 ms
 // per product on the VMs measured, against 0.1-1 ms of work. These workers instead spin (with pause) for
-// LLAMA3_GGML_SPIN_US microseconds after a product, so the next one finds them awake, then sleep on a futex.
+// LLAMA3_GGML_SPIN_US microseconds after a product, so the next one finds them awake, then sleep on a futex
+// (opt-in: see spin_us_setting).
 // And unlike an OpenMP region the caller never waits for a worker that has not started: the work is runs
 // taken from a shared counter, a worker joins a product only while it is open, and the caller closes it
 // once its own share is done and the runs that workers took are finished. A worker the OS does not
@@ -632,10 +633,12 @@ class SpinPool {
   size_t workers_ = 0;
 };
 
-// LLAMA3_GGML_SPIN_US: how long (microseconds) the pool's workers spin for the next product before they
-// sleep; "off" runs the products on torch's own thread pool instead. Read once.
-constexpr int64_t kDefaultSpinUs = 200;
+// LLAMA3_GGML_SPIN_US=N runs the products on this pool, its workers spinning N microseconds for the next
+// product before they sleep; unset or "off", on torch's own thread pool. Off by default: measured on the
+// shared 2-core machine (BENCHMARKS.md), spinning 200 us made decode 4-23% faster at a load of ~5, and
+// 1.2-2.3x slower with one more busy process beside it. Read once.
 constexpr int64_t kTorchPool = -1;
+constexpr int64_t kDefaultSpinUs = kTorchPool;
 
 int64_t spin_us_setting() {
   static const int64_t value = [] {
@@ -645,8 +648,7 @@ int64_t spin_us_setting() {
     char* end = nullptr;
     const long long us = std::strtoll(text, &end, 10);
     TORCH_CHECK(*end == '\0' && us >= 0 && us <= 1000000, "LLAMA3_GGML_SPIN_US=", text,
-                " is not a number of microseconds from 0 to 1000000 or 'off'; unset it for the default (",
-                kDefaultSpinUs, ")");
+                " is not a number of microseconds from 0 to 1000000 or 'off'; unset it for the default (off)");
     return static_cast<int64_t>(us);
   }();
   return value;
