@@ -181,8 +181,8 @@ np.save(sys.argv[1], ys[0].numpy())
 
 
 def test_thread_pool_settings_give_the_same_products_and_bad_ones_are_refused(tmp_path):
-    """LLAMA3_GGML_SPIN_US picks who runs the products (by default torch's pool; with a number of
-    microseconds our pool of spinning workers): each output row is one thread's sum whoever runs it, so the
+    """LLAMA3_GGML_SPIN_US picks who runs the products ("off": torch's pool; a number of microseconds,
+    200 by default: our pool of spinning workers): each output row is one thread's sum whoever runs it, so the
     results are equal bit for bit, also with two Python threads at once; a value that is not a number of
     microseconds is refused, naming the variable and what it takes."""
     import os
@@ -192,7 +192,7 @@ def test_thread_pool_settings_give_the_same_products_and_bad_ones_are_refused(tm
     ours = tmp_path / "ours.npy"
     namespace = {}
     exec(compile(_POOL_SCRIPT.replace("sys.argv[1]", repr(str(ours))), "pool", "exec"), namespace)  # this process
-    for spin, code in (("300", 0), ("fast", 1)):
+    for spin, code in (("off", 0), ("fast", 1)):
         env = {**os.environ, "LLAMA3_GGML_SPIN_US": spin}
         proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(tmp_path / "spin.npy")], env=env,
                               capture_output=True, text=True, timeout=120)

@@ -634,11 +634,11 @@ class SpinPool {
 };
 
 // LLAMA3_GGML_SPIN_US=N runs the products on this pool, its workers spinning N microseconds for the next
-// product before they sleep; unset or "off", on torch's own thread pool. Off by default: measured on the
-// shared 2-core machine (BENCHMARKS.md), spinning 200 us made decode 4-23% faster at a load of ~5, and
-// 1.2-2.3x slower with one more busy process beside it. Read once.
+// product before they sleep (default 200); "off" runs them on torch's own thread pool. Measured on the 2-core
+// machine (BENCHMARKS.md), spinning 200 us made a 1B Q4_0 decode 12% faster when quiet and 5% faster beside
+// one busy process, but 1.2-2.3x slower on a machine already loaded ~3x over its cores. Read once.
 constexpr int64_t kTorchPool = -1;
-constexpr int64_t kDefaultSpinUs = kTorchPool;
+constexpr int64_t kDefaultSpinUs = 200;
 
 int64_t spin_us_setting() {
   static const int64_t value = [] {
@@ -648,7 +648,7 @@ int64_t spin_us_setting() {
     char* end = nullptr;
     const long long us = std::strtoll(text, &end, 10);
     TORCH_CHECK(*end == '\0' && us >= 0 && us <= 1000000, "LLAMA3_GGML_SPIN_US=", text,
-                " is not a number of microseconds from 0 to 1000000 or 'off'; unset it for the default (off)");
+                " is not a number of microseconds from 0 to 1000000 or 'off'; unset it for the default (200)");
     return static_cast<int64_t>(us);
   }();
   return value;
