@@ -49,7 +49,7 @@ def ours(hf: Path, tree: Path, quantize: str | None, threads: int) -> dict:
     cmd = [sys.executable, "-m", "llama3", "generate", "--model", str(hf), "--dtype", "bf16", "--prompt", PROMPT,
            "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0", "--json", "--no-compile",
            "--threads", str(threads), *(["--quantize", quantize] if quantize else [])]
-    result, peak, wall = _measured(cmd, env)
+    result, peak, wall = _measured(cmd, env, cwd=tree)  # `-m` imports from the working directory first
     timing = json.loads(result.strip().splitlines()[-1])["timing"]
     return {"ttft_s": wall - timing["decode_s"], "decode_tok_s": timing["decode_tokens_per_s"], "peak_rss_gb": peak,
             "load_s": timing["load_s"], "warmup_s": timing["warmup_s"]}
@@ -61,10 +61,11 @@ def llamacpp(gguf: Path, threads: int) -> dict:
     return {**json.loads(result.strip().splitlines()[-1]), "peak_rss_gb": peak}
 
 
-def _measured(cmd: list[str], env: dict) -> tuple[str, float, float]:
+def _measured(cmd: list[str], env: dict, cwd: Path = REPO) -> tuple[str, float, float]:
     """(stdout, peak RSS in GB, wall seconds from start to exit) of a child; its peak from `os.wait4`."""
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                            cwd=cwd)
     out = proc.stdout.read()
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)

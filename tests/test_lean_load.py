@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llama3.checkpoint.safety import open_safetensors
-from llama3.inference.fast import release_file_pages
+from llama3.inference.mapped import release_file_pages
 from tests.conftest import REPO
 
 # ~180 MB of bf16 weights: big enough that a second copy of them would stand out of the runtime's noise.

@@ -1,0 +1,78 @@
+"""Pages of memory-mapped checkpoint files: once a weight's bytes have been copied (fused, moved to huge
+pages, quantized), its mapped pages can leave the process's resident set, so the copy never sits beside
+its source. The kernel keeps them in its page cache; touched again they are read back from the file.
+Kept apart from `fast.py` and `quantize.py`, which both use it (neither imports the other at load)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import sys
+
+import torch
+
+__all__ = ["release_file_pages"]
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of regular files (from /proc/self/maps; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        # a file mapping has a nonzero inode and a path; anonymous memory, heap and stacks have neither
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+_MADV_DONTNEED = 4  # Linux; Python's mmap module offers madvise only on its own mmap objects
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def release_file_pages(tensor: torch.Tensor) -> int:
+    """Drop the resident pages of a tensor that is a view of a memory-mapped file (a safetensors shard loaded
+    zero-copy), once its data has been copied elsewhere, so the copy does not sit beside its source in our
+    resident set. The kernel keeps them in its page cache, and touched again they are read back from the
+    file, so a later reader still sees the stored values. Anything not inside a file mapping is left alone
+    (on anonymous memory MADV_DONTNEED would zero the data). Returns the bytes released."""
+    if sys.platform != "linux" or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 0
+    page = mmap.PAGESIZE
+    start = (tensor.data_ptr() + page - 1) // page * page  # whole pages inside this tensor only
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end <= start or not any(lo <= start and end <= hi for lo, hi in _file_mappings()):
+        return 0
+    if _has_private_copies(start, end):
+        return 0  # written to since it was mapped (a private copy): dropping it would undo the write
+    _madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    return end - start
+
+
+_PAGE_FILE = 1 << 61  # /proc/self/pagemap: "page is file-page or shared-anon"; bit 63 is "present"
+
+
+def _has_private_copies(start: int, end: int) -> bool:
+    """Whether a page of a file mapping between `start` and `end` is resident as a private (anonymous) copy,
+    i.e. was written after mapping. Unknown (no pagemap) counts as yes."""
+    page = mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // page * 8)
+            entries = torch.frombuffer(bytearray(f.read((end - start) // page * 8)), dtype=torch.int64)
+    except (OSError, ValueError):
+        return True
+    present = entries < 0  # bit 63, the sign bit of an int64
+    return bool((present & ((entries & _PAGE_FILE) == 0)).any())
