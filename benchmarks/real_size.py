@@ -14,7 +14,7 @@ cache (cold: `posix_fadvise(DONTNEED)`) and once right after (warm):
   16-token prompt: what a user waits for;
 - decode tok/s: 32 greedy tokens after that prompt;
 - prompt tok/s: a 512-token prompt's prefill;
-- peak RSS: the worker's `ru_maxrss`.
+- peak RSS: the worker's `VmHWM` (its own peak; `ru_maxrss` would keep the forking parent's across exec).
 
 The bf16 folder itself (`hf`) runs in ours only; its row compares with llama.cpp on the f16 file.
 
@@ -193,10 +193,10 @@ def measure(runtime: str, spec: dict, timeout: int) -> dict:
 
 
 def run_worker(spec: dict, started: float) -> None:
-    import resource
-
     result = {"ours": worker_ours, "llamacpp": worker_llamacpp}[spec["runtime"]](spec, started)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # VmHWM: this process image's own peak (ru_maxrss would keep the forking parent's across exec)
+    with open("/proc/self/status") as f:
+        result["peak_rss_gb"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
     print(json.dumps(result))
 
 

@@ -1,7 +1,7 @@
 """Lean start: loading a bf16 Hugging Face folder for inference keeps peak memory near the weights' size
 (zero-copy mapping, fusion straight into huge pages, mapped pages dropped once copied), `--quantize`
 streams block by block, and the logits stay those of the plain model. Peak RSS is measured in a child
-process (ru_maxrss against the resident size just before the load)."""
+process (its VmHWM against the resident size just before the load)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ BIG = dict(dim=1024, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=512, multip
 TOKENS = [[256, 5, 17, 99, 3, 250, 42, 7]]
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from pathlib import Path
 import torch
 from safetensors.torch import save_file
@@ -32,10 +32,13 @@ from llama3.inference.loading import load_for_inference
 
 path, quantize, out = sys.argv[1], sys.argv[2] or None, sys.argv[3]
 load_tokenizer(Path(path)); kernels.available()  # the runtime's own fixed cost, before the baseline
-with open("/proc/self/status") as f:
-    base = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024
+base = status("VmRSS:")
 model, _ = load_for_inference(path, quantize=quantize)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: the latter keeps the high-water mark of the forked parent (pytest) across exec
+peak = status("VmHWM:")
 storages = {}
 for t in [*model.parameters(), *model.buffers()]:
     storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
