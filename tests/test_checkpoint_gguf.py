@@ -180,3 +180,35 @@ def test_gguf_export_refuses_a_stop_token_past_the_embeddings(llama3_tokenizer, 
     with pytest.raises(ValueError, match=r"eot token is id 128009 but the model has only 128005 embeddings"):
         llama3.save(model, llama3_tokenizer, tmp_path / "m.gguf", format="gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_load_reads_the_file_ahead_only_when_it_fits(tmp_path, monkeypatch):
+    """Opening a GGUF file asks the kernel (from a background thread) to read it whole into the page cache,
+    unless it is larger than half the available memory; the loaded model is the same either way."""
+    import os
+    import threading
+
+    from llama3.checkpoint import gguf as gguf_module
+    from tests.test_checkpoint_hf import byte_tokenizer
+
+    model = random_model(tiny_args("gqa", vocab_size=512, multiple_of=32), seed=2)
+    path = llama3.save(model, byte_tokenizer(), tmp_path / "m.gguf", format="gguf")
+    advised = []
+    real_fadvise = gguf_module.os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        advised.append((os.fstat(fd).st_size, advice, threading.current_thread().name))
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(gguf_module.os, "posix_fadvise", spy)
+    first, _ = llama3.load(path)
+    for thread in threading.enumerate():
+        if thread.name == "gguf-read-ahead":
+            thread.join(10)
+    assert advised == [(path.stat().st_size, os.POSIX_FADV_WILLNEED, "gguf-read-ahead")]
+    monkeypatch.setattr(gguf_module, "_memory_available", lambda: path.stat().st_size)  # twice the file: no
+    second, _ = llama3.load(path)
+    assert len(advised) == 1
+    tokens = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(first(tokens), second(tokens), rtol=0, atol=0)

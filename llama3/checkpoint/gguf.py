@@ -285,6 +285,7 @@ class _GGUFFile:
         # copy-on-write: private pages, read from the file on demand, so tensors can share them without
         # torch's warning about read-only memory (nothing here writes to them)
         self._map = np.memmap(path, dtype=np.uint8, mode="c")
+        _read_ahead(path)
         buf = memoryview(self._map)
         pos = 0
 
@@ -375,6 +376,41 @@ class _GGUFFile:
                 data = raw.reshape(*dims[:-1], row_bytes)  # bytes per row, as gguf.quants.dequantize takes
             self.tensors.append(_TensorInfo(name, shape, kind, data))
         _check_data_layout(spans, alignment)
+
+
+def _memory_available() -> int:
+    """Bytes the kernel reports as available for new data (MemAvailable), 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def _read_ahead(path: Path) -> None:
+    """Ask the kernel to read the whole file into the page cache in the background (one sequential read at
+    the disk's speed), when it fits in half the available memory. Without it a cold start reads the
+    weights through the page faults of the first forward pass, a few pages at a time: 48 s against 14 s
+    for an 8B Q4_0 file here (BENCHMARKS.md, real size). A thread issues the advice, which may block while
+    it queues the reads, so the load goes on meanwhile."""
+    import threading
+
+    if not hasattr(os, "posix_fadvise") or path.stat().st_size > _memory_available() // 2:
+        return
+
+    def advise() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only advice: a file system that refuses it reads on demand as before
+        finally:
+            os.close(fd)
+
+    threading.Thread(target=advise, name="gguf-read-ahead", daemon=True).start()
 
 
 def _check_data_layout(spans: list[tuple[str, int, int]], alignment: int) -> None:
