@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,21 +27,11 @@ from llama3.inference import gemv  # noqa: E402
 from llama3.inference.ggml_quant import GGMLLinear  # noqa: E402
 
 try:
-    from benchmarks.kernels import ggml_rows  # noqa: E402
+    from benchmarks.kernels import best_seconds, ggml_rows  # noqa: E402
 except ImportError:  # run as a script from benchmarks/
-    from kernels import ggml_rows  # noqa: E402
+    from kernels import best_seconds, ggml_rows  # noqa: E402
 
 MATRICES = [(2048, 2048), (8192, 2048), (2048, 8192)]  # (N, K)
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv=None) -> None:
