@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import mmap
 import sys
@@ -76,16 +77,22 @@ def fuse_projections(model: Transformer, *, allocate=None, after_layer=None) -> 
     if is_fused(model):
         return model
     if _all_ggml(model):
-        return _group_ggml_projections(model)
-    if not _all_linear(model):
+        from .ggml_quant import GGMLGroupLinear
+
+        # grouped over the same block bytes (views of the file's memory map): a concatenation would copy
+        # them and double resident memory
+        combine = GGMLGroupLinear
+    elif _all_linear(model):
+        combine = functools.partial(_fused_linear, allocate=allocate or torch.empty)
+    else:
         return model
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         if attn.kv_cache is not None:
             raise ValueError("fuse_projections must run before caches are set up; call model.clear_caches()")
-        attn.wqkv = _fused_linear([attn.wq, attn.wk, attn.wv], allocate or torch.empty)  # ((H+2K)·Dh, D)
+        attn.wqkv = combine([attn.wq, attn.wk, attn.wv])  # ((H+2K)·Dh, D)
         del attn.wq, attn.wk, attn.wv
-        ffn.w13 = _fused_linear([ffn.w1, ffn.w3], allocate or torch.empty)  # (2·F, D)
+        ffn.w13 = combine([ffn.w1, ffn.w3])  # (2·F, D)
         del ffn.w1, ffn.w3
         if after_layer is not None:
             after_layer(layer)
@@ -101,22 +108,6 @@ def _all_ggml(model: Transformer) -> bool:
     from .ggml_quant import GGMLLinear
 
     return all(type(m) is GGMLLinear for layer in model.layers for m in _projections(layer))
-
-
-def _group_ggml_projections(model: Transformer) -> Transformer:
-    """`fuse_projections` for a quantized GGUF model: wqkv and w13 become `GGMLGroupLinear`s over the same
-    block bytes (views of the file's memory map; a concatenation would copy them and double resident memory)."""
-    from .ggml_quant import GGMLGroupLinear
-
-    for layer in model.layers:
-        attn, ffn = layer.attention, layer.feed_forward
-        if attn.kv_cache is not None:
-            raise ValueError("fuse_projections must run before caches are set up; call model.clear_caches()")
-        attn.wqkv = GGMLGroupLinear([attn.wq, attn.wk, attn.wv])
-        del attn.wq, attn.wk, attn.wv
-        ffn.w13 = GGMLGroupLinear([ffn.w1, ffn.w3])
-        del ffn.w1, ffn.w3
-    return model
 
 
 def _all_linear(model: Transformer) -> bool:
