@@ -29,3 +29,17 @@ def test_commands_make_openmp_waits_passive():
 
 def test_a_policy_the_user_set_is_kept():
     assert _policy_read_by_openmp(OMP_WAIT_POLICY="ACTIVE") == ["OMP_WAIT_POLICY = 'ACTIVE'"]
+
+
+def test_a_bad_spin_setting_stops_a_command_with_one_line(monkeypatch, capsys):
+    """LLAMA3_GGML_SPIN_US (the GGUF products' thread pool) is checked before the command runs: a value that
+    is not a number of microseconds or 'off' is refused in one line naming it; good ones pass."""
+    from llama3.cli import main
+
+    monkeypatch.setenv("LLAMA3_GGML_SPIN_US", "fast")
+    assert main(["generate", "--model", "missing"]) == 2
+    assert capsys.readouterr().err.strip() == ("llama3 generate: error: LLAMA3_GGML_SPIN_US=fast is not a number of "
+                                               "microseconds from 0 to 1000000 or 'off'; unset it for the default (200)")
+    for good in ("0", "200", "off"):
+        monkeypatch.setenv("LLAMA3_GGML_SPIN_US", good)
+        assert main(["info"]) == 0

@@ -54,6 +54,16 @@ def _passive_openmp_waits() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _spin_setting_error() -> str | None:
+    """What is wrong with LLAMA3_GGML_SPIN_US (read by the kernels when a quantized GGUF model first runs),
+    checked here so a bad value stops the command at once with one line rather than a traceback later."""
+    text = os.environ.get("LLAMA3_GGML_SPIN_US", "")
+    if text in ("", "off") or (text.isdigit() and int(text) <= 1_000_000):
+        return None
+    return (f"LLAMA3_GGML_SPIN_US={text} is not a number of microseconds from 0 to 1000000 or 'off'; "
+            "unset it for the default (200)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -70,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama3: unknown command {name!r}; choose one of: {', '.join(table)}", file=sys.stderr)
         return 2
     _passive_openmp_waits()
+    if (problem := _spin_setting_error()) is not None:
+        print(f"llama3 {name}: error: {problem}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"{__name__}.{table[name]}")
     try:
         result = module.main(argv[1:])
