@@ -53,13 +53,17 @@ def _dequantize_op(data: torch.Tensor, ggml_type: int, in_features: int, dtype: 
     return torch.ops.llama3.ggml_dequantize(data, ggml_type, in_features, dtype)
 
 
-# An operator (not plain Python) so that a compiled decode step (fullgraph) can call the lookup.
-@torch.library.custom_op("llama3_ggml::embedding_rows", mutates_args=())
-def _embedding_rows(data: torch.Tensor, ids: torch.Tensor, ggml_type: int, dim: int) -> torch.Tensor:
+def _embedding_rows_eager(data: torch.Tensor, ids: torch.Tensor, ggml_type: int, dim: int) -> torch.Tensor:
     """float32 (len(ids), dim): the rows `ids` of a ggml tensor, each distinct row dequantized once."""
     unique, inverse = np.unique(ids.cpu().numpy(), return_inverse=True)
     rows = _dequantize_rows(data[torch.from_numpy(unique)], _KINDS[ggml_type])
     return rows[torch.from_numpy(inverse.reshape(-1))].to(ids.device)
+
+
+# The same lookup as an operator, so that a compiled decode step (fullgraph) can call it. Eager calls go to
+# the plain function: the first call of a `custom_op` imports torch._dynamo (measured 2-4 s of the first
+# token on a 2-core machine), which an eager run never needs.
+_embedding_rows = torch.library.custom_op("llama3_ggml::embedding_rows", mutates_args=())(_embedding_rows_eager)
 
 
 @_embedding_rows.register_fake
@@ -124,8 +128,8 @@ class GGMLEmbedding(nn.Module):
         return _dequantize_rows(self.data, self.kind)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = torch.ops.llama3_ggml.embedding_rows(self.data, tokens.reshape(-1), QUANT_TYPES[self.kind].ggml_id,
-                                                    self.embedding_dim)
+        lookup = torch.ops.llama3_ggml.embedding_rows if torch.compiler.is_compiling() else _embedding_rows_eager
+        rows = lookup(self.data, tokens.reshape(-1), QUANT_TYPES[self.kind].ggml_id, self.embedding_dim)
         return rows.to(self.weight.dtype).view(*tokens.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
