@@ -102,7 +102,7 @@ class KVCache(nn.Module):
 
     With `k_scale`/`v_scale` the entries are int8 with one fp32 scale per (row, head, position): symmetric
     absmax over the head's Dh values, so a cache entry costs Dh + 4 bytes instead of 2·Dh (bf16). They are
-    dequantized when read, in the attention's dtype."""
+    dequantized when read, in the attention's dtype (the decode kernel reads codes and scales as stored)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None):
@@ -159,19 +159,25 @@ class KVCache(nn.Module):
             new[:, :, :old.shape[2]] = old
             setattr(self, name, new)
 
-    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, T, K, Dh) at cache_pos (B, T); return the whole cache (B, K, S, Dh) in k's dtype."""
+    def write(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (B, T, K, Dh) at cache_pos (B, T)."""
         rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # (B, 1)
         # Advanced indices around a slice put the indexed dims first: self.k[rows, :, pos] is (B, T, K, Dh).
         if self.k_scale is None:
             self.k[rows, :, cache_pos] = k.to(self.k.dtype)
             self.v[rows, :, cache_pos] = v.to(self.v.dtype)
-            return self.k.to(k.dtype), self.v.to(v.dtype)
+            return
         for codes, scales, new in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             new = new.float()
             scale = new.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0  # (B, T, K, 1)
             codes[rows, :, cache_pos] = torch.round(new / scale).clamp(-127, 127).to(torch.int8)
             scales[rows, :, cache_pos] = scale
+
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, K, Dh) at cache_pos (B, T); return the whole cache (B, K, S, Dh) in k's dtype."""
+        self.write(cache_pos, k, v)
+        if self.k_scale is None:
+            return self.k.to(k.dtype), self.v.to(v.dtype)
         return ((self.k.float() * self.k_scale).to(k.dtype),  # (B, K, S, Dh)
                 (self.v.float() * self.v_scale).to(v.dtype))
 
@@ -227,6 +233,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self._project(x)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if T == 1 and mask is not None and mask.dim() == 4 and _kernel_decode(q, self.kv_cache):
+            self.kv_cache.write(cache_pos, k, v)
+            return self.wo(_attend_one_query_kernel(q, self.kv_cache, mask))
         if self.kv_cache is not None:
             assert cache_pos is not None, "a model with a KV cache needs cache positions"
             keys, values = self.kv_cache.update(cache_pos, k, v)  # (B, K, S, Dh)
@@ -254,6 +263,29 @@ def _attend_one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     probs = scores.softmax(-1)
     out = (probs.unsqueeze(-1) * values.unsqueeze(2).float()).sum(3).to(values.dtype)  # (B, K, n_rep, Dh)
     return out.reshape(B, 1, -1)  # (B, 1, H·Dh)
+
+
+def _kernel_decode(q: torch.Tensor, cache: KVCache | None) -> bool:
+    """Whether a decode step's attention runs on the project's CPU kernel (`llama3/kernels/attend.cpp`):
+    eager CPU inference with a cache. A compiled step keeps the multiply-and-sum form, which the compiler
+    fuses into one loop of its own."""
+    if cache is None or q.device.type != "cpu" or q.requires_grad or torch.compiler.is_compiling():
+        return False
+    from . import kernels
+
+    return kernels.available()
+
+
+def _attend_one_query_kernel(q: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
+    """`_attend_one_query` on the kernel, reading the cache as stored (int8 codes with their scales too):
+    q (B, 1, H, Dh), mask broadcastable to (B, 1, 1, S) -> (B, 1, H·Dh) in q's dtype."""
+    B, K, S, Dh = cache.k.shape
+    none = torch.empty(0)
+    out = torch.ops.llama3.attend_one_query(
+        q.reshape(B, K, -1, Dh), cache.k, cache.v,
+        none if cache.k_scale is None else cache.k_scale, none if cache.v_scale is None else cache.v_scale,
+        mask.expand(B, 1, 1, S).reshape(B, S), 1.0 / math.sqrt(Dh))  # (B, K, n_rep, Dh) float32
+    return out.to(q.dtype).reshape(B, 1, -1)
 
 
 def _attend_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -7,6 +7,8 @@
   `llama3.inference.ggml_quant`);
 - `ggml_dequant.cpp`: `torch.ops.llama3.ggml_dequantize`, rows of those block formats back to float32 or
   bfloat16, equal to the `gguf` package's dequantization (prompts and embedding lookups in `ggml_quant`);
+- `attend.cpp`: `torch.ops.llama3.attend_one_query`, decode-time attention of one query per sequence over its
+  KV cache (float, bf16, fp16 or int8 with scales), without temporaries (used by `llama3.model`);
 - `xent.cpp`: `torch.ops.llama3.xent_rows_`, cross-entropy rows and their logit gradients in place (used by
   the training loss, `llama3.train.loss`).
 
@@ -46,7 +48,8 @@ import torch
 __all__ = ["ISA_LEVELS", "available", "build", "build_warnings", "cache_dir", "cpu_description", "loaded_isa", "ops",
            "selected_isa", "supported_isas", "why_unavailable"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "xent.cpp", "ggml_blocks.cpp", "ggml_dequant.cpp")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("gemv.cpp", "xent.cpp", "ggml_blocks.cpp", "ggml_dequant.cpp", "attend.cpp")]
 _HEADERS = [Path(__file__).with_name("ops_namespace.h")]  # included by every source (the operator namespace)
 # What the compiler is given: one file that includes every source, so torch's headers are parsed once.
 _UNIT = Path(__file__).with_name("kernels.cpp")
@@ -271,6 +274,10 @@ def _ggml_matmul_group_shape(x, ws, ggml_types, in_features):
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))  # (M, ΣN) in x's dtype
 
 
+def _attend_one_query_shape(q, keys, values, k_scale, v_scale, mask, scale):
+    return q.new_empty(q.shape, dtype=torch.float32)  # (B, K, R, D)
+
+
 def _register_fakes(namespace: str) -> None:
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"{namespace}::{name}")(_gemv_shape)
@@ -278,6 +285,7 @@ def _register_fakes(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::ggml_matmul")(_ggml_matmul_shape)
     torch.library.register_fake(f"{namespace}::ggml_dequantize")(_ggml_dequantize_shape)
     torch.library.register_fake(f"{namespace}::ggml_matmul_group")(_ggml_matmul_group_shape)
+    torch.library.register_fake(f"{namespace}::attend_one_query")(_attend_one_query_shape)
 
 
 _SWITCHED_OFF = "switched off by LLAMA3_KERNELS=0"

@@ -1,0 +1,121 @@
+"""Decode-time attention on the CPU kernel (`llama3::attend_one_query`, llama3/kernels/attend.cpp) against a
+float64 reference, at every instruction-set level this CPU runs, and inside the model against the PyTorch
+form it replaces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llama3 import kernels, model as model_module
+from llama3.inference.generate import Generator
+
+from conftest import random_model, tiny_args
+
+RUNNABLE_LEVELS = kernels.supported_isas()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert kernels.available(), kernels.why_unavailable()
+
+
+@pytest.fixture(scope="module", params=RUNNABLE_LEVELS)
+def ops(request):
+    return kernels.ops(request.param)
+
+
+def reference(q, keys, values, mask, k_scale=None, v_scale=None):
+    """float64 softmax attention: q (B, K, R, D), keys/values (B, K, S, D), mask (B, S) -> (B, K, R, D)."""
+    k, v = keys.double(), values.double()
+    if k_scale is not None:
+        k, v = k * k_scale.double(), v * v_scale.double()
+    scores = torch.einsum("bkrd,bksd->bkrs", q.double(), k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.einsum("bkrs,bksd->bkrd", scores.softmax(-1), v)
+
+
+def random_mask(B, S, generator):
+    """Rows of different lengths, each with a hole or two (a batch's padding, an evicted span)."""
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        length = int(torch.randint(S // 2, S + 1, (1,), generator=generator))
+        mask[b, :length] = True
+        mask[b, int(torch.randint(0, length, (1,), generator=generator))] = False
+        mask[b, 0] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,K,R,S,D", [(1, 2, 4, 9, 64), (2, 3, 1, 17, 40), (2, 4, 4, 2100, 64), (1, 1, 3, 1, 8)])
+def test_attend_one_query_equals_float64_reference(ops, dtype, B, K, R, S, D):
+    g = torch.Generator().manual_seed(B * 1000 + S)
+    q = torch.randn(B, K, R, D, generator=g)
+    # a cache view over the first S of S + 5 positions: strided along S as `KVCache.view` leaves it
+    keys = torch.randn(B, K, S + 5, D, generator=g).to(dtype)[:, :, :S]
+    values = torch.randn(B, K, S + 5, D, generator=g).to(dtype)[:, :, :S]
+    mask = random_mask(B, S, g)
+    none = torch.empty(0)
+    for threads in (1, 2):  # S = 2100 is big enough to be split over threads
+        torch.set_num_threads(threads)
+        out = ops.attend_one_query(q, keys, values, none, none, mask, 1.0 / math.sqrt(D))
+        assert out.dtype == torch.float32 and out.shape == q.shape
+        torch.testing.assert_close(out.double(), reference(q, keys, values, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_one_query_reads_int8_codes_with_their_scales(ops):
+    g = torch.Generator().manual_seed(7)
+    B, K, R, S, D = 2, 2, 4, 33, 64
+    q = torch.randn(B, K, R, D, generator=g)
+    keys = torch.randint(-127, 128, (B, K, S, D), generator=g, dtype=torch.int8)
+    values = torch.randint(-127, 128, (B, K, S, D), generator=g, dtype=torch.int8)
+    k_scale = torch.rand(B, K, S, 1, generator=g) / 50
+    v_scale = torch.rand(B, K, S, 1, generator=g) / 50
+    mask = random_mask(B, S, g)
+    out = ops.attend_one_query(q, keys, values, k_scale, v_scale, mask, 1.0 / math.sqrt(D))
+    torch.testing.assert_close(out.double(), reference(q, keys, values, mask, k_scale, v_scale), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_one_query_refuses_bad_inputs_with_clear_errors():
+    q, kv = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 5, 8)
+    none = torch.empty(0)
+    with pytest.raises(RuntimeError, match="no position to attend to"):
+        torch.ops.llama3.attend_one_query(q, kv, kv, none, none, torch.zeros(1, 5, dtype=torch.bool), 1.0)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        torch.ops.llama3.attend_one_query(q, kv, kv, none, none, torch.ones(1, 4, dtype=torch.bool), 1.0)
+    codes = torch.zeros(1, 2, 5, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="int8 keys/values need k_scale"):
+        torch.ops.llama3.attend_one_query(q, codes, codes, none, none, torch.ones(1, 5, dtype=torch.bool), 1.0)
+    with pytest.raises(RuntimeError, match="does not fit keys"):
+        torch.ops.llama3.attend_one_query(torch.randn(1, 2, 2, 4), kv, kv, none, none,
+                                          torch.ones(1, 5, dtype=torch.bool), 1.0)
+
+
+@pytest.mark.parametrize("kv_cache", [None, "int8"])
+def test_model_decode_on_the_kernel_equals_the_torch_form(monkeypatch, kv_cache):
+    """Teacher-forced decoding of two prompts of different lengths: next-token logits on the kernel equal the
+    multiply-and-sum form step by step, for a float and an int8 cache, and the kernel really ran."""
+    model = random_model(tiny_args("gqa")).eval()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([5, 2])
+
+    def run():
+        gen = Generator(model, None, cache_bucket=8, kv_cache=kv_cache)
+        gen.prepare_cache(2, 12)
+        positions = torch.arange(5).expand(2, 5)
+        steps = [gen.prefill(tokens[:, :5], positions, lengths - 1)]
+        for t in range(6):  # row 0 continues at 5.., row 1 at 2..: different cache fills per row
+            pos = (lengths + t).view(2, 1)
+            steps.append(gen.decode_step(tokens.gather(1, pos), pos))
+        return torch.stack(steps)
+
+    calls = []
+    real = model_module._attend_one_query_kernel
+    monkeypatch.setattr(model_module, "_attend_one_query_kernel", lambda *a: calls.append(1) or real(*a))
+    on_kernel = run()
+    assert len(calls) == 6 * model.args.n_layers, "the decode steps did not all reach the kernel"
+    monkeypatch.setattr(model_module, "_kernel_decode", lambda q, cache: False)
+    on_torch = run()
+    torch.testing.assert_close(on_kernel, on_torch, rtol=1e-5, atol=1e-5)
