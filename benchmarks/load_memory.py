@@ -5,7 +5,7 @@
 
 Each load runs in a fresh subprocess, which imports its libraries, notes its RSS, loads the model, runs one
 forward pass over 8 tokens (so lazily mapped weights are really read), and reports its peak RSS
-(`resource.getrusage(...).ru_maxrss`). "Load overhead" is peak minus the RSS after imports; the ideal is the
+(`VmHWM`: the process image's own peak; `ru_maxrss` would keep the forking parent's across exec). "Load overhead" is peak minus the RSS after imports; the ideal is the
 size of the weights (1.0x). Weights are random (no download); the shape is Llama 3.2 1B's (tied embeddings,
 vocab 128256, 1.24B parameters).
 """
@@ -49,11 +49,11 @@ llama3.save(model, tok, out / "meta-2-shards", format="meta", num_shards=2)
 """
 
 _MEASURE = r"""
-import json, resource, sys, time
+import json, sys, time
 
-def rss_mb():
+def rss_mb(field="VmRSS:"):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
 
 kind, path = sys.argv[1], sys.argv[2]
@@ -79,7 +79,7 @@ load_s = time.perf_counter() - start
 weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 with torch.no_grad():
     forward(torch.arange(8).unsqueeze(0))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = rss_mb("VmHWM:")
 print(json.dumps({"kind": kind, "base_mb": base, "peak_mb": peak, "weights_mb": weights_mb, "load_s": load_s}))
 """
 
