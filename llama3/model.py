@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +209,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
         self.wqkv: nn.Module | None = None
         self.kv_cache: KVCache | None = None
+        # An eager decode step's attention over the cache, when the inference layer installs one: a function
+        # (q (B, 1, H, Dh), cache, mask (B, 1, 1, S)) -> (B, 1, H·Dh) that reads the cache as stored (the
+        # CPU kernel, llama3.inference.attention). Without it, `_attend_one_query` below.
+        self.cached_attention: Callable | None = None
 
     def local_kv_heads(self) -> int:
         """K as this process holds it (a tensor-parallel shard holds K / tp)."""
@@ -233,12 +238,15 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self._project(x)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if T == 1 and mask is not None and mask.dim() == 4 and _kernel_decode(q, self.kv_cache):
+        if (T == 1 and self.cached_attention is not None and self.kv_cache is not None and mask is not None
+                and mask.dim() == 4 and not torch.compiler.is_compiling()):
             self.kv_cache.write(cache_pos, k, v)
-            return self.wo(_attend_one_query_kernel(q, self.kv_cache, mask))
+            return self.wo(self.cached_attention(q, self.kv_cache, mask))
         if self.kv_cache is not None:
             assert cache_pos is not None, "a model with a KV cache needs cache positions"
             keys, values = self.kv_cache.update(cache_pos, k, v)  # (B, K, S, Dh)
+            if mask is not None and mask.shape[-1] < keys.shape[2]:  # the mask covers the filled span only
+                keys, values = keys[:, :, :mask.shape[-1]], values[:, :, :mask.shape[-1]]
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
@@ -263,29 +271,6 @@ def _attend_one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     probs = scores.softmax(-1)
     out = (probs.unsqueeze(-1) * values.unsqueeze(2).float()).sum(3).to(values.dtype)  # (B, K, n_rep, Dh)
     return out.reshape(B, 1, -1)  # (B, 1, H·Dh)
-
-
-def _kernel_decode(q: torch.Tensor, cache: KVCache | None) -> bool:
-    """Whether a decode step's attention runs on the project's CPU kernel (`llama3/kernels/attend.cpp`):
-    eager CPU inference with a cache. A compiled step keeps the multiply-and-sum form, which the compiler
-    fuses into one loop of its own."""
-    if cache is None or q.device.type != "cpu" or q.requires_grad or torch.compiler.is_compiling():
-        return False
-    from . import kernels
-
-    return kernels.available()
-
-
-def _attend_one_query_kernel(q: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
-    """`_attend_one_query` on the kernel, reading the cache as stored (int8 codes with their scales too):
-    q (B, 1, H, Dh), mask broadcastable to (B, 1, 1, S) -> (B, 1, H·Dh) in q's dtype."""
-    B, K, S, Dh = cache.k.shape
-    none = torch.empty(0)
-    out = torch.ops.llama3.attend_one_query(
-        q.reshape(B, K, -1, Dh), cache.k, cache.v,
-        none if cache.k_scale is None else cache.k_scale, none if cache.v_scale is None else cache.v_scale,
-        mask.expand(B, 1, 1, S).reshape(B, S), 1.0 / math.sqrt(Dh))  # (B, K, n_rep, Dh) float32
-    return out.to(q.dtype).reshape(B, 1, -1)
 
 
 def _attend_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -490,7 +475,12 @@ class Transformer(nn.Module):
                 raise ValueError("document_ids is for training without a KV cache")
             mask = document_causal_mask(document_ids)
         if cache_len is not None and mask is None:
-            slots = torch.arange(cache_len, device=tokens.device)
+            span = cache_len
+            if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+                # Slots past the furthest position are masked for every token: attend over the filled span
+                # only (a 16-token prompt in a 272-slot cache). Compiled steps keep one shape per cache.
+                span = min(cache_len, int(input_pos.max()) + 1)
+            slots = torch.arange(span, device=tokens.device)
             mask = (slots.view(1, 1, 1, -1) <= input_pos.view(B, 1, T, 1))  # (B, 1, T, S)
         h = self.tok_embeddings(tokens)  # (B, T, D)
         cache_pos = input_pos if cache_len is not None else None

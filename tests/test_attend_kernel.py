@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from llama3 import kernels, model as model_module
+from llama3 import kernels
+from llama3.inference import attention
 from llama3.inference.generate import Generator
 
 from conftest import random_model, tiny_args
@@ -101,8 +102,9 @@ def test_model_decode_on_the_kernel_equals_the_torch_form(monkeypatch, kv_cache)
     tokens = torch.randint(0, model.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     lengths = torch.tensor([5, 2])
 
-    def run():
-        gen = Generator(model, None, cache_bucket=8, kv_cache=kv_cache)
+    def run(on_kernel: bool):
+        gen = Generator(model, None, cache_bucket=8, kv_cache=kv_cache)  # installs the kernel
+        assert attention.use_attention_kernel(model, enabled=on_kernel) == (model.args.n_layers if on_kernel else 0)
         gen.prepare_cache(2, 12)
         positions = torch.arange(5).expand(2, 5)
         steps = [gen.prefill(tokens[:, :5], positions, lengths - 1)]
@@ -112,10 +114,10 @@ def test_model_decode_on_the_kernel_equals_the_torch_form(monkeypatch, kv_cache)
         return torch.stack(steps)
 
     calls = []
-    real = model_module._attend_one_query_kernel
-    monkeypatch.setattr(model_module, "_attend_one_query_kernel", lambda *a: calls.append(1) or real(*a))
-    on_kernel = run()
+    real = attention.kernel_attention
+    monkeypatch.setattr(attention, "kernel_attention", lambda *a: calls.append(1) or real(*a))
+    on_kernel = run(True)
     assert len(calls) == 6 * model.args.n_layers, "the decode steps did not all reach the kernel"
-    monkeypatch.setattr(model_module, "_kernel_decode", lambda q, cache: False)
-    on_torch = run()
+    on_torch = run(False)
+    assert len(calls) == 6 * model.args.n_layers, "the PyTorch form still called the kernel"
     torch.testing.assert_close(on_kernel, on_torch, rtol=1e-5, atol=1e-5)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
+from .attention import use_attention_kernel
 from .fast import compile_options, quiet_autotune
 from .sampling import SamplingParams, make_generator, sample
 from .stops import find_stop, shown_length
@@ -127,6 +128,7 @@ class Generator:
         if kv_cache not in (None, "int8"):
             raise ValueError(f"kv_cache must be None (the model's dtype) or 'int8', got {kv_cache!r}")
         self.model = model.eval()
+        use_attention_kernel(model)  # eager decode steps attend on the CPU kernel (CPU models)
         self.kv_cache = kv_cache
         self.tokenizer = tokenizer
         self.device = model.tok_embeddings.weight.device
