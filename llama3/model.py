@@ -245,8 +245,11 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             assert cache_pos is not None, "a model with a KV cache needs cache positions"
             keys, values = self.kv_cache.update(cache_pos, k, v)  # (B, K, S, Dh)
-            if mask is not None and mask.shape[-1] < keys.shape[2]:  # the mask covers the filled span only
-                keys, values = keys[:, :, :mask.shape[-1]], values[:, :, :mask.shape[-1]]
+            # The mask covers the filled span only; no mask: a fresh prompt, causal over the first T slots
+            # (Transformer.forward leaves it out only then).
+            span = T if mask is None else mask.shape[-1]
+            if span < keys.shape[2]:
+                keys, values = keys[:, :, :span], values[:, :, :span]
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
@@ -474,7 +477,7 @@ class Transformer(nn.Module):
             if cache_len is not None:
                 raise ValueError("document_ids is for training without a KV cache")
             mask = document_causal_mask(document_ids)
-        if cache_len is not None and mask is None:
+        if cache_len is not None and mask is None and not self._fresh_prompt(input_pos):
             span = cache_len
             if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
                 # Slots past the furthest position are masked for every token: attend over the filled span
@@ -488,6 +491,17 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask, cache_pos)
         h = self.norm(h)
         return h if return_hidden else self.logits(h)
+
+    @staticmethod
+    def _fresh_prompt(input_pos: torch.Tensor) -> bool:
+        """Whether every row holds positions 0..T-1 (T > 1): a prompt into an empty cache, whose attention is
+        plain causal over the first T slots. Left without a mask, the layers run it as such (SDPA's causal
+        kernel skips the blocks above the diagonal that an explicit mask would make it compute: 2x faster
+        at 2K tokens on the CPU)."""
+        T = input_pos.shape[-1]
+        if T < 2 or torch.compiler.is_compiling():
+            return False
+        return bool(torch.equal(input_pos, torch.arange(T, device=input_pos.device).expand_as(input_pos)))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output projection of normed hidden states, in fp32 as Meta's reference returns them."""

@@ -177,3 +177,24 @@ class _NoDecoder:
 
     def flush(self) -> str:
         return ""
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_fresh_prompt_runs_causal_without_a_mask_and_equals_the_masked_forward(quantize):
+    """Positions 0..T-1 into an empty cache take SDPA's causal path (no mask, the first T slots); the
+    logits equal those of the same prompt with the explicit mask the model builds otherwise, and with no cache."""
+    model = random_model(tiny_args("gqa")).eval()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(7)
+    assert model._fresh_prompt(positions.expand(2, 7)) and not model._fresh_prompt(positions[None, 1:])
+    with torch.no_grad():
+        plain = model(tokens)
+        model.setup_caches(2, 16, quantize=quantize)
+        fresh = model(tokens, input_pos=positions)
+        model.setup_caches(2, 16, quantize=quantize)
+        mask = (torch.arange(16).view(1, 1, 1, -1) <= positions.view(1, 1, 7, 1))
+        masked = model(tokens, input_pos=positions, mask=mask)
+        model.clear_caches()
+    torch.testing.assert_close(fresh, masked, rtol=1e-5, atol=1e-5)
+    if quantize is None:  # an int8 cache rounds the keys and values the prompt attends to
+        torch.testing.assert_close(fresh, plain, rtol=1e-5, atol=1e-5)
