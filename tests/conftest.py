@@ -10,9 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama3 import kernels
 from llama3.config import ModelArgs
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=kernels.supported_isas())
+def ops(request):
+    """The kernels' operators at one instruction-set level this CPU runs (torch.ops.llama3 for the default
+    level, torch.ops.llama3_<level> else): a test taking `ops` runs at every level."""
+    assert kernels.available(), kernels.why_unavailable()  # the setup installs a C++ compiler
+    return kernels.ops(request.param)
 
 
 @pytest.fixture(autouse=True, scope="session")

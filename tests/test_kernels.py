@@ -38,12 +38,6 @@ def built():
     assert kernels.available(), kernels.why_unavailable()
 
 
-@pytest.fixture(scope="module", params=RUNNABLE_LEVELS)
-def ops(request):
-    """The operators of one level (torch.ops.llama3 for the default one, torch.ops.llama3_<level> else)."""
-    return kernels.ops(request.param)
-
-
 def quantize_activations_like_the_kernel(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """x rounded to int8 per block of 32 values (absmax / 127), returned dequantized, in float64."""
     M, K = x.shape
