@@ -198,3 +198,26 @@ def test_a_fresh_prompt_runs_causal_without_a_mask_and_equals_the_masked_forward
     torch.testing.assert_close(fresh, masked, rtol=1e-5, atol=1e-5)
     if quantize is None:  # an int8 cache rounds the keys and values the prompt attends to
         torch.testing.assert_close(fresh, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_long_prompt_prefilled_in_chunks_equals_one_pass(quantize):
+    """Prompts longer than `prefill_chunk` run chunk by chunk through the cache: the last-token logits of
+    rows of different lengths (their last columns in different chunks) and the decode step after them
+    equal a single pass."""
+    model = random_model(tiny_args("gqa")).eval()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(8))
+    lengths = torch.tensor([9, 4])
+
+    def run(chunk):
+        gen = Generator(model, None, cache_bucket=8, kv_cache=quantize, prefill_chunk=chunk)
+        gen.prepare_cache(2, 12)
+        first = gen.prefill(tokens, torch.arange(9).expand(2, 9), lengths - 1)
+        pos = lengths.view(2, 1)
+        return first, gen.decode_step(first.argmax(-1).view(2, 1), pos)
+
+    one_pass, chunked = run(512), run(3)
+    for a, b in zip(one_pass, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prefill_chunk must be at least 1"):
+        Generator(model, None, prefill_chunk=0)

@@ -19,6 +19,7 @@
 - The KV cache grows with the sequence: it starts with room for the prompts and one `cache_bucket` of new
   tokens and doubles (copying its entries) when decoding reaches its end, up to the model's context.
   `kv_cache="int8"` stores it as int8 with a scale per head and position (about half of bf16's bytes).
+- Prompts run in chunks of `prefill_chunk` (512) tokens, so a long prompt's activations stay bounded.
 - Compilation (`compile=True`) happens once per cache shape (batch size × cache length), in a warm-up
   outside the timed region (`compile_s`); later calls of the same shape reuse it.
 
@@ -43,6 +44,11 @@ from .stops import find_stop, shown_length
 __all__ = ["GenerationResult", "GenerationTiming", "Generator"]
 
 DEFAULT_SAMPLING = SamplingParams()
+
+
+# Prompt columns per forward in `prefill`: bounds the activations of long prompts (the products run as GEMMs
+# of this many rows, well past where they reach full speed).
+PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -124,9 +130,13 @@ class Generator:
     """Prefill + decode for one model and tokenizer. See the module docstring for the API."""
 
     def __init__(self, model: Transformer, tokenizer, *, compile: bool = False, cache_bucket: int = 256,
-                 inductor_options: dict | None = None, kv_cache: str | None = None):
+                 inductor_options: dict | None = None, kv_cache: str | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         if kv_cache not in (None, "int8"):
             raise ValueError(f"kv_cache must be None (the model's dtype) or 'int8', got {kv_cache!r}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model = model.eval()
         use_attention_kernel(model)  # eager decode steps attend on the CPU kernel (CPU models)
         self.kv_cache = kv_cache
@@ -156,10 +166,20 @@ class Generator:
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) right-padded prompts, input_pos (B, T), last_index (B,) each row's last real column
-        -> logits there (B, V) fp32. Only the rows' last hidden states go through the output projection."""
-        hidden = self.model(tokens, input_pos=input_pos, return_hidden=True)  # (B, T, D)
+        -> logits there (B, V) fp32. Only the rows' last hidden states go through the output projection.
+        Prompts longer than `prefill_chunk` run in chunks of that many columns, each writing the cache the
+        next one reads, so activations stay bounded (a 32K-token prompt would otherwise hold gigabytes of
+        feed-forward activations at once)."""
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        return self.model.logits(hidden[rows, last_index])  # (B, V)
+        last = None  # (B, D): each row's hidden state at its last_index, taken from the chunk that holds it
+        for start in range(0, tokens.shape[1], self.prefill_chunk):
+            end = min(tokens.shape[1], start + self.prefill_chunk)
+            hidden = self.model(tokens[:, start:end], input_pos=input_pos[:, start:end], return_hidden=True)
+            if last is None:
+                last = hidden.new_empty(tokens.shape[0], hidden.shape[-1])
+            here = (last_index >= start) & (last_index < end)
+            last[here] = hidden[rows[here], last_index[here] - start]
+        return self.model.logits(last)  # (B, V)
 
     def cache_length_for(self, needed_len: int) -> int:
         """The cache length that holds `needed_len` positions: `cache_bucket` times a power of two (so a
