@@ -9,7 +9,8 @@ so Q4_K applies to every matrix) as f32 and q8_0 GGUF with `llama3.save`, and as
 llama.cpp's own quantizer. Then, in alternating rounds, each build decodes each file in a child process
 (a crash fails that cell, not the run): a prompt, then greedy tokens, timed per step. Reported per file and
 build: decode tok/s (best run and 1/p10 step time), whether the greedy tokens equal the other builds' and
-the largest logit difference to the first build.
+the largest logit difference to the first build. `--gguf NAME=PATH` decodes existing files instead (the
+1B shape: `--gguf q4_0=~/.cache/llama3/real-size/1b-q4_0.gguf --gguf q4_k_m=...`).
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="NAME=DIR: a llama-cpp-python install (DIR first on PYTHONPATH; empty: this Python's)")
     parser.add_argument("--files", default="q8_0,q4_0,q4_k_m,f32", help="which GGUF files to decode")
     parser.add_argument("--workdir", default=None, help="where the GGUF files are written (kept for reuse)")
+    parser.add_argument("--gguf", action="append", default=[],
+                        help="NAME=PATH: decode this existing file (e.g. benchmarks/real_size.py's 1B files) "
+                             "instead of the script's own small model; repeat for several")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -150,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     builds = dict(b.split("=", 1) for b in args.build) or {"default": ""}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="llama3-llamacpp-builds-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    files = write_files(workdir, next(iter(builds.values())), args.timeout)
+    if args.gguf:
+        files = {name: Path(path) for name, path in (g.split("=", 1) for g in args.gguf)}
+        args.files = ",".join(files)
+    else:
+        files = write_files(workdir, next(iter(builds.values())), args.timeout)
     prompt = list(range(1000, 1000 + args.prompt_tokens))
     print(f"CPU: {cpu_description()}; load average {os.getloadavg()[0]:.1f}; {args.threads} threads; "
           f"files in {workdir}", flush=True)
