@@ -174,13 +174,16 @@ class KVCache(nn.Module):
             codes[rows, :, cache_pos] = torch.round(new / scale).clamp(-127, 127).to(torch.int8)
             scales[rows, :, cache_pos] = scale
 
-    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, T, K, Dh) at cache_pos (B, T); return the whole cache (B, K, S, Dh) in k's dtype."""
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, K, Dh) at cache_pos (B, T); return the cache's first `span` slots (default: all)
+        (B, K, span, Dh) in k's dtype (converted, or dequantized, over that span only)."""
         self.write(cache_pos, k, v)
+        keys, values = self.k[:, :, :span], self.v[:, :, :span]
         if self.k_scale is None:
-            return self.k.to(k.dtype), self.v.to(v.dtype)
-        return ((self.k.float() * self.k_scale).to(k.dtype),  # (B, K, S, Dh)
-                (self.v.float() * self.v_scale).to(v.dtype))
+            return keys.to(k.dtype), values.to(v.dtype)
+        return ((keys.float() * self.k_scale[:, :, :span]).to(k.dtype),  # (B, K, span, Dh)
+                (values.float() * self.v_scale[:, :, :span]).to(v.dtype))
 
 
 def _local_rows(linear: nn.Module) -> int:
@@ -244,12 +247,10 @@ class Attention(nn.Module):
             return self.wo(self.cached_attention(q, self.kv_cache, mask))
         if self.kv_cache is not None:
             assert cache_pos is not None, "a model with a KV cache needs cache positions"
-            keys, values = self.kv_cache.update(cache_pos, k, v)  # (B, K, S, Dh)
             # The mask covers the filled span only; no mask: a fresh prompt, causal over the first T slots
             # (Transformer.forward leaves it out only then).
             span = T if mask is None else mask.shape[-1]
-            if span < keys.shape[2]:
-                keys, values = keys[:, :, :span], values[:, :, :span]
+            keys, values = self.kv_cache.update(cache_pos, k, v, span)  # (B, K, span, Dh)
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
@@ -463,7 +464,8 @@ class Transformer(nn.Module):
         input_pos: (T,) or (B, T) positions of the tokens; defaults to 0..T-1. With a KV cache they are
             also the cache slots written, and unless `mask` is given each token attends to cache slots
             0..its position (so rows of a batch may be at different lengths).
-        mask: bool, broadcastable to (B, 1, T, S), True = may attend; overrides the default.
+        mask: bool, broadcastable to (B, 1, T, S), True = may attend; overrides the default. With a cache,
+            S may be shorter than the cache: the tokens attend to its first S slots only.
         document_ids: (B, T) for packed training sequences; attention stays within a document.
         """
         B, T = tokens.shape
