@@ -203,6 +203,8 @@ class Attention(nn.Module):
         self.wqkv: nn.Module | None = None
         self.kv_cache: KVCache | None = None
 
+    _rope = staticmethod(apply_rope)  # a training subclass swaps in a fused kernel (llama3.train.fused)
+
     def local_kv_heads(self) -> int:
         """K as this process holds it (a tensor-parallel shard holds K / tp)."""
         if self.wqkv is None:
@@ -226,7 +228,7 @@ class Attention(nn.Module):
                 cache_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self._project(x)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = self._rope(q, rope), self._rope(k, rope)
         if self.kv_cache is not None:
             assert cache_pos is not None, "a model with a KV cache needs cache positions"
             keys, values = self.kv_cache.update(cache_pos, k, v)  # (B, K, S, Dh)

@@ -5,3 +5,4 @@
 #include "xent.cpp"
 #include "ggml_blocks.cpp"
 #include "ggml_dequant.cpp"
+#include "train_ops.cpp"

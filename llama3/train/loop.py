@@ -41,6 +41,7 @@ from ..checkpoint.safety import WriteFailed
 from ..config import ModelArgs
 from ..model import Transformer
 from .config import TrainConfig
+from .fused import densify_sparse_grads, prepare_for_training
 from .loss import release_scratch
 from .metrics import MetricsWriter, format_duration, measure_peak_flops, memory_gib
 from .optim import build_optimizer
@@ -82,7 +83,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 def build_model(args: ModelArgs, cfg: TrainConfig, runtime: Runtime, *,
                 initialize: Callable[[Transformer], None] | None = None) -> Transformer:
     """Meta device → parallelize (TP → activation checkpointing → compile → FSDP2; on one device the first
-    and last do nothing) → to_empty → init_weights / initialize."""
+    and last do nothing) → to_empty → init_weights / initialize → the CPU training ops
+    (`llama3.train.fused.prepare_for_training`)."""
     model = Transformer.on_meta(args)
     model = runtime.parallelize(model, cfg.parallel)
     model.to_empty(device=runtime.device)
@@ -92,7 +94,10 @@ def build_model(args: ModelArgs, cfg: TrainConfig, runtime: Runtime, *,
     else:
         model.init_buffers(runtime.device)
         initialize(model)
-    return model
+    # One CPU process: fused element-wise kernels (not under compile, which fuses them itself) and a sparse
+    # tied-embedding gradient. Sharded (DTensor) models keep torch's operators.
+    one_cpu = runtime.device.type == "cpu" and runtime.world_size == 1
+    return prepare_for_training(model, fuse=one_cpu and not cfg.parallel.compile, sparse_embedding_grad=one_cpu)
 
 
 @dataclass
@@ -154,6 +159,7 @@ class _StepRunner:
                 loss = self.loss_fn(self.model, batch)
             (loss / cfg.grad_accum).backward()
             loss_total += loss.detach() / cfg.grad_accum
+        densify_sparse_grads(self.params)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = self.runtime.clip_grad_norm(self.params, max_norm)
         loss_value = float(self.runtime.all_reduce_mean(loss_total))
