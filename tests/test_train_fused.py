@@ -15,8 +15,9 @@ from llama3 import kernels
 from llama3.config import ModelArgs
 from llama3.model import RMSNorm, apply_rope, precompute_rope
 from llama3.train.config import TrainConfig
-from llama3.train.fused import (FusedAttention, FusedFeedForward, FusedRMSNorm, densify_sparse_grads,
-                                fused_rms_norm, fused_rope, fused_swiglu, prepare_for_training)
+from llama3.train import fused, loss
+from llama3.train.fused import (FusedAttention, FusedFeedForward, FusedRMSNorm, TiedEmbedding, fused_rms_norm,
+                                fused_rope, fused_swiglu, prepare_for_training)
 from llama3.train.loop import Runtime, build_model
 from llama3.train.loss import causal_lm_loss
 
@@ -91,19 +92,24 @@ def test_rope_forward_and_backward_equal_apply_rope(batched_table, dtype):
 
 
 def _step_grads(model, batch):
-    loss = causal_lm_loss(model, batch)
-    loss.backward()
-    params = list(model.parameters())
-    densify_sparse_grads(params)
+    value = causal_lm_loss(model, batch)
+    value.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
+    return value.detach(), grads
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_a_prepared_model_trains_like_the_plain_one(tied):
-    """build_model's fused modules and sparse tied-embedding gradient: the same loss and gradients as the
+def test_a_prepared_model_trains_like_the_plain_one(tied, monkeypatch):
+    """build_model's fused modules and tied-embedding gradient hand-over: the same loss and gradients as the
     model's own code, to fp32 rounding; without gradients (evaluation, generation) the very same logits."""
+    taken = []
+
+    def take(weight):
+        taken.append(fused.take_dense_grad_slot(weight))
+        return taken[-1]
+
+    monkeypatch.setattr(loss, "take_dense_grad_slot", take)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=32,
                      tie_word_embeddings=tied)
     plain = random_model(args, seed=4).train()
@@ -112,31 +118,33 @@ def test_a_prepared_model_trains_like_the_plain_one(tied):
                            initialize=lambda m: m.load_state_dict(state)).train()
     assert isinstance(prepared.norm, FusedRMSNorm) and isinstance(prepared.layers[0].attention, FusedAttention)
     assert isinstance(prepared.layers[1].feed_forward, FusedFeedForward)
-    assert prepared.tok_embeddings.sparse == tied
+    assert isinstance(prepared.tok_embeddings, TiedEmbedding) == tied
     tokens = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(5))
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     want_loss, want = _step_grads(plain, batch)
+    taken.clear()
     got_loss, got = _step_grads(prepared, batch)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     assert got.keys() == want.keys()
+    # with tied weights the loss took the lookup's slot, and the lookup emptied it after adding its rows
+    assert [slot is not None for slot in taken] == [tied]
+    assert all(slot.grad is None for slot in taken if slot is not None)
     for name in want:
-        assert not got[name].is_sparse, name
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():
         assert torch.equal(prepared(batch["inputs"]), plain(batch["inputs"]))
 
 
-def test_a_loss_without_the_output_projection_still_gets_a_dense_gradient():
-    """With a tied embedding made sparse, a loss that never uses the output projection leaves a sparse
-    gradient; the loop densifies it before clipping and the optimizer, equal to the dense one."""
+def test_a_loss_without_the_output_projection_gets_the_dense_embedding_gradient():
+    """A tied lookup whose slot no loss took (this loss never uses the output projection) returns torch's
+    dense gradient; micro-batches accumulate into `.grad` as before."""
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32, max_seq_len=16,
                      tie_word_embeddings=True)
-    model = random_model(args, seed=6)
+    model = prepare_for_training(random_model(args, seed=6), fuse=False, tied_embedding_grad=True)
     want_model = random_model(args, seed=6)
-    prepare_for_training(model, fuse=False, sparse_embedding_grad=True)
+    assert isinstance(model.tok_embeddings, TiedEmbedding)
     tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(7))
     for m in (model, want_model):
-        m(tokens, return_hidden=True).square().sum().backward()
-    assert model.tok_embeddings.weight.grad.is_sparse
-    densify_sparse_grads(list(model.parameters()))
+        for _ in range(2):
+            m(tokens, return_hidden=True).square().sum().backward()
     torch.testing.assert_close(model.tok_embeddings.weight.grad, want_model.tok_embeddings.weight.grad)

@@ -33,6 +33,10 @@
 
 namespace {
 
+// Below ~32K values a parallel region costs more than it saves (torch's own GRAIN_SIZE).
+constexpr int64_t kGrainValues = 32768;
+inline int64_t grain_rows(int64_t values_per_row) { return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, values_per_row)); }
+
 inline float train_load(const float* p) { return *p; }
 inline float train_load(const c10::BFloat16* p) { return static_cast<float>(*p); }
 inline void train_store(float* p, float v) { *p = v; }
@@ -57,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> train_rms_norm(const at::Tensor& x, const at:
   float* yp = y.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain_rows(D), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* xr = xp + i * D;
       float* yr = yp + i * D;
@@ -84,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> train_rms_norm_backward(const at::Tensor& gra
   TORCH_CHECK(rstd.numel() == N && rstd.scalar_type() == at::kFloat && rstd.is_contiguous(),
               "train_rms_norm_backward: rstd must be float32 with one value per row");
   at::Tensor grad_x = at::empty_like(x);
-  const int64_t num_blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N));
+  const int64_t num_blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N / grain_rows(D)));
   at::Tensor partial = at::zeros({num_blocks, D}, x.options());
   const float* gp = grad.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -126,7 +130,7 @@ void check_pair(const at::Tensor& a, const at::Tensor& b, const char* op) {
 
 template <typename T>
 void swiglu_rows(const T* gate, const T* up, T* out, int64_t n) {
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kGrainValues, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float g = train_load(gate + i);
       train_store(out + i, g / (1.0f + std::exp(-g)) * train_load(up + i));
@@ -149,7 +153,7 @@ at::Tensor train_swiglu(const at::Tensor& gate, const at::Tensor& up) {
 // With s = sigmoid(gate): d/dup = grad * gate * s, d/dgate = grad * up * s * (1 + gate * (1 - s)).
 template <typename T>
 void swiglu_backward_rows(const T* grad, const T* gate, const T* up, T* grad_gate, T* grad_up, int64_t n) {
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kGrainValues, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float g = train_load(gate + i), u = train_load(up + i), dy = train_load(grad + i);
       const float s = 1.0f / (1.0f + std::exp(-g));
@@ -181,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> train_swiglu_backward(const at::Tensor& grad,
 template <typename T>
 void rope_rows(const T* x, const float* rope, T* out, int64_t rows, int64_t heads, int64_t head_dim, float sign) {
   const int64_t pairs = head_dim / 2;
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_rows(heads * head_dim), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* cs = rope + r * pairs * 2;  // (Dh/2, 2): cos, sin
       for (int64_t h = 0; h < heads; ++h) {

@@ -7,10 +7,13 @@
   names (their class becomes a subclass of it), and take the fused path only while gradients are recorded
   and their inputs are plain CPU tensors of a dtype the kernels take; otherwise (evaluation under
   `no_grad`, generation from the trained model, other devices) they run the model's own code unchanged.
-- With tied embeddings the input embedding's gradient is made sparse (`nn.Embedding.sparse`): the
-  lookup's backward then touches only the rows of the batch's tokens, and autograd adds them in place into
-  the output projection's dense gradient of the same tensor, instead of zero-filling and adding a dense
-  (vocab × dim) gradient: 295 MB each at Llama 3's 128K vocabulary and dim 576.
+- With tied embeddings the input lookup's gradient (a few rows: the batch's tokens) is added in place into
+  the output projection's dense gradient of the same tensor, which the loss (`linear_cross_entropy`) has
+  just made, instead of torch's dense (vocab × dim) embedding gradient: zero-filled, scattered into and added,
+  295 MB each at Llama 3's 128K vocabulary and dim 576. The hand-over is a `DenseGradSlot`: the lookup opens
+  one, the loss takes it in its forward and puts its weight gradient there in its backward, and the lookup's
+  backward (which runs later: the loss's input depends on the lookup's output) adds its rows into it. When
+  no loss took the slot (a loss without the output projection) the lookup returns torch's dense gradient.
 
 The plain torch composition in `llama3.model` is the reference the kernels are tested against
 (tests/test_train_fused.py).
@@ -18,13 +21,17 @@ The plain torch composition in `llama3.model` is the reference the kernels are t
 
 from __future__ import annotations
 
+import threading
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
 from ..model import Attention, FeedForward, RMSNorm, Transformer, apply_rope
 
-__all__ = ["densify_sparse_grads", "fused_rms_norm", "fused_rope", "fused_swiglu", "prepare_for_training"]
+__all__ = ["DenseGradSlot", "TiedEmbedding", "fused_rms_norm", "fused_rope", "fused_swiglu", "prepare_for_training",
+           "take_dense_grad_slot"]
 
 
 def _ops():
@@ -125,26 +132,68 @@ class FusedAttention(Attention):
         return apply_rope(x, rope)
 
 
+class DenseGradSlot:
+    """Where a loss leaves the dense gradient of a tied weight for the embedding lookup to add into."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad: torch.Tensor | None = None
+
+
+_open_slots = threading.local()  # id(weight) -> the DenseGradSlot of the latest lookup through it
+
+
+def take_dense_grad_slot(weight: torch.Tensor) -> DenseGradSlot | None:
+    """The slot the latest embedding lookup through `weight` opened, once (None if there is none)."""
+    return _open_slots.__dict__.pop(id(weight), None)
+
+
+class _TiedLookupFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, tokens):
+        ctx.save_for_backward(tokens)
+        ctx.weight_shape = weight.shape
+        ctx.slot = _open_slots.__dict__[id(weight)] = DenseGradSlot()
+        return F.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (tokens,) = ctx.saved_tensors
+        slot, ctx.slot = ctx.slot, None
+        rows = grad.reshape(-1, grad.shape[-1])  # (B·T, D)
+        if slot.grad is None:  # no loss handed over a dense gradient: torch's dense one
+            dense = torch.zeros(ctx.weight_shape, dtype=grad.dtype, device=grad.device)
+            return dense.index_add_(0, tokens.flatten(), rows), None
+        target, slot.grad = slot.grad, None  # drop the slot's reference: autograd may then reuse the tensor
+        target.index_add_(0, tokens.flatten(), rows.to(target.dtype))
+        return None, None
+
+
+class TiedEmbedding(nn.Embedding):
+    """The token embedding of a model with tied weights, whose training gradient is added into the output
+    projection's (see the module docstring)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if _takes(self.weight, dtypes=(torch.float32,)) and self.weight.requires_grad and self.padding_idx is None \
+                and self.max_norm is None and not self.sparse:
+            return _TiedLookupFn.apply(self.weight, tokens)
+        return super().forward(tokens)
+
+
 _FUSED = {RMSNorm: FusedRMSNorm, FeedForward: FusedFeedForward, Attention: FusedAttention}
 
 
-def prepare_for_training(model: Transformer, *, fuse: bool, sparse_embedding_grad: bool) -> Transformer:
-    """Swap in the fused modules (`fuse`, when the kernels build) and make a tied embedding's gradient
-    sparse (`sparse_embedding_grad`, only with tied weights: the output projection's dense gradient is what
-    the sparse one is added into). Parameters, names and state dicts stay as they are."""
+def prepare_for_training(model: Transformer, *, fuse: bool, tied_embedding_grad: bool) -> Transformer:
+    """Swap in the fused modules (`fuse`, when the kernels build) and, with tied weights, the embedding
+    whose gradient goes into the output projection's (`tied_embedding_grad`). Parameters, names and state
+    dicts stay as they are."""
     if fuse and kernels.available():
         for module in model.modules():
             fused = _FUSED.get(type(module))
             if fused is not None:
                 module.__class__ = fused
-    if sparse_embedding_grad and model.output.weight is model.tok_embeddings.weight:
-        model.tok_embeddings.sparse = True
+    if (tied_embedding_grad and model.output.weight is model.tok_embeddings.weight
+            and type(model.tok_embeddings) is nn.Embedding):
+        model.tok_embeddings.__class__ = TiedEmbedding
     return model
-
-
-def densify_sparse_grads(params: list[nn.Parameter]) -> None:
-    """Make any sparse `.grad` dense. A tied embedding's gradient is sparse only if the loss never used the
-    output projection (a custom loss); optimizers and clipping want dense gradients."""
-    for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            p.grad = p.grad.to_dense()

@@ -41,7 +41,7 @@ from ..checkpoint.safety import WriteFailed
 from ..config import ModelArgs
 from ..model import Transformer
 from .config import TrainConfig
-from .fused import densify_sparse_grads, prepare_for_training
+from .fused import prepare_for_training
 from .loss import release_scratch
 from .metrics import MetricsWriter, format_duration, measure_peak_flops, memory_gib
 from .optim import build_optimizer
@@ -94,10 +94,10 @@ def build_model(args: ModelArgs, cfg: TrainConfig, runtime: Runtime, *,
     else:
         model.init_buffers(runtime.device)
         initialize(model)
-    # One CPU process: fused element-wise kernels (not under compile, which fuses them itself) and a sparse
-    # tied-embedding gradient. Sharded (DTensor) models keep torch's operators.
+    # One CPU process: fused element-wise kernels (not under compile, which fuses them itself) and the tied
+    # embedding's gradient added into the output projection's. Sharded (DTensor) models keep torch's operators.
     one_cpu = runtime.device.type == "cpu" and runtime.world_size == 1
-    return prepare_for_training(model, fuse=one_cpu and not cfg.parallel.compile, sparse_embedding_grad=one_cpu)
+    return prepare_for_training(model, fuse=one_cpu and not cfg.parallel.compile, tied_embedding_grad=one_cpu)
 
 
 @dataclass
@@ -159,7 +159,6 @@ class _StepRunner:
                 loss = self.loss_fn(self.model, batch)
             (loss / cfg.grad_accum).backward()
             loss_total += loss.detach() / cfg.grad_accum
-        densify_sparse_grads(self.params)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = self.runtime.clip_grad_norm(self.params, max_norm)
         loss_value = float(self.runtime.all_reduce_mean(loss_total))
