@@ -45,7 +45,7 @@ from .fused import prepare_for_training
 from .loss import release_scratch
 from .metrics import MetricsWriter, format_duration, measure_peak_flops, memory_gib
 from .optim import build_optimizer
-from .runtime import Runtime
+from .runtime import Runtime, autocast_dtype, bf16_notice
 from .schedule import lr_at
 
 __all__ = [
@@ -141,7 +141,7 @@ class _StepRunner:
     def __init__(self, model, optimizer, cfg: TrainConfig, runtime: Runtime, loss_fn: LossFn):
         self.model, self.optimizer, self.cfg, self.runtime, self.loss_fn = model, optimizer, cfg, runtime, loss_fn
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+        self.autocast_dtype = autocast_dtype(cfg.train.dtype, runtime.device)  # fp32 where bf16 is emulated
 
     def __call__(self, batches: Iterator[Batch], lr: float) -> dict[str, Any]:
         cfg, device = self.cfg.train, self.runtime.device
@@ -244,8 +244,11 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
                 torch.cuda.set_rng_state(state["rng_cuda"], runtime.device)
             log(f"resumed from {checkpoint_dir} at step {start_step}")
 
+    notice = bf16_notice(cfg.train.dtype, runtime.device)
+    if notice and runtime.is_main:
+        log(notice)
     peak = cfg.logging.peak_flops or measure_peak_flops(
-        runtime.device, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
+        runtime.device, autocast_dtype(cfg.train.dtype, runtime.device) or torch.float32)
     flops_per_token = model_args.flops_per_token(cfg.data.seq_len)
     metrics = MetricsWriter(out_dir, resume_step=start_step if resume else None,
                             tensorboard=cfg.logging.tensorboard, enabled=runtime.is_main, log=log)
