@@ -148,3 +148,20 @@ def test_a_loss_without_the_output_projection_gets_the_dense_embedding_gradient(
         for _ in range(2):
             m(tokens, return_hidden=True).square().sum().backward()
     torch.testing.assert_close(model.tok_embeddings.weight.grad, want_model.tok_embeddings.weight.grad)
+
+
+def test_the_portable_level_gives_the_default_levels_numbers():
+    """train_ops.cpp is plain C++ that the compiler vectorizes per level: the portable build (no vector
+    flags) and the default one agree to fp32 rounding."""
+    portable, default = kernels.ops("portable"), kernels.ops()
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(6, 67, generator=g), torch.randn(67, generator=g)
+    gate, up = torch.randn(5, 33, generator=g), torch.randn(5, 33, generator=g)
+    rope = torch.randn(6, 8, 2, generator=g)
+    xr = torch.randn(6, 3, 16, generator=g)
+    for name, args in [("train_rms_norm", (x, w, 1e-5)), ("train_rms_norm_backward", (x, x, w, x[:, 0].abs())),
+                       ("train_swiglu", (gate, up)), ("train_swiglu_backward", (gate, gate, up)),
+                       ("train_rope", (xr, rope, False)), ("train_rope", (xr, rope, True))]:
+        got, want = getattr(portable, name)(*args), getattr(default, name)(*args)
+        for a, b in zip(got if isinstance(got, tuple | list) else [got], want if isinstance(want, tuple | list) else [want]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
