@@ -238,8 +238,11 @@ class Attention(nn.Module):
         if T == 1 and mask is not None and mask.dim() == 4:
             out = _attend_one_query(q, keys, values, mask)
         else:
-            out = _attend_sdpa(q, keys, values, mask)
+            out = self._attend(q, keys, values, mask)
         return self.wo(out)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return _attend_sdpa(q, keys, values, mask)  # a training subclass runs SDPA's grouped heads (train.fused)
 
 
 def _attend_one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -99,8 +99,8 @@ def _step_grads(model, batch):
     return value.detach(), grads
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_a_prepared_model_trains_like_the_plain_one(tied, monkeypatch):
+@pytest.mark.parametrize("tied, packed", [(True, False), (False, True)])
+def test_a_prepared_model_trains_like_the_plain_one(tied, packed, monkeypatch):
     """build_model's fused modules and tied-embedding gradient hand-over: the same loss and gradients as the
     model's own code, to fp32 rounding; without gradients (evaluation, generation) the very same logits."""
     taken = []
@@ -121,6 +121,8 @@ def test_a_prepared_model_trains_like_the_plain_one(tied, monkeypatch):
     assert isinstance(prepared.tok_embeddings, TiedEmbedding) == tied
     tokens = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(5))
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    if packed:  # documents packed into rows: SDPA with the block-causal mask
+        batch["document_ids"] = (torch.arange(16) >= torch.tensor([[5], [11]])).long()
     want_loss, want = _step_grads(plain, batch)
     taken.clear()
     got_loss, got = _step_grads(prepared, batch)

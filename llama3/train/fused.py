@@ -123,7 +123,20 @@ class FusedFeedForward(FeedForward):
 
 
 class FusedAttention(Attention):
-    """Attention whose RoPE rotation is one kernel pass each way while training."""
+    """Attention whose RoPE rotation is one kernel pass each way while training, and whose grouped heads
+    go to SDPA as they are (`enable_gqa`) instead of being repeated for every query head first: no copies
+    of the keys and values, and no sum over the copies' gradients."""
+
+    def _attend(self, q, keys, values, mask):
+        B, T = q.shape[:2]
+        if not _takes(q, keys, values) or keys.shape[1] == q.shape[2]:
+            return super()._attend(q, keys, values, mask)
+        q = q.transpose(1, 2)  # (B, H, T, Dh)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H·Dh)
 
     @staticmethod
     def _rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
