@@ -50,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--isa", default=None,
                    help="build our kernels (the loss) at this instruction-set level (llama3.kernels.ISA_LEVELS) "
                         "instead of the best one this CPU runs")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: torch.profiler over 2 of our steps (after the warm-up), operators by "
+                        "input shape with each matmul's GFLOP/s")
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     return p.parse_args(argv)
@@ -73,10 +77,10 @@ def _hf(initial, cfg):
     return model, opt
 
 
-def _step_ours(model, opt, batch, dtype):
+def _step_ours(model, opt, batch, amp):
     from llama3.train.loss import causal_lm_loss
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
         loss = causal_lm_loss(model, batch)
     loss.backward()
     opt.step()
@@ -84,8 +88,8 @@ def _step_ours(model, opt, batch, dtype):
     return float(loss.detach())
 
 
-def _step_hf(model, opt, batch, dtype):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+def _step_hf(model, opt, batch, amp):
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
         # HF shifts labels itself: labels = inputs; our targets are already shifted, so give it one token more.
         out = model(input_ids=batch["inputs"], labels=batch["labels"])
     out.loss.backward()
@@ -94,12 +98,61 @@ def _step_hf(model, opt, batch, dtype):
     return float(out.loss.detach())
 
 
+def _computes(amp) -> str:
+    from llama3.train.runtime import native_bf16
+
+    if amp is None:
+        return "fp32"
+    return "bf16 autocast" + ("" if native_bf16(torch.device("cpu")) else " (emulated: no bf16 instructions)")
+
+
 def bench_training(a) -> list[dict]:
+
+    from llama3.train.config import TrainConfig
+    from llama3.train.metrics import measure_peak_flops
+    from llama3.train.runtime import autocast_dtype
+
+    args, initial, batch = _model_and_batch(a)
+    rows = []
+    for dtype in a.dtypes.split(","):
+        # What each side computes: HF under the autocast it is asked for; ours as `train.dtype` runs in the
+        # loop, which is fp32 where bf16 would be emulated (llama3.train.runtime.autocast_dtype).
+        hf_amp = torch.bfloat16 if dtype == "bf16" else None
+        our_amp = autocast_dtype(dtype, torch.device("cpu"))
+        impls = {"ours": (*_ours(args, TrainConfig(), initial), _step_ours, our_amp),
+                 "HF transformers": (*_hf(initial, TrainConfig()), _step_hf, hf_amp)}
+        if a.compile:
+            cfg = TrainConfig()
+            cfg.parallel.compile = True
+            impls["ours + compile"] = (*_ours(args, cfg, initial), _step_ours, our_amp)
+        peaks = {amp: measure_peak_flops(torch.device("cpu"), amp or torch.float32, size=1024, repeats=10)
+                 for amp in {our_amp, hf_amp}}
+        times = {name: [] for name in impls}
+        for _name, (model, opt, step, amp) in impls.items():  # warm-up (and compilation)
+            for _ in range(a.warmup):
+                step(model, opt, batch, amp)
+        for _ in range(a.steps):
+            for name, (model, opt, step, amp) in impls.items():
+                start = time.perf_counter()
+                step(model, opt, batch, amp)
+                times[name].append(time.perf_counter() - start)
+        # The machine is shared: measure the peaks again after the timed steps and keep the higher figure.
+        peaks = {amp: max(peak, measure_peak_flops(torch.device("cpu"), amp or torch.float32, size=1024, repeats=10))
+                 for amp, peak in peaks.items()}
+        num_tokens = a.batch * a.seq
+        hf_tps = num_tokens / statistics.median(times["HF transformers"])
+        for name, (_model, _opt, _step, amp) in impls.items():
+            tps = num_tokens / statistics.median(times[name])
+            rows.append({"dtype": dtype, "impl": name, "computes": _computes(amp), "tokens_per_s": tps,
+                         "vs_hf": tps / hf_tps, "mfu": args.flops_per_token(a.seq) * tps / peaks[amp],
+                         "peak_gflops": peaks[amp] / 1e9})
+    return rows
+
+
+def _model_and_batch(a):
     from conftest import random_model
 
     from llama3.config import ModelArgs
-    from llama3.train.config import TrainConfig
-    from llama3.train.metrics import measure_peak_flops
 
     if a.shape == "custom":
         args = ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab,
@@ -109,39 +162,39 @@ def bench_training(a) -> list[dict]:
 
         args = ModelArgs(**SHAPES[a.shape], vocab_size=128256, max_seq_len=a.seq)
         a.vocab = args.vocab_size
-    initial = random_model(args, seed=0)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "labels": tokens[:, :-1]}
-    rows = []
-    for dtype in a.dtypes.split(","):
-        peak = measure_peak_flops(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else torch.float32,
-                                  size=1024, repeats=10)
-        impls = {"ours": (*_ours(args, TrainConfig(), initial), _step_ours),
-                 "HF transformers": (*_hf(initial, TrainConfig()), _step_hf)}
-        if a.compile:
-            cfg = TrainConfig()
-            cfg.parallel.compile = True
-            impls["ours + compile"] = (*_ours(args, cfg, initial), _step_ours)
-        times = {name: [] for name in impls}
-        for _name, (model, opt, step) in impls.items():  # warm-up (and compilation)
-            for _ in range(2):
-                step(model, opt, batch, dtype)
-        for _ in range(a.steps):
-            for name, (model, opt, step) in impls.items():
-                start = time.perf_counter()
-                step(model, opt, batch, dtype)
-                times[name].append(time.perf_counter() - start)
-        # The machine is shared: measure the peak again after the timed steps and keep the higher figure.
-        peak = max(peak, measure_peak_flops(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else torch.float32,
-                                            size=1024, repeats=10))
-        num_tokens = a.batch * a.seq
-        hf_tps = num_tokens / statistics.median(times["HF transformers"])
-        for name in impls:
-            tps = num_tokens / statistics.median(times[name])
-            rows.append({"dtype": dtype, "impl": name, "tokens_per_s": tps, "vs_hf": tps / hf_tps,
-                         "mfu": args.flops_per_token(a.seq) * tps / peak, "peak_gflops": peak / 1e9})
-    return rows
+    return args, random_model(args, seed=0), batch
+
+
+def profile_ours(a) -> None:
+    """Where our fp32 step's time goes: self CPU time by operator and input shape over 2 steps, each matmul
+    with its achieved GFLOP/s (2·M·N·K per call), beside the 1024³ matmul peak measured here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llama3.train.config import TrainConfig
+    from llama3.train.metrics import measure_peak_flops
+
+    args, initial, batch = _model_and_batch(a)
+    model, opt = _ours(args, TrainConfig(), initial)
+    for _ in range(a.warmup):
+        _step_ours(model, opt, batch, None)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(2):
+            _step_ours(model, opt, batch, None)
+    peak = measure_peak_flops(torch.device("cpu"), torch.float32, size=1024, repeats=10)
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    print(f"fp32 matmul peak (1024^3): {peak / 1e9:.0f} GFLOP/s; profiled CPU time {total_us / 2e6:.2f} s per step\n")
+    print("| operator | input shapes | calls/step | ms/step | share | GFLOP/s |\n|---|---|---:|---:|---:|---:|")
+    for e in events[:30]:
+        gflops = ""
+        if e.key == "aten::mm" and len(e.input_shapes) >= 2 and len(e.input_shapes[0]) == 2:
+            (m, k), n = e.input_shapes[0], e.input_shapes[1][1]
+            gflops = f"{2 * m * n * k * e.count / (e.self_cpu_time_total / 1e6) / 1e9:.0f}"
+        print(f"| {e.key} | {e.input_shapes} | {e.count / 2:g} | {e.self_cpu_time_total / 2e3:,.0f} | "
+              f"{100 * e.self_cpu_time_total / total_us:.1f}% | {gflops} |")
 
 
 def bench_data() -> dict:
@@ -184,11 +237,15 @@ def main(argv=None) -> int:
     shape = (f"the {a.shape} shape" if a.shape != "custom" else
              f"model dim {a.dim}, {a.layers} layers, {a.heads}/{a.kv_heads} heads, vocab {a.vocab}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {shape}, batch {a.batch}x{a.seq}\n")
-    print("| dtype | implementation | tokens/s | vs HF | MFU (vs measured matmul peak) |")
-    print("|---|---|---:|---:|---:|")
+    if a.profile:
+        profile_ours(a)
+        return 0
+    print("| dtype asked | implementation | computes | tokens/s | vs HF | MFU (vs measured matmul peak of what it computes) |")
+    print("|---|---|---|---:|---:|---:|")
     for r in [] if a.skip_train else bench_training(a):
-        print(f"| {r['dtype']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['vs_hf']:.2f}x | "
+        print(f"| {r['dtype']} | {r['impl']} | {r['computes']} | {r['tokens_per_s']:,.0f} | {r['vs_hf']:.2f}x | "
               f"{100 * r['mfu']:.1f}% of {r['peak_gflops']:.0f} GFLOP/s |")
+    print(f"\nload average after the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not a.skip_data:
         d = bench_data()
         print(f"\n| data prep ({d['mb']:.1f} MB Austen) | MB/s | vs tiktoken 1 thread |\n|---|---:|---:|")

@@ -217,6 +217,8 @@ class Attention(nn.Module):
         # CPU kernel, llama3.inference.attention). Without it, `_attend_one_query` below.
         self.cached_attention: Callable | None = None
 
+    _rope = staticmethod(apply_rope)  # a training subclass swaps in a fused kernel (llama3.train.fused)
+
     def local_kv_heads(self) -> int:
         """K as this process holds it (a tensor-parallel shard holds K / tp)."""
         if self.wqkv is None:
@@ -240,7 +242,7 @@ class Attention(nn.Module):
                 cache_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self._project(x)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = self._rope(q, rope), self._rope(k, rope)
         if (T == 1 and self.cached_attention is not None and self.kv_cache is not None and mask is not None
                 and mask.dim() == 4 and not torch.compiler.is_compiling()):
             self.kv_cache.write(cache_pos, k, v)
@@ -257,8 +259,11 @@ class Attention(nn.Module):
         if T == 1 and mask is not None and mask.dim() == 4:
             out = _attend_one_query(q, keys, values, mask)
         else:
-            out = _attend_sdpa(q, keys, values, mask)
+            out = self._attend(q, keys, values, mask)
         return self.wo(out)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return _attend_sdpa(q, keys, values, mask)  # a training subclass runs SDPA's grouped heads (train.fused)
 
 
 def _attend_one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

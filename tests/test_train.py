@@ -337,3 +337,31 @@ def test_op_level_selective_checkpointing_wraps_every_block_and_keeps_gradients(
     cfg.parallel.activation_checkpoint, cfg.parallel.selective_ac_option = "selective", "every"
     with pytest.raises(ValueError, match="selective_ac_option='every'.*'op'.*positive integer"):
         build_model(args, cfg, Runtime(device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_autocast_only_where_the_cpu_multiplies_bf16(native, tmp_path, monkeypatch):
+    """`train.dtype=bf16` on a CPU without bf16 instructions (emulated bf16 matmuls, many times slower)
+    trains in fp32 and says so in one line; with them it runs under bf16 autocast, silently."""
+    from llama3.train import runtime
+    from llama3.train.runtime import autocast_dtype
+
+    flags = {"avx2", "fma", "avx512f", "avx512_bf16"} if native else {"avx2", "fma", "f16c"}
+    monkeypatch.setattr(runtime, "_x86_cpu_flags", lambda: flags)
+    cpu = torch.device("cpu")
+    assert autocast_dtype("bf16", cpu) == (torch.bfloat16 if native else None)
+    assert autocast_dtype("fp32", cpu) is None and autocast_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+    seen = []
+
+    def recording_loss(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return causal_lm_loss(model, batch)
+
+    cfg = _loop_config(tmp_path, 2)
+    cfg.train.dtype = "bf16"
+    lines = []
+    train(cfg, tokenizer=_byte_tokenizer(), train_batches=ListBatches(_random_batches(2)), model_args=tiny_args("gqa"),
+          loss_fn=recording_loss, log=lines.append)
+    assert seen == [torch.bfloat16 if native else False] * 2
+    notices = [line for line in lines if "no bf16 instructions" in line]
+    assert len(notices) == (0 if native else 1), lines

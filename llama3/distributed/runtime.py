@@ -25,7 +25,7 @@ import torch
 
 from ..model import Transformer
 from ..train.loss import causal_lm_loss
-from ..train.runtime import Runtime
+from ..train.runtime import Runtime, autocast_dtype
 from .checkpoint import export_hf, save_sharded_checkpoint
 from .collectives import all_reduce_mean, clip_grad_norm_
 from .loss import vocab_parallel_lm_loss
@@ -64,7 +64,8 @@ def distributed_runtime(cfg, *, compile_backend: str = "inductor") -> Any:
         raise ValueError(f"--data.seq_len={cfg.data.seq_len} must be divisible by --parallel.tp={dims.tp} "
                          "(sequence parallelism splits each sequence across the tensor-parallel ranks)")
     dp_mesh = data_parallel_mesh(mesh)
-    param_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+    # bf16 where it is native; fp32 on a CPU that would emulate it, as the single-process loop does
+    param_dtype = autocast_dtype(cfg.train.dtype, info.device) or torch.float32
     loss_parallel = dims.tp > 1
 
     def parallelize_model(model: Transformer, parallel_cfg) -> Transformer:

@@ -10,7 +10,9 @@
 - `attend.cpp`: `torch.ops.llama3.attend_one_query`, decode-time attention of one query per sequence over its
   KV cache (float, bf16, fp16 or int8 with scales), without temporaries (used by `llama3.model`);
 - `xent.cpp`: `torch.ops.llama3.xent_rows_`, cross-entropy rows and their logit gradients in place (used by
-  the training loss, `llama3.train.loss`).
+  the training loss, `llama3.train.loss`);
+- `train_ops.cpp`: `torch.ops.llama3.train_rms_norm`, `train_swiglu`, `train_rope` and their backwards, the
+  training step's element-wise operators fused into one pass each (used by `llama3.train.fused`).
 
 `available()` builds the sources into one library with the system C++ compiler against the installed torch
 (about 20 s the first time; the library is cached under `~/.cache/llama3/kernels`, keyed by the sources,
@@ -48,8 +50,8 @@ import torch
 __all__ = ["ISA_LEVELS", "available", "build", "build_warnings", "cache_dir", "cpu_description", "loaded_isa", "ops",
            "selected_isa", "supported_isas", "why_unavailable"]
 
-_SOURCES = [Path(__file__).with_name(name)
-            for name in ("gemv.cpp", "xent.cpp", "ggml_blocks.cpp", "ggml_dequant.cpp", "attend.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "xent.cpp", "ggml_blocks.cpp", "ggml_dequant.cpp",
+                                                          "attend.cpp", "train_ops.cpp")]
 _HEADERS = [Path(__file__).with_name("ops_namespace.h")]  # included by every source (the operator namespace)
 # What the compiler is given: one file that includes every source, so torch's headers are parsed once.
 _UNIT = Path(__file__).with_name("kernels.cpp")
@@ -278,6 +280,26 @@ def _attend_one_query_shape(q, keys, values, k_scale, v_scale, mask, scale):
     return q.new_empty(q.shape, dtype=torch.float32)  # (B, K, R, D)
 
 
+def _rms_norm_shape(x, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.numel() // max(weight.numel(), 1))  # y, one rstd per row
+
+
+def _rms_norm_backward_shape(grad, x, weight, rstd):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _swiglu_shape(gate, up):
+    return torch.empty_like(gate)
+
+
+def _swiglu_backward_shape(grad, gate, up):
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+def _rope_shape(x, rope, inverse):
+    return torch.empty_like(x)
+
+
 def _register_fakes(namespace: str) -> None:
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"{namespace}::{name}")(_gemv_shape)
@@ -286,6 +308,11 @@ def _register_fakes(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::ggml_dequantize")(_ggml_dequantize_shape)
     torch.library.register_fake(f"{namespace}::ggml_matmul_group")(_ggml_matmul_group_shape)
     torch.library.register_fake(f"{namespace}::attend_one_query")(_attend_one_query_shape)
+    torch.library.register_fake(f"{namespace}::train_rms_norm")(_rms_norm_shape)
+    torch.library.register_fake(f"{namespace}::train_rms_norm_backward")(_rms_norm_backward_shape)
+    torch.library.register_fake(f"{namespace}::train_swiglu")(_swiglu_shape)
+    torch.library.register_fake(f"{namespace}::train_swiglu_backward")(_swiglu_backward_shape)
+    torch.library.register_fake(f"{namespace}::train_rope")(_rope_shape)
 
 
 _SWITCHED_OFF = "switched off by LLAMA3_KERNELS=0"

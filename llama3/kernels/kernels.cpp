@@ -6,3 +6,4 @@
 #include "ggml_blocks.cpp"
 #include "ggml_dequant.cpp"
 #include "attend.cpp"
+#include "train_ops.cpp"

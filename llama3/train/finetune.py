@@ -113,6 +113,7 @@ def _prepare(cfg, device, log, fit_seq_len: bool):
     from ..chat_template import chat_format_for
     from ..inference.ggml_quant import require_float_weights
     from .dpo import compute_reference_logps
+    from .runtime import autocast_dtype
 
     base, tokenizer = load(cfg.finetune.model_path, device=device, dtype=torch.float32)
     require_float_weights(base, cfg.finetune.model_path, "fine-tuning")
@@ -123,8 +124,8 @@ def _prepare(cfg, device, log, fit_seq_len: bool):
     if cfg.finetune.method == "dpo":
         # The reference is the starting model; its log-probs are computed once, so no second copy is kept,
         # under the same autocast as training so that policy and reference agree exactly at step 0.
-        bf16 = cfg.train.dtype == "bf16"
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        amp_dtype = autocast_dtype(cfg.train.dtype, torch.device(device))  # None where bf16 would be emulated
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             train_examples = compute_reference_logps(base, train_examples, tokenizer.pad_id)
             if val_examples:
                 val_examples = compute_reference_logps(base, val_examples, tokenizer.pad_id)

@@ -41,10 +41,11 @@ from ..checkpoint.safety import WriteFailed
 from ..config import ModelArgs
 from ..model import Transformer
 from .config import TrainConfig
+from .fused import prepare_for_training
 from .loss import release_scratch
 from .metrics import MetricsWriter, format_duration, measure_peak_flops, memory_gib
 from .optim import build_optimizer
-from .runtime import Runtime
+from .runtime import Runtime, autocast_dtype, bf16_notice
 from .schedule import lr_at
 
 __all__ = [
@@ -82,7 +83,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 def build_model(args: ModelArgs, cfg: TrainConfig, runtime: Runtime, *,
                 initialize: Callable[[Transformer], None] | None = None) -> Transformer:
     """Meta device → parallelize (TP → activation checkpointing → compile → FSDP2; on one device the first
-    and last do nothing) → to_empty → init_weights / initialize."""
+    and last do nothing) → to_empty → init_weights / initialize → the CPU training ops
+    (`llama3.train.fused.prepare_for_training`)."""
     model = Transformer.on_meta(args)
     model = runtime.parallelize(model, cfg.parallel)
     model.to_empty(device=runtime.device)
@@ -92,7 +94,10 @@ def build_model(args: ModelArgs, cfg: TrainConfig, runtime: Runtime, *,
     else:
         model.init_buffers(runtime.device)
         initialize(model)
-    return model
+    # One CPU process: fused element-wise kernels (not under compile, which fuses them itself) and the tied
+    # embedding's gradient added into the output projection's. Sharded (DTensor) models keep torch's operators.
+    one_cpu = runtime.device.type == "cpu" and runtime.world_size == 1
+    return prepare_for_training(model, fuse=one_cpu and not cfg.parallel.compile, tied_embedding_grad=one_cpu)
 
 
 @dataclass
@@ -136,7 +141,7 @@ class _StepRunner:
     def __init__(self, model, optimizer, cfg: TrainConfig, runtime: Runtime, loss_fn: LossFn):
         self.model, self.optimizer, self.cfg, self.runtime, self.loss_fn = model, optimizer, cfg, runtime, loss_fn
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+        self.autocast_dtype = autocast_dtype(cfg.train.dtype, runtime.device)  # fp32 where bf16 is emulated
 
     def __call__(self, batches: Iterator[Batch], lr: float) -> dict[str, Any]:
         cfg, device = self.cfg.train, self.runtime.device
@@ -239,8 +244,11 @@ def train(cfg: TrainConfig, *, tokenizer: Any, train_batches: Iterator[Batch],
                 torch.cuda.set_rng_state(state["rng_cuda"], runtime.device)
             log(f"resumed from {checkpoint_dir} at step {start_step}")
 
+    notice = bf16_notice(cfg.train.dtype, runtime.device)
+    if notice and runtime.is_main:
+        log(notice)
     peak = cfg.logging.peak_flops or measure_peak_flops(
-        runtime.device, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
+        runtime.device, autocast_dtype(cfg.train.dtype, runtime.device) or torch.float32)
     flops_per_token = model_args.flops_per_token(cfg.data.seq_len)
     metrics = MetricsWriter(out_dir, resume_step=start_step if resume else None,
                             tensorboard=cfg.logging.tensorboard, enabled=runtime.is_main, log=log)

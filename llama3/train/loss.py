@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import kernels
 from ..data import IGNORE_INDEX
+from .fused import take_dense_grad_slot
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "linear_cross_entropy", "release_scratch"]
 
@@ -79,6 +80,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype: torch.dtype):
         # hidden: (N, D), weight: (V, D), targets: (N,)
         need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # A tied embedding looked up through this weight adds its rows into our weight gradient (fused.py).
+        ctx.slot = take_dense_grad_slot(weight) if ctx.needs_input_grad[1] else None
         valid = targets != IGNORE_INDEX
         num_valid = valid.sum().clamp(min=1)
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
@@ -138,6 +141,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # over the (vocab, dim) weight gradient. Checking it costs a device sync, so only on the CPU.
         if not (grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0):
             grad_hidden, grad_weight = grad_hidden * grad_output, grad_weight * grad_output
+        if ctx.slot is not None:
+            ctx.slot.grad, ctx.slot = grad_weight, None
         return grad_hidden, grad_weight, None, None, None
 
 

@@ -5,6 +5,7 @@ calls the fields and never asks which kind it has."""
 from __future__ import annotations
 
 import functools
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,44 @@ from ..model import Transformer
 from .config import ParallelSection
 from .loss import causal_lm_loss
 
-__all__ = ["Runtime", "export_hf_folder", "init_weights_in_place", "parallelize_one_device",
-           "save_checkpoint_one_process"]
+__all__ = ["Runtime", "autocast_dtype", "bf16_notice", "export_hf_folder", "init_weights_in_place",
+           "native_bf16", "parallelize_one_device", "save_checkpoint_one_process"]
+
+
+def _x86_cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo on x86 (None elsewhere, or where it cannot be read)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").partition(":")[2].split())
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run on bf16 instructions here. False only for an x86 CPU without AVX-512 BF16
+    or AMX: there oneDNN emulates bf16 products, which made a training step 10-15x slower than in fp32 on
+    a Zen 3 (BENCHMARKS.md). GPUs and other CPUs are taken at their word."""
+    flags = _x86_cpu_flags() if device.type == "cpu" else None
+    return flags is None or bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def autocast_dtype(train_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a run of `train.dtype` uses on `device`: bf16 where it is native, else none (fp32:
+    on a CPU without bf16 instructions an emulated bf16 step is far slower than an fp32 one, and fp32 loses
+    nothing in accuracy)."""
+    if train_dtype == "bf16" and native_bf16(device):
+        return torch.bfloat16
+    return None
+
+
+def bf16_notice(train_dtype: str, device: torch.device) -> str | None:
+    """The one line to print when `train.dtype=bf16` runs in fp32 on this CPU (None otherwise)."""
+    if train_dtype != "bf16" or autocast_dtype(train_dtype, device) is not None:
+        return None
+    return ("train.dtype=bf16: this CPU has no bf16 instructions (AVX-512 BF16 / AMX), where bf16 matmuls are "
+            "emulated and many times slower; training in fp32 instead")
 
 
 def parallelize_one_device(model: Transformer, parallel_cfg: ParallelSection) -> Transformer:
