@@ -527,8 +527,9 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                 raise ValueError(f"{path}: unexpected tensor {name!r}; not part of a Llama model")
             if t.tensor_type.name in QUANT_TYPES:
                 check_quantized_tensor(path, name, t.tensor_type.name, t.shape, t.data)
-            data = np.array(t.data) if t.tensor_type.name in _PLAIN_TYPES else gguf.quants.dequantize(
-                t.data, t.tensor_type)
+            # plain numbers stay views of the file's (copy-on-write) map: a tensor used as stored costs no
+            # copy and no time at load, its pages are read as the model first touches them
+            data = t.data if t.tensor_type.name in _PLAIN_TYPES else gguf.quants.dequantize(t.data, t.tensor_type)
             tensor = torch.from_numpy(data)
             if t.tensor_type == gguf.GGMLQuantizationType.BF16:
                 tensor = tensor.to(torch.bfloat16)  # exact: the values were bf16

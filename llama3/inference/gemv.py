@@ -28,11 +28,13 @@ from torch import nn
 
 from .. import kernels
 
-__all__ = ["PROMPT_ROWS", "GemvLinear", "native_bf16_products", "sliced_matmul", "use_gemv_kernels", "use_kernel"]
+__all__ = ["PROMPT_ROWS", "GemvGroupLinear", "GemvLinear", "can_group", "native_bf16_products", "sliced_matmul",
+           "use_gemv_kernels", "use_kernel"]
 
 MAX_ROWS = 8  # rows the kernels take in one pass over the weights
 ROW_BYTES = 16 * 1024  # activation bytes (all rows) that stay in L1 next to the streaming weights
-_OPS = {torch.bfloat16: "gemv_bf16", torch.float32: "gemv_f32"}
+_OPS = {torch.bfloat16: "gemv_bf16", torch.float32: "gemv_f32", torch.float16: "gemv_group"}
+_GROUPED = (torch.bfloat16, torch.float16)  # weight types `llama3::gemv_group` multiplies where they lie
 # Rows of activations from which a stored weight (quantized, or bf16 without native bf16 products) is widened
 # slice by slice for torch's float GEMM rather than multiplied by the kernels or torch's own mixed-type
 # products. Measured on Zen 3, 2 threads, 1B-shape matrices (benchmarks/ggml_prefill.py): the GEMM path
@@ -73,26 +75,79 @@ class GemvLinear(nn.Module):
     def __init__(self, weight: nn.Parameter):
         super().__init__()
         if weight.dtype not in _OPS or weight.dim() != 2:
-            raise ValueError(f"GemvLinear needs a 2-D bfloat16 or float32 weight, got {weight.dtype} "
+            raise ValueError(f"GemvLinear needs a 2-D bfloat16, float16 or float32 weight, got {weight.dtype} "
                              f"{tuple(weight.shape)}")
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.op = _OPS[weight.dtype]
-        self.widen_prompts = weight.dtype == torch.bfloat16 and not native_bf16_products()
+        # f16 weights (a GGUF f16 file's, kept as stored) meet activations of another type: torch has no
+        # mixed-type GEMM, so their prompts always go through widened slices
+        self.widen_prompts = weight.dtype == torch.float16 or (weight.dtype == torch.bfloat16
+                                                               and not native_bf16_products())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.dtype == self.weight.dtype and use_kernel(rows, self.in_features, self.weight.element_size()):
-            y = getattr(torch.ops.llama3, self.op)(x.reshape(rows, self.in_features), self.weight)
+        x2 = x.reshape(rows, self.in_features)
+        if self.weight.dtype == torch.float16:
+            if x.dtype in (torch.bfloat16, torch.float32) and use_kernel(rows, self.in_features, 4):
+                return torch.ops.llama3.gemv_group(x2, [self.weight]).view(*x.shape[:-1], self.out_features)
+        elif x.dtype == self.weight.dtype and use_kernel(rows, self.in_features, self.weight.element_size()):
+            y = getattr(torch.ops.llama3, self.op)(x2, self.weight)
             return y.view(*x.shape[:-1], self.out_features)
-        if self.widen_prompts and rows >= PROMPT_ROWS and not torch.compiler.is_compiling():
-            y = sliced_matmul(x.reshape(rows, self.in_features), self.out_features,
-                              lambda n0, n1: self.weight[n0:n1].float(), torch.float32)
+        if self.widen_prompts and (rows >= PROMPT_ROWS or x.dtype != self.weight.dtype) \
+                and not torch.compiler.is_compiling():
+            y = sliced_matmul(x2, self.out_features, lambda n0, n1: self.weight[n0:n1].float(), torch.float32)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight.to(x.dtype))  # a copy only where the types differ (a compiled prompt)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.op}"
+
+
+def can_group(weights: list[torch.Tensor]) -> bool:
+    """Whether `weights` can run side by side, uncopied, as one `GemvGroupLinear`: CPU, contiguous, one
+    16-bit type and width, and the kernels built."""
+    return (len({(w.dtype, w.shape[1]) for w in weights}) == 1 and weights[0].dtype in _GROUPED
+            and all(w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() for w in weights)
+            and kernels.available())
+
+
+class GemvGroupLinear(nn.Module):
+    """[x W_0ᵀ | x W_1ᵀ | ...] for 16-bit weights of one width: a layer's q/k/v (or gate/up) projections
+    fused without concatenating them. Each weight stays where it was loaded (a view of the checkpoint's
+    memory map), so fusing copies nothing and costs no time at start; a decode step still makes one call
+    (`llama3::gemv_group`, one pass of the thread pool). Prompts multiply each weight in widened slices
+    (`sliced_matmul`), or with `F.linear` where torch multiplies that type natively. Returns x's dtype."""
+
+    def __init__(self, weights: list[nn.Parameter]):
+        super().__init__()
+        if not weights or not can_group(list(weights)):
+            raise ValueError("GemvGroupLinear needs 2-D contiguous CPU weights of one 16-bit dtype and width "
+                             f"(and the kernels built), got {[(w.dtype, tuple(w.shape)) for w in weights]}")
+        self.weights = nn.ParameterList(weights)  # the parts' own Parameters: a tied weight stays tied
+        self.in_features = weights[0].shape[1]
+        self.out_features = sum(w.shape[0] for w in weights)
+        dtype = weights[0].dtype
+        self.widen_prompts = dtype == torch.float16 or not native_bf16_products()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        x2 = x.reshape(rows, self.in_features)  # (M, K)
+        weights = list(self.weights)
+        dtype = weights[0].dtype
+        x_ok = x.dtype == dtype or (dtype == torch.float16 and x.dtype in (torch.bfloat16, torch.float32))
+        if x_ok and use_kernel(rows, self.in_features, 4 if dtype == torch.float16 else 2):
+            return torch.ops.llama3.gemv_group(x2, weights).view(*x.shape[:-1], self.out_features)
+        if (self.widen_prompts or x.dtype != dtype) and not torch.compiler.is_compiling():
+            y = torch.cat([sliced_matmul(x2, w.shape[0], lambda n0, n1, w=w: w[n0:n1].float(), torch.float32)
+                           for w in weights], dim=-1)  # (M, ΣN)
+        else:
+            y = torch.cat([F.linear(x2, w.to(x.dtype)) for w in weights], dim=-1)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        parts = "+".join(str(w.shape[0]) for w in self.weights)
+        return f"in_features={self.in_features}, out_features={self.out_features} ({parts}), {self.weights[0].dtype}"
 
 
 def use_gemv_kernels(model: nn.Module) -> int:

@@ -11,6 +11,8 @@
 //
 //   llama3::gemv_bf16(x bf16 (M, K), w bf16 (N, K)) -> bf16 (M, N)
 //   llama3::gemv_f32(x fp32 (M, K), w fp32 (N, K)) -> fp32 (M, N)
+//   llama3::gemv_group(x (M, K), [w_0 (N_0, K), ...] bf16 or f16) -> x.dtype (M, ΣN): the weights side by
+//       side without a concatenated copy; bf16 weights with bf16 x, f16 weights with bf16 or fp32 x
 //   llama3::gemv_int8(x bf16|fp32 (M, K), w int8 (N, K), scales fp32 (N,)) -> x.dtype (M, N),
 //       y[m, n] = scales[n] · Σ_k x[m, k] · w[n, k], with x rounded to int8 per block of 32 (see below)
 //   llama3::gemv_int4(x bf16|fp32 (M, K), w uint8 (N, K/2), scales fp16 (N, G), lows fp16 (N, G), group)
@@ -534,6 +536,53 @@ inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* l
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
+// f16 weights (a GGUF f16 file's tensors, read where they lie), fp32 activations: out[m] = Σ_k w[k] · x[m, k]
+// ---------------------------------------------------------------------------------------------------------
+//
+// The weights widen with the F16C conversion (vcvtph2ps, exact: every f16 value is an fp32 value); x is
+// widened to fp32 once per call by the operator, since it is read once per weight line and stays in L1.
+
+template <int M>
+inline void f16_row(const uint16_t* w, const float* x, int64_t K, float* out) {
+#ifdef LLAMA3_AVX512
+  constexpr int kUnroll = unroll_for<M>();
+  __m512 acc[kUnroll][M];
+  zero_accumulators(acc);
+  int64_t k = 0;
+  for (; k + kUnroll * 16 <= K; k += kUnroll * 16)
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m512 wv = _mm512_cvtph_ps(load256(w + k + u * 16));  // read once, used for every row of x
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + u * 16), acc[u][m]);
+    }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w + k));
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[0][m]);
+  }
+  sum_accumulators(acc, out);
+#elif defined(LLAMA3_AVX2)
+  constexpr int kUnroll = unroll_for<M>();
+  __m256 acc[kUnroll][M];
+  zero_accumulators(acc);
+  int64_t k = 0;
+  for (; k + kUnroll * 8 <= K; k += kUnroll * 8)
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + u * 8)));
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + u * 8), acc[u][m]);
+    }
+  sum_accumulators(acc, out);
+  for (; k < K; ++k)  // a tail of fewer than 8 * kUnroll values
+    for (int m = 0; m < M; ++m) out[m] += _cvtsh_ss(w[k]) * x[m * K + k];
+#else
+  for (int m = 0; m < M; ++m) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += half_to_float(w[k]) * x[m * K + k];
+    out[m] = s;
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Driver: W's rows split over the thread pool, each thread streaming a contiguous range; x in passes of at
 // most kMaxRows rows, with the row count a template parameter so the accumulators stay in registers.
 // ---------------------------------------------------------------------------------------------------------
@@ -621,6 +670,54 @@ inline void store_output(float* y32, c10::BFloat16* y16, int64_t index, float v)
   }
 }
 
+// [x · W_0ᵀ | x · W_1ᵀ | ...] for 16-bit weights of one type and width: a layer's q/k/v or gate/up
+// projections as they lie in the checkpoint (views of its memory map), in one pass of the thread pool, so
+// they need not be concatenated into a copy. bf16 weights take bf16 x (the bf16 row kernel); f16 weights
+// take bf16 or fp32 x, widened to fp32 once here. Returns x's dtype, (M, ΣN).
+at::Tensor gemv_group(const at::Tensor& x_in, at::TensorList ws) {
+  const char* op = "llama3::gemv_group";
+  TORCH_CHECK(!ws.empty(), op, ": needs at least one weight");
+  const auto wtype = ws[0].scalar_type();
+  TORCH_CHECK(wtype == at::kBFloat16 || wtype == at::kHalf, op, ": weights must be bfloat16 or float16, got ",
+              wtype);
+  for (const at::Tensor& w : ws) {
+    check_inputs(x_in, w, op);
+    TORCH_CHECK(w.scalar_type() == wtype, op, ": all weights must have one dtype, got ", wtype, " and ",
+                w.scalar_type());
+  }
+  const auto out_dtype = x_in.scalar_type();
+  const bool bf16 = wtype == at::kBFloat16;
+  TORCH_CHECK(bf16 ? out_dtype == at::kBFloat16 : (out_dtype == at::kBFloat16 || out_dtype == at::kFloat), op,
+              bf16 ? ": bfloat16 weights need bfloat16 x" : ": float16 weights need bfloat16 or float32 x");
+  const at::Tensor x = (bf16 ? x_in : x_in.to(at::kFloat)).contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> starts{0};  // the first output of each weight, then the total
+  std::vector<const uint16_t*> rows;
+  for (const at::Tensor& w : ws) {
+    starts.push_back(starts.back() + w.size(0));
+    rows.push_back(reinterpret_cast<const uint16_t*>(w.const_data_ptr()));
+  }
+  const int64_t N = starts.back();
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  float* y32 = out_dtype == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
+  c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t mb = std::min(kMaxRows, M - m0);
+    for_rows(N, mb, K * 2, [&]<int R>(int64_t n, float* out) {
+      size_t part = 0;
+      while (n >= starts[part + 1]) ++part;  // a handful of weights: a scan beats a search
+      const uint16_t* wr = rows[part] + (n - starts[part]) * K;
+      if (bf16) {
+        bf16_row<R>(wr, reinterpret_cast<const uint16_t*>(x.const_data_ptr()) + m0 * K, K, out);
+      } else {
+        f16_row<R>(wr, x.const_data_ptr<float>() + m0 * K, K, out);
+      }
+      for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m]);
+    });
+  }
+  return y;
+}
+
 at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales) {
   check_inputs(x_in, w, "llama3::gemv_int8");
   TORCH_CHECK(w.scalar_type() == at::kChar, "llama3::gemv_int8: w must be int8");
@@ -690,6 +787,7 @@ LLAMA3_LIBRARY_FRAGMENT(m) {
   m.def("gemv_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, Tensor lows, int group_size) -> Tensor");
+  m.def("gemv_group(Tensor x, Tensor[] ws) -> Tensor");
 }
 
 LLAMA3_LIBRARY_IMPL_CPU(m) {
@@ -697,4 +795,5 @@ LLAMA3_LIBRARY_IMPL_CPU(m) {
   m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
+  m.impl("gemv_group", &gemv_group);
 }
