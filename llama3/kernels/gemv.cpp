@@ -104,6 +104,7 @@ inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_ca
 // matrix still needs several chunks per thread to keep both busy.
 constexpr int64_t kMinChunkBytes = 64 * 1024;
 constexpr int64_t kMaxChunkBytes = 1024 * 1024;
+constexpr int64_t kMultiPassChunkBytes = 256 * 1024;  // half of Zen 3's L2, met again by each pass of x
 constexpr int64_t kChunksPerThread = 8;
 
 inline float bf16_to_float(uint16_t v) {
@@ -584,17 +585,22 @@ inline void f16_row(const uint16_t* w, const float* x, int64_t K, float* out) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Driver: W's rows split over the thread pool, each thread streaming a contiguous range; x in passes of at
-// most kMaxRows rows, with the row count a template parameter so the accumulators stay in registers.
+// most kMaxRows rows over each range, with the row count a template parameter so the accumulators stay in
+// registers.
 // ---------------------------------------------------------------------------------------------------------
 
-// Calls row_fn.template operator()<M>(n, out) for every row n of W, for M = m in 1..8. The rows are dealt
-// out in chunks of consecutive rows, each thread taking the next chunk when it finishes one (an atomic
-// counter): on a shared machine one core is often slower than the other for a while, and a fixed
-// half-and-half split would make the fast core wait.
+// Calls row_fn.template operator()<R>(n, m0, out) for every row n of W and every pass m0 = 0, 8, ... over
+// the M rows of x (R = min(8, M - m0) rows in that pass). The rows are dealt out in chunks of consecutive
+// rows, each thread taking the next chunk when it finishes one (an atomic counter): on a shared machine
+// one core is often slower than the other for a while, and a fixed half-and-half split would make the fast
+// core wait. A chunk meets every pass while it is still in the core's cache, so a short prompt (M up to a
+// few dozen rows) streams the weights from memory once, not once per pass.
 template <typename RowFn>
-void for_rows(int64_t N, int64_t m, int64_t row_bytes, RowFn row_fn) {
+void for_rows(int64_t N, int64_t M, int64_t row_bytes, RowFn row_fn) {
   const int64_t threads = at::get_num_threads();
-  const int64_t chunk_bytes = std::clamp(N * row_bytes / (threads * kChunksPerThread), kMinChunkBytes, kMaxChunkBytes);
+  // several passes: chunks that stay in L2 between them
+  const int64_t max_chunk = M > kMaxRows ? kMultiPassChunkBytes : kMaxChunkBytes;
+  const int64_t chunk_bytes = std::clamp(N * row_bytes / (threads * kChunksPerThread), kMinChunkBytes, max_chunk);
   const int64_t chunk_rows = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
   const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
   const int64_t workers = std::min<int64_t>(threads, chunks);
@@ -603,16 +609,19 @@ void for_rows(int64_t N, int64_t m, int64_t row_bytes, RowFn row_fn) {
     float out[kMaxRows];
     for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
       const int64_t end = std::min(N, (c + 1) * chunk_rows);
-      for (int64_t n = c * chunk_rows; n < end; ++n) {
-        switch (m) {
-          case 1: row_fn.template operator()<1>(n, out); break;
-          case 2: row_fn.template operator()<2>(n, out); break;
-          case 3: row_fn.template operator()<3>(n, out); break;
-          case 4: row_fn.template operator()<4>(n, out); break;
-          case 5: row_fn.template operator()<5>(n, out); break;
-          case 6: row_fn.template operator()<6>(n, out); break;
-          case 7: row_fn.template operator()<7>(n, out); break;
-          default: row_fn.template operator()<8>(n, out); break;
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int64_t m = std::min(kMaxRows, M - m0);
+        for (int64_t n = c * chunk_rows; n < end; ++n) {
+          switch (m) {
+            case 1: row_fn.template operator()<1>(n, m0, out); break;
+            case 2: row_fn.template operator()<2>(n, m0, out); break;
+            case 3: row_fn.template operator()<3>(n, m0, out); break;
+            case 4: row_fn.template operator()<4>(n, m0, out); break;
+            case 5: row_fn.template operator()<5>(n, m0, out); break;
+            case 6: row_fn.template operator()<6>(n, m0, out); break;
+            case 7: row_fn.template operator()<7>(n, m0, out); break;
+            default: row_fn.template operator()<8>(n, m0, out); break;
+          }
         }
       }
     }
@@ -638,14 +647,11 @@ at::Tensor gemv_same_type(const at::Tensor& x_in, const at::Tensor& w, const cha
   at::Tensor y = at::empty({M, N}, x.options());
   const auto* wp = reinterpret_cast<const Raw*>(w.const_data_ptr());
   T* yp = y.mutable_data_ptr<T>();
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mb = std::min(kMaxRows, M - m0);
-    const auto* xp = reinterpret_cast<const Raw*>(x.const_data_ptr()) + m0 * K;
-    for_rows(N, mb, K * static_cast<int64_t>(sizeof(Raw)), [&]<int R>(int64_t n, float* out) {
-      row.template operator()<R>(wp + n * K, xp, K, out);
-      for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = T(out[m]);
-    });
-  }
+  const auto* xp = reinterpret_cast<const Raw*>(x.const_data_ptr());
+  for_rows(N, M, K * static_cast<int64_t>(sizeof(Raw)), [&]<int R>(int64_t n, int64_t m0, float* out) {
+    row.template operator()<R>(wp + n * K, xp + m0 * K, K, out);
+    for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = T(out[m]);
+  });
   return y;
 }
 
@@ -701,20 +707,17 @@ at::Tensor gemv_group(const at::Tensor& x_in, at::TensorList ws) {
   at::Tensor y = at::empty({M, N}, x_in.options());
   float* y32 = out_dtype == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
   c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mb = std::min(kMaxRows, M - m0);
-    for_rows(N, mb, K * 2, [&]<int R>(int64_t n, float* out) {
-      size_t part = 0;
-      while (n >= starts[part + 1]) ++part;  // a handful of weights: a scan beats a search
-      const uint16_t* wr = rows[part] + (n - starts[part]) * K;
-      if (bf16) {
-        bf16_row<R>(wr, reinterpret_cast<const uint16_t*>(x.const_data_ptr()) + m0 * K, K, out);
-      } else {
-        f16_row<R>(wr, x.const_data_ptr<float>() + m0 * K, K, out);
-      }
-      for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m]);
-    });
-  }
+  for_rows(N, M, K * 2, [&]<int R>(int64_t n, int64_t m0, float* out) {
+    size_t part = 0;
+    while (n >= starts[part + 1]) ++part;  // a handful of weights: a scan beats a search
+    const uint16_t* wr = rows[part] + (n - starts[part]) * K;
+    if (bf16) {
+      bf16_row<R>(wr, reinterpret_cast<const uint16_t*>(x.const_data_ptr()) + m0 * K, K, out);
+    } else {
+      f16_row<R>(wr, x.const_data_ptr<float>() + m0 * K, K, out);
+    }
+    for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m]);
+  });
   return y;
 }
 
@@ -734,13 +737,10 @@ at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
   float* y32 = out_dtype == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
   c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
   const QuantizedRows qx = quantize_rows(x.const_data_ptr<float>(), M, K);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mb = std::min(kMaxRows, M - m0);
-    for_rows(N, mb, K, [&]<int R>(int64_t n, float* out) {
-      int8_row<R>(wp + n * K, K, qx, m0, out);
-      for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m] * sp[n]);
-    });
-  }
+  for_rows(N, M, K, [&]<int R>(int64_t n, int64_t m0, float* out) {
+    int8_row<R>(wp + n * K, K, qx, m0, out);
+    for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m] * sp[n]);
+  });
   return y;
 }
 
@@ -770,13 +770,10 @@ at::Tensor gemv_int4(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
   c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
   const QuantizedRows qx = quantize_rows(x.const_data_ptr<float>(), M, K);
   const Int4Sums sums = group_sums(x.const_data_ptr<float>(), M, K, group);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mb = std::min(kMaxRows, M - m0);
-    for_rows(N, mb, K / 2 + 4 * G, [&]<int R>(int64_t n, float* out) {
-      int4_row<R>(wp + n * (K / 2), sp + n * G, lp + n * G, K, group, qx, sums, m0, out);
-      for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m]);
-    });
-  }
+  for_rows(N, M, K / 2 + 4 * G, [&]<int R>(int64_t n, int64_t m0, float* out) {
+    int4_row<R>(wp + n * (K / 2), sp + n * G, lp + n * G, K, group, qx, sums, m0, out);
+    for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m]);
+  });
   return y;
 }
 
