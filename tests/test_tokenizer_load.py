@@ -45,3 +45,15 @@ def test_tiktoken_ranks_decode_and_bad_lines_are_named(tmp_path):
     path.write_text("")
     with pytest.raises(ValueError, match="empty tokenizer file"):
         read_tiktoken_ranks(path)
+
+
+def test_byte_level_tokens_map_to_their_bytes_and_others_are_refused():
+    from llama3.tokenizer import _byte_to_unicode, _hf_to_bytes
+
+    table = _byte_to_unicode()
+    every_byte = bytes(range(256))
+    assert _hf_to_bytes("".join(table[b] for b in every_byte)) == every_byte
+    assert _hf_to_bytes("Ġthe") == b" the"
+    for bad in (" ", "a b", "\x7f", "\u4e00"):  # raw space and DEL are not byte-level characters; nor is CJK
+        with pytest.raises(ValueError, match="not byte-level BPE"):
+            _hf_to_bytes(bad)
