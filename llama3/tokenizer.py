@@ -102,6 +102,20 @@ def _hf_to_bytes(token: str) -> bytes:
         raise ValueError(f"token {token!r} is not byte-level BPE; only byte-level BPE tokenizers load") from None
 
 
+def _hf_tokens_to_bytes(tokens: list[str]) -> list[bytes]:
+    """`_hf_to_bytes` of every token, translated in one pass over them joined by U+FFFF (never a byte-level
+    character, and left alone by the table, so it only separates); an invalid token is named by the
+    per-token path."""
+    joined = "\uffff".join(tokens)
+    if joined.count("\uffff") == len(tokens) - 1:
+        try:
+            return [piece.encode("latin-1") for piece in joined.translate(_byte_level_table()).split("\uffff")] \
+                if tokens else []
+        except UnicodeEncodeError:
+            pass
+    return [_hf_to_bytes(token) for token in tokens]
+
+
 def _split_runs(s: str, max_run: int) -> Iterator[str]:
     """Cut s so that no piece holds more than `max_run` consecutive whitespace or non-whitespace chars."""
     start, run, run_is_space = 0, 0, None
@@ -235,7 +249,7 @@ class Tokenizer:
             raise ValueError(f"{path}: model type {model.get('type')!r}; only byte-level BPE is supported")
         added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
         vocab = {tok: i for tok, i in model["vocab"].items() if i < (added[0][0] if added else 1 << 62)}
-        ranks = {_hf_to_bytes(tok): i for tok, i in vocab.items()}
+        ranks = dict(zip(_hf_tokens_to_bytes(list(vocab)), vocab.values()))
         num_base = len(ranks)
         specials = [content for i, content in added]
         if [i for i, _ in added] != list(range(num_base, num_base + len(added))):

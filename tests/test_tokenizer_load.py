@@ -57,3 +57,15 @@ def test_byte_level_tokens_map_to_their_bytes_and_others_are_refused():
     for bad in (" ", "a b", "\x7f", "\u4e00"):  # raw space and DEL are not byte-level characters; nor is CJK
         with pytest.raises(ValueError, match="not byte-level BPE"):
             _hf_to_bytes(bad)
+
+
+def test_many_tokens_at_once_equal_one_by_one_and_name_a_bad_one():
+    from llama3.tokenizer import _byte_to_unicode, _hf_to_bytes, _hf_tokens_to_bytes
+
+    table = _byte_to_unicode()
+    tokens = ["Ġthe", "Ċ", "".join(table[b] for b in range(256)), "abc", "Ġ"]  # Ċ is the newline byte
+    assert _hf_tokens_to_bytes(tokens) == [_hf_to_bytes(t) for t in tokens]
+    assert _hf_tokens_to_bytes([]) == []
+    for bad in ("a b", "a\uffffb"):
+        with pytest.raises(ValueError, match="not byte-level BPE"):
+            _hf_tokens_to_bytes(["ok", bad])
