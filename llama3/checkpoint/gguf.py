@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,57 @@ _PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": n
                 "I32": np.int32, "I64": np.int64}
 
 
+# Read only for a vocabulary that is not Llama 3's own (Llama 3's loads on tiktoken from its tokens alone):
+# decoding its 280K merges was a second of every start
+_LAZY_FIELDS = frozenset({"tokenizer.ggml.merges"})
+
+
+def _skip_strings(buf: memoryview, pos: int, count: int) -> int:
+    """The position after `count` GGUF strings (u64 length, then the bytes) starting at `pos`."""
+    size, length_at = len(buf), _U64.unpack_from
+    for _ in range(count):
+        pos += 8 + length_at(buf, pos)[0]
+        if pos > size:
+            raise ValueError("a string runs past the end of the file")
+    return pos
+
+
+class _StringArray(Sequence):
+    """A GGUF string array whose strings are decoded on first use, then kept."""
+
+    def __init__(self, buf: memoryview, pos: int, count: int):
+        self._buf, self._pos, self._count = buf, pos, count
+        self._items: list[str] | None = None
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            items, pos, length_at = [], self._pos, _U64.unpack_from
+            try:
+                for _ in range(self._count):
+                    (n,) = length_at(self._buf, pos)
+                    items.append(str(self._buf[pos + 8:pos + 8 + n], "utf-8"))
+                    pos += 8 + n
+            except UnicodeDecodeError as e:
+                raise ValueError(f"a GGUF string array holds bytes that are not UTF-8 ({e}); the file is "
+                                 "corrupt or was written wrongly") from None
+            self._items = items
+        return self._items
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        return self._decoded()[index]
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __eq__(self, other) -> bool:  # equal to the list it stands for
+        return self._decoded() == (list(other) if isinstance(other, _StringArray) else other)
+
+    __hash__ = None  # like a list
+
+
 class _TensorInfo:
     """One tensor of a GGUF file: `name`, `shape` (GGUF order, innermost first), `tensor_type`, and `data`
     (a read-only view of the file: numbers for float types, bytes per row for quantized ones)."""
@@ -304,10 +356,14 @@ class _GGUFFile:
             pos += n
             return text
 
-        def strings(count: int) -> list[str]:
+        def strings(count: int, lazy: bool = False) -> list[str] | _StringArray:
             """A string array (the vocabulary, the merges: ~400K strings for Llama 3) in one tight loop;
-            string() per item took 1.2 s of every load here, this ~0.4 s."""
+            string() per item took 1.2 s of every load here, this ~0.4 s. lazy: only step over the
+            strings now and decode them when first used (`_StringArray`)."""
             nonlocal pos
+            if lazy:
+                start, pos = pos, _skip_strings(buf, pos, count)
+                return _StringArray(buf, start, count)
             out, size, length_at = [], len(buf), _U64.unpack_from
             for _ in range(count):
                 (n,) = length_at(buf, pos)
@@ -318,14 +374,14 @@ class _GGUFFile:
                 pos = end
             return out
 
-        def value(kind: int):
+        def value(kind: int, lazy: bool = False):
             nonlocal pos
             if kind == 8:
                 return string()
             if kind == 9:
                 item_kind, count = take("IQ")
                 if item_kind == 8:
-                    return strings(count)
+                    return strings(count, lazy)
                 if item_kind == 9:
                     return [value(item_kind) for _ in range(count)]
                 dtype = np.dtype(_NUMPY_DTYPES[item_kind]).newbyteorder("<")
@@ -346,7 +402,7 @@ class _GGUFFile:
         self.fields: dict[str, object] = {}
         for _ in range(n_fields):
             key = string()
-            self.fields[key] = value(take("I"))
+            self.fields[key] = value(take("I"), lazy=key in _LAZY_FIELDS)
         infos = []
         for _ in range(n_tensors):
             name = string()
@@ -527,8 +583,9 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                 raise ValueError(f"{path}: unexpected tensor {name!r}; not part of a Llama model")
             if t.tensor_type.name in QUANT_TYPES:
                 check_quantized_tensor(path, name, t.tensor_type.name, t.shape, t.data)
-            data = np.array(t.data) if t.tensor_type.name in _PLAIN_TYPES else gguf.quants.dequantize(
-                t.data, t.tensor_type)
+            # plain numbers stay views of the file's (copy-on-write) map: a tensor used as stored costs no
+            # copy and no time at load, its pages are read as the model first touches them
+            data = t.data if t.tensor_type.name in _PLAIN_TYPES else gguf.quants.dequantize(t.data, t.tensor_type)
             tensor = torch.from_numpy(data)
             if t.tensor_type == gguf.GGMLQuantizationType.BF16:
                 tensor = tensor.to(torch.bfloat16)  # exact: the values were bf16
@@ -547,16 +604,17 @@ def _gguf_tokenizer(reader, path: Path):
     """Llama 3's vocabulary on the tiktoken path; a derivative's (another BPE, SentencePiece) on `tokenizers`."""
     import gguf
 
-    from ..tokenizer import Tokenizer, _hf_to_bytes
+    from ..tokenizer import Tokenizer, _hf_tokens_to_bytes
     from .gguf_family import hf_tokenizer_from_gguf, is_llama3_vocab
 
     if not is_llama3_vocab(reader.fields):
         return hf_tokenizer_from_gguf(reader.fields, path)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
-    ranks = {_hf_to_bytes(tok): i for i, (tok, kind) in enumerate(zip(tokens, types))
-             if kind == gguf.TokenType.NORMAL}
-    specials = [tok for tok, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
+    normal, control = int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)  # plain ints: compared 128K times
+    ids = [i for i, kind in enumerate(types) if kind == normal]
+    ranks = dict(zip(_hf_tokens_to_bytes([tokens[i] for i in ids]), ids))
+    specials = [tok for tok, kind in zip(tokens, types) if kind == control]
     from .hf import attach_foreign_template
 
     return attach_foreign_template(Tokenizer(ranks, special_tokens=specials), _field(reader, "tokenizer.chat_template"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,11 +165,34 @@ def _special_names(tokenizer_json: Path, num_base: int) -> list[str] | None:
     """Special-token names (in id order) from tokenizer.json's added_tokens, if they follow the BPE ranks."""
     if not tokenizer_json.is_file():
         return None
-    added = sorted((t["id"], t["content"]) for t in read_json(tokenizer_json, what="tokenizer.json")
-                   .get("added_tokens", []) if isinstance(t, dict) and "id" in t and "content" in t)
+    added = sorted((t["id"], t["content"]) for t in _added_tokens(tokenizer_json)
+                   if isinstance(t, dict) and "id" in t and "content" in t)
     if [i for i, _ in added] != list(range(num_base, num_base + len(added))) or not added:
         return None
     return [name for _, name in added]
+
+
+_ADDED_TOKENS_KEY = re.compile(r'"added_tokens"\s*:\s*')
+
+
+def _added_tokens(tokenizer_json: Path) -> list:
+    """tokenizer.json's `added_tokens` list. Writers put it near the top, before the 128K-entry vocabulary
+    and the merges, so it is decoded on its own when found there (a full parse of Llama 3's 9 MB file takes
+    about a second); anything unexpected falls back to parsing the whole file."""
+    try:
+        text = tokenizer_json.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    found = _ADDED_TOKENS_KEY.search(text, 0, 4096)
+    if found:
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text, found.end())
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, list):
+            return value
+    added = read_json(tokenizer_json, what="tokenizer.json").get("added_tokens", [])
+    return added if isinstance(added, list) else []
 
 
 def load_tokenizer(folder: Path):
@@ -177,22 +201,22 @@ def load_tokenizer(folder: Path):
     ids differently), or the byte-level BPE of a tokenizer.json with Llama 3's special tokens. Any other
     tokenizer.json (a derivative's own vocabulary) runs on the `tokenizers` library with its chat template."""
     from ..hf_tokenizer import HFTokenizer, is_llama3_tokenizer_json
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer, read_tiktoken_ranks, special_token_names
 
     tokenizer_json = folder / "tokenizer.json"
-    json_data = read_json(tokenizer_json, what="tokenizer.json") if tokenizer_json.is_file() else None
     for name in ("tokenizer.model", "original/tokenizer.model"):
         path = folder / name
         if path.is_file() and _is_tiktoken_file(path):
             try:
-                tokenizer = Tokenizer.from_tiktoken_file(path)
-                names = _special_names(tokenizer_json, len(tokenizer.mergeable_ranks))
+                ranks = read_tiktoken_ranks(path)
             except (ValueError, KeyError, TypeError) as e:
                 message = str(e) if str(path) in str(e) else f"{path}: {e}"
                 raise ValueError(f"{message}; a tiktoken tokenizer.model must be Llama 3 style byte-level BPE") from None
-            if names is not None:
-                tokenizer = Tokenizer(tokenizer.mergeable_ranks, special_tokens=names, pattern=tokenizer.pattern)
+            names = _special_names(tokenizer_json, len(ranks))
+            # built once, with its final special tokens (each tiktoken table costs ~0.4 s at 128K)
+            tokenizer = Tokenizer(ranks, special_tokens=names or special_token_names("3.1"))
             return attach_foreign_template(tokenizer, *_folder_template(folder))
+    json_data = read_json(tokenizer_json, what="tokenizer.json") if tokenizer_json.is_file() else None
     if json_data is not None and is_llama3_tokenizer_json(json_data):
         try:
             tokenizer = Tokenizer.from_hf_json(tokenizer_json)

@@ -61,7 +61,7 @@ def is_fused(model: Transformer) -> bool:
 
 
 @torch.no_grad()
-def fuse_projections(model: Transformer, *, allocate=None, after_layer=None) -> Transformer:
+def fuse_projections(model: Transformer, *, allocate=None, after_layer=None, group: bool = False) -> Transformer:
     """Fuse every layer's wq/wk/wv into one `wqkv` and w1/w3 into one `w13`, in place: a state transform
     (the model's Attention and FeedForward run whichever projections they hold). The unfused weights are
     released as each layer is converted (memory-mapped ones leave the resident set too), so peak memory
@@ -69,7 +69,9 @@ def fuse_projections(model: Transformer, *, allocate=None, after_layer=None) -> 
 
     allocate(shape, dtype): where the fused weights are written (default `torch.empty`; `huge_page_empty`
     puts them straight into huge pages). after_layer(layer): called once each layer is fused, so a
-    quantizer can convert it before the next layer's fused copies exist.
+    quantizer can convert it before the next layer's fused copies exist. group: 16-bit CPU weights are
+    grouped where they lie (`gemv.GemvGroupLinear`, no copy at all) instead of concatenated, where the
+    kernels can (`gemv.can_group`); for decoding only, the group has no single weight to quantize.
 
     The numbers are unchanged: a fused matmul computes the same dot products as the separate ones.
     Call it before quantizing, and only for inference: the fused weights no longer match checkpoint names.
@@ -82,6 +84,12 @@ def fuse_projections(model: Transformer, *, allocate=None, after_layer=None) -> 
         # grouped over the same block bytes (views of the file's memory map): a concatenation would copy
         # them and double resident memory
         combine = GGMLGroupLinear
+    elif group and _all_linear(model) and _can_group_all(model):
+        from .gemv import GemvGroupLinear
+
+        # the projections' own weights side by side, uncopied: with a memory-mapped checkpoint the start
+        # costs nothing here, and resident memory stays the file's pages
+        combine = _grouped_linear(GemvGroupLinear)
     elif _all_linear(model):
         combine = functools.partial(_fused_linear, allocate=allocate or torch.empty)
     else:
@@ -108,6 +116,47 @@ def _all_ggml(model: Transformer) -> bool:
     from .ggml_quant import GGMLLinear
 
     return all(type(m) is GGMLLinear for layer in model.layers for m in _projections(layer))
+
+
+def _is_grouped(model: Transformer) -> bool:
+    from .gemv import GemvGroupLinear
+
+    return is_fused(model) and isinstance(model.layers[0].attention.wqkv, GemvGroupLinear)
+
+
+def _projection_dtype(model: Transformer) -> torch.dtype | None:
+    """The dtype of the layers' projection weights (None when they hold none, e.g. quantized layers)."""
+    weight = getattr(model.layers[0].attention.wq, "weight", None) if len(model.layers) else None
+    return weight.dtype if isinstance(weight, torch.Tensor) else None
+
+
+def _bf16_activations(model: Transformer) -> None:
+    """An f16 model (a GGUF f16 file, as stored) keeps its projection weights in f16, where they lie: the
+    kernels widen them exactly. Everything else (the embedding table, the norms) becomes bf16, so the
+    activations and the KV cache run in bf16 like a bf16 model's: f16 activations would overflow past
+    65504, and torch's f16 CPU operators are slow. A tied output projection follows the embedding."""
+    projections = {id(m.weight) for layer in model.layers
+                   for m in (*_projections(layer), layer.attention.wo, layer.feed_forward.w2)}
+    if model.output.weight is not model.tok_embeddings.weight:
+        projections.add(id(model.output.weight))
+    for param in model.parameters():
+        if param.dtype == torch.float16 and id(param) not in projections:
+            source = param.data
+            param.data = source.to(torch.bfloat16)
+            release_file_pages(source)
+    model.init_buffers()
+
+
+def _can_group_all(model: Transformer) -> bool:
+    from .gemv import can_group
+
+    return all(all(m.bias is None for m in part) and can_group([m.weight for m in part])
+               for layer in model.layers for part in (_projections(layer)[:3], _projections(layer)[3:]))
+
+
+def _grouped_linear(cls):
+    """A combine step for `fuse_projections`: `cls` over the parts' weights, as they are."""
+    return lambda parts: cls([p.weight for p in parts])
 
 
 def _all_linear(model: Transformer) -> bool:
@@ -217,7 +266,10 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
     """The load-time pipeline, in place: cast to `dtype`, fuse projections, then weight-only quantize
     (`"int8"` or `"int4"`, see `quantize.py`), or for a bf16/fp32 CPU model put its linear layers on the
     project's matrix-vector kernels (`gemv.py`; `kernels=False` keeps torch's); finally, on the CPU, move
-    the weights to huge pages (`to_huge_pages`). Returns the model in eval mode without gradients."""
+    the weights to huge pages (`to_huge_pages`; `huge_pages=False` skips it). 16-bit weights on the kernels
+    are grouped where they lie instead of fused, and then stay there: no copy, no move to huge pages (an
+    f16 model's embedding and norms become bf16, see `_bf16_activations`). Returns the model in eval mode
+    without gradients."""
     from .ggml_quant import has_ggml_layers
 
     if quantize is not None and has_ggml_layers(model):
@@ -228,6 +280,8 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
         model.to(dtype)
         model.init_buffers()  # keep the RoPE table in fp32 and the tied embedding tied
     on_cpu = model.tok_embeddings.weight.device.type == "cpu"
+    if quantize is None and kernels and on_cpu and _projection_dtype(model) == torch.float16:
+        _bf16_activations(model)
     in_huge_pages: frozenset[int] = frozenset()
     if quantize is not None:
         from .quantize import quantize_model
@@ -238,8 +292,14 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
         quantize_model(model, quantize, group_size=group_size)
     else:
         if fuse and not is_fused(model):
-            # Fused straight into huge pages: one copy of those weights, never two.
-            fuse_projections(model, allocate=huge_page_empty if huge_pages and on_cpu else None)
+            # Grouped where the kernels can (no copy), else fused straight into huge pages: one copy of
+            # those weights, never two.
+            fuse_projections(model, allocate=huge_page_empty if huge_pages and on_cpu else None,
+                             group=kernels and on_cpu)
+            # Grouped, the weights stay where they were loaded (a checkpoint's memory map): no move to
+            # huge pages either. Measured at the 1B shape on Zen 3 (BENCHMARKS.md "Zero-copy start"), decode
+            # from the mapped file's pages ran as fast as from huge pages, and the copy cost 12-18 s of start.
+            huge_pages = huge_pages and not _is_grouped(model)
             if huge_pages and on_cpu and is_fused(model):
                 # (a quantized GGUF model's groups hold no float weight: their bytes stay on the file's pages)
                 fused = (m for layer in model.layers for m in (layer.attention.wqkv, layer.feed_forward.w13))

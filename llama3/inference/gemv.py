@@ -9,9 +9,15 @@ reads every activation row once per weight line, so rows that spill to L2 make i
 GEMM (measured: 8 rows x 2048 wide, 1.3x slower; 8 rows x 576 wide, 2x faster). Prompts and wide batches
 go to `F.linear`, except bf16 weights on a CPU without native bf16 products (no AVX512-BF16 / AMX), where
 torch's bf16 GEMM widens every element on the fly and runs at a fraction of its fp32 speed (measured on Zen 3:
-about 4x slower at 512 rows): there prompts (`PROMPT_ROWS` rows or more) widen the weight a slice of rows at a
-time (`sliced_matmul`, a few MB, never the whole matrix) and multiply in fp32. The int8 counterpart lives
-in `quantize.Int8WeightOnlyLinear`; the quantized layers use `sliced_matmul` for their prompts as well.
+about 4x slower at 512 rows): there prompts of `PROMPT_ROWS` rows or more widen the weight a slice of rows at
+a time (`sliced_matmul`, a few MB, never the whole matrix) and multiply in fp32, and shorter ones run on the
+kernel, a pass over the weight per 8 rows. f16 weights (a GGUF f16 file's, as stored) go the same way with
+bf16 activations. The int8 counterpart lives in `quantize.Int8WeightOnlyLinear`; the quantized layers use
+`sliced_matmul` for their prompts as well.
+
+`GemvGroupLinear` holds a layer's q/k/v (or gate/up) weights side by side as they were loaded, views of the
+checkpoint's memory map, and multiplies them in one kernel call (`llama3::gemv_group`): the fused decode
+step without a concatenated copy, so a 16-bit model starts without copying a weight.
 
 `use_gemv_kernels(model)` swaps them in, keeping each weight `Parameter` (so a tied output projection stays
 tied); it does nothing when the kernels cannot be built (`llama3.kernels.available()`), and the eager and
@@ -28,11 +34,13 @@ from torch import nn
 
 from .. import kernels
 
-__all__ = ["PROMPT_ROWS", "GemvLinear", "native_bf16_products", "sliced_matmul", "use_gemv_kernels", "use_kernel"]
+__all__ = ["PROMPT_ROWS", "GemvGroupLinear", "GemvLinear", "can_group", "native_bf16_products", "sliced_matmul",
+           "use_gemv_kernels", "use_kernel"]
 
 MAX_ROWS = 8  # rows the kernels take in one pass over the weights
 ROW_BYTES = 16 * 1024  # activation bytes (all rows) that stay in L1 next to the streaming weights
-_OPS = {torch.bfloat16: "gemv_bf16", torch.float32: "gemv_f32"}
+_OPS = {torch.bfloat16: "gemv_bf16", torch.float32: "gemv_f32", torch.float16: "gemv_group"}
+_GROUPED = (torch.bfloat16, torch.float16)  # weight types `llama3::gemv_group` multiplies where they lie
 # Rows of activations from which a stored weight (quantized, or bf16 without native bf16 products) is widened
 # slice by slice for torch's float GEMM rather than multiplied by the kernels or torch's own mixed-type
 # products. Measured on Zen 3, 2 threads, 1B-shape matrices (benchmarks/ggml_prefill.py): the GEMM path
@@ -60,9 +68,14 @@ def sliced_matmul(x2: torch.Tensor, out_features: int, weight_rows: Callable[[in
     return y_t.t()
 
 
-def use_kernel(rows: int, in_features: int, bytes_per_value: int) -> bool:
+def use_kernel(rows: int, in_features: int, bytes_per_value: int, *, widened_prompts: bool = False) -> bool:
     """Whether `rows` activation rows of `in_features` values (`bytes_per_value` each, as the kernel reads
-    them) go to the matrix-vector kernel rather than torch's GEMM (see the module docstring)."""
+    them) go to the matrix-vector kernel rather than torch's GEMM (see the module docstring).
+    widened_prompts: the weight's GEMM would be the widened slices (`sliced_matmul`), which the kernel beats
+    up to `PROMPT_ROWS` rows even in several passes over the weight (measured on Zen 3, 2048 x 8192 bf16:
+    18 rows 38 ms against 103 widened and 110 in torch's bf16 GEMM; 64 rows 132 against 74)."""
+    if widened_prompts:
+        return rows < PROMPT_ROWS
     return rows == 1 or (rows <= MAX_ROWS and rows * in_features * bytes_per_value <= ROW_BYTES)
 
 
@@ -73,26 +86,82 @@ class GemvLinear(nn.Module):
     def __init__(self, weight: nn.Parameter):
         super().__init__()
         if weight.dtype not in _OPS or weight.dim() != 2:
-            raise ValueError(f"GemvLinear needs a 2-D bfloat16 or float32 weight, got {weight.dtype} "
+            raise ValueError(f"GemvLinear needs a 2-D bfloat16, float16 or float32 weight, got {weight.dtype} "
                              f"{tuple(weight.shape)}")
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.op = _OPS[weight.dtype]
-        self.widen_prompts = weight.dtype == torch.bfloat16 and not native_bf16_products()
+        # f16 weights (a GGUF f16 file's, kept as stored) meet activations of another type: torch has no
+        # mixed-type GEMM, so their prompts always go through widened slices
+        self.widen_prompts = weight.dtype == torch.float16 or (weight.dtype == torch.bfloat16
+                                                               and not native_bf16_products())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.dtype == self.weight.dtype and use_kernel(rows, self.in_features, self.weight.element_size()):
-            y = getattr(torch.ops.llama3, self.op)(x.reshape(rows, self.in_features), self.weight)
+        x2 = x.reshape(rows, self.in_features)
+        if self.weight.dtype == torch.float16:
+            if x.dtype in (torch.bfloat16, torch.float32) and use_kernel(rows, self.in_features, 4,
+                                                                          widened_prompts=True):
+                return torch.ops.llama3.gemv_group(x2, [self.weight]).view(*x.shape[:-1], self.out_features)
+        elif x.dtype == self.weight.dtype and use_kernel(rows, self.in_features, self.weight.element_size(),
+                                                         widened_prompts=self.widen_prompts):
+            y = getattr(torch.ops.llama3, self.op)(x2, self.weight)
             return y.view(*x.shape[:-1], self.out_features)
-        if self.widen_prompts and rows >= PROMPT_ROWS and not torch.compiler.is_compiling():
-            y = sliced_matmul(x.reshape(rows, self.in_features), self.out_features,
-                              lambda n0, n1: self.weight[n0:n1].float(), torch.float32)
+        if self.widen_prompts and (rows >= PROMPT_ROWS or x.dtype != self.weight.dtype) \
+                and not torch.compiler.is_compiling():
+            y = sliced_matmul(x2, self.out_features, lambda n0, n1: self.weight[n0:n1].float(), torch.float32)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight.to(x.dtype))  # a copy only where the types differ (a compiled prompt)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.op}"
+
+
+def can_group(weights: list[torch.Tensor]) -> bool:
+    """Whether `weights` can run side by side, uncopied, as one `GemvGroupLinear`: CPU, contiguous, one
+    16-bit type and width, and the kernels built."""
+    return (len({(w.dtype, w.shape[1]) for w in weights}) == 1 and weights[0].dtype in _GROUPED
+            and all(w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() for w in weights)
+            and kernels.available())
+
+
+class GemvGroupLinear(nn.Module):
+    """[x W_0ᵀ | x W_1ᵀ | ...] for 16-bit weights of one width: a layer's q/k/v (or gate/up) projections
+    fused without concatenating them. Each weight stays where it was loaded (a view of the checkpoint's
+    memory map), so fusing copies nothing and costs no time at start; a decode step still makes one call
+    (`llama3::gemv_group`, one pass of the thread pool). Prompts multiply each weight in widened slices
+    (`sliced_matmul`), or with `F.linear` where torch multiplies that type natively. Returns x's dtype."""
+
+    def __init__(self, weights: list[nn.Parameter]):
+        super().__init__()
+        if not weights or not can_group(list(weights)):
+            raise ValueError("GemvGroupLinear needs 2-D contiguous CPU weights of one 16-bit dtype and width "
+                             f"(and the kernels built), got {[(w.dtype, tuple(w.shape)) for w in weights]}")
+        self.weights = nn.ParameterList(weights)  # the parts' own Parameters: a tied weight stays tied
+        self.in_features = weights[0].shape[1]
+        self.out_features = sum(w.shape[0] for w in weights)
+        dtype = weights[0].dtype
+        self.widen_prompts = dtype == torch.float16 or not native_bf16_products()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        x2 = x.reshape(rows, self.in_features)  # (M, K)
+        weights = list(self.weights)
+        dtype = weights[0].dtype
+        x_ok = x.dtype == dtype or (dtype == torch.float16 and x.dtype in (torch.bfloat16, torch.float32))
+        if x_ok and use_kernel(rows, self.in_features, 4 if dtype == torch.float16 else 2,
+                               widened_prompts=self.widen_prompts):
+            return torch.ops.llama3.gemv_group(x2, weights).view(*x.shape[:-1], self.out_features)
+        if (self.widen_prompts or x.dtype != dtype) and not torch.compiler.is_compiling():
+            y = torch.cat([sliced_matmul(x2, w.shape[0], lambda n0, n1, w=w: w[n0:n1].float(), torch.float32)
+                           for w in weights], dim=-1)  # (M, ΣN)
+        else:
+            y = torch.cat([F.linear(x2, w.to(x.dtype)) for w in weights], dim=-1)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        parts = "+".join(str(w.shape[0]) for w in self.weights)
+        return f"in_features={self.in_features}, out_features={self.out_features} ({parts}), {self.weights[0].dtype}"
 
 
 def use_gemv_kernels(model: nn.Module) -> int:

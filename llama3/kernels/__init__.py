@@ -1,6 +1,6 @@
 """Hand-written CPU kernels, built once per machine and registered as torch operators.
 
-- `gemv.cpp`: `torch.ops.llama3.gemv_bf16`, `gemv_f32`, `gemv_int8`, `gemv_int4`, the decode-time matrix-vector
+- `gemv.cpp`: `torch.ops.llama3.gemv_bf16`, `gemv_f32`, `gemv_group`, `gemv_int8`, `gemv_int4`, the decode-time matrix-vector
   products (used by `llama3.inference.gemv` and `quantize`);
 - `ggml_blocks.cpp`: `torch.ops.llama3.ggml_matmul`, products with weights in ggml's quantized block formats
   straight from a GGUF file, and `ggml_matmul_group` for several such weights sharing one input (used by
@@ -300,6 +300,10 @@ def _rope_shape(x, rope, inverse):
     return torch.empty_like(x)
 
 
+def _gemv_group_shape(x, ws):
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))  # (M, ΣN) in x's dtype
+
+
 def _register_fakes(namespace: str) -> None:
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"{namespace}::{name}")(_gemv_shape)
@@ -313,6 +317,7 @@ def _register_fakes(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::train_swiglu")(_swiglu_shape)
     torch.library.register_fake(f"{namespace}::train_swiglu_backward")(_swiglu_backward_shape)
     torch.library.register_fake(f"{namespace}::train_rope")(_rope_shape)
+    torch.library.register_fake(f"{namespace}::gemv_group")(_gemv_group_shape)
 
 
 _SWITCHED_OFF = "switched off by LLAMA3_KERNELS=0"

@@ -11,6 +11,8 @@
 //
 //   llama3::gemv_bf16(x bf16 (M, K), w bf16 (N, K)) -> bf16 (M, N)
 //   llama3::gemv_f32(x fp32 (M, K), w fp32 (N, K)) -> fp32 (M, N)
+//   llama3::gemv_group(x (M, K), [w_0 (N_0, K), ...] bf16 or f16) -> x.dtype (M, ΣN): the weights side by
+//       side without a concatenated copy; bf16 weights with bf16 x, f16 weights with bf16 or fp32 x
 //   llama3::gemv_int8(x bf16|fp32 (M, K), w int8 (N, K), scales fp32 (N,)) -> x.dtype (M, N),
 //       y[m, n] = scales[n] · Σ_k x[m, k] · w[n, k], with x rounded to int8 per block of 32 (see below)
 //   llama3::gemv_int4(x bf16|fp32 (M, K), w uint8 (N, K/2), scales fp16 (N, G), lows fp16 (N, G), group)
@@ -102,6 +104,7 @@ inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_ca
 // matrix still needs several chunks per thread to keep both busy.
 constexpr int64_t kMinChunkBytes = 64 * 1024;
 constexpr int64_t kMaxChunkBytes = 1024 * 1024;
+constexpr int64_t kMultiPassChunkBytes = 256 * 1024;  // half of Zen 3's L2, met again by each pass of x
 constexpr int64_t kChunksPerThread = 8;
 
 inline float bf16_to_float(uint16_t v) {
@@ -534,18 +537,70 @@ inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* l
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
+// f16 weights (a GGUF f16 file's tensors, read where they lie), fp32 activations: out[m] = Σ_k w[k] · x[m, k]
+// ---------------------------------------------------------------------------------------------------------
+//
+// The weights widen with the F16C conversion (vcvtph2ps, exact: every f16 value is an fp32 value); x is
+// widened to fp32 once per call by the operator, since it is read once per weight line and stays in L1.
+
+template <int M>
+inline void f16_row(const uint16_t* w, const float* x, int64_t K, float* out) {
+#ifdef LLAMA3_AVX512
+  constexpr int kUnroll = unroll_for<M>();
+  __m512 acc[kUnroll][M];
+  zero_accumulators(acc);
+  int64_t k = 0;
+  for (; k + kUnroll * 16 <= K; k += kUnroll * 16)
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m512 wv = _mm512_cvtph_ps(load256(w + k + u * 16));  // read once, used for every row of x
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + u * 16), acc[u][m]);
+    }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w + k));
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[0][m]);
+  }
+  sum_accumulators(acc, out);
+#elif defined(LLAMA3_AVX2)
+  constexpr int kUnroll = unroll_for<M>();
+  __m256 acc[kUnroll][M];
+  zero_accumulators(acc);
+  int64_t k = 0;
+  for (; k + kUnroll * 8 <= K; k += kUnroll * 8)
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + u * 8)));
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + u * 8), acc[u][m]);
+    }
+  sum_accumulators(acc, out);
+  for (; k < K; ++k)  // a tail of fewer than 8 * kUnroll values
+    for (int m = 0; m < M; ++m) out[m] += _cvtsh_ss(w[k]) * x[m * K + k];
+#else
+  for (int m = 0; m < M; ++m) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += half_to_float(w[k]) * x[m * K + k];
+    out[m] = s;
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Driver: W's rows split over the thread pool, each thread streaming a contiguous range; x in passes of at
-// most kMaxRows rows, with the row count a template parameter so the accumulators stay in registers.
+// most kMaxRows rows over each range, with the row count a template parameter so the accumulators stay in
+// registers.
 // ---------------------------------------------------------------------------------------------------------
 
-// Calls row_fn.template operator()<M>(n, out) for every row n of W, for M = m in 1..8. The rows are dealt
-// out in chunks of consecutive rows, each thread taking the next chunk when it finishes one (an atomic
-// counter): on a shared machine one core is often slower than the other for a while, and a fixed
-// half-and-half split would make the fast core wait.
+// Calls row_fn.template operator()<R>(n, m0, out) for every row n of W and every pass m0 = 0, 8, ... over
+// the M rows of x (R = min(8, M - m0) rows in that pass). The rows are dealt out in chunks of consecutive
+// rows, each thread taking the next chunk when it finishes one (an atomic counter): on a shared machine
+// one core is often slower than the other for a while, and a fixed half-and-half split would make the fast
+// core wait. A chunk meets every pass while it is still in the core's cache, so a short prompt (M up to a
+// few dozen rows) streams the weights from memory once, not once per pass.
 template <typename RowFn>
-void for_rows(int64_t N, int64_t m, int64_t row_bytes, RowFn row_fn) {
+void for_rows(int64_t N, int64_t M, int64_t row_bytes, RowFn row_fn) {
   const int64_t threads = at::get_num_threads();
-  const int64_t chunk_bytes = std::clamp(N * row_bytes / (threads * kChunksPerThread), kMinChunkBytes, kMaxChunkBytes);
+  // several passes: chunks that stay in L2 between them
+  const int64_t max_chunk = M > kMaxRows ? kMultiPassChunkBytes : kMaxChunkBytes;
+  const int64_t chunk_bytes = std::clamp(N * row_bytes / (threads * kChunksPerThread), kMinChunkBytes, max_chunk);
   const int64_t chunk_rows = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
   const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
   const int64_t workers = std::min<int64_t>(threads, chunks);
@@ -554,16 +609,19 @@ void for_rows(int64_t N, int64_t m, int64_t row_bytes, RowFn row_fn) {
     float out[kMaxRows];
     for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
       const int64_t end = std::min(N, (c + 1) * chunk_rows);
-      for (int64_t n = c * chunk_rows; n < end; ++n) {
-        switch (m) {
-          case 1: row_fn.template operator()<1>(n, out); break;
-          case 2: row_fn.template operator()<2>(n, out); break;
-          case 3: row_fn.template operator()<3>(n, out); break;
-          case 4: row_fn.template operator()<4>(n, out); break;
-          case 5: row_fn.template operator()<5>(n, out); break;
-          case 6: row_fn.template operator()<6>(n, out); break;
-          case 7: row_fn.template operator()<7>(n, out); break;
-          default: row_fn.template operator()<8>(n, out); break;
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int64_t m = std::min(kMaxRows, M - m0);
+        for (int64_t n = c * chunk_rows; n < end; ++n) {
+          switch (m) {
+            case 1: row_fn.template operator()<1>(n, m0, out); break;
+            case 2: row_fn.template operator()<2>(n, m0, out); break;
+            case 3: row_fn.template operator()<3>(n, m0, out); break;
+            case 4: row_fn.template operator()<4>(n, m0, out); break;
+            case 5: row_fn.template operator()<5>(n, m0, out); break;
+            case 6: row_fn.template operator()<6>(n, m0, out); break;
+            case 7: row_fn.template operator()<7>(n, m0, out); break;
+            default: row_fn.template operator()<8>(n, m0, out); break;
+          }
         }
       }
     }
@@ -589,14 +647,11 @@ at::Tensor gemv_same_type(const at::Tensor& x_in, const at::Tensor& w, const cha
   at::Tensor y = at::empty({M, N}, x.options());
   const auto* wp = reinterpret_cast<const Raw*>(w.const_data_ptr());
   T* yp = y.mutable_data_ptr<T>();
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mb = std::min(kMaxRows, M - m0);
-    const auto* xp = reinterpret_cast<const Raw*>(x.const_data_ptr()) + m0 * K;
-    for_rows(N, mb, K * static_cast<int64_t>(sizeof(Raw)), [&]<int R>(int64_t n, float* out) {
-      row.template operator()<R>(wp + n * K, xp, K, out);
-      for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = T(out[m]);
-    });
-  }
+  const auto* xp = reinterpret_cast<const Raw*>(x.const_data_ptr());
+  for_rows(N, M, K * static_cast<int64_t>(sizeof(Raw)), [&]<int R>(int64_t n, int64_t m0, float* out) {
+    row.template operator()<R>(wp + n * K, xp + m0 * K, K, out);
+    for (int m = 0; m < R; ++m) yp[(m0 + m) * N + n] = T(out[m]);
+  });
   return y;
 }
 
@@ -621,6 +676,51 @@ inline void store_output(float* y32, c10::BFloat16* y16, int64_t index, float v)
   }
 }
 
+// [x · W_0ᵀ | x · W_1ᵀ | ...] for 16-bit weights of one type and width: a layer's q/k/v or gate/up
+// projections as they lie in the checkpoint (views of its memory map), in one pass of the thread pool, so
+// they need not be concatenated into a copy. bf16 weights take bf16 x (the bf16 row kernel); f16 weights
+// take bf16 or fp32 x, widened to fp32 once here. Returns x's dtype, (M, ΣN).
+at::Tensor gemv_group(const at::Tensor& x_in, at::TensorList ws) {
+  const char* op = "llama3::gemv_group";
+  TORCH_CHECK(!ws.empty(), op, ": needs at least one weight");
+  const auto wtype = ws[0].scalar_type();
+  TORCH_CHECK(wtype == at::kBFloat16 || wtype == at::kHalf, op, ": weights must be bfloat16 or float16, got ",
+              wtype);
+  for (const at::Tensor& w : ws) {
+    check_inputs(x_in, w, op);
+    TORCH_CHECK(w.scalar_type() == wtype, op, ": all weights must have one dtype, got ", wtype, " and ",
+                w.scalar_type());
+  }
+  const auto out_dtype = x_in.scalar_type();
+  const bool bf16 = wtype == at::kBFloat16;
+  TORCH_CHECK(bf16 ? out_dtype == at::kBFloat16 : (out_dtype == at::kBFloat16 || out_dtype == at::kFloat), op,
+              bf16 ? ": bfloat16 weights need bfloat16 x" : ": float16 weights need bfloat16 or float32 x");
+  const at::Tensor x = (bf16 ? x_in : x_in.to(at::kFloat)).contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> starts{0};  // the first output of each weight, then the total
+  std::vector<const uint16_t*> rows;
+  for (const at::Tensor& w : ws) {
+    starts.push_back(starts.back() + w.size(0));
+    rows.push_back(reinterpret_cast<const uint16_t*>(w.const_data_ptr()));
+  }
+  const int64_t N = starts.back();
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  float* y32 = out_dtype == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
+  c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
+  for_rows(N, M, K * 2, [&]<int R>(int64_t n, int64_t m0, float* out) {
+    size_t part = 0;
+    while (n >= starts[part + 1]) ++part;  // a handful of weights: a scan beats a search
+    const uint16_t* wr = rows[part] + (n - starts[part]) * K;
+    if (bf16) {
+      bf16_row<R>(wr, reinterpret_cast<const uint16_t*>(x.const_data_ptr()) + m0 * K, K, out);
+    } else {
+      f16_row<R>(wr, x.const_data_ptr<float>() + m0 * K, K, out);
+    }
+    for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m]);
+  });
+  return y;
+}
+
 at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales) {
   check_inputs(x_in, w, "llama3::gemv_int8");
   TORCH_CHECK(w.scalar_type() == at::kChar, "llama3::gemv_int8: w must be int8");
@@ -637,13 +737,10 @@ at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
   float* y32 = out_dtype == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
   c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
   const QuantizedRows qx = quantize_rows(x.const_data_ptr<float>(), M, K);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mb = std::min(kMaxRows, M - m0);
-    for_rows(N, mb, K, [&]<int R>(int64_t n, float* out) {
-      int8_row<R>(wp + n * K, K, qx, m0, out);
-      for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m] * sp[n]);
-    });
-  }
+  for_rows(N, M, K, [&]<int R>(int64_t n, int64_t m0, float* out) {
+    int8_row<R>(wp + n * K, K, qx, m0, out);
+    for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m] * sp[n]);
+  });
   return y;
 }
 
@@ -673,13 +770,10 @@ at::Tensor gemv_int4(const at::Tensor& x_in, const at::Tensor& w, const at::Tens
   c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
   const QuantizedRows qx = quantize_rows(x.const_data_ptr<float>(), M, K);
   const Int4Sums sums = group_sums(x.const_data_ptr<float>(), M, K, group);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mb = std::min(kMaxRows, M - m0);
-    for_rows(N, mb, K / 2 + 4 * G, [&]<int R>(int64_t n, float* out) {
-      int4_row<R>(wp + n * (K / 2), sp + n * G, lp + n * G, K, group, qx, sums, m0, out);
-      for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m]);
-    });
-  }
+  for_rows(N, M, K / 2 + 4 * G, [&]<int R>(int64_t n, int64_t m0, float* out) {
+    int4_row<R>(wp + n * (K / 2), sp + n * G, lp + n * G, K, group, qx, sums, m0, out);
+    for (int m = 0; m < R; ++m) store_output(y32, y16, (m0 + m) * N + n, out[m]);
+  });
   return y;
 }
 
@@ -690,6 +784,7 @@ LLAMA3_LIBRARY_FRAGMENT(m) {
   m.def("gemv_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, Tensor lows, int group_size) -> Tensor");
+  m.def("gemv_group(Tensor x, Tensor[] ws) -> Tensor");
 }
 
 LLAMA3_LIBRARY_IMPL_CPU(m) {
@@ -697,4 +792,5 @@ LLAMA3_LIBRARY_IMPL_CPU(m) {
   m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
+  m.impl("gemv_group", &gemv_group);
 }
