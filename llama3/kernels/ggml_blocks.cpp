@@ -260,6 +260,13 @@ void repack_q4_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t*
     }
 }
 
+inline uint32_t word_at(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// 4 bytes at a time in 32-bit words: a shift moves bits across bytes, but the masks keep each byte's own
 void repack_q6_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t* dst) {
   for (int64_t s = 0; s < supers; ++s, dst += kQ6_KGroupBytes)
     for (int64_t r = 0; r < kRepackRows; ++r) {
@@ -271,18 +278,17 @@ void repack_q6_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t*
         const uint8_t* low = block + 64 * half + 32 * (t & 1);  // the low 4 bits of position l: low[l]
         const uint8_t* high = block + 128 + 32 * half;          // the high 2 bits: high[l] >> high_shift
         uint8_t* chunk = dst + 144 + 192 * j;
-        for (int i = 0; i < 4; ++i)
-          for (int u = 0; u < 4; ++u) {
-            const int p = 4 * i + u;
-            chunk[32 * i + 4 * r + u] = static_cast<uint8_t>(((low[p] >> low_shift) & 0x0F) |
-                                                             (((low[16 + p] >> low_shift) & 0x0F) << 4));
-          }
-        for (int h = 0; h < 2; ++h)
-          for (int u = 0; u < 4; ++u) {
-            int bits = 0;
-            for (int k = 0; k < 4; ++k) bits |= ((high[16 * h + 4 * k + u] >> high_shift) & 3) << (2 * k);
-            chunk[128 + 32 * h + 4 * r + u] = static_cast<uint8_t>(bits);
-          }
+        for (int i = 0; i < 4; ++i) {  // positions 4i .. 4i + 3 low nibbles, 16 + 4i .. high nibbles
+          const uint32_t lo = (word_at(low + 4 * i) >> low_shift) & 0x0F0F0F0Fu;
+          const uint32_t hi = (word_at(low + 16 + 4 * i) >> low_shift) & 0x0F0F0F0Fu;
+          const uint32_t word = lo | (hi << 4);
+          std::memcpy(chunk + 32 * i + 4 * r, &word, 4);
+        }
+        for (int h = 0; h < 2; ++h) {  // positions 16h + 4k + u to bits 2k of byte u
+          uint32_t word = 0;
+          for (int k = 0; k < 4; ++k) word |= ((word_at(high + 16 * h + 4 * k) >> high_shift) & 0x03030303u) << (2 * k);
+          std::memcpy(chunk + 128 + 32 * h + 4 * r, &word, 4);
+        }
       }
     }
 }
