@@ -1095,7 +1095,6 @@ at::Tensor ggml_matmul_group(const at::Tensor& x, at::TensorList ws, at::IntArra
 // Rewrite the rows of a Q4_0, Q4_K or Q6_K matrix w (N, row_bytes), N a multiple of 8, into `out`
 // (N / 8, K / values · ggml_repack_block_bytes(type)) in the 8-row layout the products read (see above):
 // the same bytes moved (and Q4_K's 6-bit sub-scales unpacked to bytes), so every weight keeps its value.
-// Parallel over groups of rows, so it costs about a memory copy.
 void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) {
   const char* op = "llama3::ggml_repack";
   TORCH_CHECK((type & kRepackedFlag) == 0, op, ": w is already repacked");
@@ -1109,15 +1108,15 @@ void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) 
                   out.size(0) == groups && out.size(1) == blocks * group_bytes,
               op, ": out must be contiguous uint8 (", groups, ", ", blocks * group_bytes, "), got ", out.sizes());
   uint8_t* dst = out.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* rows = src.data + g * kRepackRows * src.row_bytes;
-      uint8_t* out_group = dst + g * blocks * group_bytes;
-      if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
-      else if (type == 12) repack_q4_k(rows, src.row_bytes, blocks, out_group);
-      else repack_q6_k(rows, src.row_bytes, blocks, out_group);
-    }
-  });
+  // One thread: a memory copy gains little from a second core, and an OpenMP region cost 20-40 ms per
+  // matrix on the loaded 2-core machine (its threads waiting to be scheduled) against 0.1 ms of copying.
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* rows = src.data + g * kRepackRows * src.row_bytes;
+    uint8_t* out_group = dst + g * blocks * group_bytes;
+    if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
+    else if (type == 12) repack_q4_k(rows, src.row_bytes, blocks, out_group);
+    else repack_q6_k(rows, src.row_bytes, blocks, out_group);
+  }
 }
 
 int64_t ggml_repack_block_bytes(int64_t type) { return repacked_group_bytes(type); }
