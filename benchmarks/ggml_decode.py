@@ -2,14 +2,15 @@
 file, in alternating runs.
 
     python benchmarks/ggml_decode.py ~/.cache/llama3/real-size/1b-q4_0.gguf --rounds 3
-    python benchmarks/ggml_decode.py FILE --ours unfused:off,grouped:off,grouped:200 --loads idle,busy
+    python benchmarks/ggml_decode.py FILE --ours unfused:off,grouped:200,repacked:200 --loads idle,busy
 
 Each run is a fresh process (the OpenMP runtime reads its wait policy once; both runtimes get
 OMP_WAIT_POLICY=PASSIVE, what our commands set) that loads the file, feeds a 16-token prompt and decodes 48
 greedy tokens; it reports 1/median and 1/best step (the machine is shared: the median is the honest
 figure, and every configuration is credited with its best round). A configuration of ours is
-`PROJECTIONS:SPIN`: PROJECTIONS `grouped` (q/k/v and gate/up as one product each, what
-`optimize_for_inference` does) or `unfused` (one product per weight), SPIN the `LLAMA3_GGML_SPIN_US` of the
+`PROJECTIONS:SPIN`: PROJECTIONS `repacked` (what `optimize_for_inference` does: q/k/v and gate/up as one
+product each, Q4_0 / Q4_K repacked into the kernels' 8-row layout), `grouped` (the same on the file's
+layout) or `unfused` (one product per weight, the file's layout), SPIN the `LLAMA3_GGML_SPIN_US` of the
 run (`off`: torch's OpenMP pool; N: the products' own pool, its workers spinning N microseconds before they
 sleep). "busy" starts one spinning process beside the run, as another program on the machine would.
 """
@@ -41,7 +42,7 @@ def worker_ours(spec: dict) -> list[float]:
 
     torch.set_num_threads(spec["threads"])
     model, tokenizer = llama3.load(spec["file"])
-    optimize_for_inference(model, fuse=spec["projections"] == "grouped")
+    optimize_for_inference(model, fuse=spec["projections"] != "unfused", repack=spec["projections"] == "repacked")
     gen = Generator(model, tokenizer, compile=False)
     [result] = gen.generate([PROMPT], max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0),
                             stop_ids=[])
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("file", nargs="?")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--ours", default="unfused:off,grouped:off,grouped:200",
+    parser.add_argument("--ours", default="grouped:200,repacked:200",
                         help="comma list of PROJECTIONS:SPIN (see above)")
     parser.add_argument("--loads", default="idle", help="idle, busy (one extra spinning process) or both")
     parser.add_argument("--threads", type=int, default=2)

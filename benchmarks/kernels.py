@@ -6,7 +6,8 @@
 For each matrix of the 1B shape (the fused FFN input 16384 x 2048 is taken as 8192 x 2048, the FFN output
 2048 x 8192, the output projection 128256 x 2048) one activation row goes through `gemv_bf16`, `gemv_int8`
 and `gemv_int4` of every level in `llama3.kernels.supported_isas()`, through `ggml_matmul` on the GGUF block
-types Q8_0, Q4_0, Q4_K and Q6_K (rows of one quantized 64-row matrix, repeated), and through torch's bf16
+types Q8_0, Q4_0, Q4_K and Q6_K (rows of one quantized 64-row matrix, repeated; file layout, and repacked
+by `ggml_repack` where the level repacks the type), and through torch's bf16
 `F.linear` as the peer; the loss kernel `xent_rows_` runs on 256 rows of the 128K vocabulary beside torch's
 log-softmax + its gradient. The best of `--repeats` runs is reported (the machine is shared), as
 milliseconds and as GB/s of weights read.
@@ -70,7 +71,27 @@ def bench_gemv(N: int, K: int, repeats: int) -> list[tuple[str, float, float]]:
         rows += [(f"{isa} ggml_matmul {kind}",
                   best_seconds(lambda ops=ops, kind=kind: ops.ggml_matmul(x, blocks[kind], QUANT_TYPES[kind].ggml_id, K),
                                repeats), blocks[kind].numel()) for kind in GGML_TYPES]
+        for kind in GGML_TYPES:  # the same weights repacked, where this level repacks the type
+            repacked = repack(ops, blocks[kind], kind, K)
+            if repacked is not None:
+                ggml_id = QUANT_TYPES[kind].ggml_id | REPACKED
+                rows.append((f"{isa} ggml_matmul {kind} repacked", best_seconds(
+                    lambda ops=ops, w=repacked, t=ggml_id: ops.ggml_matmul(x, w, t, K), repeats), blocks[kind].numel()))
     return rows
+
+
+REPACKED = 256  # a ggml type | this: the type in the kernels' 8-row layout
+
+
+def repack(ops, blocks: torch.Tensor, kind: str, K: int) -> torch.Tensor | None:
+    """`blocks` (N, row bytes) in the 8-row layout of `ggml_repack`, or None where `ops` does not repack `kind`."""
+    qtype = QUANT_TYPES[kind]
+    group_bytes = ops.ggml_repack_block_bytes(qtype.ggml_id)
+    if group_bytes == 0:
+        return None
+    out = torch.empty(blocks.shape[0] // 8, K // qtype.block_values * group_bytes, dtype=torch.uint8)
+    ops.ggml_repack(blocks, qtype.ggml_id, K, out)
+    return out
 
 
 def bench_xent(repeats: int) -> list[tuple[str, float]]:

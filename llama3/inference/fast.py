@@ -262,14 +262,15 @@ def _trim_heap() -> None:
 @torch.no_grad()
 def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = None, fuse: bool = True,
                            quantize: str | None = None, group_size: int = 32, kernels: bool = True,
-                           huge_pages: bool = True) -> Transformer:
+                           huge_pages: bool = True, repack: bool = True) -> Transformer:
     """The load-time pipeline, in place: cast to `dtype`, fuse projections, then weight-only quantize
     (`"int8"` or `"int4"`, see `quantize.py`), or for a bf16/fp32 CPU model put its linear layers on the
-    project's matrix-vector kernels (`gemv.py`; `kernels=False` keeps torch's); finally, on the CPU, move
-    the weights to huge pages (`to_huge_pages`; `huge_pages=False` skips it). 16-bit weights on the kernels
-    are grouped where they lie instead of fused, and then stay there: no copy, no move to huge pages (an
-    f16 model's embedding and norms become bf16, see `_bf16_activations`). Returns the model in eval mode
-    without gradients."""
+    project's matrix-vector kernels (`gemv.py`; `kernels=False` keeps torch's) and repack a quantized
+    GGUF model's Q4_0 / Q4_K / Q6_K matrices for its products (`ggml_quant.repack_for_inference`;
+    `repack=False` keeps the file's layout); finally, on the CPU, move the weights to huge pages
+    (`to_huge_pages`; `huge_pages=False` skips it). 16-bit weights on the kernels are grouped where they lie
+    instead of fused, and then stay there: no copy, no move to huge pages (an f16 model's embedding and
+    norms become bf16, see `_bf16_activations`). Returns the model in eval mode without gradients."""
     from .ggml_quant import has_ggml_layers
 
     if quantize is not None and has_ggml_layers(model):
@@ -308,6 +309,10 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
             from .gemv import use_gemv_kernels
 
             use_gemv_kernels(model)
+            if repack and has_ggml_layers(model):  # rewritten for the kernels' products, matrix by matrix
+                from .ggml_quant import repack_for_inference
+
+                repack_for_inference(model, allocate=huge_page_empty if huge_pages and on_cpu else torch.empty)
     if quantize is not None:
         # Quantized, the output projection has its own weights and the embedding only serves lookups of a
         # row per token: better left mapped (resident as read) than copied whole.

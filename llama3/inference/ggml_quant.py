@@ -14,6 +14,9 @@ stores them, without ever turning the whole matrix into 16- or 32-bit floats.
 - `GGMLGroupLinear`: several `GGMLLinear` that share their input (q/k/v, gate/up) as one product,
   `llama3::ggml_matmul_group`: x rounded once and one parallel region for all, the weights left where they
   lie (each its own ggml type: a Q4_K_M layer mixes Q4_K and Q6_K).
+- `repack_for_inference(model)`: at load, the Q4_0, Q4_K and Q6_K matrices are rewritten once into the kernels'
+  8-row layout (`llama3::ggml_repack`, the same bytes moved: exact), whose products need about a third of
+  the instructions (ggml_blocks.cpp); all their rows of x, prompts included, then go to those products.
 
 The block bytes are a plain attribute (`data`), not a parameter or buffer: they are views of the file's
 memory map, so `model.to(dtype)`, the move to huge pages and `state_dict()` leave them alone and the
@@ -33,9 +36,11 @@ from . import gemv
 from ..checkpoint.gguf_quants import QUANT_TYPES, dequantize
 
 __all__ = ["GGMLEmbedding", "GGMLGroupLinear", "GGMLLinear", "dequantize_model", "has_ggml_layers",
-           "require_float_weights"]
+           "repack_for_inference", "require_float_weights"]
 
 _FALLBACK_ROWS = 1024  # weight rows dequantized at a time on the pure-PyTorch path
+_REPACKED = 256  # a ggml type number | this: that type in the kernels' 8-row layout (ggml_blocks.cpp)
+_REPACK_ROWS = 8
 
 _KINDS = {t.ggml_id: name for name, t in QUANT_TYPES.items()}
 
@@ -85,6 +90,34 @@ class GGMLLinear(nn.Module):
         self.data, self.kind, self.ggml_id = data, kind, qtype.ggml_id
         self.in_features, self.out_features = in_features, data.shape[0]
         self.use_kernel = use_kernel and kernels.available()
+        # what the kernels multiply: (bytes, type) pieces of the rows, in order; the file's rows until
+        # `repack` puts them in the 8-row layout (then `data` stays for dequantize() and export only)
+        self.kernel_weights: list[tuple[torch.Tensor, int]] = [(data, qtype.ggml_id)]
+
+    @property
+    def repacked(self) -> bool:
+        return any(t & _REPACKED for _, t in self.kernel_weights)
+
+    @torch.no_grad()
+    def repack(self, allocate=torch.empty) -> int:
+        """Rewrite the rows, 8 at a time, into the kernels' interleaved layout, in memory from
+        `allocate(shape, dtype)`, when the kernels repack this type (Q4_0, Q4_K, Q6_K on AVX2); a last
+        out_features % 8 rows keep the file's layout. The file's pages leave the resident set as they are
+        copied (`data` still reads them for `dequantize`). Returns the bytes written (0: nothing done)."""
+        from .mapped import release_file_pages
+
+        group_bytes = _repacked_block_bytes(self.ggml_id) if self.use_kernel else 0
+        rows = self.out_features // _REPACK_ROWS * _REPACK_ROWS
+        if group_bytes == 0 or rows == 0 or self.repacked:
+            return 0
+        qtype = QUANT_TYPES[self.kind]
+        out = allocate((rows // _REPACK_ROWS, self.in_features // qtype.block_values * group_bytes), dtype=torch.uint8)
+        torch.ops.llama3.ggml_repack(self.data[:rows], self.ggml_id, self.in_features, out)
+        release_file_pages(self.data[:rows])
+        self.kernel_weights = [(out, self.ggml_id | _REPACKED)]
+        if rows < self.out_features:
+            self.kernel_weights.append((self.data[rows:], self.ggml_id))
+        return out.numel()
 
     def dequantize(self) -> torch.Tensor:
         """The full float32 weight (out_features, in_features): tests and format conversion only."""
@@ -92,17 +125,24 @@ class GGMLLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        # a compiled (decode) graph keeps the one operator call rather than unrolling the slices
-        if self.use_kernel and x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
-            y = self._sliced_gemm(x2)
-        elif self.use_kernel:
-            x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-            y = torch.ops.llama3.ggml_matmul(x_in, self.data, self.ggml_id, self.in_features)
+        if self.use_kernel:
+            y = self._product(x2)
         else:
             x32 = x2.float()
             y = torch.cat([F.linear(x32, _dequantize_rows(self.data[i:i + _FALLBACK_ROWS], self.kind))
                            for i in range(0, self.out_features, _FALLBACK_ROWS)], dim=-1)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., N)
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) · Wᵀ on the kernels: (M, N) in x2's dtype (float32 for other dtypes)."""
+        # Prompts on the file's layout: torch's GEMM on dequantized slices. Repacked weights keep every row
+        # count on their own products (faster than the slices, measured: BENCHMARKS.md; and the file's
+        # pages, released, stay out of memory). A compiled (decode) graph keeps the one operator call.
+        if not self.repacked and x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
+            return self._sliced_gemm(x2)
+        x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+        ws, types = zip(*self.kernel_weights)
+        return torch.ops.llama3.ggml_matmul_group(x_in, list(ws), list(types), self.in_features)
 
     def _sliced_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) · Wᵀ through torch's GEMM, W decoded a slice of rows at a time; (M, N) float."""
@@ -111,7 +151,13 @@ class GGMLLinear(nn.Module):
             self.data[n0:n1], self.ggml_id, self.in_features, dtype), dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}" + (
+            " (repacked)" if self.repacked else "")
+
+
+def _repacked_block_bytes(ggml_id: int) -> int:
+    """Bytes per 8 rows and block of `ggml_id` in the kernels' repacked layout; 0 where they do not repack it."""
+    return int(torch.ops.llama3.ggml_repack_block_bytes(ggml_id))
 
 
 class GGMLEmbedding(nn.Module):
@@ -151,8 +197,18 @@ class GGMLGroupLinear(nn.Module):
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
         self.use_kernel = all(p.use_kernel for p in parts)
-        self._data = [p.data for p in parts]
-        self._types = [p.ggml_id for p in parts]
+        self._gather()
+
+    def _gather(self) -> None:
+        """The parts' kernel pieces, side by side, as the one group call takes them."""
+        self._data = [w for p in self.parts for w, _ in p.kernel_weights]
+        self._types = [t for p in self.parts for _, t in p.kernel_weights]
+
+    def repack(self, allocate=torch.empty) -> int:
+        """`GGMLLinear.repack` for each part; returns the bytes written."""
+        written = sum(p.repack(allocate) for p in self.parts)
+        self._gather()
+        return written
 
     def dequantize(self) -> torch.Tensor:
         """The parts' float32 weights stacked (out_features, in_features): tests and format conversion only."""
@@ -163,8 +219,8 @@ class GGMLGroupLinear(nn.Module):
             return torch.cat([p(x) for p in self.parts], dim=-1)
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
-            # a prompt: each part through torch's GEMM on dequantized slices, as GGMLLinear does
-            y = torch.cat([p._sliced_gemm(x2) for p in self.parts], dim=-1)
+            # a prompt: each part the way GGMLLinear takes it (repacked: its products; else GEMM on slices)
+            y = torch.cat([p._product(x2) for p in self.parts], dim=-1)
         else:
             x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
             y = torch.ops.llama3.ggml_matmul_group(x_in, self._data, self._types, self.in_features)
@@ -173,6 +229,15 @@ class GGMLGroupLinear(nn.Module):
     def extra_repr(self) -> str:
         kinds = "+".join(p.kind for p in self.parts)
         return f"in_features={self.in_features}, out_features={self.out_features}, {kinds}"
+
+
+@torch.no_grad()
+def repack_for_inference(model: nn.Module, allocate=torch.empty) -> int:
+    """Repack every Q4_0 / Q4_K / Q6_K product weight of `model` (GGMLLinear, grouped or not; not the token
+    embeddings, which are read by rows) into the kernels' 8-row layout, matrix by matrix, each file's pages
+    leaving the resident set once copied: peak memory grows by one matrix. Inference only: `dequantize()`
+    and export keep reading the file. Returns the bytes written."""
+    return sum(m.repack(allocate) for m in model.modules() if isinstance(m, (GGMLLinear, GGMLGroupLinear)))
 
 
 def has_ggml_layers(model: nn.Module) -> bool:

@@ -3,7 +3,8 @@
 - `gemv.cpp`: `torch.ops.llama3.gemv_bf16`, `gemv_f32`, `gemv_group`, `gemv_int8`, `gemv_int4`, the decode-time matrix-vector
   products (used by `llama3.inference.gemv` and `quantize`);
 - `ggml_blocks.cpp`: `torch.ops.llama3.ggml_matmul`, products with weights in ggml's quantized block formats
-  straight from a GGUF file, and `ggml_matmul_group` for several such weights sharing one input (used by
+  straight from a GGUF file, and `ggml_matmul_group` for several such weights sharing one input; `ggml_repack`
+  rewrites Q4_0 / Q4_K / Q6_K weights at load into an 8-row layout those products read faster (used by
   `llama3.inference.ggml_quant`);
 - `ggml_dequant.cpp`: `torch.ops.llama3.ggml_dequantize`, rows of those block formats back to float32 or
   bfloat16, equal to the `gguf` package's dequantization (prompts and embedding lookups in `ggml_quant`);

@@ -206,6 +206,103 @@ const Format* format_of(int64_t type) {
     f.unpack(w + i * f.bytes, out.codes + i * f.values, out.scale + i * groups, out.bias + i * groups);
 }
 
+// ----- repacked weights: 8 rows interleaved, so one byte of x meets 8 weight rows in one instruction -----
+//
+// `ggml_repack` rewrites a Q4_0, Q4_K or Q6_K matrix at load, 8 rows at a time, into a layout where a 32-byte
+// load holds, in 32-bit lane r, 4 bytes of row r (8 codes: 4 consecutive positions in the low nibbles, 4 in
+// the high ones) and the 8 rows' scales lie side by side. A broadcast of 4 int8 activations then meets 8
+// rows at once: vpmaddubsw takes the codes as they are stored (unsigned 0..15), the 8 products of a block
+// add up in int16 (each pair sum is at most 2·15·127 = 3810, eight of them 30480 < 32767), one vpmaddwd
+// makes them int32 per row (with the K types' sub-scale in the same instruction), and the centring of
+// the codes (q - 8) becomes one correction per block, 8 · Σ x_int8 (the integers stay exact). The float
+// work is one multiply-add per block for 8 rows, with no horizontal sums and no scalar fp16 conversions.
+// The values are today's: the same integer sums times the same float scales, summed in another order.
+//
+//   Q4_0, per 8 rows and block of 32 (144 bytes, as 8 file blocks): 8 fp16 d, then 4 × 32 bytes, load i
+//     byte 4r + j = row r's nibble byte 4i + j (low nibble: position 4i + j, high: 16 + 4i + j).
+//   Q4_K, per 8 rows and super-block of 256 (1184 bytes, 8 file blocks are 1152): 8 fp16 d, 8 fp16 dmin,
+//     the 6-bit sub-scales as bytes [sub-block j][row r], the mins likewise, then for each 64-value chunk
+//     c 8 × 32 bytes, load i byte 4r + j = row r's byte 4i + j of chunk c (low nibble: sub-block 2c,
+//     high: 2c + 1, position 4i + j).
+//   Q6_K, per 8 rows and super-block (1680 bytes, as 8 file blocks): 8 fp16 d, the int8 sub-scales
+//     [group of 16 g][row r], then per 32-value chunk 4 × 32 bytes of low nibbles as Q4_0's and 2 × 32
+//     bytes of the 2 high bits: load h byte 4r + j, bits 2k, 2k + 1 = code vector 4h + k's (positions
+//     4k + j for h = 0, 16 + 4k + j for h = 1). Codes 0..63: only 2 products add in int16
+//     (2 · 2 · 63 · 127 = 32004), then vpmaddwd with the group's sub-scale; the centring (q - 32) takes
+//     32 · (scale_A · Σ x_int8 + scale_B · Σ x_int8) over the chunk's two 16-value groups.
+constexpr int64_t kRepackedFlag = 256;  // ggml type | this = the type repacked
+constexpr int64_t kRepackRows = 8;
+constexpr int64_t kQ4_0GroupBytes = 144, kQ4_KGroupBytes = 1184, kQ6_KGroupBytes = 1680;
+
+void repack_q4_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
+  for (int64_t b = 0; b < blocks; ++b, dst += kQ4_0GroupBytes)
+    for (int64_t r = 0; r < kRepackRows; ++r) {
+      const uint8_t* block = src + r * row_bytes + b * 18;
+      std::memcpy(dst + 2 * r, block, 2);
+      for (int i = 0; i < 4; ++i) std::memcpy(dst + 16 + 32 * i + 4 * r, block + 2 + 4 * i, 4);
+    }
+}
+
+void repack_q4_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t* dst) {
+  for (int64_t s = 0; s < supers; ++s, dst += kQ4_KGroupBytes)
+    for (int64_t r = 0; r < kRepackRows; ++r) {
+      const uint8_t* block = src + r * row_bytes + s * 144;
+      std::memcpy(dst + 2 * r, block, 2);
+      std::memcpy(dst + 16 + 2 * r, block + 2, 2);
+      for (int j = 0; j < 8; ++j) {
+        int sc, mn;
+        k_scale_min(block + 4, j, sc, mn);
+        dst[32 + 8 * j + r] = static_cast<uint8_t>(sc);
+        dst[96 + 8 * j + r] = static_cast<uint8_t>(mn);
+      }
+      for (int c = 0; c < 4; ++c)
+        for (int i = 0; i < 8; ++i) std::memcpy(dst + 160 + 256 * c + 32 * i + 4 * r, block + 16 + 32 * c + 4 * i, 4);
+    }
+}
+
+inline uint32_t word_at(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// 4 bytes at a time in 32-bit words: a shift moves bits across bytes, but the masks keep each byte's own
+void repack_q6_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t* dst) {
+  for (int64_t s = 0; s < supers; ++s, dst += kQ6_KGroupBytes)
+    for (int64_t r = 0; r < kRepackRows; ++r) {
+      const uint8_t* block = src + r * row_bytes + s * 210;
+      std::memcpy(dst + 2 * r, block + 208, 2);
+      for (int g = 0; g < 16; ++g) dst[16 + 8 * g + r] = block[192 + g];
+      for (int j = 0; j < 8; ++j) {  // chunk j: values 128 · half + 32t + l (unpack_q6_k's order)
+        const int half = j / 4, t = j % 4, low_shift = t >= 2 ? 4 : 0, high_shift = 2 * t;
+        const uint8_t* low = block + 64 * half + 32 * (t & 1);  // the low 4 bits of position l: low[l]
+        const uint8_t* high = block + 128 + 32 * half;          // the high 2 bits: high[l] >> high_shift
+        uint8_t* chunk = dst + 144 + 192 * j;
+        for (int i = 0; i < 4; ++i) {  // positions 4i .. 4i + 3 low nibbles, 16 + 4i .. high nibbles
+          const uint32_t lo = (word_at(low + 4 * i) >> low_shift) & 0x0F0F0F0Fu;
+          const uint32_t hi = (word_at(low + 16 + 4 * i) >> low_shift) & 0x0F0F0F0Fu;
+          const uint32_t word = lo | (hi << 4);
+          std::memcpy(chunk + 32 * i + 4 * r, &word, 4);
+        }
+        for (int h = 0; h < 2; ++h) {  // positions 16h + 4k + u to bits 2k of byte u
+          uint32_t word = 0;
+          for (int k = 0; k < 4; ++k) word |= ((word_at(high + 16 * h + 4 * k) >> high_shift) & 0x03030303u) << (2 * k);
+          std::memcpy(chunk + 128 + 32 * h + 4 * r, &word, 4);
+        }
+      }
+    }
+}
+
+// bytes per 8 rows and block (super-block) of the repacked type, 0 for a type this build does not repack
+int64_t repacked_group_bytes(int64_t type) {
+#ifdef LLAMA3_GGML_AVX2
+  return type == 2 ? kQ4_0GroupBytes : type == 12 ? kQ4_KGroupBytes : type == 14 ? kQ6_KGroupBytes : 0;
+#else
+  (void)type;
+  return 0;  // the portable products read the file's own layout
+#endif
+}
+
 // ----- activations: int8 per block of 32, plus exact sums per 16 -----
 
 struct QuantizedX {
@@ -213,6 +310,8 @@ struct QuantizedX {
   std::vector<float> scale;     // (M, K / 32)
   std::vector<float> group_sum;  // (M, K / 16)
   std::vector<float> block_sum;  // (M, K / 32): the two group sums of each block added
+  std::vector<int32_t> q_sum;    // (M, K / 32): Σ of each block's int8 values (the repacked products' centring)
+  std::vector<int32_t> q_pair;   // (M, K / 32): the Σ of its two halves as int16 pairs (low: values 0-15)
 };
 
 // One weight of a group multiplied with the same x: its bytes, type and the first column it writes in y
@@ -227,6 +326,8 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
   out.scale.resize(M * K / kXBlock);
   out.group_sum.resize(M * K / kGroup);
   out.block_sum.resize(M * K / kXBlock);
+  out.q_sum.resize(M * K / kXBlock);
+  out.q_pair.resize(M * K / kXBlock);
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t b = 0; b < K / kXBlock; ++b) {
@@ -234,7 +335,15 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
         float amax = 0.f;
         for (int k = 0; k < kXBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
         const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int k = 0; k < kXBlock; ++k) out.q[m * K + b * kXBlock + k] = static_cast<int8_t>(std::nearbyint(xb[k] * inv));
+        int32_t halves[2] = {0, 0};  // |Σ| <= 16 · 127: an int16 each
+        for (int k = 0; k < kXBlock; ++k) {
+          const int8_t q = static_cast<int8_t>(std::nearbyint(xb[k] * inv));
+          out.q[m * K + b * kXBlock + k] = q;
+          halves[k / kGroup] += q;
+        }
+        out.q_sum[m * K / kXBlock + b] = halves[0] + halves[1];
+        out.q_pair[m * K / kXBlock + b] =
+            static_cast<int32_t>((static_cast<uint32_t>(halves[1]) << 16) | (static_cast<uint32_t>(halves[0]) & 0xFFFF));
         out.scale[m * K / kXBlock + b] = amax / 127.f;
         for (int h = 0; h < 2; ++h) {
           float s = 0.f;
@@ -496,6 +605,169 @@ inline void any_row(const uint8_t* w, int64_t K, const QuantizedX& qx, int64_t m
   }
 }
 
+// ----- products on repacked weights (see ggml_repack above): 8 weight rows per vector, M rows of x -----
+
+inline __m256i broadcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+
+// Σ over 8 code vectors of codes · (4 x bytes broadcast) in int16 (see the bound above), x at 4-byte steps
+// given by `offset(i)`
+template <class Offset>
+inline __m256i codes_dot_16(const __m256i (&codes)[8], const int8_t* x, Offset offset) {
+  __m256i s = _mm256_maddubs_epi16(codes[0], broadcast4(x + offset(0)));
+  for (int i = 1; i < 8; ++i) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(codes[i], broadcast4(x + offset(i))));
+  return s;
+}
+
+// y[m0 + m, n .. n + 7] for one group of 8 Q4_0 rows, M rows of x
+template <int M>
+void q4_0x8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float* y, int64_t ldy) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const int64_t blocks = K / kXBlock;
+  for (int64_t b = 0; b < blocks; ++b, g += kQ4_0GroupBytes) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
+    __m256i codes[8];  // 0-3: positions 4i .. 4i + 3 of each row; 4-7: 16 + 4i ..
+    for (int i = 0; i < 4; ++i) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 16 + 32 * i));
+      codes[i] = _mm256_and_si256(v, low);
+      codes[4 + i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t block = (m0 + m) * blocks + b;
+      const int8_t* xb = qx.q.data() + block * kXBlock;
+      const __m256i s = codes_dot_16(codes, xb, [](int i) { return i < 4 ? 4 * i : 16 + 4 * (i - 4); });
+      const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s, ones), _mm256_set1_epi32(8 * qx.q_sum[block]));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(qx.scale[block])), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy, acc[m]);
+}
+
+// the same for Q4_K: per sub-block j the integer sums times its sub-scale (vpmaddwd), the centring
+// (8 · sub-scale · Σ x_int8) taken off in integers, and the bias (8 · d · scale - dmin · min, as the
+// file-layout kernel forms it) times x's exact block sum
+template <int M>
+void q4_kx8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float* y, int64_t ldy) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const int64_t blocks = K / kXBlock;
+  for (int64_t sb = 0; sb < K / 256; ++sb, g += kQ4_KGroupBytes) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 16)));
+    const __m256 d8 = _mm256_mul_ps(d, _mm256_set1_ps(8.f));
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* packed = g + 160 + 256 * (j / 2);
+      __m256i codes[8];
+      for (int i = 0; i < 8; ++i) {
+        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * i));
+        if (j % 2) v = _mm256_srli_epi16(v, 4);
+        codes[i] = _mm256_and_si256(v, low);
+      }
+      const __m128i sc8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(g + 32 + 8 * j));
+      const __m128i sc_words = _mm_cvtepu8_epi16(sc8);
+      const __m256i sc16 = _mm256_set_m128i(_mm_unpackhi_epi16(sc_words, sc_words), _mm_unpacklo_epi16(sc_words, sc_words));
+      const __m256i sc32 = _mm256_cvtepu8_epi32(sc8);
+      const __m256 mins = _mm256_cvtepi32_ps(
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(g + 96 + 8 * j))));
+      const __m256 bias = _mm256_fmsub_ps(d8, _mm256_cvtepi32_ps(sc32), _mm256_mul_ps(dmin, mins));
+      for (int m = 0; m < M; ++m) {
+        const int64_t block = (m0 + m) * blocks + sb * 8 + j;
+        const __m256i s = codes_dot_16(codes, qx.q.data() + block * kXBlock, [](int i) { return 4 * i; });
+        const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s, sc16),
+                                             _mm256_mullo_epi32(sc32, _mm256_set1_epi32(8 * qx.q_sum[block])));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(qx.scale[block])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(bias, _mm256_set1_ps(qx.block_sum[block]), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy, acc[m]);
+}
+
+// the same for Q6_K: 6-bit codes from a low nibble and 2 high bits, sub-scales per 16 values
+template <int M>
+void q6_kx8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float* y, int64_t ldy) {
+  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const int64_t blocks = K / kXBlock;
+  for (int64_t sb = 0; sb < K / 256; ++sb, g += kQ6_KGroupBytes) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* chunk = g + 144 + 192 * j;
+      __m256i codes[8];
+      const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 128));
+      const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 160));
+      for (int i = 0; i < 4; ++i) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * i));
+        // bits 2i, 2i + 1 of the high-bit bytes to bits 4, 5 (a 16-bit shift: what crosses bytes is masked)
+        auto high = [&](__m256i h) {
+          return _mm256_and_si256(i < 2 ? _mm256_slli_epi16(h, 4 - 2 * i) : _mm256_srli_epi16(h, 2 * i - 4), top);
+        };
+        codes[i] = _mm256_or_si256(_mm256_and_si256(v, low), high(h0));
+        codes[4 + i] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), high(h1));
+      }
+      // sub-scales of the chunk's two groups (values 0-15: A, 16-31: B), int16 in both halves of lane r,
+      // and (A, B) pairs per lane for the centring
+      const __m128i a = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(g + 16 + 16 * j)));
+      const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(g + 24 + 16 * j)));
+      const __m256i sa = _mm256_set_m128i(_mm_unpackhi_epi16(a, a), _mm_unpacklo_epi16(a, a));
+      const __m256i sb16 = _mm256_set_m128i(_mm_unpackhi_epi16(b, b), _mm_unpacklo_epi16(b, b));
+      const __m256i pair = _mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
+      for (int m = 0; m < M; ++m) {
+        const int64_t block = (m0 + m) * blocks + sb * 8 + j;
+        const int8_t* xb = qx.q.data() + block * kXBlock;
+        auto two = [&](int v, int offset) {  // code vectors v, v + 1 against x at offset, offset + 4
+          return _mm256_add_epi16(_mm256_maddubs_epi16(codes[v], broadcast4(xb + offset)),
+                                  _mm256_maddubs_epi16(codes[v + 1], broadcast4(xb + offset + 4)));
+        };
+        const __m256i sum = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_madd_epi16(two(0, 0), sa), _mm256_madd_epi16(two(2, 8), sa)),
+            _mm256_add_epi32(_mm256_madd_epi16(two(4, 16), sb16), _mm256_madd_epi16(two(6, 24), sb16)));
+        const __m256i centre = _mm256_slli_epi32(_mm256_madd_epi16(pair, _mm256_set1_epi32(qx.q_pair[block])), 5);
+        const __m256i dot = _mm256_sub_epi32(sum, centre);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(qx.scale[block])), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy, acc[m]);
+}
+
+// Rows x passes of the repacked layout: M rows of x at a time (4 keep the codes, 4 accumulators and the
+// int16 sums in the 16 registers), over tiles of 16 weight rows (two groups, ~18 KB per 1024 values)
+template <int kType>
+void run_repacked(const uint8_t* wp, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K, const QuantizedX& qx,
+                  int64_t M, float* yp, int64_t ldy) {
+  const int64_t group_bytes = kRepackRows * row_bytes;
+  for (int64_t t0 = n0; t0 < n1; t0 += kTileRows) {
+    const int64_t t1 = std::min(n1, t0 + kTileRows);
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t step = std::min<int64_t>(M - m0, 4);
+      for (int64_t n = t0; n < t1; n += kRepackRows) {
+        const uint8_t* g = wp + n / kRepackRows * group_bytes;
+        float* y = yp + m0 * ldy + n;
+        auto fn = [&]<int S>() {
+          if constexpr (kType == 2) q4_0x8<S>(g, K, qx, m0, y, ldy);
+          else if constexpr (kType == 12) q4_kx8<S>(g, K, qx, m0, y, ldy);
+          else q6_kx8<S>(g, K, qx, m0, y, ldy);
+        };
+        switch (step) {
+          case 4: fn.template operator()<4>(); break;
+          case 3: fn.template operator()<3>(); break;
+          case 2: fn.template operator()<2>(); break;
+          default: fn.template operator()<1>(); break;
+        }
+      }
+      m0 += step;
+    }
+  }
+}
+
 // Bytes of weight rows per run handed to a thread (AVX2 path), as in gemv.cpp: long runs stream fastest, and
 // a small matrix still needs several runs per thread to share the work out.
 constexpr int64_t kMinRunBytes = 64 * 1024;
@@ -532,6 +804,9 @@ using RunFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const
 
 RunFn run_fn(int64_t type) {
   switch (type) {
+    case 2 | kRepackedFlag: return run_repacked<2>;
+    case 12 | kRepackedFlag: return run_repacked<12>;
+    case 14 | kRepackedFlag: return run_repacked<14>;
     case 2: return run_rows<LegacyDecoder<2>>;
     case 3: return run_rows<LegacyDecoder<3>>;
     case 6: return run_rows<LegacyDecoder<6>>;
@@ -724,10 +999,21 @@ inline float dot_row(const RowView& w, const int8_t* xq, const float* xs, const 
 
 // w checked against its type and K: returns the part it makes of a group, writing from column `column`
 GroupPart check_part(const char* op, const at::Tensor& w, int64_t type, int64_t K, int64_t column) {
-  const Format* f = format_of(type);
+  const bool repacked = (type & kRepackedFlag) != 0;
+  const int64_t base = type & ~kRepackedFlag;
+  const Format* f = format_of(base);
   TORCH_CHECK(f != nullptr, op, ": ggml type ", type, " is not one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K");
+  TORCH_CHECK(!repacked || repacked_group_bytes(base) > 0, op, ": ", f->name,
+              " is not repacked by this build's kernels (ggml_repack_block_bytes says which types are)");
   TORCH_CHECK(w.device().is_cpu(), op, ": CPU tensors only");
   TORCH_CHECK(K % f->values == 0, op, ": ", f->name, " rows need a multiple of ", f->values, " values, got ", K);
+  if (repacked) {  // (N / 8, group bytes): 8 rows per tensor row
+    const int64_t group_bytes = K / f->values * repacked_group_bytes(base);
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) == group_bytes && w.is_contiguous(), op,
+                ": a repacked ", f->name, " w must be contiguous uint8 (N / 8, ", group_bytes, ") for ", K,
+                " values per row, got ", w.sizes());
+    return {w.const_data_ptr<uint8_t>(), type, w.size(0) * kRepackRows, group_bytes / kRepackRows, column};
+  }
   const int64_t row_bytes = K / f->values * f->bytes;
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) == row_bytes && w.stride(1) == 1 &&
                   w.stride(0) == row_bytes,
@@ -806,9 +1092,41 @@ at::Tensor ggml_matmul_group(const at::Tensor& x, at::TensorList ws, at::IntArra
   return matmul_parts(op, x, parts, K, total);
 }
 
+// Rewrite the rows of a Q4_0, Q4_K or Q6_K matrix w (N, row_bytes), N a multiple of 8, into `out`
+// (N / 8, K / values · ggml_repack_block_bytes(type)) in the 8-row layout the products read (see above):
+// the same bytes moved (and Q4_K's 6-bit sub-scales unpacked to bytes), so every weight keeps its value.
+void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) {
+  const char* op = "llama3::ggml_repack";
+  TORCH_CHECK((type & kRepackedFlag) == 0, op, ": w is already repacked");
+  const GroupPart src = check_part(op, w, type, K, 0);
+  const int64_t group_bytes = repacked_group_bytes(type);
+  TORCH_CHECK(group_bytes > 0, op, ": ", format_of(type)->name, " is not repacked by this build's kernels");
+  TORCH_CHECK(src.rows % kRepackRows == 0, op, ": repacks groups of 8 rows, got ", src.rows,
+              " (multiply the rest with the file's layout)");
+  const int64_t blocks = K / format_of(type)->values, groups = src.rows / kRepackRows;
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kByte && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(0) == groups && out.size(1) == blocks * group_bytes,
+              op, ": out must be contiguous uint8 (", groups, ", ", blocks * group_bytes, "), got ", out.sizes());
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  // One thread: a memory copy gains little from a second core, and an OpenMP region cost 20-40 ms per
+  // matrix on the loaded 2-core machine (its threads waiting to be scheduled) against 0.1 ms of copying.
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* rows = src.data + g * kRepackRows * src.row_bytes;
+    uint8_t* out_group = dst + g * blocks * group_bytes;
+    if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
+    else if (type == 12) repack_q4_k(rows, src.row_bytes, blocks, out_group);
+    else repack_q6_k(rows, src.row_bytes, blocks, out_group);
+  }
+}
+
+int64_t ggml_repack_block_bytes(int64_t type) { return repacked_group_bytes(type); }
+
 }  // namespace
 
 LLAMA3_LIBRARY_FRAGMENT(m) {
+  m.def("ggml_repack(Tensor w, int ggml_type, int in_features, Tensor(a!) out) -> ()");
+  // no tensor argument to dispatch on: defined with its one (catch-all) kernel
+  m.def("ggml_repack_block_bytes(int ggml_type) -> int", &ggml_repack_block_bytes);
   m.def("ggml_matmul(Tensor x, Tensor w, int ggml_type, int in_features) -> Tensor");
   m.def("ggml_matmul_group(Tensor x, Tensor[] ws, int[] ggml_types, int in_features) -> Tensor");
 }
@@ -816,4 +1134,5 @@ LLAMA3_LIBRARY_FRAGMENT(m) {
 LLAMA3_LIBRARY_IMPL_CPU(m) {
   m.impl("ggml_matmul", &ggml_matmul);
   m.impl("ggml_matmul_group", &ggml_matmul_group);
+  m.impl("ggml_repack", &ggml_repack);
 }
