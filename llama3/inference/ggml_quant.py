@@ -99,11 +99,12 @@ class GGMLLinear(nn.Module):
         return any(t & _REPACKED for _, t in self.kernel_weights)
 
     @torch.no_grad()
-    def repack(self, allocate=torch.empty) -> int:
+    def repack(self, allocate=torch.empty, mappings: list[tuple[int, int]] | None = None) -> int:
         """Rewrite the rows, 8 at a time, into the kernels' interleaved layout, in memory from
         `allocate(shape, dtype)`, when the kernels repack this type (Q4_0, Q4_K, Q6_K on AVX2); a last
         out_features % 8 rows keep the file's layout. The file's pages leave the resident set as they are
-        copied (`data` still reads them for `dequantize`). Returns the bytes written (0: nothing done)."""
+        copied (`data` still reads them for `dequantize`; `mappings`, see `mapped.release_file_pages`).
+        Returns the bytes written (0: nothing done)."""
         from .mapped import release_file_pages
 
         group_bytes = _repacked_block_bytes(self.ggml_id) if self.use_kernel else 0
@@ -113,7 +114,7 @@ class GGMLLinear(nn.Module):
         qtype = QUANT_TYPES[self.kind]
         out = allocate((rows // _REPACK_ROWS, self.in_features // qtype.block_values * group_bytes), dtype=torch.uint8)
         torch.ops.llama3.ggml_repack(self.data[:rows], self.ggml_id, self.in_features, out)
-        release_file_pages(self.data[:rows])
+        release_file_pages(self.data[:rows], mappings)
         self.kernel_weights = [(out, self.ggml_id | _REPACKED)]
         if rows < self.out_features:
             self.kernel_weights.append((self.data[rows:], self.ggml_id))
@@ -204,9 +205,9 @@ class GGMLGroupLinear(nn.Module):
         self._data = [w for p in self.parts for w, _ in p.kernel_weights]
         self._types = [t for p in self.parts for _, t in p.kernel_weights]
 
-    def repack(self, allocate=torch.empty) -> int:
+    def repack(self, allocate=torch.empty, mappings: list[tuple[int, int]] | None = None) -> int:
         """`GGMLLinear.repack` for each part; returns the bytes written."""
-        written = sum(p.repack(allocate) for p in self.parts)
+        written = sum(p.repack(allocate, mappings) for p in self.parts)
         self._gather()
         return written
 
@@ -237,7 +238,10 @@ def repack_for_inference(model: nn.Module, allocate=torch.empty) -> int:
     embeddings, which are read by rows) into the kernels' 8-row layout, matrix by matrix, each file's pages
     leaving the resident set once copied: peak memory grows by one matrix. Inference only: `dequantize()`
     and export keep reading the file. Returns the bytes written."""
-    return sum(m.repack(allocate) for m in model.modules() if isinstance(m, (GGMLLinear, GGMLGroupLinear)))
+    from .mapped import _file_mappings
+
+    mappings = _file_mappings()  # read once: the file's mappings do not change while repacking
+    return sum(m.repack(allocate, mappings) for m in model.modules() if isinstance(m, (GGMLLinear, GGMLGroupLinear)))
 
 
 def has_ggml_layers(model: nn.Module) -> bool:

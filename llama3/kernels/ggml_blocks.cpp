@@ -1108,15 +1108,19 @@ void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) 
                   out.size(0) == groups && out.size(1) == blocks * group_bytes,
               op, ": out must be contiguous uint8 (", groups, ", ", blocks * group_bytes, "), got ", out.sizes());
   uint8_t* dst = out.mutable_data_ptr<uint8_t>();
-  // One thread: a memory copy gains little from a second core, and an OpenMP region cost 20-40 ms per
-  // matrix on the loaded 2-core machine (its threads waiting to be scheduled) against 0.1 ms of copying.
-  for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* rows = src.data + g * kRepackRows * src.row_bytes;
-    uint8_t* out_group = dst + g * blocks * group_bytes;
-    if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
-    else if (type == 12) repack_q4_k(rows, src.row_bytes, blocks, out_group);
-    else repack_q6_k(rows, src.row_bytes, blocks, out_group);
-  }
+  // Over the threads in runs of ~4 MB of output: the work is page faults (the file's pages, the new
+  // memory's) and byte shuffles, and both scale with cores (1B Q4_0 on 2 quiet Zen 3 cores: 1.0 s -> 0.x s);
+  // a small matrix stays on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{4} << 20) / (blocks * group_bytes));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* rows = src.data + g * kRepackRows * src.row_bytes;
+      uint8_t* out_group = dst + g * blocks * group_bytes;
+      if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
+      else if (type == 12) repack_q4_k(rows, src.row_bytes, blocks, out_group);
+      else repack_q6_k(rows, src.row_bytes, blocks, out_group);
+    }
+  });
 }
 
 int64_t ggml_repack_block_bytes(int64_t type) { return repacked_group_bytes(type); }
