@@ -189,3 +189,17 @@ def test_chat_session_drops_oldest_turns_and_keeps_the_system_prompt(model_dir):
     with pytest.raises(ValueError, match="context is 256"):
         session.reply(" ".join(["word"] * 400), lambda piece: None)
     assert session.messages[-1]["role"] == "assistant"  # the message that cannot fit is not kept
+
+
+def test_compile_auto_runs_cpu_models_eagerly_and_on_off_force_it():
+    """`--compile auto` never compiles a CPU model, however large (its products and decode attention run on
+    the project's kernels either way; the warm-up costs more than a reply saves), and `on`/`off` are obeyed."""
+    from llama3.cli.generate import COMPILE_MIN_PARAMS, _should_compile
+
+    model = random_model(tiny_args("gqa"))
+    big = COMPILE_MIN_PARAMS * 10
+    model.num_params = lambda include_embeddings=True: big  # an 8B-sized count on a tiny model
+    assert not _should_compile("auto", model)
+    assert _should_compile("on", model) and not _should_compile("off", model)
+    model.tok_embeddings = torch.nn.Embedding(4, 4, device="meta")  # any device but the CPU
+    assert _should_compile("auto", model)
