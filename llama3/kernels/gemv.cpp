@@ -202,8 +202,23 @@ inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out
 // fp32 weights, fp32 activations: out[m] = Σ_k w[k] · x[m, k]
 // ---------------------------------------------------------------------------------------------------------
 
-template <int M>
-inline void f32_row(const float* w, const float* x, int64_t K, float* out) {
+// How a float-valued weight line is read into fp32 vectors: fp32 as is, f16 through F16C (vcvtph2ps, exact:
+// every f16 value is an fp32 value). One row kernel below serves both.
+struct F32Weights {
+  using T = float;
+#ifdef LLAMA3_AVX512
+  static __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
+  static __m512 load16(__mmask16 mask, const T* p) { return _mm512_maskz_loadu_ps(mask, p); }
+#elif defined(LLAMA3_AVX2)
+  static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+#endif
+  static float at(const T* p) { return *p; }
+};
+
+// out[m] = Σ_k w[k] · x[m, k] for a weight line read by `Weights` and M rows of fp32 x: each weight vector is
+// read once and used for every row of x
+template <int M, class Weights>
+inline void float_row(const typename Weights::T* w, const float* x, int64_t K, float* out) {
 #ifdef LLAMA3_AVX512
   constexpr int kUnroll = unroll_for<M>();
   __m512 acc[kUnroll][M];
@@ -211,12 +226,12 @@ inline void f32_row(const float* w, const float* x, int64_t K, float* out) {
   int64_t k = 0;
   for (; k + kUnroll * 16 <= K; k += kUnroll * 16)
     for (int u = 0; u < kUnroll; ++u) {
-      const __m512 wv = _mm512_loadu_ps(w + k + u * 16);
+      const __m512 wv = Weights::load16(w + k + u * 16);
       for (int m = 0; m < M; ++m) acc[u][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + u * 16), acc[u][m]);
     }
   for (; k < K; k += 16) {
     const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
-    const __m512 wv = _mm512_maskz_loadu_ps(mask, w + k);
+    const __m512 wv = Weights::load16(mask, w + k);
     for (int m = 0; m < M; ++m) acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[0][m]);
   }
   sum_accumulators(acc, out);
@@ -227,19 +242,24 @@ inline void f32_row(const float* w, const float* x, int64_t K, float* out) {
   int64_t k = 0;
   for (; k + kUnroll * 8 <= K; k += kUnroll * 8)
     for (int u = 0; u < kUnroll; ++u) {
-      const __m256 wv = _mm256_loadu_ps(w + k + u * 8);
+      const __m256 wv = Weights::load8(w + k + u * 8);
       for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + u * 8), acc[u][m]);
     }
   sum_accumulators(acc, out);
   for (; k < K; ++k)  // a tail of fewer than 8 * kUnroll values
-    for (int m = 0; m < M; ++m) out[m] += w[k] * x[m * K + k];
+    for (int m = 0; m < M; ++m) out[m] += Weights::at(w + k) * x[m * K + k];
 #else
   for (int m = 0; m < M; ++m) {
     float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += w[k] * x[m * K + k];
+    for (int64_t k = 0; k < K; ++k) s += Weights::at(w + k) * x[m * K + k];
     out[m] = s;
   }
 #endif
+}
+
+template <int M>
+inline void f32_row(const float* w, const float* x, int64_t K, float* out) {
+  float_row<M, F32Weights>(w, x, K, out);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -543,44 +563,20 @@ inline void int4_row(const uint8_t* w, const uint16_t* scales, const uint16_t* l
 // The weights widen with the F16C conversion (vcvtph2ps, exact: every f16 value is an fp32 value); x is
 // widened to fp32 once per call by the operator, since it is read once per weight line and stays in L1.
 
+struct F16Weights {
+  using T = uint16_t;
+#ifdef LLAMA3_AVX512
+  static __m512 load16(const T* p) { return _mm512_cvtph_ps(load256(p)); }
+  static __m512 load16(__mmask16 mask, const T* p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)); }
+#elif defined(LLAMA3_AVX2)
+  static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+  static float at(const T* p) { return half_to_float(*p); }
+};
+
 template <int M>
 inline void f16_row(const uint16_t* w, const float* x, int64_t K, float* out) {
-#ifdef LLAMA3_AVX512
-  constexpr int kUnroll = unroll_for<M>();
-  __m512 acc[kUnroll][M];
-  zero_accumulators(acc);
-  int64_t k = 0;
-  for (; k + kUnroll * 16 <= K; k += kUnroll * 16)
-    for (int u = 0; u < kUnroll; ++u) {
-      const __m512 wv = _mm512_cvtph_ps(load256(w + k + u * 16));  // read once, used for every row of x
-      for (int m = 0; m < M; ++m) acc[u][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + u * 16), acc[u][m]);
-    }
-  for (; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
-    const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w + k));
-    for (int m = 0; m < M; ++m) acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[0][m]);
-  }
-  sum_accumulators(acc, out);
-#elif defined(LLAMA3_AVX2)
-  constexpr int kUnroll = unroll_for<M>();
-  __m256 acc[kUnroll][M];
-  zero_accumulators(acc);
-  int64_t k = 0;
-  for (; k + kUnroll * 8 <= K; k += kUnroll * 8)
-    for (int u = 0; u < kUnroll; ++u) {
-      const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + u * 8)));
-      for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + u * 8), acc[u][m]);
-    }
-  sum_accumulators(acc, out);
-  for (; k < K; ++k)  // a tail of fewer than 8 * kUnroll values
-    for (int m = 0; m < M; ++m) out[m] += _cvtsh_ss(w[k]) * x[m * K + k];
-#else
-  for (int m = 0; m < M; ++m) {
-    float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += half_to_float(w[k]) * x[m * K + k];
-    out[m] = s;
-  }
-#endif
+  float_row<M, F16Weights>(w, x, K, out);
 }
 
 // ---------------------------------------------------------------------------------------------------------
