@@ -305,20 +305,20 @@ def _gemv_group_shape(x, ws):
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))  # (M, ΣN) in x's dtype
 
 
+# Each operator's shape function, for torch.compile (the operators' outputs without running them).
+_SHAPES = {
+    "gemv_bf16": _gemv_shape, "gemv_f32": _gemv_shape, "gemv_int8": _gemv_shape, "gemv_int4": _gemv_shape,
+    "gemv_group": _gemv_group_shape, "xent_rows_": _xent_rows_shape, "ggml_matmul": _ggml_matmul_shape,
+    "ggml_dequantize": _ggml_dequantize_shape, "ggml_matmul_group": _ggml_matmul_group_shape,
+    "attend_one_query": _attend_one_query_shape, "train_rms_norm": _rms_norm_shape,
+    "train_rms_norm_backward": _rms_norm_backward_shape, "train_swiglu": _swiglu_shape,
+    "train_swiglu_backward": _swiglu_backward_shape, "train_rope": _rope_shape,
+}
+
+
 def _register_fakes(namespace: str) -> None:
-    for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
-        torch.library.register_fake(f"{namespace}::{name}")(_gemv_shape)
-    torch.library.register_fake(f"{namespace}::xent_rows_")(_xent_rows_shape)
-    torch.library.register_fake(f"{namespace}::ggml_matmul")(_ggml_matmul_shape)
-    torch.library.register_fake(f"{namespace}::ggml_dequantize")(_ggml_dequantize_shape)
-    torch.library.register_fake(f"{namespace}::ggml_matmul_group")(_ggml_matmul_group_shape)
-    torch.library.register_fake(f"{namespace}::attend_one_query")(_attend_one_query_shape)
-    torch.library.register_fake(f"{namespace}::train_rms_norm")(_rms_norm_shape)
-    torch.library.register_fake(f"{namespace}::train_rms_norm_backward")(_rms_norm_backward_shape)
-    torch.library.register_fake(f"{namespace}::train_swiglu")(_swiglu_shape)
-    torch.library.register_fake(f"{namespace}::train_swiglu_backward")(_swiglu_backward_shape)
-    torch.library.register_fake(f"{namespace}::train_rope")(_rope_shape)
-    torch.library.register_fake(f"{namespace}::gemv_group")(_gemv_group_shape)
+    for name, shape in _SHAPES.items():
+        torch.library.register_fake(f"{namespace}::{name}")(shape)
 
 
 _SWITCHED_OFF = "switched off by LLAMA3_KERNELS=0"
