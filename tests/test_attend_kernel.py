@@ -43,7 +43,8 @@ def random_mask(B, S, generator):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,K,R,S,D", [(1, 2, 4, 9, 64), (2, 3, 1, 17, 40), (2, 4, 4, 2100, 64), (1, 1, 3, 1, 8)])
+@pytest.mark.parametrize("B,K,R,S,D", [(1, 2, 4, 9, 64), (2, 3, 1, 17, 40), (2, 4, 4, 2100, 64), (1, 1, 3, 1, 8),
+                                        (1, 2, 6, 300, 24), (1, 1, 2, 5, 36)])
 def test_attend_one_query_equals_float64_reference(ops, dtype, B, K, R, S, D):
     g = torch.Generator().manual_seed(B * 1000 + S)
     q = torch.randn(B, K, R, D, generator=g)
@@ -63,9 +64,10 @@ def test_attend_one_query_equals_float64_reference(ops, dtype, B, K, R, S, D):
         torch.set_num_threads(threads)
 
 
-def test_attend_one_query_reads_int8_codes_with_their_scales(ops):
+@pytest.mark.parametrize("R", [4, 5])
+def test_attend_one_query_reads_int8_codes_with_their_scales(ops, R):
     g = torch.Generator().manual_seed(7)
-    B, K, R, S, D = 2, 2, 4, 33, 64
+    B, K, S, D = 2, 2, 33, 64
     q = torch.randn(B, K, R, D, generator=g)
     keys = torch.randint(-127, 128, (B, K, S, D), generator=g, dtype=torch.int8)
     values = torch.randint(-127, 128, (B, K, S, D), generator=g, dtype=torch.int8)
@@ -74,6 +76,17 @@ def test_attend_one_query_reads_int8_codes_with_their_scales(ops):
     mask = random_mask(B, S, g)
     out = ops.attend_one_query(q, keys, values, k_scale, v_scale, mask, 1.0 / math.sqrt(D))
     torch.testing.assert_close(out.double(), reference(q, keys, values, mask, k_scale, v_scale), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_one_query_keeps_a_peaked_softmax_exact(ops):
+    """Scores hundreds apart: the exponentials of all but the top underflow to zero, as in float64."""
+    g = torch.Generator().manual_seed(11)
+    q = 40 * torch.randn(1, 2, 4, 64, generator=g)
+    keys, values = torch.randn(1, 2, 40, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    none = torch.empty(0)
+    out = ops.attend_one_query(q, keys, values, none, none, mask, 1.0 / 8)
+    torch.testing.assert_close(out.double(), reference(q, keys, values, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_attend_one_query_refuses_bad_inputs_with_clear_errors():

@@ -221,3 +221,35 @@ def test_a_long_prompt_prefilled_in_chunks_equals_one_pass(quantize):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="prefill_chunk must be at least 1"):
         Generator(model, None, prefill_chunk=0)
+
+
+def test_cache_formats_and_the_quantized_gguf_default_of_f16(tmp_path):
+    """A quantized GGUF model (f32 activations) keeps an f16 cache by default, half the bytes of an f32 one,
+    with decode logits within KL 1e-4 of the f32 cache's; `kv_cache` picks any float format or int8; an unknown
+    format is refused by the generator and the engine."""
+    import llama3
+    from llama3.inference.attention import kv_cache_layout
+    from tests.test_checkpoint_hf import byte_tokenizer
+    from tests.test_gguf_quants import _model
+
+    path = llama3.save(_model(), byte_tokenizer(), tmp_path / "m.gguf", format="gguf", dtype="q4_0")
+    model, tokenizer = llama3.load(path)
+    assert kv_cache_layout(model, None) == (torch.float16, None)
+    assert kv_cache_layout(random_model(tiny_args("gqa")), None) == (None, None)  # a float model: its own dtype
+    assert kv_cache_layout(model, "bf16") == (torch.bfloat16, None) and kv_cache_layout(model, "int8") == (None, "int8")
+    tokens = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
+    logits, sizes = {}, {}
+    for name in ("f32", "f16"):
+        dtype, _ = kv_cache_layout(model, name)
+        model.setup_caches(1, 32, dtype)
+        logits[name], sizes[name] = _decode_logits(model, tokens, 4), model.cache_bytes()
+    assert _kl(logits["f32"], logits["f16"]) <= 1e-4 and not torch.equal(logits["f32"], logits["f16"])
+    assert sizes["f16"] * 2 == sizes["f32"]
+    for kv_cache, dtype in ((None, torch.float16), ("f32", torch.float32), ("bf16", torch.bfloat16)):
+        model.clear_caches()
+        Generator(model, tokenizer, kv_cache=kv_cache).generate([[1, 2, 3]], max_new_tokens=2, sampling=GREEDY)
+        assert model.layers[0].attention.kv_cache.k.dtype == dtype
+    with pytest.raises(ValueError, match="f32, f16, bf16, int8"):
+        Generator(model, tokenizer, kv_cache="fp8")
+    with pytest.raises(ValueError, match="f32, f16, bf16, int8"):
+        Engine(model, kv_cache="int4")

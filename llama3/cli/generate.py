@@ -55,10 +55,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_kv_cache_option(parser: argparse.ArgumentParser) -> None:
-    """`--kv-cache int8` (shared by generate, chat and serve)."""
-    parser.add_argument("--kv-cache", choices=["int8"], default=None,
-                        help="int8: keep the KV cache as int8 with a scale per head and position, about half "
-                             "the memory of bf16 (default: the model's dtype)")
+    """`--kv-cache f32|f16|bf16|int8` (shared by generate, chat and serve)."""
+    parser.add_argument("--kv-cache", choices=["f32", "f16", "bf16", "int8"], default=None,
+                        help="the KV cache's format: a float dtype, or int8 with a scale per head and position "
+                             "(about half the memory of bf16). Default: the model's dtype, f16 for quantized "
+                             "GGUF files (their activations are f32)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float, top_p: float) -> None:

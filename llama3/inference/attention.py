@@ -7,6 +7,11 @@ multiply-and-sum, which a compiled step fuses into one loop but which, run eager
 `kernel_attention` instead: every cached key and value row is read once, as stored (float, bf16, fp16, or
 int8 codes with their scales), over the span the mask covers. The generator and the serving engine install
 it on CPU models; a compiled step does not call it (the model checks).
+
+`kv_cache_layout(model, kv_cache)` turns the user's choice of cache format (`KV_CACHE_FORMATS`, or None for
+the default) into what `Transformer.setup_caches` takes. By default the cache holds the model's dtype, except
+for a model whose projections are GGUF blocks: its activations are float32, and a float32 cache would be read
+in full at every step, so it keeps float16 (llama.cpp's default cache type too), half the bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from torch import nn
 from .. import kernels
 from ..model import Attention, KVCache
 
-__all__ = ["kernel_attention", "use_attention_kernel"]
+__all__ = ["KV_CACHE_FORMATS", "check_kv_cache", "kernel_attention", "kv_cache_layout", "use_attention_kernel"]
+
+# the cache formats a user may ask for: a float dtype, or int8 codes with a scale per head and position
+KV_CACHE_FORMATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "int8": None}
 
 
 def kernel_attention(q: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
@@ -44,3 +52,24 @@ def use_attention_kernel(model: nn.Module, enabled: bool = True) -> int:
     for layer in layers:
         layer.cached_attention = kernel_attention if on else None
     return len(layers) if on else 0
+
+
+def check_kv_cache(kv_cache: str | None) -> None:
+    """Refuse a cache format that is not one of `KV_CACHE_FORMATS` (None: the default)."""
+    if kv_cache is not None and kv_cache not in KV_CACHE_FORMATS:
+        raise ValueError(f"kv_cache must be None (the default) or one of {', '.join(KV_CACHE_FORMATS)}, "
+                         f"got {kv_cache!r}")
+
+
+def kv_cache_layout(model: nn.Module, kv_cache: str | None) -> tuple[torch.dtype | None, str | None]:
+    """(dtype, quantize) for `model.setup_caches` from a cache format (see the module docstring): dtype None
+    means the model's own."""
+    check_kv_cache(kv_cache)
+    if kv_cache == "int8":
+        return None, "int8"
+    if kv_cache is not None:
+        return KV_CACHE_FORMATS[kv_cache], None
+    from .ggml_quant import GGMLEmbedding, GGMLGroupLinear, GGMLLinear
+
+    blocks = any(isinstance(m, (GGMLLinear, GGMLGroupLinear, GGMLEmbedding)) for m in model.modules())
+    return (torch.float16 if blocks else None), None

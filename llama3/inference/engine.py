@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..model import KVCache
-from .attention import use_attention_kernel
+from .attention import check_kv_cache, kv_cache_layout, use_attention_kernel
 from .constraints import TokenConstraint, constrain_logits
 from .multi_lora import LoRASet
 from .prefix_cache import PrefixCache, block_bytes
@@ -234,8 +234,7 @@ class Engine:
                  kv_cache: str | None = None, prefix_cache_bytes: int = 0, prefix_block_size: int = 16):
         if num_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("num_slots and prefill_chunk must be >= 1 and max_queue >= 0")
-        if kv_cache not in (None, "int8"):
-            raise ValueError(f"kv_cache must be None (the model's dtype) or 'int8', got {kv_cache!r}")
+        check_kv_cache(kv_cache)
         self.kv_cache = kv_cache
         if prefix_cache_bytes < 0:
             raise ValueError(f"the prefix-cache budget must be >= 0 bytes (0 turns it off), got {prefix_cache_bytes}")
@@ -277,7 +276,8 @@ class Engine:
         if self._thread is not None:
             return self
         # The pool starts with one bucket of positions per slot and grows as sequences get longer.
-        self.model.setup_caches(self.num_slots, min(_POOL_START, self.max_seq_len), quantize=self.kv_cache)
+        dtype, quantize = kv_cache_layout(self.model, self.kv_cache)
+        self.model.setup_caches(self.num_slots, min(_POOL_START, self.max_seq_len), dtype, quantize=quantize)
         self._full_caches = [layer.attention.kv_cache for layer in self.model.layers]
         if self.prefix_cache_bytes:
             layers = self._cache_tensors()

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
-from .attention import use_attention_kernel
+from .attention import check_kv_cache, kv_cache_layout, use_attention_kernel
 from .fast import compile_options, quiet_autotune
 from .sampling import SamplingParams, make_generator, sample
 from .stops import find_stop, shown_length
@@ -132,8 +132,7 @@ class Generator:
     def __init__(self, model: Transformer, tokenizer, *, compile: bool = False, cache_bucket: int = 256,
                  inductor_options: dict | None = None, kv_cache: str | None = None,
                  prefill_chunk: int = PREFILL_CHUNK):
-        if kv_cache not in (None, "int8"):
-            raise ValueError(f"kv_cache must be None (the model's dtype) or 'int8', got {kv_cache!r}")
+        check_kv_cache(kv_cache)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -197,8 +196,10 @@ class Generator:
         length = self.cache_length_for(needed_len)
         cache = self.model.layers[0].attention.kv_cache if len(self.model.layers) else None
         # The model's own cache decides (another generator or an engine may have set up a different one).
-        if (cache is None or cache.k.shape[0] != batch_size or cache.quantized != (self.kv_cache == "int8")):
-            self.model.setup_caches(batch_size, length, quantize=self.kv_cache)
+        dtype, quantize = kv_cache_layout(self.model, self.kv_cache)
+        if (cache is None or cache.k.shape[0] != batch_size or cache.quantized != (quantize == "int8")
+                or (dtype is not None and cache.k.dtype != dtype)):
+            self.model.setup_caches(batch_size, length, dtype, quantize=quantize)
         elif cache.length < needed_len:
             self.model.grow_caches(length)
         else:

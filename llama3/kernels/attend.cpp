@@ -11,8 +11,14 @@
 // Written as broadcast multiply-and-sum in PyTorch, one step materialises (B, K, R, S, D) products twice per
 // layer: 4 MB at S = 256 and 64 MB at S = 4096 for an 8B model, whose fresh pages (large allocations are
 // mapped and unmapped per call) cost more than the arithmetic. Here each key and value row is read once, only
-// at the positions the mask keeps, converted to float in a row buffer, and serves all R queries of its group;
-// scores and probabilities live in an R x S float buffer per (b, j).
+// at the positions the mask keeps, and serves all R queries of its group; scores and probabilities live in an
+// R x S float buffer per (b, j).
+//
+// With AVX2, FMA and F16C (and D a multiple of 8) rows are widened 8 values at a time in registers (fp16 by
+// vcvtph2ps, bf16 by a shift, int8 codes with the row's scale folded into its score and its probability), up
+// to 4 queries' sums stay in registers per pass, the value sums keep 4 x 16 outputs in registers over a run
+// of 256 rows (which stays in L2 while the passes go over it), and the softmax's exponentials are a vector
+// polynomial. Otherwise (portable builds, odd D) plain loops the compiler vectorises do the same sums.
 //
 // Threads: the B · K (sequence, kv head) pairs are split over torch's thread pool when the work is big enough
 // to pay for waking it (a decode step of an 8B model stays on the calling thread up to ~1000 positions).
@@ -27,9 +33,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LLAMA3_ATTEND_AVX2 1
+#endif
 
 namespace {
 
@@ -53,23 +65,201 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += w * x[d];
 }
 
-// row s of a cache view as float: converted into `buf` unless it already is float
+// row s of a cache view as float: converted into `buf` unless it already is float (int8 codes stay unscaled:
+// the callers fold the row's scale into its score and its probability)
 template <class T>
-inline const float* row_as_float(const T* row, float scale, float* buf, int64_t n) {
+inline const float* row_as_float(const T* row, float* buf, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    (void)scale;
     (void)buf;
     (void)n;
     return row;
-  } else if constexpr (std::is_same_v<T, int8_t>) {
-    for (int64_t d = 0; d < n; ++d) buf[d] = static_cast<float>(row[d]) * scale;
-    return buf;
   } else {
-    (void)scale;
     for (int64_t d = 0; d < n; ++d) buf[d] = static_cast<float>(row[d]);
     return buf;
   }
 }
+
+// e^x for every element of `row`, minus `top`, in place; returns their sum
+inline float exp_in_place(float* row, int64_t n, float top);
+
+#ifdef LLAMA3_ATTEND_AVX2
+// 8 values of a cache row as float: fp16 through F16C, bf16 by a shift into the high half, int8 codes widened
+template <class T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  } else {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x for 8 floats x <= 0 (softmax after subtracting the maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r by a
+// degree-6 polynomial (relative error ~2e-7), 2^n into the exponent bits; below -87 the result is 0 (or the
+// smallest normal), as the scalar std::exp's underflow would be
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: the first exact in float
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float exp_in_place(float* row, int64_t n, float top) {
+  const __m256 t = _mm256_set1_ps(top);
+  __m256 sum8 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + i), t));
+    _mm256_storeu_ps(row + i, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float sum = hsum8(sum8);
+  for (; i < n; ++i) {
+    row[i] = std::exp(row[i] - top);
+    sum += row[i];
+  }
+  return sum;
+}
+
+// Scores of RB queries (rows of q, D apart) against the kept rows [i0, i1): each key row is loaded (and
+// widened) once per 8 values for all RB queries, whose sums stay in registers.
+template <class T, int RB>
+void scores_block(const float* q, const T* keys, const float* k_scale, const int64_t* keep, int64_t i0, int64_t i1,
+                  int64_t D, int64_t s_stride, int64_t scale_stride, float scale, float* scores, int64_t n) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t s = keep[i];
+    const T* key = keys + s * s_stride;
+    __m256 acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 k8 = load8(key + d);
+      for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), k8, acc[r]);
+    }
+    const float row_scale = scale * (k_scale ? k_scale[s * scale_stride] : 1.f);
+    for (int r = 0; r < RB; ++r) scores[r * n + i] = row_scale * hsum8(acc[r]);
+  }
+}
+
+// out[r, d0 : d0 + 8 DB] += Σ_i p[r, i] · value_i[d0 : ...] for RB queries over the kept rows [i0, i1): the
+// RB x DB sums stay in registers across the rows, each value slice is loaded (and widened) once for all.
+template <class T, int RB, int DB>
+void values_block(const float* p, const T* values, const float* v_scale, const int64_t* keep, int64_t i0, int64_t i1,
+                  int64_t d0, int64_t D, int64_t s_stride, int64_t scale_stride, int64_t n, float* out) {
+  __m256 acc[RB][DB];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < DB; ++c) acc[r][c] = _mm256_loadu_ps(out + r * D + d0 + 8 * c);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t s = keep[i];
+    const T* value = values + s * s_stride + d0;
+    __m256 v8[DB];
+    for (int c = 0; c < DB; ++c) v8[c] = load8(value + 8 * c);
+    if (v_scale) {
+      const __m256 w = _mm256_set1_ps(v_scale[s * scale_stride]);
+      for (int c = 0; c < DB; ++c) v8[c] = _mm256_mul_ps(v8[c], w);
+    }
+    for (int r = 0; r < RB; ++r) {
+      const __m256 pr = _mm256_broadcast_ss(p + r * n + i);
+      for (int c = 0; c < DB; ++c) acc[r][c] = _mm256_fmadd_ps(pr, v8[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < DB; ++c) _mm256_storeu_ps(out + r * D + d0 + 8 * c, acc[r][c]);
+}
+
+template <class T, int RB>
+void values_rows(const float* p, const T* values, const float* v_scale, const int64_t* keep, int64_t i0, int64_t i1,
+                 int64_t D, int64_t s_stride, int64_t scale_stride, int64_t n, float* out) {
+  int64_t d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16)
+    values_block<T, RB, 2>(p, values, v_scale, keep, i0, i1, d0, D, s_stride, scale_stride, n, out);
+  if (d0 < D) values_block<T, RB, 1>(p, values, v_scale, keep, i0, i1, d0, D, s_stride, scale_stride, n, out);
+}
+
+// The R queries of one group against its kept rows, D a multiple of 8, in runs of 256 rows (whose keys and
+// values stay in L2 while every block of queries and of output columns passes over them) and blocks of up
+// to 4 queries.
+template <class T>
+void attend_pair_avx2(const float* q, const T* keys, const T* values, const float* k_scale, const float* v_scale,
+                      const std::vector<int64_t>& keep, int64_t R, int64_t D, int64_t s_stride, int64_t scale_stride,
+                      float scale, float* scores, float* out) {
+  constexpr int64_t kRun = 256;
+  const int64_t n = static_cast<int64_t>(keep.size());
+  const int64_t* kp = keep.data();
+  for (int64_t i0 = 0; i0 < n; i0 += kRun) {
+    const int64_t i1 = std::min(n, i0 + kRun);
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const float* qr = q + r0 * D;
+      float* sr = scores + r0 * n;
+      switch (std::min<int64_t>(4, R - r0)) {
+        case 1: scores_block<T, 1>(qr, keys, k_scale, kp, i0, i1, D, s_stride, scale_stride, scale, sr, n); break;
+        case 2: scores_block<T, 2>(qr, keys, k_scale, kp, i0, i1, D, s_stride, scale_stride, scale, sr, n); break;
+        case 3: scores_block<T, 3>(qr, keys, k_scale, kp, i0, i1, D, s_stride, scale_stride, scale, sr, n); break;
+        default: scores_block<T, 4>(qr, keys, k_scale, kp, i0, i1, D, s_stride, scale_stride, scale, sr, n);
+      }
+    }
+  }
+  std::vector<float> inv(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    float* row = scores + r * n;
+    __m256 top8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + i));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, top8);
+    float top = *std::max_element(lanes, lanes + 8);
+    for (; i < n; ++i) top = std::max(top, row[i]);
+    inv[r] = 1.f / exp_in_place(row, n, top);
+  }
+  std::fill(out, out + R * D, 0.f);
+  for (int64_t i0 = 0; i0 < n; i0 += kRun) {
+    const int64_t i1 = std::min(n, i0 + kRun);
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const float* pr = scores + r0 * n;
+      float* o = out + r0 * D;
+      switch (std::min<int64_t>(4, R - r0)) {
+        case 1: values_rows<T, 1>(pr, values, v_scale, kp, i0, i1, D, s_stride, scale_stride, n, o); break;
+        case 2: values_rows<T, 2>(pr, values, v_scale, kp, i0, i1, D, s_stride, scale_stride, n, o); break;
+        case 3: values_rows<T, 3>(pr, values, v_scale, kp, i0, i1, D, s_stride, scale_stride, n, o); break;
+        default: values_rows<T, 4>(pr, values, v_scale, kp, i0, i1, D, s_stride, scale_stride, n, o);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const __m256 w = _mm256_set1_ps(inv[r]);
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + r * D + d, _mm256_mul_ps(w, _mm256_loadu_ps(out + r * D + d)));
+  }
+}
+#else
+inline float exp_in_place(float* row, int64_t n, float top) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    row[i] = std::exp(row[i] - top);
+    sum += row[i];
+  }
+  return sum;
+}
+#endif
 
 struct Strides {  // element strides of a (B, K, S, D) view, D contiguous
   int64_t b, k, s;
@@ -84,30 +274,31 @@ void attend_pair(const float* q, const T* keys, const T* values, const float* k_
                  float scale, float* out) {
   const int64_t n = static_cast<int64_t>(keep.size());
   std::vector<float> scores(static_cast<size_t>(R * n));
+#ifdef LLAMA3_ATTEND_AVX2
+  if (D % 8 == 0)
+    return attend_pair_avx2<T>(q, keys, values, k_scale, v_scale, keep, R, D, s_stride, scale_stride, scale,
+                               scores.data(), out);
+#endif
   std::vector<float> buf(static_cast<size_t>(D));
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = keep[i];
-    const float* key = row_as_float(keys + s * s_stride, k_scale ? k_scale[s * scale_stride] : 1.f, buf.data(), D);
-    for (int64_t r = 0; r < R; ++r) scores[r * n + i] = scale * dot(q + r * D, key, D);
+    const float* key = row_as_float(keys + s * s_stride, buf.data(), D);
+    const float row_scale = scale * (k_scale ? k_scale[s * scale_stride] : 1.f);
+    for (int64_t r = 0; r < R; ++r) scores[r * n + i] = row_scale * dot(q + r * D, key, D);
   }
   std::vector<float> total(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) {
     float* row = scores.data() + r * n;
     float top = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < n; ++i) top = std::max(top, row[i]);
-    float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) {
-      row[i] = std::exp(row[i] - top);
-      sum += row[i];
-    }
-    total[r] = sum;
+    total[r] = exp_in_place(row, n, top);
   }
   std::fill(out, out + R * D, 0.f);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = keep[i];
-    const float* value =
-        row_as_float(values + s * s_stride, v_scale ? v_scale[s * scale_stride] : 1.f, buf.data(), D);
-    for (int64_t r = 0; r < R; ++r) axpy(scores[r * n + i], value, out + r * D, D);
+    const float* value = row_as_float(values + s * s_stride, buf.data(), D);
+    const float row_scale = v_scale ? v_scale[s * scale_stride] : 1.f;
+    for (int64_t r = 0; r < R; ++r) axpy(row_scale * scores[r * n + i], value, out + r * D, D);
   }
   for (int64_t r = 0; r < R; ++r) {
     const float inv = 1.f / total[r];
