@@ -398,6 +398,7 @@ def test_generate_cli_runs_a_quantized_file(model_and_tokenizer, tmp_path, capsy
         for _ in range(5):
             ids.append(int(loaded(torch.tensor([ids]))[0, -1].argmax()))
     assert result["token_ids"] == ids[-5:]
+    assert result["kv_cache"] == "f16"  # a quantized file's default cache (f32 activations)
     from llama3.inference.fast import optimize_for_inference
 
     with pytest.raises(ValueError, match="already quantized"):

@@ -51,20 +51,22 @@ def test_generate_json(model_dir, llama3_tokenizer, capsys):
     assert out["text"] == llama3_tokenizer.decode(out["token_ids"])
 
 
-def test_generate_kv_cache_int8_reports_its_bytes(model_dir, capsys):
-    """--kv-cache int8 runs and --json reports the cache's bytes: per position and kv head, 2 x (16 codes +
-    a 4-byte scale) instead of 2 x 16 fp32 values."""
+def test_generate_kv_cache_formats_report_their_bytes(model_dir, capsys):
+    """--kv-cache int8 / bf16 run and --json reports the cache's format and bytes: per position and kv head,
+    2 x (16 codes + a 4-byte scale) or 2 x 16 bf16 values instead of 2 x 16 fp32 values."""
     from llama3.cli.generate import main
 
-    sizes = {}
-    for flags in ([], ["--kv-cache", "int8"]):
+    sizes, formats = {}, {}
+    for flags in ([], ["--kv-cache", "int8"], ["--kv-cache", "bf16"]):
         assert main(["--model", str(model_dir), "--prompt", "Emma", "--max-new-tokens", "6", "--temperature", "0",
                      "--json", "--no-compile", *flags]) == 0
         out = json.loads(capsys.readouterr().out)
         assert len(out["token_ids"]) == 6
-        sizes[tuple(flags)] = out["kv_cache_bytes"]
+        sizes[tuple(flags)], formats[tuple(flags)] = out["kv_cache_bytes"], out["kv_cache"]
     assert sizes[()] == 2 * 2 * 2 * 256 * 16 * 4  # layers x (k, v) x kv heads x positions x head_dim x fp32
     assert sizes[("--kv-cache", "int8")] == sizes[()] * (16 + 4) // (16 * 4)
+    assert sizes[("--kv-cache", "bf16")] == sizes[()] // 2
+    assert formats == {(): "f32", ("--kv-cache", "int8"): "int8", ("--kv-cache", "bf16"): "bf16"}
     with pytest.raises(SystemExit):
         main(["--model", str(model_dir), "--prompt", "Emma", "--kv-cache", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -213,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         if notice:
             print(f"llama3 generate: note: {notice}", file=sys.stderr)
         if args.json:
+            from ..inference.attention import kv_cache_format
+
             [result] = generator.generate([prompt_ids], max_new_tokens=max_new, sampling=sampling,
                                           stop_strings=args.stop, stop_ids=stop_ids)
             timing = {"load_s": load_s, "warmup_s": result.timing.compile_s, **result.timing.to_dict()}
             print(json.dumps({"text": result.text, "token_ids": result.token_ids,
                               "finish_reason": result.finish_reason, "timing": timing,
+                              "kv_cache": kv_cache_format(_model_of(generator)),
                               "kv_cache_bytes": _model_of(generator).cache_bytes()}, ensure_ascii=False))
             return 0
         for piece in generator.stream(prompt_ids, max_new_tokens=max_new, sampling=sampling,

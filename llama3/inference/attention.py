@@ -24,7 +24,7 @@ from torch import nn
 from .. import kernels
 from ..model import Attention, KVCache
 
-__all__ = ["KV_CACHE_FORMATS", "check_kv_cache", "kernel_attention", "kv_cache_layout", "use_attention_kernel"]
+__all__ = ["KV_CACHE_FORMATS", "check_kv_cache", "kernel_attention", "kv_cache_format", "kv_cache_layout", "use_attention_kernel"]
 
 # the cache formats a user may ask for: a float dtype, or int8 codes with a scale per head and position
 KV_CACHE_FORMATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "int8": None}
@@ -73,3 +73,13 @@ def kv_cache_layout(model: nn.Module, kv_cache: str | None) -> tuple[torch.dtype
 
     blocks = any(isinstance(m, (GGMLLinear, GGMLGroupLinear, GGMLEmbedding)) for m in model.modules())
     return (torch.float16 if blocks else None), None
+
+
+def kv_cache_format(model: nn.Module) -> str | None:
+    """The format of the cache `model` holds now, as `KV_CACHE_FORMATS` names it (None without a cache)."""
+    cache = next((m.kv_cache for m in model.modules() if isinstance(m, Attention) and m.kv_cache is not None), None)
+    if cache is None:
+        return None
+    if cache.quantized:
+        return "int8"
+    return next(name for name, dtype in KV_CACHE_FORMATS.items() if dtype == cache.k.dtype)
