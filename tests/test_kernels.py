@@ -151,7 +151,7 @@ def test_int4_linear_on_the_kernel_equals_its_dequantized_weights():
 
     torch.manual_seed(3)
     weight = torch.randn(96, 256)
-    layer = Int4WeightOnlyLinear(weight, group_size=32)
+    layer = Int4WeightOnlyLinear(weight, group_size=32, blocks=False)  # the gemv_int4 layout
     assert layer.use_gemv and layer.weight_int4.shape == (96, 128) and layer.scales_f16.dtype == torch.float16
     codes = unpack_int4_codes(layer.weight_int4).double()
     dequantized = (layer.lows_f16.double().repeat_interleave(32, 1)

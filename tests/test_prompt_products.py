@@ -46,7 +46,7 @@ def test_bf16_prompts_widen_slices_to_fp32(slices):
 
 def test_int8_prompts_dequantize_slices(slices):
     torch.manual_seed(1)
-    layer = Int8WeightOnlyLinear(torch.randn(N, K))
+    layer = Int8WeightOnlyLinear(torch.randn(N, K), blocks=False)  # the per-row int8 layout
     dequantized = layer.weight_int8.double() * layer.scales.double()[:, None]
     x = torch.randn(gemv.PROMPT_ROWS + 3, K)
     y = layer(x)
