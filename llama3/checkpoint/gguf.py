@@ -531,12 +531,14 @@ def _field(reader, key: str, default=None):
 
 
 def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-              dtype: str | torch.dtype | None = None, progress: bool = False, dequantize: bool = False):
+              dtype: str | torch.dtype | None = None, progress: bool = False, dequantize: bool = False,
+              repack: bool = True):
     """(model, tokenizer) from a llama-architecture GGUF: Llama 3 (its vocabulary on tiktoken) or a derivative
     (its byte-level BPE or SentencePiece vocabulary on `tokenizers`, see gguf_family.py). Quantized weights
     (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) stay quantized and run on the CPU kernels
     (`llama3.inference.ggml_quant`), unless `dequantize=True` turns them into float tensors. dtype=None
-    gives float32 for quantized files, else the stored float type."""
+    gives float32 for quantized files, else the stored float type. With the kernels, the Q4_0 / Q4_K / Q6_K
+    product matrices are repacked for them here (`repack=False` keeps the file's layout: tests, export)."""
     import gguf
 
     from .gguf_family import derivative_args
@@ -592,7 +594,8 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             yield key, tensor.reshape([int(n) for n in reversed(t.shape)]), f"{path} ({name})"
 
     if is_quantized_file(reader.tensors) and not dequantize:
-        model = build_quantized_model(args, tensors, _meta_name, path, device=device, dtype=parse_dtype(dtype))
+        model = build_quantized_model(args, tensors, _meta_name, path, device=device, dtype=parse_dtype(dtype),
+                                      repack=repack)
     else:
         model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path),
                                   progress=progress, stored_shapes=_stored_shapes(tensors),
