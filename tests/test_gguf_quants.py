@@ -559,3 +559,19 @@ def test_cut_block_data_and_misfitting_shapes_are_refused(model_and_tokenizer, t
     with pytest.raises(ValueError, match=r"wrong\.gguf: tensor 'blk\.0\.attn_k\.weight' has shape \[64, 512\] "
                                          r"but the config implies \[128, 256\]"):
         llama3.load(wrong)
+
+
+def test_reader_type_table_matches_the_gguf_package():
+    """The reader's own table of the ggml types it runs (no `gguf` import at load) names and sizes them as the
+    `gguf` package does; any other type is resolved through that package."""
+    import gguf
+
+    from llama3.checkpoint.gguf import GGMLType, _block_size, _ggml_type
+
+    for kind in GGMLType:
+        theirs = gguf.GGMLQuantizationType(int(kind))
+        assert theirs.name == kind.name and gguf.GGML_QUANT_SIZES[theirs] == _block_size(kind)
+    iq = _ggml_type(int(gguf.GGMLQuantizationType.IQ4_NL))
+    assert iq.name == "IQ4_NL" and _block_size(iq) == (32, 18)
+    with pytest.raises(ValueError):
+        _ggml_type(1000)
