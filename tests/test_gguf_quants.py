@@ -575,3 +575,19 @@ def test_reader_type_table_matches_the_gguf_package():
     assert iq.name == "IQ4_NL" and _block_size(iq) == (32, 18)
     with pytest.raises(ValueError):
         _ggml_type(1000)
+
+
+@pytest.mark.parametrize("texts", [["Ġthe", "", "é€😀", "<|eot_id|>"], ["a\x00b", "c", ""], []])
+def test_string_arrays_decode_at_once_as_one_by_one(texts):
+    """The reader's bulk decode of a GGUF string array (lengths walked, text decoded in one go) gives the
+    strings one by one would, also for strings that hold a NUL (its separator) and empty ones; a string
+    running past the end is refused."""
+    import struct
+
+    from llama3.checkpoint.gguf import _read_strings
+
+    raw = b"junk" + b"".join(struct.pack("<Q", len(t.encode())) + t.encode() for t in texts) + b"tail"
+    items, end = _read_strings(memoryview(raw), 4, len(texts))
+    assert items == texts and raw[end:] == b"tail"
+    with pytest.raises(ValueError, match="runs past the end"):
+        _read_strings(memoryview(raw[:end] + struct.pack("<Q", 10) + b"abc"), 4, len(texts) + 1)

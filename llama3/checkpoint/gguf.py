@@ -327,6 +327,30 @@ def _skip_strings(buf: memoryview, pos: int, count: int) -> int:
     return pos
 
 
+def _read_strings(buf: memoryview, pos: int, count: int) -> tuple[list[str], int]:
+    """`count` GGUF strings starting at `pos`, and the position after them. Only the lengths are walked one
+    by one; the text is decoded in one go: every length field but its last byte dropped, that byte made a
+    NUL separator, then one UTF-8 decode and one split (Llama 3's 128K tokens: ~0.1 s against ~0.4 s
+    for a decode per string). Strings that hold a NUL themselves are decoded one by one."""
+    heads, size, length_at, start = [], len(buf), _U64.unpack_from, pos
+    for _ in range(count):
+        heads.append(pos)
+        pos += 8 + length_at(buf, pos)[0]
+        if pos > size:
+            raise ValueError("a string runs past the end of the file")
+    if count == 0:
+        return [], pos
+    region = np.frombuffer(buf[start:pos], dtype=np.uint8).copy()
+    at = np.asarray(heads, dtype=np.int64) - start
+    keep = np.ones(len(region), dtype=bool)
+    keep[(at[:, None] + np.arange(7)).ravel()] = False
+    region[at + 7] = 0
+    items = region[keep].tobytes().decode("utf-8").split("\x00")[1:]
+    if len(items) != count:
+        items = [str(buf[h + 8:h + 8 + length_at(buf, h)[0]], "utf-8") for h in heads]
+    return items, pos
+
+
 class _StringArray(Sequence):
     """A GGUF string array whose strings are decoded on first use, then kept."""
 
@@ -336,12 +360,8 @@ class _StringArray(Sequence):
 
     def _decoded(self) -> list[str]:
         if self._items is None:
-            items, pos, length_at = [], self._pos, _U64.unpack_from
             try:
-                for _ in range(self._count):
-                    (n,) = length_at(self._buf, pos)
-                    items.append(str(self._buf[pos + 8:pos + 8 + n], "utf-8"))
-                    pos += 8 + n
+                items, _ = _read_strings(self._buf, self._pos, self._count)
             except UnicodeDecodeError as e:
                 raise ValueError(f"a GGUF string array holds bytes that are not UTF-8 ({e}); the file is "
                                  "corrupt or was written wrongly") from None
@@ -406,21 +426,14 @@ class _GGUFFile:
             return text
 
         def strings(count: int, lazy: bool = False) -> list[str] | _StringArray:
-            """A string array (the vocabulary, the merges: ~400K strings for Llama 3) in one tight loop;
-            string() per item took 1.2 s of every load here, this ~0.4 s. lazy: only step over the
+            """A string array (the vocabulary, the merges: ~400K strings for Llama 3) decoded at once
+            (`_read_strings`); string() per item took 1.2 s of every load here. lazy: only step over the
             strings now and decode them when first used (`_StringArray`)."""
             nonlocal pos
             if lazy:
                 start, pos = pos, _skip_strings(buf, pos, count)
                 return _StringArray(buf, start, count)
-            out, size, length_at = [], len(buf), _U64.unpack_from
-            for _ in range(count):
-                (n,) = length_at(buf, pos)
-                end = pos + 8 + n
-                if end > size:
-                    raise ValueError("a string runs past the end of the file")
-                out.append(str(buf[pos + 8:end], "utf-8"))
-                pos = end
+            out, pos = _read_strings(buf, pos, count)
             return out
 
         def value(kind: int, lazy: bool = False):
