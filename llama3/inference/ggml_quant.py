@@ -17,6 +17,8 @@ stores them, without ever turning the whole matrix into 16- or 32-bit floats.
 - `repack_for_inference(model)`: at load, the Q4_0, Q4_K and Q6_K matrices are rewritten once into the kernels'
   8-row layout (`llama3::ggml_repack`, the same bytes moved: exact), whose products need about a third of
   the instructions (ggml_blocks.cpp); all their rows of x, prompts included, then go to those products.
+  A GGUF load does it layer by layer (`GGMLLinear.repack`, from `gguf_quantized_model.py`), the scales
+  checked for NaN/inf in the same pass; `repack_for_inference` then finds nothing left to do.
 
 The block bytes are a plain attribute (`data`), not a parameter or buffer: they are views of the file's
 memory map, so `model.to(dtype)`, the move to huge pages and `state_dict()` leave them alone and the
