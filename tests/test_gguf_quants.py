@@ -300,8 +300,10 @@ def test_fused_projections_of_a_quantized_file_group_the_mapped_blocks(model_and
     from llama3.inference.ggml_quant import GGMLGroupLinear
 
     model, tokenizer = model_and_tokenizer
+    from llama3.checkpoint.gguf import load_gguf
+
     path = llama3.save(model, tokenizer, tmp_path / "m.gguf", format="gguf", dtype="q4_k_m")
-    ours, _ = llama3.load(path)
+    ours, _ = load_gguf(path, repack=False)  # the file's layout (a plain load repacks for the kernels)
     for m in ours.modules():
         if isinstance(m, GGMLLinear):
             m.use_kernel = m.use_kernel and use_kernel
@@ -344,7 +346,7 @@ def test_preset_mixture_follows_llama_cpp():
 
 
 @pytest.mark.timeout(120)
-def test_convert_cli_writes_presets_and_reads_quantized_files(model_and_tokenizer, tmp_path):
+def test_convert_cli_writes_presets_and_reads_quantized_files(model_and_tokenizer, tmp_path, monkeypatch):
     from llama3.cli.convert import main as convert
 
     model, tokenizer = model_and_tokenizer
@@ -355,6 +357,8 @@ def test_convert_cli_writes_presets_and_reads_quantized_files(model_and_tokenize
     assert _ggml_types(loaded) == {"Q4_K", "Q6_K"}
     # and back out of a quantized file: dequantized to float32
     back = tmp_path / "back"
+    # export reads the file's blocks: no repack for the kernels' products (time and a copy of the weights)
+    monkeypatch.setattr(GGMLLinear, "repack", lambda *a, **k: pytest.fail("convert repacked the weights it exports"))
     assert convert([str(out), str(back), "--to", "hf"]) == 0
     plain, _ = llama3.load(back)
     tokens = torch.arange(3, 200, 9).view(1, -1)
@@ -484,6 +488,54 @@ def test_nan_or_inf_scale_is_refused_naming_file_and_tensor(tmp_path):
         llama3.load(path)
 
 
+def _with_bad_scale(data: np.ndarray, kind: str, block: int, offset: int, value=np.nan) -> np.ndarray:
+    bad = data.copy()
+    bad.reshape(-1, QUANT_TYPES[kind].block_bytes)[block, offset:offset + 2] = np.array([value], np.float16).view(np.uint8)
+    return bad
+
+
+@pytest.mark.parametrize("kind", list(QUANT_TYPES))
+def test_kernel_scale_check_and_repack_find_the_first_bad_block(kind):
+    """The kernels' scale check (`ggml_check_scales`) and the repack's own (`ggml_repack`, which checks while it
+    copies) report the first block with a NaN or inf scale, row-major, as numpy's check does; -1 when all
+    are finite. Every scale field of every type (d; dmin / m of the affine types)."""
+    from llama3.checkpoint.gguf_quants import first_bad_scale_block
+
+    qtype, K = QUANT_TYPES[kind], 512
+    data = quantize(_weights(24, K, seed=4), kind)
+    ops = torch.ops.llama3
+    repacks = ops.ggml_repack_block_bytes(qtype.ggml_id) > 0
+    out = torch.empty(3, K // qtype.block_values * max(1, ops.ggml_repack_block_bytes(qtype.ggml_id)), dtype=torch.uint8)
+    assert ops.ggml_check_scales(torch.from_numpy(data), qtype.ggml_id, K) == -1 == first_bad_scale_block(kind, data)
+    if repacks:
+        assert ops.ggml_repack(torch.from_numpy(data), qtype.ggml_id, K, out) == -1
+    for offset in qtype.scale_offsets:
+        bad = _with_bad_scale(_with_bad_scale(data, kind, 9, offset, np.inf), kind, 7, offset)
+        assert first_bad_scale_block(kind, bad) == 7
+        assert ops.ggml_check_scales(torch.from_numpy(bad), qtype.ggml_id, K) == 7
+        if repacks:
+            assert ops.ggml_repack(torch.from_numpy(bad), qtype.ggml_id, K, out) == 7
+
+
+def test_bad_scale_in_a_repacked_weight_its_tail_or_the_embeddings_is_refused(tmp_path):
+    """The load checks each weight once: a repacked Q4_0 matrix in its repack, rows past the last 8 and the
+    token embeddings (kept in the file's layout) by the kernels' check; each error names file and tensor."""
+    from llama3.inference.ggml_quant import BadScale
+
+    for name, block in (("blk.1.ffn_down.weight", 40), ("token_embd.weight", 17)):
+        tensors = _good_tensors("Q4_0")
+        data, kind, shape = tensors[name]
+        tensors[name] = (_with_bad_scale(data, "Q4_0", block, 0, np.inf), kind, shape)
+        path = _write_raw_gguf(tmp_path / f"bad-{name}.gguf", tensors)
+        with pytest.raises(ValueError, match=rf"tensor '{name}' \(Q4_0\) has a NaN or infinite scale in block {block};"):
+            llama3.load(path)
+    data = _with_bad_scale(quantize(_weights(37, 256, seed=9), "Q4_0"), "Q4_0", 36 * 8 + 5, 0)  # row 36: the tail
+    layer = GGMLLinear(torch.from_numpy(data), "Q4_0", 256)
+    with pytest.raises(BadScale, match=r"block 293") as caught:
+        layer.repack()
+    assert caught.value.block == 293 and not layer.repacked
+
+
 def test_cut_block_data_and_misfitting_shapes_are_refused(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     path = llama3.save(model, tokenizer, tmp_path / "m.gguf", format="gguf", dtype="q4_k_m")
@@ -510,3 +562,35 @@ def test_cut_block_data_and_misfitting_shapes_are_refused(model_and_tokenizer, t
     with pytest.raises(ValueError, match=r"wrong\.gguf: tensor 'blk\.0\.attn_k\.weight' has shape \[64, 512\] "
                                          r"but the config implies \[128, 256\]"):
         llama3.load(wrong)
+
+
+def test_reader_type_table_matches_the_gguf_package():
+    """The reader's own table of the ggml types it runs (no `gguf` import at load) names and sizes them as the
+    `gguf` package does; any other type is resolved through that package."""
+    import gguf
+
+    from llama3.checkpoint.gguf import GGMLType, _block_size, _ggml_type
+
+    for kind in GGMLType:
+        theirs = gguf.GGMLQuantizationType(int(kind))
+        assert theirs.name == kind.name and gguf.GGML_QUANT_SIZES[theirs] == _block_size(kind)
+    iq = _ggml_type(int(gguf.GGMLQuantizationType.IQ4_NL))
+    assert iq.name == "IQ4_NL" and _block_size(iq) == (32, 18)
+    with pytest.raises(ValueError):
+        _ggml_type(1000)
+
+
+@pytest.mark.parametrize("texts", [["Ġthe", "", "é€😀", "<|eot_id|>"], ["a\x00b", "c", ""], []])
+def test_string_arrays_decode_at_once_as_one_by_one(texts):
+    """The reader's bulk decode of a GGUF string array (lengths walked, text decoded in one go) gives the
+    strings one by one would, also for strings that hold a NUL (its separator) and empty ones; a string
+    running past the end is refused."""
+    import struct
+
+    from llama3.checkpoint.gguf import _read_strings
+
+    raw = b"junk" + b"".join(struct.pack("<Q", len(t.encode())) + t.encode() for t in texts) + b"tail"
+    items, end = _read_strings(memoryview(raw), 4, len(texts))
+    assert items == texts and raw[end:] == b"tail"
+    with pytest.raises(ValueError, match="runs past the end"):
+        _read_strings(memoryview(raw[:end] + struct.pack("<Q", 10) + b"abc"), 4, len(texts) + 1)

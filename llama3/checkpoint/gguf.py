@@ -10,6 +10,7 @@ scaled RoPE a `rope_freqs` tensor of per-frequency divisors. The tokenizer trave
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import struct
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..config import ModelArgs
 from .gguf_quants import PRESETS, QUANT_TYPES, quantize, tensor_type_for
@@ -227,6 +227,8 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str | torch.d
             continue  # llama.cpp uses token_embd when output is absent
         name = gguf_tensor_name(key)
         plan.append((name, tensor, _tensor_type(dtype, name, tensor, args)))
+    from tqdm.auto import tqdm
+
     with atomic_output_file(path, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _add_metadata(writer, args, int(file_type), Path(path).stem)
@@ -261,6 +263,55 @@ _PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": n
                 "I32": np.int32, "I64": np.int64}
 
 
+class GGMLType(enum.IntEnum):
+    """The ggml tensor types this reader runs, numbered as in a GGUF tensor header (equal, as numbers, to the
+    `gguf` package's `GGMLQuantizationType`). Any other type is looked up in that package, imported only
+    then: importing it (and the YAML parser it pulls in) cost 0.1-0.6 s of every start."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    BF16 = 30
+
+
+_DEFAULT_ALIGNMENT = 32  # GGUF's, where general.alignment is absent
+_TOKEN_NORMAL, _TOKEN_CONTROL = 1, 3  # tokenizer.ggml.token_type values
+_ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8}
+
+
+def _ggml_type(number: int):
+    """The type a tensor header's number names: ours, else the `gguf` package's (ValueError if neither)."""
+    try:
+        return GGMLType(number)
+    except ValueError:
+        import gguf
+
+        return gguf.GGMLQuantizationType(number)
+
+
+def _block_size(kind) -> tuple[int, int]:
+    """(values, bytes) of one block of `kind` (1 value of its size for plain numbers)."""
+    if isinstance(kind, GGMLType):
+        if kind.name in _ELEMENT_BYTES:
+            return 1, _ELEMENT_BYTES[kind.name]
+        return QUANT_TYPES[kind.name].block_values, QUANT_TYPES[kind.name].block_bytes
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[kind]
+
+
 # Read only for a vocabulary that is not Llama 3's own (Llama 3's loads on tiktoken from its tokens alone):
 # decoding its 280K merges was a second of every start
 _LAZY_FIELDS = frozenset({"tokenizer.ggml.merges"})
@@ -276,6 +327,30 @@ def _skip_strings(buf: memoryview, pos: int, count: int) -> int:
     return pos
 
 
+def _read_strings(buf: memoryview, pos: int, count: int) -> tuple[list[str], int]:
+    """`count` GGUF strings starting at `pos`, and the position after them. Only the lengths are walked one
+    by one; the text is decoded in one go: every length field but its last byte dropped, that byte made a
+    NUL separator, then one UTF-8 decode and one split (Llama 3's 128K tokens: ~0.1 s against ~0.4 s
+    for a decode per string). Strings that hold a NUL themselves are decoded one by one."""
+    heads, size, length_at, start = [], len(buf), _U64.unpack_from, pos
+    for _ in range(count):
+        heads.append(pos)
+        pos += 8 + length_at(buf, pos)[0]
+        if pos > size:
+            raise ValueError("a string runs past the end of the file")
+    if count == 0:
+        return [], pos
+    region = np.frombuffer(buf[start:pos], dtype=np.uint8).copy()
+    at = np.asarray(heads, dtype=np.int64) - start
+    keep = np.ones(len(region), dtype=bool)
+    keep[(at[:, None] + np.arange(7)).ravel()] = False
+    region[at + 7] = 0
+    items = region[keep].tobytes().decode("utf-8").split("\x00")[1:]
+    if len(items) != count:
+        items = [str(buf[h + 8:h + 8 + length_at(buf, h)[0]], "utf-8") for h in heads]
+    return items, pos
+
+
 class _StringArray(Sequence):
     """A GGUF string array whose strings are decoded on first use, then kept."""
 
@@ -285,12 +360,8 @@ class _StringArray(Sequence):
 
     def _decoded(self) -> list[str]:
         if self._items is None:
-            items, pos, length_at = [], self._pos, _U64.unpack_from
             try:
-                for _ in range(self._count):
-                    (n,) = length_at(self._buf, pos)
-                    items.append(str(self._buf[pos + 8:pos + 8 + n], "utf-8"))
-                    pos += 8 + n
+                items, _ = _read_strings(self._buf, self._pos, self._count)
             except UnicodeDecodeError as e:
                 raise ValueError(f"a GGUF string array holds bytes that are not UTF-8 ({e}); the file is "
                                  "corrupt or was written wrongly") from None
@@ -332,8 +403,6 @@ class _GGUFFile:
     a second). The file is checked as it is read: a truncated or corrupt one raises ValueError."""
 
     def __init__(self, path: Path):
-        import gguf
-
         # copy-on-write: private pages, read from the file on demand, so tensors can share them without
         # torch's warning about read-only memory (nothing here writes to them)
         self._map = np.memmap(path, dtype=np.uint8, mode="c")
@@ -357,21 +426,14 @@ class _GGUFFile:
             return text
 
         def strings(count: int, lazy: bool = False) -> list[str] | _StringArray:
-            """A string array (the vocabulary, the merges: ~400K strings for Llama 3) in one tight loop;
-            string() per item took 1.2 s of every load here, this ~0.4 s. lazy: only step over the
+            """A string array (the vocabulary, the merges: ~400K strings for Llama 3) decoded at once
+            (`_read_strings`); string() per item took 1.2 s of every load here. lazy: only step over the
             strings now and decode them when first used (`_StringArray`)."""
             nonlocal pos
             if lazy:
                 start, pos = pos, _skip_strings(buf, pos, count)
                 return _StringArray(buf, start, count)
-            out, size, length_at = [], len(buf), _U64.unpack_from
-            for _ in range(count):
-                (n,) = length_at(buf, pos)
-                end = pos + 8 + n
-                if end > size:
-                    raise ValueError("a string runs past the end of the file")
-                out.append(str(buf[pos + 8:end], "utf-8"))
-                pos = end
+            out, pos = _read_strings(buf, pos, count)
             return out
 
         def value(kind: int, lazy: bool = False):
@@ -409,13 +471,13 @@ class _GGUFFile:
             n_dims = take("I")
             shape = [take("Q") for _ in range(n_dims)]
             kind, offset = take("IQ")
-            infos.append((name, shape, gguf.GGMLQuantizationType(kind), offset))
-        alignment = _check_alignment(self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+            infos.append((name, shape, _ggml_type(kind), offset))
+        alignment = _check_alignment(self.fields.get("general.alignment", _DEFAULT_ALIGNMENT))
         data_start = -(-pos // alignment) * alignment
         self.tensors: list[_TensorInfo] = []
         spans = []  # (name, offset, size in bytes) in file order, for _check_data_layout
         for name, shape, kind, offset in infos:
-            block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+            block, block_bytes = _block_size(kind)
             if shape[0] % block:
                 raise ValueError(f"tensor {name}: {shape[0]} values per row do not fill {kind.name} blocks")
             row_bytes = shape[0] // block * block_bytes
@@ -531,18 +593,17 @@ def _field(reader, key: str, default=None):
 
 
 def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-              dtype: str | torch.dtype | None = None, progress: bool = False, dequantize: bool = False):
+              dtype: str | torch.dtype | None = None, progress: bool = False, dequantize: bool = False,
+              repack: bool = True):
     """(model, tokenizer) from a llama-architecture GGUF: Llama 3 (its vocabulary on tiktoken) or a derivative
     (its byte-level BPE or SentencePiece vocabulary on `tokenizers`, see gguf_family.py). Quantized weights
     (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) stay quantized and run on the CPU kernels
     (`llama3.inference.ggml_quant`), unless `dequantize=True` turns them into float tensors. dtype=None
-    gives float32 for quantized files, else the stored float type."""
-    import gguf
-
+    gives float32 for quantized files, else the stored float type. With the kernels, the Q4_0 / Q4_K / Q6_K
+    product matrices are repacked for them here (`repack=False` keeps the file's layout: tests, export)."""
     from .gguf_family import derivative_args
     from .gguf_quantized_model import build_quantized_model, is_quantized_file
     from .gguf_quants import check_quantized_tensor, check_tensor_types
-    from .materialize import materialize_model
 
     path = Path(path)
     try:
@@ -585,15 +646,23 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                 check_quantized_tensor(path, name, t.tensor_type.name, t.shape, t.data)
             # plain numbers stay views of the file's (copy-on-write) map: a tensor used as stored costs no
             # copy and no time at load, its pages are read as the model first touches them
-            data = t.data if t.tensor_type.name in _PLAIN_TYPES else gguf.quants.dequantize(t.data, t.tensor_type)
+            if t.tensor_type.name in _PLAIN_TYPES:
+                data = t.data
+            else:
+                import gguf
+
+                data = gguf.quants.dequantize(t.data, t.tensor_type)
             tensor = torch.from_numpy(data)
-            if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            if t.tensor_type == GGMLType.BF16:
                 tensor = tensor.to(torch.bfloat16)  # exact: the values were bf16
             yield key, tensor.reshape([int(n) for n in reversed(t.shape)]), f"{path} ({name})"
 
     if is_quantized_file(reader.tensors) and not dequantize:
-        model = build_quantized_model(args, tensors, _meta_name, path, device=device, dtype=parse_dtype(dtype))
+        model = build_quantized_model(args, tensors, _meta_name, path, device=device, dtype=parse_dtype(dtype),
+                                      repack=repack)
     else:
+        from .materialize import materialize_model
+
         model = materialize_model(args, items(), device=device, dtype=parse_dtype(dtype), what=str(path),
                                   progress=progress, stored_shapes=_stored_shapes(tensors),
                                   stored_name=gguf_tensor_name)
@@ -602,8 +671,6 @@ def load_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 def _gguf_tokenizer(reader, path: Path):
     """Llama 3's vocabulary on the tiktoken path; a derivative's (another BPE, SentencePiece) on `tokenizers`."""
-    import gguf
-
     from ..tokenizer import Tokenizer, _hf_tokens_to_bytes
     from .gguf_family import hf_tokenizer_from_gguf, is_llama3_vocab
 
@@ -611,7 +678,7 @@ def _gguf_tokenizer(reader, path: Path):
         return hf_tokenizer_from_gguf(reader.fields, path)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
-    normal, control = int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)  # plain ints: compared 128K times
+    normal, control = _TOKEN_NORMAL, _TOKEN_CONTROL  # plain ints: compared 128K times
     ids = [i for i, kind in enumerate(types) if kind == normal]
     ranks = dict(zip(_hf_tokens_to_bytes([tokens[i] for i in ids]), ids))
     specials = [tok for tok, kind in zip(tokens, types) if kind == control]

@@ -1,7 +1,10 @@
 """A Transformer whose quantized GGUF tensors stay quantized: each 2-D weight stored as Q4_0 ... Q6_K
 becomes a `GGMLLinear` (or, for the token embeddings, a `GGMLEmbedding`) on a view of the file's memory
-map; only the float tensors (norms) are read into memory. Loading therefore costs the metadata, one pass
-over the scales (checked for NaN/inf) and no copy of the weights."""
+map; only the float tensors (norms) are read into memory. With the CPU kernels, the matrices their products
+repack (Q4_0, Q4_K, Q6_K) are rewritten into the kernels' 8-row layout here, at load, in the one pass over
+their bytes that also checks their scales for NaN/inf (`ggml_repack`); the others (token embeddings, the
+other types) are checked by a read of their bytes over the threads (`ggml_check_scales`) and stay views of
+the file. So a start reads each weight byte once before the first token."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelArgs
-from .gguf_quants import FLOAT_TYPES, check_quantized_tensor
+from .gguf_quants import FLOAT_TYPES, bad_scale_error
 
 __all__ = ["build_quantized_model", "is_quantized_file"]
 
@@ -26,10 +29,11 @@ def _byte_rows(info) -> torch.Tensor:
 
 
 def build_quantized_model(args: ModelArgs, tensors: dict, meta_name, path: Path, *,
-                          device="cpu", dtype: torch.dtype | None = None):
+                          device="cpu", dtype: torch.dtype | None = None, repack: bool = True):
     """Build the model from a GGUF's tensors (name -> tensor info) keeping quantized weights quantized.
     `meta_name` maps a GGUF tensor name to ours (None for tensors outside the model). dtype (default
-    float32) is that of the float tensors and of the activations."""
+    float32) is that of the float tensors and of the activations. `repack=False` keeps every matrix in the
+    file's layout (checked all the same). A NaN or inf scale is refused naming the file and the tensor."""
     from ..inference.ggml_quant import GGMLEmbedding, GGMLLinear
     from ..model import Transformer
 
@@ -39,6 +43,7 @@ def build_quantized_model(args: ModelArgs, tensors: dict, meta_name, path: Path,
     dtype = dtype or torch.float32
     model = Transformer.on_meta(args)
     state: dict[str, torch.Tensor] = {}
+    quantized = []  # (GGUF name, ggml type, layer): checked (and repacked) once the model is built
     for name, info in tensors.items():
         key = meta_name(name)
         if key is None:
@@ -57,7 +62,6 @@ def build_quantized_model(args: ModelArgs, tensors: dict, meta_name, path: Path,
                 tensor = tensor.view(torch.bfloat16)
             state[key] = tensor.reshape(shape).to(dtype)
             continue
-        check_quantized_tensor(path, name, kind, info.shape, info.data)
         module_name = key.removesuffix(".weight")
         parent_name, _, attr = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -66,12 +70,38 @@ def build_quantized_model(args: ModelArgs, tensors: dict, meta_name, path: Path,
             if args.tie_word_embeddings:  # the embeddings also serve as the output projection
                 model.output = GGMLLinear(_byte_rows(info), kind, args.dim)
                 model.output.weight = model.tok_embeddings.weight  # a plain attribute: init_buffers sees it tied
+                quantized.append((name, kind, model.output))
+            quantized.append((name, kind, model.tok_embeddings))
         else:
             setattr(parent, attr, GGMLLinear(_byte_rows(info), kind, shape[1]))
+            quantized.append((name, kind, getattr(parent, attr)))
     model.load_state_dict(state, strict=False, assign=True)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise ValueError(f"{path}: missing tensors {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}; "
                          "the file is incomplete")
+    _check_and_repack(quantized, path, repack)
     model.init_buffers("cpu")
     return model.eval().requires_grad_(False)
+
+
+def _check_and_repack(quantized: list, path: Path, repack: bool) -> None:
+    """Every quantized weight's scales checked once: the product matrices the kernels repack, in their
+    repack (the layers' `repack`, matrix by matrix, the file's pages released as they are copied: peak
+    memory grows by one matrix); the rest (embeddings, other types, no kernels) by `first_bad_scale`. The
+    tied output projection shares the embeddings' bytes and is checked once."""
+    from ..inference.ggml_quant import BadScale, GGMLLinear, first_bad_scale
+    from ..inference.mapped import _file_mappings
+
+    mappings = _file_mappings() if repack else None  # read once: the mappings do not change meanwhile
+    checked = set()
+    for name, kind, layer in sorted(quantized, key=lambda item: not isinstance(item[2], GGMLLinear)):
+        if layer.data.data_ptr() in checked:
+            continue
+        checked.add(layer.data.data_ptr())
+        try:
+            done = repack and isinstance(layer, GGMLLinear) and layer.repack(mappings=mappings) > 0
+        except BadScale as e:
+            raise bad_scale_error(path, name, kind, e.block) from None
+        if not done and (block := first_bad_scale(layer.data, kind)) >= 0:
+            raise bad_scale_error(path, name, kind, block)

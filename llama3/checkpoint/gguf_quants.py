@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PRESETS", "QUANT_TYPES", "check_quantized_tensor", "check_tensor_types", "dequantize",
+__all__ = ["PRESETS", "QUANT_TYPES", "bad_scale_error", "check_quantized_tensor", "check_tensor_types", "dequantize",
+           "first_bad_scale_block",
            "preset_file_type", "quantize", "tensor_type_for"]
 
 
@@ -73,14 +74,25 @@ def check_quantized_tensor(path: Path, name: str, kind: str, shape, data: np.nda
     if shape[0] % qtype.block_values:
         raise ValueError(f"{path}: tensor {name!r} has rows of {shape[0]} values, not whole {kind} blocks of "
                          f"{qtype.block_values}; the file is corrupt or was written wrongly")
-    blocks = data.reshape(-1, qtype.block_bytes)
-    for offset in qtype.scale_offsets:
-        scales = blocks[:, offset:offset + 2].copy().view(np.float16)
-        bad = ~np.isfinite(scales)
-        if bad.any():
-            block = int(np.flatnonzero(bad.ravel())[0])
-            raise ValueError(f"{path}: tensor {name!r} ({kind}) has a NaN or infinite scale in block {block}; "
-                             "the file is corrupt; download or convert it again")
+    block = first_bad_scale_block(kind, data)
+    if block >= 0:
+        raise bad_scale_error(path, name, kind, block)
+
+
+def first_bad_scale_block(kind: str, data: np.ndarray) -> int:
+    """The first block (row-major) of `kind` blocks in `data` whose f16 scale fields are not all finite, or -1."""
+    blocks = data.reshape(-1, QUANT_TYPES[kind].block_bytes)
+    bad = np.zeros(len(blocks), dtype=bool)
+    for offset in QUANT_TYPES[kind].scale_offsets:
+        bad |= ~np.isfinite(blocks[:, offset:offset + 2].copy().view(np.float16).ravel())
+    return int(np.flatnonzero(bad)[0]) if bad.any() else -1
+
+
+def bad_scale_error(path: Path, name: str, kind: str, block: int) -> ValueError:
+    """The error for a quantized tensor whose block `block` (row-major over the tensor) has a NaN or inf
+    scale, whichever check found it (this one, or the kernels' in the pass that repacks the weights)."""
+    return ValueError(f"{path}: tensor {name!r} ({kind}) has a NaN or infinite scale in block {block}; "
+                      "the file is corrupt; download or convert it again")
 
 
 # ----- dequantization (the pure-NumPy reference and fallback) -----

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 HELP = "convert a model between Meta, Hugging Face and GGUF formats (sharding, dtype, GGUF quantization)"
 
@@ -76,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loading {args.src} ({src_format})", file=sys.stderr)
         # GGUF quantized types are chosen at write time; the model itself loads in its stored float dtype.
         load_dtype = None if args.to == "gguf" else args.dtype
-        model, tokenizer = load(args.src, dtype=load_dtype, progress=src_format != "training")
+        if src_format == "gguf":  # written out from the file's blocks: no repack for the kernels' products
+            from ..checkpoint.gguf import load_gguf
+
+            model, tokenizer = load_gguf(Path(args.src).expanduser(), dtype=load_dtype, progress=True, repack=False)
+        else:
+            model, tokenizer = load(args.src, dtype=load_dtype, progress=src_format != "training")
         if has_ggml_layers(model):  # a quantized GGUF source: written out from its dequantized values,
             # straight in the requested float dtype (an 8B model in float32 first would need 32 GB)
             dequantize_model(model, parse_dtype(load_dtype) or torch.float32)

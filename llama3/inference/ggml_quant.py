@@ -17,6 +17,8 @@ stores them, without ever turning the whole matrix into 16- or 32-bit floats.
 - `repack_for_inference(model)`: at load, the Q4_0, Q4_K and Q6_K matrices are rewritten once into the kernels'
   8-row layout (`llama3::ggml_repack`, the same bytes moved: exact), whose products need about a third of
   the instructions (ggml_blocks.cpp); all their rows of x, prompts included, then go to those products.
+  A GGUF load does it layer by layer (`GGMLLinear.repack`, from `gguf_quantized_model.py`), the scales
+  checked for NaN/inf in the same pass; `repack_for_inference` then finds nothing left to do.
 
 The block bytes are a plain attribute (`data`), not a parameter or buffer: they are views of the file's
 memory map, so `model.to(dtype)`, the move to huge pages and `state_dict()` leave them alone and the
@@ -35,8 +37,8 @@ from .. import kernels
 from . import gemv
 from ..checkpoint.gguf_quants import QUANT_TYPES, dequantize
 
-__all__ = ["GGMLEmbedding", "GGMLGroupLinear", "GGMLLinear", "dequantize_model", "has_ggml_layers",
-           "repack_for_inference", "require_float_weights"]
+__all__ = ["BadScale", "GGMLEmbedding", "GGMLGroupLinear", "GGMLLinear", "dequantize_model", "first_bad_scale",
+           "has_ggml_layers", "repack_for_inference", "require_float_weights"]
 
 _FALLBACK_ROWS = 1024  # weight rows dequantized at a time on the pure-PyTorch path
 _REPACKED = 256  # a ggml type number | this: that type in the kernels' 8-row layout (ggml_blocks.cpp)
@@ -104,7 +106,8 @@ class GGMLLinear(nn.Module):
         `allocate(shape, dtype)`, when the kernels repack this type (Q4_0, Q4_K, Q6_K on AVX2); a last
         out_features % 8 rows keep the file's layout. The file's pages leave the resident set as they are
         copied (`data` still reads them for `dequantize`; `mappings`, see `mapped.release_file_pages`).
-        Returns the bytes written (0: nothing done)."""
+        The scales are checked in the same pass: a NaN or inf one raises `BadScale` (the layer unchanged).
+        Returns the bytes written (0: nothing done, nothing checked)."""
         from .mapped import release_file_pages
 
         group_bytes = _repacked_block_bytes(self.ggml_id) if self.use_kernel else 0
@@ -113,7 +116,12 @@ class GGMLLinear(nn.Module):
             return 0
         qtype = QUANT_TYPES[self.kind]
         out = allocate((rows // _REPACK_ROWS, self.in_features // qtype.block_values * group_bytes), dtype=torch.uint8)
-        torch.ops.llama3.ggml_repack(self.data[:rows], self.ggml_id, self.in_features, out)
+        bad = int(torch.ops.llama3.ggml_repack(self.data[:rows], self.ggml_id, self.in_features, out))
+        if bad < 0 and rows < self.out_features:  # the tail, kept in the file's layout
+            tail = first_bad_scale(self.data[rows:], self.kind)
+            bad = tail + rows * (self.in_features // qtype.block_values) if tail >= 0 else -1
+        if bad >= 0:
+            raise BadScale(bad)
         release_file_pages(self.data[:rows], mappings)
         self.kernel_weights = [(out, self.ggml_id | _REPACKED)]
         if rows < self.out_features:
@@ -154,6 +162,27 @@ class GGMLLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}" + (
             " (repacked)" if self.repacked else "")
+
+
+class BadScale(ValueError):
+    """A block of a quantized weight has a NaN or infinite scale; `block` is its index, row-major over the
+    matrix (the loader, which knows the file and the tensor, turns it into its error)."""
+
+    def __init__(self, block: int):
+        super().__init__(f"a NaN or infinite scale in block {block}")
+        self.block = block
+
+
+def first_bad_scale(data: torch.Tensor, kind: str) -> int:
+    """The first block of `data` (uint8 rows of ggml blocks of type `kind`) whose scale is NaN or infinite,
+    or -1: the kernels' check (the bytes read once, over the threads) when they are built, else numpy's."""
+    qtype = QUANT_TYPES[kind]
+    if kernels.available():
+        values = data.shape[1] // qtype.block_bytes * qtype.block_values
+        return int(torch.ops.llama3.ggml_check_scales(data, qtype.ggml_id, values))
+    from ..checkpoint.gguf_quants import first_bad_scale_block
+
+    return first_bad_scale_block(kind, data.numpy())
 
 
 def _repacked_block_bytes(ggml_id: int) -> int:

@@ -40,6 +40,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -1092,10 +1093,71 @@ at::Tensor ggml_matmul_group(const at::Tensor& x, at::TensorList ws, at::IntArra
   return matmul_parts(op, x, parts, K, total);
 }
 
+// ----- the scale check: a NaN or inf fp16 scale makes every product with its block NaN -----
+//
+// A GGUF's weights are checked once at load, in the pass that repacks them (`ggml_repack`) or, for weights
+// used in the file's layout, by `ggml_check_scales`: both report the first block (row-major over the whole
+// matrix) whose fp16 scale fields (d; and dmin / m for the affine types) are NaN or infinite, or -1. A test
+// of the exponent bits, no float conversion: the check costs the reading of the bytes, no more.
+
+// The byte offsets of a block's fp16 scale fields, by ggml type (gguf_quants.QUANT_TYPES lists the same)
+struct ScaleFields {
+  int count;
+  int offsets[2];
+};
+
+ScaleFields scale_fields(int64_t type) {
+  switch (type) {
+    case 3: case 7: case 12: case 13: return {2, {0, 2}};  // Q4_1, Q5_1, Q4_K, Q5_K: d, then m / dmin
+    case 14: return {1, {208, 0}};                          // Q6_K: d after the codes and sub-scales
+    default: return {1, {0, 0}};                            // Q4_0, Q5_0, Q8_0: d first
+  }
+}
+
+// The index of the first of `count` consecutive blocks whose scales are not all finite, counted from
+// `first`; -1 when every one is finite
+int64_t first_bad_block(const uint8_t* blocks, int64_t count, int64_t block_bytes, ScaleFields s, int64_t first) {
+  for (int64_t i = 0; i < count; ++i) {
+    const uint8_t* b = blocks + i * block_bytes;
+    bool bad = false;
+    for (int k = 0; k < s.count; ++k) {
+      uint16_t h;
+      std::memcpy(&h, b + s.offsets[k], sizeof(h));
+      bad |= (h & 0x7C00) == 0x7C00;  // fp16 NaN and inf: every exponent bit set
+    }
+    if (bad) return first + i;
+  }
+  return -1;
+}
+
+// The smallest of the bad blocks the threads report (-1: none)
+class FirstBad {
+ public:
+  void note(int64_t block) {
+    if (block < 0) return;
+    int64_t seen = first_.load(std::memory_order_relaxed);
+    while (block < seen && !first_.compare_exchange_weak(seen, block, std::memory_order_relaxed)) {
+    }
+  }
+  int64_t get() const {
+    const int64_t v = first_.load();
+    return v == kNone ? -1 : v;
+  }
+
+ private:
+  static constexpr int64_t kNone = INT64_MAX;
+  std::atomic<int64_t> first_{kNone};
+};
+
+// Rows per run over the threads: ~4 MB of bytes each, and a small matrix on the calling thread
+int64_t rows_per_run(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(1, row_bytes)); }
+
 // Rewrite the rows of a Q4_0, Q4_K or Q6_K matrix w (N, row_bytes), N a multiple of 8, into `out`
 // (N / 8, K / values · ggml_repack_block_bytes(type)) in the 8-row layout the products read (see above):
 // the same bytes moved (and Q4_K's 6-bit sub-scales unpacked to bytes), so every weight keeps its value.
-void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) {
+// The scales are checked in the same pass (each group of 8 rows while its bytes are in the cache): returns
+// the first block with a NaN or inf scale (the caller refuses the file), or -1.
+int64_t ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) {
   const char* op = "llama3::ggml_repack";
   TORCH_CHECK((type & kRepackedFlag) == 0, op, ": w is already repacked");
   const GroupPart src = check_part(op, w, type, K, 0);
@@ -1103,24 +1165,41 @@ void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) 
   TORCH_CHECK(group_bytes > 0, op, ": ", format_of(type)->name, " is not repacked by this build's kernels");
   TORCH_CHECK(src.rows % kRepackRows == 0, op, ": repacks groups of 8 rows, got ", src.rows,
               " (multiply the rest with the file's layout)");
-  const int64_t blocks = K / format_of(type)->values, groups = src.rows / kRepackRows;
+  const Format& f = *format_of(type);
+  const int64_t blocks = K / f.values, groups = src.rows / kRepackRows;
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kByte && out.is_contiguous() && out.dim() == 2 &&
                   out.size(0) == groups && out.size(1) == blocks * group_bytes,
               op, ": out must be contiguous uint8 (", groups, ", ", blocks * group_bytes, "), got ", out.sizes());
   uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  const ScaleFields scales = scale_fields(type);
+  FirstBad bad;
   // Over the threads in runs of ~4 MB of output: the work is page faults (the file's pages, the new
   // memory's) and byte shuffles, and both scale with cores (1B Q4_0 on 2 quiet Zen 3 cores: 1.0 s -> 0.x s);
   // a small matrix stays on the calling thread.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{4} << 20) / (blocks * group_bytes));
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, groups, rows_per_run(blocks * group_bytes), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* rows = src.data + g * kRepackRows * src.row_bytes;
       uint8_t* out_group = dst + g * blocks * group_bytes;
       if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
       else if (type == 12) repack_q4_k(rows, src.row_bytes, blocks, out_group);
       else repack_q6_k(rows, src.row_bytes, blocks, out_group);
+      bad.note(first_bad_block(rows, kRepackRows * blocks, f.bytes, scales, g * kRepackRows * blocks));
     }
   });
+  return bad.get();
+}
+
+// The first block of w (N, row_bytes), a matrix in the file's layout, with a NaN or inf scale, or -1
+int64_t ggml_check_scales(const at::Tensor& w, int64_t type, int64_t K) {
+  const GroupPart src = check_part("llama3::ggml_check_scales", w, type, K, 0);
+  const Format& f = *format_of(type);
+  const int64_t blocks = K / f.values;
+  const ScaleFields scales = scale_fields(type);
+  FirstBad bad;
+  at::parallel_for(0, src.rows, rows_per_run(src.row_bytes), [&](int64_t r0, int64_t r1) {
+    bad.note(first_bad_block(src.data + r0 * src.row_bytes, (r1 - r0) * blocks, f.bytes, scales, r0 * blocks));
+  });
+  return bad.get();
 }
 
 int64_t ggml_repack_block_bytes(int64_t type) { return repacked_group_bytes(type); }
@@ -1128,7 +1207,8 @@ int64_t ggml_repack_block_bytes(int64_t type) { return repacked_group_bytes(type
 }  // namespace
 
 LLAMA3_LIBRARY_FRAGMENT(m) {
-  m.def("ggml_repack(Tensor w, int ggml_type, int in_features, Tensor(a!) out) -> ()");
+  m.def("ggml_repack(Tensor w, int ggml_type, int in_features, Tensor(a!) out) -> int");
+  m.def("ggml_check_scales(Tensor w, int ggml_type, int in_features) -> int");
   // no tensor argument to dispatch on: defined with its one (catch-all) kernel
   m.def("ggml_repack_block_bytes(int ggml_type) -> int", &ggml_repack_block_bytes);
   m.def("ggml_matmul(Tensor x, Tensor w, int ggml_type, int in_features) -> Tensor");
@@ -1139,4 +1219,5 @@ LLAMA3_LIBRARY_IMPL_CPU(m) {
   m.impl("ggml_matmul", &ggml_matmul);
   m.impl("ggml_matmul_group", &ggml_matmul_group);
   m.impl("ggml_repack", &ggml_repack);
+  m.impl("ggml_check_scales", &ggml_check_scales);
 }
