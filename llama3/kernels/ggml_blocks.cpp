@@ -208,9 +208,9 @@ const Format* format_of(int64_t type) {
 
 // ----- repacked weights: 8 rows interleaved, so one byte of x meets 8 weight rows in one instruction -----
 //
-// `ggml_repack` rewrites a Q4_0, Q4_K or Q6_K matrix at load, 8 rows at a time, into a layout where a 32-byte
-// load holds, in 32-bit lane r, 4 bytes of row r (8 codes: 4 consecutive positions in the low nibbles, 4 in
-// the high ones) and the 8 rows' scales lie side by side. A broadcast of 4 int8 activations then meets 8
+// `ggml_repack` rewrites a Q4_0, Q8_0, Q4_K or Q6_K matrix at load, 8 rows at a time, into a layout where a
+// 32-byte load holds, in 32-bit lane r, 4 bytes of row r (Q4: 8 codes, 4 consecutive positions in the low
+// nibbles, 4 in the high ones) and the 8 rows' scales lie side by side. A broadcast of 4 int8 activations then meets 8
 // rows at once: vpmaddubsw takes the codes as they are stored (unsigned 0..15), the 8 products of a block
 // add up in int16 (each pair sum is at most 2·15·127 = 3810, eight of them 30480 < 32767), one vpmaddwd
 // makes them int32 per row (with the K types' sub-scale in the same instruction), and the centring of
@@ -233,9 +233,12 @@ const Format* format_of(int64_t type) {
 //     Codes 0..63: only 2 products add in int16 (2 · 2 · 63 · 127 = 32004), then vpmaddwd with the
 //     group's sub-scale; the centring (q - 32) takes 32 · (scale_A · Σ x_int8 + scale_B · Σ x_int8) over
 //     the chunk's two 16-value groups.
+//   Q8_0, per 8 rows and block of 32 (272 bytes, as 8 file blocks): 8 fp16 d, then 8 × 32 bytes, load i
+//     byte 4r + j = row r's code 4i + j. The codes are signed: vpmaddubsw takes |code| against x carrying
+//     the code's sign, and each pair sum (up to 2 · 128 · 127 = 32512) goes to int32 at once (vpmaddwd).
 constexpr int64_t kRepackedFlag = 256;  // ggml type | this = the type repacked
 constexpr int64_t kRepackRows = 8;
-constexpr int64_t kQ4_0GroupBytes = 144, kQ4_KGroupBytes = 1184, kQ6_KGroupBytes = 1680;
+constexpr int64_t kQ4_0GroupBytes = 144, kQ4_KGroupBytes = 1184, kQ6_KGroupBytes = 1680, kQ8_0GroupBytes = 272;
 
 void repack_q4_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
   for (int64_t b = 0; b < blocks; ++b, dst += kQ4_0GroupBytes)
@@ -243,6 +246,15 @@ void repack_q4_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t*
       const uint8_t* block = src + r * row_bytes + b * 18;
       std::memcpy(dst + 2 * r, block, 2);
       for (int i = 0; i < 4; ++i) std::memcpy(dst + 16 + 32 * i + 4 * r, block + 2 + 4 * i, 4);
+    }
+}
+
+void repack_q8_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
+  for (int64_t b = 0; b < blocks; ++b, dst += kQ8_0GroupBytes)
+    for (int64_t r = 0; r < kRepackRows; ++r) {
+      const uint8_t* block = src + r * row_bytes + b * 34;
+      std::memcpy(dst + 2 * r, block, 2);
+      for (int i = 0; i < 8; ++i) std::memcpy(dst + 16 + 32 * i + 4 * r, block + 2 + 4 * i, 4);
     }
 }
 
@@ -290,7 +302,13 @@ void repack_q6_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t*
 // bytes per 8 rows and block (super-block) of the repacked type, 0 for a type this build does not repack
 int64_t repacked_group_bytes(int64_t type) {
 #ifdef LLAMA3_GGML_AVX2
-  return type == 2 ? kQ4_0GroupBytes : type == 12 ? kQ4_KGroupBytes : type == 14 ? kQ6_KGroupBytes : 0;
+  switch (type) {
+    case 2: return kQ4_0GroupBytes;
+    case 8: return kQ8_0GroupBytes;
+    case 12: return kQ4_KGroupBytes;
+    case 14: return kQ6_KGroupBytes;
+    default: return 0;
+  }
 #else
   (void)type;
   return 0;  // the portable products read the file's own layout
@@ -630,7 +648,8 @@ inline __m256i codes_dot_16(const __m256i (&codes)[8], const int8_t* x, Offset o
 constexpr int64_t kPrefetchAhead = 4096;
 
 inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
-  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + l), _MM_HINT_T0);
+  for (int64_t l = 0; l < bytes; l += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + l), _MM_HINT_T0);
 }
 
 // y[m0 + m, n .. n + 7] for one group of 8 Q4_0 rows, M rows of x
@@ -655,6 +674,33 @@ void q4_0x8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float
       const __m256i s = codes_dot_16(codes, xb, [](int i) { return i < 4 ? 4 * i : 16 + 4 * (i - 4); });
       const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s, ones), _mm256_set1_epi32(8 * qx.q_sum[block]));
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(qx.scale[block])), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy, acc[m]);
+}
+
+// the same for Q8_0: signed codes, |code| against x with the code's sign, each vector's pair sums to int32
+template <int M>
+void q8_0x8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float* y, int64_t ldy) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const int64_t blocks = K / kXBlock;
+  for (int64_t b = 0; b < blocks; ++b, g += kQ8_0GroupBytes) {
+    if (M == 1) prefetch_ahead(g, kQ8_0GroupBytes);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
+    __m256i codes[8];
+    for (int i = 0; i < 8; ++i) codes[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 16 + 32 * i));
+    for (int m = 0; m < M; ++m) {
+      const int64_t block = (m0 + m) * blocks + b;
+      const int8_t* xb = qx.q.data() + block * kXBlock;
+      __m256i sum = _mm256_setzero_si256();
+      for (int i = 0; i < 8; ++i) {
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(codes[i], codes[i]),
+                                                   _mm256_sign_epi8(broadcast4(xb + 4 * i), codes[i]));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+      }
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(qx.scale[block])), acc[m]);
     }
   }
   for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy, acc[m]);
@@ -750,14 +796,17 @@ void q6_kx8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float
         codes[4 * h + 1] = _mm256_and_si256(b, six);
         codes[4 * h + 2] = _mm256_and_si256(c, six);
         // 16-bit shifts: what moves across bytes is masked off
-        codes[4 * h + 3] = _mm256_or_si256(
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 6), b01), _mm256_and_si256(_mm256_srli_epi16(b, 4), b23)),
-            _mm256_and_si256(_mm256_srli_epi16(c, 2), b45));
+        const __m256i bits01 = _mm256_and_si256(_mm256_srli_epi16(a, 6), b01);
+        const __m256i bits23 = _mm256_and_si256(_mm256_srli_epi16(b, 4), b23);
+        const __m256i bits45 = _mm256_and_si256(_mm256_srli_epi16(c, 2), b45);
+        codes[4 * h + 3] = _mm256_or_si256(_mm256_or_si256(bits01, bits23), bits45);
       }
-      const __m256i sub = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 16 + 16 * j)));
+      const __m256i sub =
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 16 + 16 * j)));
       const __m256i sa = _mm256_srai_epi16(_mm256_shuffle_epi8(sub, pick_a), 8);
       const __m256i sb16 = _mm256_srai_epi16(_mm256_shuffle_epi8(sub, pick_b), 8);
-      const __m256i pair32 = _mm256_slli_epi16(_mm256_srai_epi16(_mm256_shuffle_epi8(sub, pick_ab), 8), 5);  // |32 s| <= 4096
+      // (A_r, B_r) · 32 for the centring: |32 · s| <= 4096
+      const __m256i pair32 = _mm256_slli_epi16(_mm256_srai_epi16(_mm256_shuffle_epi8(sub, pick_ab), 8), 5);
       for (int m = 0; m < M; ++m) {
         const int64_t block = (m0 + m) * blocks + sb * 8 + j;
         const int8_t* xb = qx.q.data() + block * kXBlock;
@@ -791,6 +840,7 @@ void run_repacked(const uint8_t* wp, int64_t row_bytes, int64_t n0, int64_t n1, 
         float* y = yp + m0 * ldy + n;
         auto fn = [&]<int S>() {
           if constexpr (kType == 2) q4_0x8<S>(g, K, qx, m0, y, ldy);
+          else if constexpr (kType == 8) q8_0x8<S>(g, K, qx, m0, y, ldy);
           else if constexpr (kType == 12) q4_kx8<S>(g, K, qx, m0, y, ldy);
           else q6_kx8<S>(g, K, qx, m0, y, ldy);
         };
@@ -843,6 +893,7 @@ using RunFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const
 RunFn run_fn(int64_t type) {
   switch (type) {
     case 2 | kRepackedFlag: return run_repacked<2>;
+    case 8 | kRepackedFlag: return run_repacked<8>;
     case 12 | kRepackedFlag: return run_repacked<12>;
     case 14 | kRepackedFlag: return run_repacked<14>;
     case 2: return run_rows<LegacyDecoder<2>>;
@@ -1130,7 +1181,7 @@ at::Tensor ggml_matmul_group(const at::Tensor& x, at::TensorList ws, at::IntArra
   return matmul_parts(op, x, parts, K, total);
 }
 
-// Rewrite the rows of a Q4_0, Q4_K or Q6_K matrix w (N, row_bytes), N a multiple of 8, into `out`
+// Rewrite the rows of a Q4_0, Q8_0, Q4_K or Q6_K matrix w (N, row_bytes), N a multiple of 8, into `out`
 // (N / 8, K / values · ggml_repack_block_bytes(type)) in the 8-row layout the products read (see above):
 // the same bytes moved (and Q4_K's 6-bit sub-scales unpacked to bytes), so every weight keeps its value.
 void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) {
@@ -1155,6 +1206,7 @@ void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) 
       const uint8_t* rows = src.data + g * kRepackRows * src.row_bytes;
       uint8_t* out_group = dst + g * blocks * group_bytes;
       if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
+      else if (type == 8) repack_q8_0(rows, src.row_bytes, blocks, out_group);
       else if (type == 12) repack_q4_k(rows, src.row_bytes, blocks, out_group);
       else repack_q6_k(rows, src.row_bytes, blocks, out_group);
     }
