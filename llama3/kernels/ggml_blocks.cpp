@@ -208,7 +208,7 @@ const Format* format_of(int64_t type) {
 
 // ----- repacked weights: 8 rows interleaved, so one byte of x meets 8 weight rows in one instruction -----
 //
-// `ggml_repack` rewrites a Q4_0, Q8_0, Q4_K or Q6_K matrix at load, 8 rows at a time, into a layout where a
+// `ggml_repack` rewrites a Q4_0, Q8_0, Q4_K, Q5_K or Q6_K matrix at load, 8 rows at a time, into a layout where a
 // 32-byte load holds, in 32-bit lane r, 4 bytes of row r (Q4: 8 codes, 4 consecutive positions in the low
 // nibbles, 4 in the high ones) and the 8 rows' scales lie side by side. A broadcast of 4 int8 activations then meets 8
 // rows at once: vpmaddubsw takes the codes as they are stored (unsigned 0..15), the 8 products of a block
@@ -224,6 +224,8 @@ const Format* format_of(int64_t type) {
 //     the 6-bit sub-scales as bytes [sub-block j][row r], the mins likewise, then for each 64-value chunk
 //     c 8 × 32 bytes, load i byte 4r + j = row r's byte 4i + j of chunk c (low nibble: sub-block 2c,
 //     high: 2c + 1, position 4i + j).
+//   Q5_K, per 8 rows and super-block (1440 bytes, 8 file blocks are 1408): Q4_K's layout for the low 4 bits,
+//     then per sub-block j 32 bytes H_j, byte 4r + u bit i = the 5th bit of the u-th byte of code vector i.
 //   Q6_K, per 8 rows and super-block (1680 bytes, as 8 file blocks): 8 fp16 d, the int8 sub-scales
 //     [group of 16 g][row r], then per 32-value chunk two times 3 × 32 bytes A, B, C that carry 4 code
 //     vectors (the first three for positions 4k + u, the second three for 16 + 4k + u, k = 0..3, u the
@@ -238,7 +240,8 @@ const Format* format_of(int64_t type) {
 //     the code's sign, and each pair sum (up to 2 · 128 · 127 = 32512) goes to int32 at once (vpmaddwd).
 constexpr int64_t kRepackedFlag = 256;  // ggml type | this = the type repacked
 constexpr int64_t kRepackRows = 8;
-constexpr int64_t kQ4_0GroupBytes = 144, kQ4_KGroupBytes = 1184, kQ6_KGroupBytes = 1680, kQ8_0GroupBytes = 272;
+constexpr int64_t kQ4_0GroupBytes = 144, kQ4_KGroupBytes = 1184, kQ6_KGroupBytes = 1680, kQ8_0GroupBytes = 272,
+                  kQ5_KGroupBytes = 1440;
 
 void repack_q4_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
   for (int64_t b = 0; b < blocks; ++b, dst += kQ4_0GroupBytes)
@@ -258,10 +261,15 @@ void repack_q8_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t*
     }
 }
 
-void repack_q4_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t* dst) {
-  for (int64_t s = 0; s < supers; ++s, dst += kQ4_KGroupBytes)
+// Q4_K, and Q5_K with its 5th bits after the nibbles: H_j (32 bytes per sub-block j) byte 4r + u, bit i =
+// the 5th bit of row r's position 4i + u of sub-block j (the u-th byte of code vector i)
+template <bool kFifthBit>
+void repack_k_affine(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t* dst) {
+  constexpr int64_t kBlockBytes = kFifthBit ? 176 : 144, kGroupBytes = kFifthBit ? kQ5_KGroupBytes : kQ4_KGroupBytes;
+  for (int64_t s = 0; s < supers; ++s, dst += kGroupBytes)
     for (int64_t r = 0; r < kRepackRows; ++r) {
-      const uint8_t* block = src + r * row_bytes + s * 144;
+      const uint8_t* block = src + r * row_bytes + s * kBlockBytes;
+      const uint8_t* nibbles = block + (kFifthBit ? 48 : 16);
       std::memcpy(dst + 2 * r, block, 2);
       std::memcpy(dst + 16 + 2 * r, block + 2, 2);
       for (int j = 0; j < 8; ++j) {
@@ -271,7 +279,16 @@ void repack_q4_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t*
         dst[96 + 8 * j + r] = static_cast<uint8_t>(mn);
       }
       for (int c = 0; c < 4; ++c)
-        for (int i = 0; i < 8; ++i) std::memcpy(dst + 160 + 256 * c + 32 * i + 4 * r, block + 16 + 32 * c + 4 * i, 4);
+        for (int i = 0; i < 8; ++i) std::memcpy(dst + 160 + 256 * c + 32 * i + 4 * r, nibbles + 32 * c + 4 * i, 4);
+      if (kFifthBit) {
+        const uint8_t* qh = block + 16;  // bit j of qh[l]: the 5th bit of value 32j + l
+        for (int j = 0; j < 8; ++j)
+          for (int u = 0; u < 4; ++u) {
+            uint8_t bits = 0;
+            for (int i = 0; i < 8; ++i) bits |= static_cast<uint8_t>(((qh[4 * i + u] >> j) & 1) << i);
+            dst[kQ4_KGroupBytes + 32 * j + 4 * r + u] = bits;
+          }
+      }
     }
 }
 
@@ -306,6 +323,7 @@ int64_t repacked_group_bytes(int64_t type) {
     case 2: return kQ4_0GroupBytes;
     case 8: return kQ8_0GroupBytes;
     case 12: return kQ4_KGroupBytes;
+    case 13: return kQ5_KGroupBytes;
     case 14: return kQ6_KGroupBytes;
     default: return 0;
   }
@@ -706,15 +724,17 @@ void q8_0x8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float
   for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy, acc[m]);
 }
 
-// the same for Q4_K: per sub-block j the int16 sums with their centring (8 · Σ x_int8 over the same
-// positions, qx.q_mod4) taken off in int16 (|Σ (q - 8) · x| over 16 values <= 16 · 8 · 127 fits, and the
-// wrap-around of the subtraction is exact), times the sub-scale in the same vpmaddwd; the bias
-// (8 · d · scale - dmin · min, as the file-layout kernel forms it) times x's exact block sum. One and two
+// the same for Q4_K and Q5_K: per sub-block j the int16 sums with their centring (centre · Σ x_int8 over the
+// same positions, from qx.q_mod4) taken off in int16, times the sub-scale in the same vpmaddwd; the bias
+// (centre · d · scale - dmin · min, as the file-layout kernel forms it) times x's exact block sum. The
+// int16 sums may wrap (Q5_K: 8 products of up to 2 · 31 · 127 each), but the centred sum over 16 values
+// fits (|q - centre| <= 8 or 16: <= 16 · 16 · 127 = 32512), so the wrapping adds leave it exact. One and two
 // rows of x sum a super-block's chunks in float before one multiply by d (registers allow it there).
-template <int M>
-void q4_kx8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float* y, int64_t ldy) {
+template <bool kFifthBit, int M>
+void k_affine_x8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float* y, int64_t ldy) {
   constexpr bool kSuperSum = M <= 2;
-  const __m256i low = _mm256_set1_epi8(0x0F);
+  constexpr int64_t kGroupBytes = kFifthBit ? kQ5_KGroupBytes : kQ4_KGroupBytes;
+  const __m256i low = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
   // byte r of 8 broadcast to both int16 halves of 32-bit lane r (the high bytes zero): rows 0-3 in the
   // low 128-bit lane, 4-7 in the high one
   const __m256i spread = _mm256_set_epi8(-128, 7, -128, 7, -128, 6, -128, 6, -128, 5, -128, 5, -128, 4, -128, 4,
@@ -722,11 +742,11 @@ void q4_kx8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float
   __m256 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   const int64_t blocks = K / kXBlock;
-  for (int64_t sb = 0; sb < K / 256; ++sb, g += kQ4_KGroupBytes) {
+  for (int64_t sb = 0; sb < K / 256; ++sb, g += kGroupBytes) {
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
     const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 16)));
-    const __m256 d8 = _mm256_mul_ps(d, _mm256_set1_ps(8.f));
-    if (M == 1) prefetch_ahead(g, kQ4_KGroupBytes);
+    const __m256 d_centre = _mm256_mul_ps(d, _mm256_set1_ps(kFifthBit ? 16.f : 8.f));
+    if (M == 1) prefetch_ahead(g, kGroupBytes);
     __m256 part[M];  // kSuperSum: Σ over the super-block's chunks of the integer sums times x's block scale
     for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
 #pragma GCC unroll 8
@@ -738,17 +758,26 @@ void q4_kx8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float
         if (j % 2) v = _mm256_srli_epi16(v, 4);
         codes[i] = _mm256_and_si256(v, low);
       }
+      if constexpr (kFifthBit) {  // bit i of H_j to bit 4 of code vector i (16-bit shifts, masked per byte)
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + kQ4_KGroupBytes + 32 * j));
+        for (int i = 0; i < 8; ++i) {
+          const __m256i at4 = i < 4 ? _mm256_slli_epi16(h, 4 - i) : i == 4 ? h : _mm256_srli_epi16(h, i - 4);
+          codes[i] = _mm256_or_si256(codes[i], _mm256_and_si256(at4, fifth));
+        }
+      }
       int64_t sc_bytes;
       std::memcpy(&sc_bytes, g + 32 + 8 * j, sizeof(sc_bytes));
       const __m256i sc16 = _mm256_shuffle_epi8(_mm256_set1_epi64x(sc_bytes), spread);
       const __m256 scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc_bytes)));
       const __m256 mins = _mm256_cvtepi32_ps(
           _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(g + 96 + 8 * j))));
-      const __m256 bias = _mm256_fmsub_ps(d8, scales, _mm256_mul_ps(dmin, mins));
+      const __m256 bias = _mm256_fmsub_ps(d_centre, scales, _mm256_mul_ps(dmin, mins));
       for (int m = 0; m < M; ++m) {
         const int64_t block = (m0 + m) * blocks + sb * 8 + j;
         const __m256i s = codes_dot_16(codes, qx.q.data() + block * kXBlock, [](int i) { return 4 * i; });
-        const __m256i centred = _mm256_sub_epi16(s, _mm256_set1_epi32(qx.q_mod4[block]));
+        __m256i centring = _mm256_set1_epi32(qx.q_mod4[block]);  // 8 · Σ x_int8 per position pair
+        if (kFifthBit) centring = _mm256_add_epi16(centring, centring);
+        const __m256i centred = _mm256_sub_epi16(s, centring);
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(centred, sc16));
         if constexpr (kSuperSum) {
           part[m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(qx.scale[block]), part[m]);
@@ -841,7 +870,8 @@ void run_repacked(const uint8_t* wp, int64_t row_bytes, int64_t n0, int64_t n1, 
         auto fn = [&]<int S>() {
           if constexpr (kType == 2) q4_0x8<S>(g, K, qx, m0, y, ldy);
           else if constexpr (kType == 8) q8_0x8<S>(g, K, qx, m0, y, ldy);
-          else if constexpr (kType == 12) q4_kx8<S>(g, K, qx, m0, y, ldy);
+          else if constexpr (kType == 12) k_affine_x8<false, S>(g, K, qx, m0, y, ldy);
+          else if constexpr (kType == 13) k_affine_x8<true, S>(g, K, qx, m0, y, ldy);
           else q6_kx8<S>(g, K, qx, m0, y, ldy);
         };
         switch (step) {
@@ -895,6 +925,7 @@ RunFn run_fn(int64_t type) {
     case 2 | kRepackedFlag: return run_repacked<2>;
     case 8 | kRepackedFlag: return run_repacked<8>;
     case 12 | kRepackedFlag: return run_repacked<12>;
+    case 13 | kRepackedFlag: return run_repacked<13>;
     case 14 | kRepackedFlag: return run_repacked<14>;
     case 2: return run_rows<LegacyDecoder<2>>;
     case 3: return run_rows<LegacyDecoder<3>>;
@@ -1181,7 +1212,7 @@ at::Tensor ggml_matmul_group(const at::Tensor& x, at::TensorList ws, at::IntArra
   return matmul_parts(op, x, parts, K, total);
 }
 
-// Rewrite the rows of a Q4_0, Q8_0, Q4_K or Q6_K matrix w (N, row_bytes), N a multiple of 8, into `out`
+// Rewrite the rows of a Q4_0, Q8_0, Q4_K, Q5_K or Q6_K matrix w (N, row_bytes), N a multiple of 8, into `out`
 // (N / 8, K / values · ggml_repack_block_bytes(type)) in the 8-row layout the products read (see above):
 // the same bytes moved (and Q4_K's 6-bit sub-scales unpacked to bytes), so every weight keeps its value.
 void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) {
@@ -1207,7 +1238,8 @@ void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) 
       uint8_t* out_group = dst + g * blocks * group_bytes;
       if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
       else if (type == 8) repack_q8_0(rows, src.row_bytes, blocks, out_group);
-      else if (type == 12) repack_q4_k(rows, src.row_bytes, blocks, out_group);
+      else if (type == 12) repack_k_affine<false>(rows, src.row_bytes, blocks, out_group);
+      else if (type == 13) repack_k_affine<true>(rows, src.row_bytes, blocks, out_group);
       else repack_q6_k(rows, src.row_bytes, blocks, out_group);
     }
   });
