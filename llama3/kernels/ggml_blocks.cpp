@@ -208,7 +208,7 @@ const Format* format_of(int64_t type) {
 
 // ----- repacked weights: 8 rows interleaved, so one byte of x meets 8 weight rows in one instruction -----
 //
-// `ggml_repack` rewrites a Q4_0, Q8_0, Q4_K, Q5_K or Q6_K matrix at load, 8 rows at a time, into a layout where a
+// `ggml_repack` rewrites a matrix of any of the block types at load, 8 rows at a time, into a layout where a
 // 32-byte load holds, in 32-bit lane r, 4 bytes of row r (Q4: 8 codes, 4 consecutive positions in the low
 // nibbles, 4 in the high ones) and the 8 rows' scales lie side by side. A broadcast of 4 int8 activations then meets 8
 // rows at once: vpmaddubsw takes the codes as they are stored (unsigned 0..15), the 8 products of a block
@@ -235,6 +235,9 @@ const Format* format_of(int64_t type) {
 //     Codes 0..63: only 2 products add in int16 (2 · 2 · 63 · 127 = 32004), then vpmaddwd with the
 //     group's sub-scale; the centring (q - 32) takes 32 · (scale_A · Σ x_int8 + scale_B · Σ x_int8) over
 //     the chunk's two 16-value groups.
+//   Q4_1, Q5_0, Q5_1, per 8 rows and block of 32 (as 8 file blocks: 160, 176, 192 bytes): 8 fp16 d, (Q4_1,
+//     Q5_1) 8 fp16 m, Q4_0's 4 × 32 bytes of nibbles, (Q5_0, Q5_1) 32 bytes H, byte 4r + u bit i = the 5th
+//     bit of the u-th byte of code vector i (position 4i + u).
 //   Q8_0, per 8 rows and block of 32 (272 bytes, as 8 file blocks): 8 fp16 d, then 8 × 32 bytes, load i
 //     byte 4r + j = row r's code 4i + j. The codes are signed: vpmaddubsw takes |code| against x carrying
 //     the code's sign, and each pair sum (up to 2 · 128 · 127 = 32512) goes to int32 at once (vpmaddwd).
@@ -249,6 +252,31 @@ void repack_q4_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t*
       const uint8_t* block = src + r * row_bytes + b * 18;
       std::memcpy(dst + 2 * r, block, 2);
       for (int i = 0; i < 4; ++i) std::memcpy(dst + 16 + 32 * i + 4 * r, block + 2 + 4 * i, 4);
+    }
+}
+
+// Q4_1, Q5_0, Q5_1: (d, m,) the nibbles as Q4_0's, (the 5th bits)
+template <int kLegacyType>
+void repack_legacy(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
+  constexpr bool kMin = kLegacyType != 6, kFifthBit = kLegacyType != 3;
+  constexpr int64_t kBlockBytes = 18 + (kMin ? 2 : 0) + (kFifthBit ? 4 : 0), kGroupBytes = 8 * kBlockBytes;
+  constexpr int64_t kNibbles = kMin ? 32 : 16;  // in the group
+  for (int64_t b = 0; b < blocks; ++b, dst += kGroupBytes)
+    for (int64_t r = 0; r < kRepackRows; ++r) {
+      const uint8_t* block = src + r * row_bytes + b * kBlockBytes;
+      const uint8_t* qs = block + kBlockBytes - 16;  // the file's nibbles close every one of these blocks
+      std::memcpy(dst + 2 * r, block, 2);
+      if (kMin) std::memcpy(dst + 16 + 2 * r, block + 2, 2);
+      for (int i = 0; i < 4; ++i) std::memcpy(dst + kNibbles + 32 * i + 4 * r, qs + 4 * i, 4);
+      if (kFifthBit) {
+        uint32_t qh;  // bit p: the 5th bit of value p
+        std::memcpy(&qh, block + (kMin ? 4 : 2), sizeof(qh));
+        for (int u = 0; u < 4; ++u) {
+          uint8_t bits = 0;
+          for (int i = 0; i < 8; ++i) bits |= static_cast<uint8_t>(((qh >> (4 * i + u)) & 1) << i);
+          dst[kNibbles + 128 + 4 * r + u] = bits;
+        }
+      }
     }
 }
 
@@ -321,6 +349,9 @@ int64_t repacked_group_bytes(int64_t type) {
 #ifdef LLAMA3_GGML_AVX2
   switch (type) {
     case 2: return kQ4_0GroupBytes;
+    case 3: return 160;  // Q4_1, Q5_0, Q5_1: 8 file blocks
+    case 6: return 176;
+    case 7: return 192;
     case 8: return kQ8_0GroupBytes;
     case 12: return kQ4_KGroupBytes;
     case 13: return kQ5_KGroupBytes;
@@ -697,6 +728,50 @@ void q4_0x8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float
   for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy, acc[m]);
 }
 
+// the same for Q4_1, Q5_0, Q5_1: the 5th bits ORed into the codes (Q5_K's way), the centring (8 or 16 ·
+// Σ x_int8 over the same positions) taken off in int16 as Q4_K's, and (Q4_1, Q5_1) the bias m + centre · d
+// times x's exact block sum, as the file-layout kernel forms it
+template <int kLegacyType, int M>
+void legacy_x8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float* y, int64_t ldy) {
+  constexpr bool kMin = kLegacyType != 6, kFifthBit = kLegacyType != 3;
+  constexpr int64_t kGroupBytes = 8 * (18 + (kMin ? 2 : 0) + (kFifthBit ? 4 : 0)), kNibbles = kMin ? 32 : 16;
+  const __m256i low = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10), ones = _mm256_set1_epi16(1);
+  const __m256 centre = _mm256_set1_ps(kFifthBit ? 16.f : 8.f);
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const int64_t blocks = K / kXBlock;
+  for (int64_t b = 0; b < blocks; ++b, g += kGroupBytes) {
+    if (M == 1 && b % 4 == 0) prefetch_ahead(g, 4 * kGroupBytes);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
+    __m256 bias = _mm256_setzero_ps();
+    if constexpr (kMin)
+      bias = _mm256_fmadd_ps(centre, d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 16))));
+    __m256i codes[8];  // vector i: positions 4i .. 4i + 3 of each row
+    for (int i = 0; i < 4; ++i) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + kNibbles + 32 * i));
+      codes[i] = _mm256_and_si256(v, low);
+      codes[4 + i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    if constexpr (kFifthBit) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + kNibbles + 128));
+      for (int i = 0; i < 8; ++i) {
+        const __m256i at4 = i < 4 ? _mm256_slli_epi16(h, 4 - i) : i == 4 ? h : _mm256_srli_epi16(h, i - 4);
+        codes[i] = _mm256_or_si256(codes[i], _mm256_and_si256(at4, fifth));
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t block = (m0 + m) * blocks + b;
+      const __m256i s = codes_dot_16(codes, qx.q.data() + block * kXBlock, [](int i) { return 4 * i; });
+      __m256i centring = _mm256_set1_epi32(qx.q_mod4[block]);  // 8 · Σ x_int8 per position pair
+      if (kFifthBit) centring = _mm256_add_epi16(centring, centring);
+      const __m256i dot = _mm256_madd_epi16(_mm256_sub_epi16(s, centring), ones);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(qx.scale[block])), acc[m]);
+      if (kMin) acc[m] = _mm256_fmadd_ps(bias, _mm256_set1_ps(qx.block_sum[block]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy, acc[m]);
+}
+
 // the same for Q8_0: signed codes, |code| against x with the code's sign, each vector's pair sums to int32
 template <int M>
 void q8_0x8(const uint8_t* g, int64_t K, const QuantizedX& qx, int64_t m0, float* y, int64_t ldy) {
@@ -869,6 +944,7 @@ void run_repacked(const uint8_t* wp, int64_t row_bytes, int64_t n0, int64_t n1, 
         float* y = yp + m0 * ldy + n;
         auto fn = [&]<int S>() {
           if constexpr (kType == 2) q4_0x8<S>(g, K, qx, m0, y, ldy);
+          else if constexpr (kType == 3 || kType == 6 || kType == 7) legacy_x8<kType, S>(g, K, qx, m0, y, ldy);
           else if constexpr (kType == 8) q8_0x8<S>(g, K, qx, m0, y, ldy);
           else if constexpr (kType == 12) k_affine_x8<false, S>(g, K, qx, m0, y, ldy);
           else if constexpr (kType == 13) k_affine_x8<true, S>(g, K, qx, m0, y, ldy);
@@ -923,6 +999,9 @@ using RunFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const
 RunFn run_fn(int64_t type) {
   switch (type) {
     case 2 | kRepackedFlag: return run_repacked<2>;
+    case 3 | kRepackedFlag: return run_repacked<3>;
+    case 6 | kRepackedFlag: return run_repacked<6>;
+    case 7 | kRepackedFlag: return run_repacked<7>;
     case 8 | kRepackedFlag: return run_repacked<8>;
     case 12 | kRepackedFlag: return run_repacked<12>;
     case 13 | kRepackedFlag: return run_repacked<13>;
@@ -1212,7 +1291,7 @@ at::Tensor ggml_matmul_group(const at::Tensor& x, at::TensorList ws, at::IntArra
   return matmul_parts(op, x, parts, K, total);
 }
 
-// Rewrite the rows of a Q4_0, Q8_0, Q4_K, Q5_K or Q6_K matrix w (N, row_bytes), N a multiple of 8, into `out`
+// Rewrite the rows of a Q4_0 ... Q6_K matrix w (N, row_bytes), N a multiple of 8, into `out`
 // (N / 8, K / values · ggml_repack_block_bytes(type)) in the 8-row layout the products read (see above):
 // the same bytes moved (and Q4_K's 6-bit sub-scales unpacked to bytes), so every weight keeps its value.
 void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) {
@@ -1237,6 +1316,9 @@ void ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& out) 
       const uint8_t* rows = src.data + g * kRepackRows * src.row_bytes;
       uint8_t* out_group = dst + g * blocks * group_bytes;
       if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
+      else if (type == 3) repack_legacy<3>(rows, src.row_bytes, blocks, out_group);
+      else if (type == 6) repack_legacy<6>(rows, src.row_bytes, blocks, out_group);
+      else if (type == 7) repack_legacy<7>(rows, src.row_bytes, blocks, out_group);
       else if (type == 8) repack_q8_0(rows, src.row_bytes, blocks, out_group);
       else if (type == 12) repack_k_affine<false>(rows, src.row_bytes, blocks, out_group);
       else if (type == 13) repack_k_affine<true>(rows, src.row_bytes, blocks, out_group);
