@@ -246,6 +246,12 @@ constexpr int64_t kRepackRows = 8;
 constexpr int64_t kQ4_0GroupBytes = 144, kQ4_KGroupBytes = 1184, kQ6_KGroupBytes = 1680, kQ8_0GroupBytes = 272,
                   kQ5_KGroupBytes = 1440;
 
+inline uint32_t word_at(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 void repack_q4_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
   for (int64_t b = 0; b < blocks; ++b, dst += kQ4_0GroupBytes)
     for (int64_t r = 0; r < kRepackRows; ++r) {
@@ -271,11 +277,12 @@ void repack_legacy(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_
       if (kFifthBit) {
         uint32_t qh;  // bit p: the 5th bit of value p
         std::memcpy(&qh, block + (kMin ? 4 : 2), sizeof(qh));
-        for (int u = 0; u < 4; ++u) {
-          uint8_t bits = 0;
-          for (int i = 0; i < 8; ++i) bits |= static_cast<uint8_t>(((qh >> (4 * i + u)) & 1) << i);
-          dst[kNibbles + 128 + 4 * r + u] = bits;
+        uint32_t bits = 0;  // byte u bit i = bit 4i + u of qh
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t four = (qh >> (4 * i)) & 0x0F;  // bits u = 0..3 to the low bit of byte u
+          bits |= ((four & 1) | ((four & 2) << 7) | ((four & 4) << 14) | ((four & 8) << 21)) << i;
         }
+        std::memcpy(dst + kNibbles + 128 + 4 * r, &bits, 4);
       }
     }
 }
@@ -310,37 +317,40 @@ void repack_k_affine(const uint8_t* src, int64_t row_bytes, int64_t supers, uint
         for (int i = 0; i < 8; ++i) std::memcpy(dst + 160 + 256 * c + 32 * i + 4 * r, nibbles + 32 * c + 4 * i, 4);
       if (kFifthBit) {
         const uint8_t* qh = block + 16;  // bit j of qh[l]: the 5th bit of value 32j + l
-        for (int j = 0; j < 8; ++j)
-          for (int u = 0; u < 4; ++u) {
-            uint8_t bits = 0;
-            for (int i = 0; i < 8; ++i) bits |= static_cast<uint8_t>(((qh[4 * i + u] >> j) & 1) << i);
-            dst[kQ4_KGroupBytes + 32 * j + 4 * r + u] = bits;
-          }
+        for (int j = 0; j < 8; ++j) {  // the 4 bytes u of lane r at once
+          uint32_t bits = 0;
+          for (int i = 0; i < 8; ++i) bits |= ((word_at(qh + 4 * i) >> j) & 0x01010101u) << i;
+          std::memcpy(dst + kQ4_KGroupBytes + 32 * j + 4 * r, &bits, 4);
+        }
       }
     }
 }
 
+// 4 bytes at a time in 32-bit words: a shift moves bits across bytes, but the masks keep each byte's own
 void repack_q6_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t* dst) {
-  int8_t centred[256];
-  float scale[16], bias[16];
+  constexpr uint32_t kTwo = 0x03030303u;
   for (int64_t s = 0; s < supers; ++s, dst += kQ6_KGroupBytes)
     for (int64_t r = 0; r < kRepackRows; ++r) {
       const uint8_t* block = src + r * row_bytes + s * 210;
       std::memcpy(dst + 2 * r, block + 208, 2);
       for (int g = 0; g < 16; ++g) dst[16 + 8 * g + r] = block[192 + g];
-      unpack_q6_k(block, centred, scale, bias);  // the codes in value order, minus 32
-      uint8_t codes[256];
-      for (int v = 0; v < 256; ++v) codes[v] = static_cast<uint8_t>(centred[v] + 32);
-      for (int j = 0; j < 8; ++j)
-        for (int h = 0; h < 2; ++h)  // code vectors 4h .. 4h + 3: positions 16h + 4k + u, k = 0..3
-          for (int u = 0; u < 4; ++u) {
-            const uint8_t* c = codes + 32 * j + 16 * h + u;
-            const uint8_t fourth = c[12];  // code vector 4h + 3, 2 bits in each of the three bytes' tops
-            uint8_t* out = dst + 144 + 192 * j + 96 * h + 4 * r + u;
-            out[0] = static_cast<uint8_t>(c[0] | ((fourth & 3) << 6));
-            out[32] = static_cast<uint8_t>(c[4] | (((fourth >> 2) & 3) << 6));
-            out[64] = static_cast<uint8_t>(c[8] | ((fourth >> 4) << 6));
-          }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // chunk j: values 128 · half + 32t + l (unpack_q6_k's order)
+        const int half = j / 4, t = j % 4, low_shift = t >= 2 ? 4 : 0, high_shift = 2 * t;
+        const uint8_t* low = block + 64 * half + 32 * (t & 1);  // the low 4 bits of position l: low[l]
+        const uint8_t* high = block + 128 + 32 * half;          // the high 2 bits: high[l] >> high_shift
+        uint32_t codes[8];  // positions 4m .. 4m + 3, 0..63 each
+        for (int m = 0; m < 8; ++m)
+          codes[m] = ((word_at(low + 4 * m) >> low_shift) & 0x0F0F0F0Fu) |
+                     (((word_at(high + 4 * m) >> high_shift) & kTwo) << 4);
+        for (int h = 0; h < 2; ++h) {  // code vectors 4h .. 4h + 3 = codes[4h + k]
+          const uint32_t fourth = codes[4 * h + 3];
+          const uint32_t abc[3] = {codes[4 * h] | ((fourth & kTwo) << 6),
+                                   codes[4 * h + 1] | (((fourth >> 2) & kTwo) << 6),
+                                   codes[4 * h + 2] | (((fourth >> 4) & kTwo) << 6)};
+          for (int v = 0; v < 3; ++v) std::memcpy(dst + 144 + 192 * j + 96 * h + 32 * v + 4 * r, &abc[v], 4);
+        }
+      }
     }
 }
 
