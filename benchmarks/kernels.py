@@ -6,7 +6,7 @@
 For each matrix of the 1B shape (the fused FFN input 16384 x 2048 is taken as 8192 x 2048, the FFN output
 2048 x 8192, the output projection 128256 x 2048) one activation row goes through `gemv_bf16`, `gemv_int8`
 and `gemv_int4` of every level in `llama3.kernels.supported_isas()`, through `ggml_matmul` on the GGUF block
-types Q8_0, Q4_0, Q4_K and Q6_K (rows of one quantized 64-row matrix, repeated; file layout, and repacked
+types Q8_0, Q4_0, Q4_K, Q5_K and Q6_K (rows of one quantized 64-row matrix, repeated; file layout, and repacked
 by `ggml_repack` where the level repacks the type), and through torch's bf16
 `F.linear` as the peer; the loss kernel `xent_rows_` runs on 256 rows of the 128K vocabulary beside torch's
 log-softmax + its gradient. The best of `--repeats` runs is reported (the machine is shared), as
@@ -30,7 +30,7 @@ from llama3.checkpoint.gguf_quants import QUANT_TYPES, quantize  # noqa: E402
 from llama3.inference.quantize import pack_int4_codes  # noqa: E402
 
 MATRICES = [(8192, 2048), (2048, 8192), (128256, 2048)]  # (N, K): rows of W, input width
-GGML_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
+GGML_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def ggml_rows(kind: str, N: int, K: int) -> torch.Tensor:

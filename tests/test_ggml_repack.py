@@ -1,5 +1,5 @@
-"""Repacked GGUF weights (`llama3::ggml_repack`, `GGMLLinear.repack`, `repack_for_inference`): Q4_0 and
-Q4_K rewritten at load into the kernels' 8-row layout give the products of the file's layout up to float
+"""Repacked GGUF weights (`llama3::ggml_repack`, `GGMLLinear.repack`, `repack_for_inference`): Q4_0, Q8_0,
+Q4_K, Q5_K and Q6_K rewritten at load into the kernels' 8-row layout give the products of the file's layout up to float
 summation order (the integer sums are exact), at every row count of x, with a tail of rows that stays in
 the file's layout; a repacked model's logits equal the unrepacked model's, prompt and decode, and its
 layers still dequantize (export) from the file. Shapes as in test_gguf_quants.py (dim 256 for the K types)."""
@@ -15,7 +15,7 @@ from llama3.inference import gemv
 from llama3.inference.ggml_quant import GGMLEmbedding, GGMLGroupLinear, GGMLLinear, repack_for_inference
 from tests.test_gguf_quants import AFFINE, _centre_bias, _kl, _model, _rounded_activations, _weights
 
-REPACKED = ("Q4_0", "Q4_K", "Q6_K")  # what the AVX2 kernels repack
+REPACKED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # what the AVX2 kernels repack: all
 REPACKED_FLAG = 256
 
 
@@ -58,18 +58,18 @@ def test_repacked_products_equal_the_file_layout_and_a_float64_reference(kind, i
 @pytest.mark.parametrize("isa", _repacked_isas())
 def test_a_group_mixes_repacked_file_layout_and_tail_pieces(isa):
     """Parts of several types (as a Q4_K_M layer mixes Q4_K and Q6_K) with row counts that leave tails:
-    the repacked rows of each part, its tail in the file's layout and a part of a type not repacked (Q8_0)
+    the repacked rows of each part and its tail in the file's layout (a part of fewer than 8 rows whole)
     in one group call equal the separate file-layout products column for column."""
     ops = kernels.ops(isa)
     K = 512
-    kinds, sizes = ["Q4_K", "Q4_0", "Q6_K", "Q8_0"], [43, 21, 33, 17]
+    kinds, sizes = ["Q4_K", "Q4_0", "Q6_K", "Q8_0", "Q5_K", "Q5_1", "Q4_1"], [43, 21, 33, 19, 25, 17, 5]
     ws, types, reference = [], [], []
     x = torch.randn(5, K, generator=torch.Generator().manual_seed(0))
     for i, (kind, n) in enumerate(zip(kinds, sizes)):
         data = torch.from_numpy(quantize(_weights(n, K, seed=i), kind))
         ggml_id = QUANT_TYPES[kind].ggml_id
         reference.append(ops.ggml_matmul(x, data, ggml_id, K))
-        if kind in REPACKED:
+        if n >= 8:
             rows = n // 8 * 8
             ws += [_repack(ops, data[:rows], kind, K), data[rows:]]
             types += [ggml_id | REPACKED_FLAG, ggml_id]
@@ -96,9 +96,8 @@ def test_repack_refuses_what_it_cannot_repack():
         ops.ggml_repack(data, 2, 256, out[:1])
     with pytest.raises(RuntimeError, match="already repacked"):
         ops.ggml_repack(out, 2 | REPACKED_FLAG, 256, out)
-    assert ops.ggml_repack_block_bytes(QUANT_TYPES["Q8_0"].ggml_id) == 0
-    with pytest.raises(RuntimeError, match="Q8_0 is not repacked by this build"):
-        ops.ggml_matmul(torch.randn(1, 256), out, 8 | REPACKED_FLAG, 256)
+    assert all(ops.ggml_repack_block_bytes(QUANT_TYPES[k].ggml_id) == 8 * QUANT_TYPES[k].block_bytes
+               + (32 if k in ("Q4_K", "Q5_K") else 0) for k in REPACKED)  # Q4_K / Q5_K: sub-scales as bytes
     with pytest.raises(RuntimeError, match=r"a repacked Q4_0 w must be contiguous uint8 \(N / 8, 1152\)"):
         ops.ggml_matmul(torch.randn(1, 256), data, 2 | REPACKED_FLAG, 256)
 
@@ -135,13 +134,13 @@ def test_linear_layer_repacks_with_a_tail_and_still_dequantizes(kind):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "q8_0", "q5_k_m"])
 def test_optimized_quantized_model_repacks_and_keeps_its_logits(preset, tmp_path, monkeypatch):
-    """optimize_for_inference on a Q4_0 / Q4_K_M file repacks every Q4_0 / Q4_K product weight (grouped
-    q/k/v and gate/up too), never the token embeddings; its logits equal the same file fused but not
-    repacked (prompt rows on the same int8 products there, so only the summation order differs) and stay
-    within the KL bound of the gguf package's dequantization; decode equals the prompt; the model still
-    dequantizes to the file's values (export)."""
+    """optimize_for_inference on a Q4_0 / Q4_K_M / Q8_0 / Q5_K_M file repacks every product weight of a
+    repacked type (grouped q/k/v and gate/up too), never the token embeddings; its logits equal the same
+    file fused but not repacked (prompt rows on the same int8 products there, so only the summation order
+    differs) and stay within the KL bound of the gguf package's dequantization; decode equals the prompt;
+    the model still dequantizes to the file's values (export)."""
     from tests.test_checkpoint_hf import byte_tokenizer
 
     from llama3.checkpoint.gguf import load_gguf
@@ -155,7 +154,8 @@ def test_optimized_quantized_model_repacks_and_keeps_its_logits(preset, tmp_path
     optimize_for_inference(ours)
     linears = [m for m in ours.modules() if isinstance(m, GGMLLinear)]
     linears += [p for m in ours.modules() if isinstance(m, GGMLGroupLinear) for p in m.parts]
-    assert {m.kind for m in linears if m.repacked} == {"Q4_0" if preset == "q4_0" else "Q4_K", "Q6_K"}
+    assert {m.kind for m in linears if m.repacked} == {"q4_0": {"Q4_0", "Q6_K"}, "q4_k_m": {"Q4_K", "Q6_K"},
+                                                       "q8_0": {"Q8_0"}, "q5_k_m": {"Q5_K", "Q6_K"}}[preset]
     assert all(m.repacked == (m.kind in REPACKED) for m in linears)
     assert isinstance(ours.tok_embeddings, GGMLEmbedding)
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2))  # 80 rows: a prompt

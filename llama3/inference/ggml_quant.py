@@ -14,7 +14,7 @@ stores them, without ever turning the whole matrix into 16- or 32-bit floats.
 - `GGMLGroupLinear`: several `GGMLLinear` that share their input (q/k/v, gate/up) as one product,
   `llama3::ggml_matmul_group`: x rounded once and one parallel region for all, the weights left where they
   lie (each its own ggml type: a Q4_K_M layer mixes Q4_K and Q6_K).
-- `repack_for_inference(model)`: at load, the Q4_0, Q4_K and Q6_K matrices are rewritten once into the kernels'
+- `repack_for_inference(model)`: at load, the matrices of every block type are rewritten once into the kernels'
   8-row layout (`llama3::ggml_repack`, the same bytes moved: exact), whose products need about a third of
   the instructions (ggml_blocks.cpp); all their rows of x, prompts included, then go to those products.
   A GGUF load does it layer by layer (`GGMLLinear.repack`, from `gguf_quantized_model.py`), the scales
@@ -103,7 +103,7 @@ class GGMLLinear(nn.Module):
     @torch.no_grad()
     def repack(self, allocate=torch.empty, mappings: list[tuple[int, int]] | None = None) -> int:
         """Rewrite the rows, 8 at a time, into the kernels' interleaved layout, in memory from
-        `allocate(shape, dtype)`, when the kernels repack this type (Q4_0, Q4_K, Q6_K on AVX2); a last
+        `allocate(shape, dtype)`, when the kernels repack this type (every block type on AVX2); a last
         out_features % 8 rows keep the file's layout. The file's pages leave the resident set as they are
         copied (`data` still reads them for `dequantize`; `mappings`, see `mapped.release_file_pages`).
         The scales are checked in the same pass: a NaN or inf one raises `BadScale` (the layer unchanged).
@@ -263,7 +263,7 @@ class GGMLGroupLinear(nn.Module):
 
 @torch.no_grad()
 def repack_for_inference(model: nn.Module, allocate=torch.empty) -> int:
-    """Repack every Q4_0 / Q4_K / Q6_K product weight of `model` (GGMLLinear, grouped or not; not the token
+    """Repack every block-type product weight of `model` (GGMLLinear, grouped or not; not the token
     embeddings, which are read by rows) into the kernels' 8-row layout, matrix by matrix, each file's pages
     leaving the resident set once copied: peak memory grows by one matrix. Inference only: `dequantize()`
     and export keep reading the file. Returns the bytes written."""
