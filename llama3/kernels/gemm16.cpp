@@ -23,7 +23,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>
@@ -209,10 +209,13 @@ struct WeightRows {
   }
 };
 
-// One chunk of weight rows [n0, n0 + rows) against all of x (M, Kp fp32, padded with zeros), added into y
+// One chunk of weight rows [n0, n0 + rows) against all of x (M, Kp fp32, padded with zeros): the sums go to
+// `sums` (M, kChunkRows), which stays in L2 across the blocks of K, then once to y's columns n0.. in y's type
+template <typename Out>
 void chunk_product(const WeightRows& w, bool bf16, int64_t n0, int64_t rows, const float* x, int64_t M,
-                   int64_t Kp, float* y, int64_t N, float* buffer) {
+                   int64_t Kp, Out* y, int64_t N, float* buffer, float* sums) {
   const int64_t K = w.K;
+  std::fill(sums, sums + M * kChunkRows, 0.f);
   for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
     const int64_t kc = std::min(kBlockK, K - k0), kc8 = round8(kc);
     for (int64_t r = 0; r < rows; ++r) widen(w.row(n0 + r) + k0, kc, kc8, bf16, buffer + r * kBlockK);
@@ -222,23 +225,60 @@ void chunk_product(const WeightRows& w, bool bf16, int64_t n0, int64_t rows, con
         const int nr = static_cast<int>(std::min<int64_t>(kTileN, rows - j));
         for (int64_t i = m0; i < m1; i += kTileM) {
           const int mr = static_cast<int>(std::min<int64_t>(kTileM, m1 - i));
-          any_tile(mr, nr, x + i * Kp + k0, Kp, buffer + j * kBlockK, kBlockK, kc8, y + i * N + n0 + j, N);
+          any_tile(mr, nr, x + i * Kp + k0, Kp, buffer + j * kBlockK, kBlockK, kc8, sums + i * kChunkRows + j,
+                   kChunkRows);
         }
       }
     }
   }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = Out(sums[m * kChunkRows + r]);
 }
 
-at::Tensor gemm16(const at::Tensor& x_in, at::TensorList ws) {
+// x (M, K) bf16 or fp32 -> fp32 (M, Kp), each row padded with zeros, over the thread pool
+void widen_activations(const at::Tensor& x_in, float* out, int64_t Kp) {
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+  const auto* x16 = bf16 ? reinterpret_cast<const uint16_t*>(x_in.const_data_ptr()) : nullptr;
+  const float* x32 = bf16 ? nullptr : x_in.const_data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      if (bf16) {
+        widen(x16 + m * K, K, Kp, true, out + m * Kp);
+      } else {
+        std::memcpy(out + m * Kp, x32 + m * K, K * sizeof(float));
+        std::fill(out + m * Kp + K, out + (m + 1) * Kp, 0.f);
+      }
+    }
+  });
+}
+
+template <typename Out>
+void product(const WeightRows& rows, bool bf16, const float* x, int64_t M, int64_t Kp, Out* y) {
+  const int64_t N = rows.starts.back();
+  const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> buffer(kChunkRows * kBlockK), sums(M * kChunkRows);
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      const int64_t n0 = c * kChunkRows;
+      chunk_product(rows, bf16, n0, std::min(kChunkRows, N - n0), x, M, Kp, y, N, buffer.data(), sums.data());
+    }
+  });
+}
+
+at::Tensor gemm16(const at::Tensor& x_arg, at::TensorList ws) {
   const char* op = "llama3::gemm16";
   TORCH_CHECK(!ws.empty(), op, ": needs at least one weight");
   const auto wtype = ws[0].scalar_type();
   TORCH_CHECK(wtype == at::kBFloat16 || wtype == at::kHalf, op, ": weights must be bfloat16 or float16, got ",
               wtype);
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, op, ": x must be a 2-D CPU tensor (M, K), got ",
-              x_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, op,
-              ": x must be bfloat16 or float32, got ", x_in.scalar_type());
+  TORCH_CHECK(x_arg.device().is_cpu() && x_arg.dim() == 2, op, ": x must be a 2-D CPU tensor (M, K), got ",
+              x_arg.sizes());
+  TORCH_CHECK(x_arg.scalar_type() == at::kBFloat16 || x_arg.scalar_type() == at::kFloat, op,
+              ": x must be bfloat16 or float32, got ", x_arg.scalar_type());
+  const at::Tensor x_in = x_arg.contiguous();
   const int64_t M = x_in.size(0), K = x_in.size(1), Kp = round8(K);
   WeightRows rows;
   rows.K = K;
@@ -252,25 +292,18 @@ at::Tensor gemm16(const at::Tensor& x_in, at::TensorList ws) {
     rows.parts.push_back(reinterpret_cast<const uint16_t*>(w.const_data_ptr()));
   }
   const int64_t N = rows.starts.back();
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return y;
   // x once in fp32, each row padded with zeros to a whole number of 8-lane steps
-  at::Tensor x = at::zeros({M, Kp}, x_in.options().dtype(at::kFloat));
-  x.narrow(1, 0, K).copy_(x_in);
-  at::Tensor y = at::zeros({M, N}, x.options());
-  if (M == 0 || N == 0) return y.to(x_in.scalar_type());
-  const float* xp = x.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
+  at::Tensor x = at::empty({M, Kp}, x_in.options().dtype(at::kFloat));
+  widen_activations(x_in, x.mutable_data_ptr<float>(), Kp);
   const bool bf16 = wtype == at::kBFloat16;
-  const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> buffer(kChunkRows * kBlockK);
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      const int64_t n0 = c * kChunkRows;
-      chunk_product(rows, bf16, n0, std::min(kChunkRows, N - n0), xp, M, Kp, yp, N, buffer.data());
-    }
-  });
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  if (y.scalar_type() == at::kFloat) {
+    product(rows, bf16, x.const_data_ptr<float>(), M, Kp, y.mutable_data_ptr<float>());
+  } else {
+    product(rows, bf16, x.const_data_ptr<float>(), M, Kp, y.mutable_data_ptr<c10::BFloat16>());
+  }
+  return y;
 }
 
 }  // namespace gemm16_detail
