@@ -9,10 +9,12 @@ reads every activation row once per weight line, so rows that spill to L2 make i
 GEMM (measured: 8 rows x 2048 wide, 1.3x slower; 8 rows x 576 wide, 2x faster). Prompts and wide batches
 go to `F.linear`, except bf16 weights on a CPU without native bf16 products (no AVX512-BF16 / AMX), where
 torch's bf16 GEMM widens every element on the fly and runs at a fraction of its fp32 speed (measured on Zen 3:
-about 4x slower at 512 rows): there prompts of `PROMPT_ROWS` rows or more widen the weight a slice of rows at
-a time (`sliced_matmul`, a few MB, never the whole matrix) and multiply in fp32, and shorter ones run on the
-kernel, a pass over the weight per 8 rows. f16 weights (a GGUF f16 file's, as stored) go the same way with
-bf16 activations. The int8 counterpart lives in `quantize.Int8WeightOnlyLinear`; the quantized layers use
+about 4x slower at 512 rows): there prompts of `GEMM16_ROWS` rows or more go to the project's GEMM for 16-bit
+weights (`llama3::gemm16`, kernels/gemm16.cpp: blocks of the weight widened to fp32 per thread, fp32 register
+tiles), and shorter ones run on the kernel, a pass over the weight per 8 rows. Where that GEMM only has its
+portable C++ build, prompts of `PROMPT_ROWS` rows or more widen the weight a slice of rows at a time
+(`sliced_matmul`, a few MB, never the whole matrix) and multiply in torch's fp32 GEMM. f16 weights (a GGUF
+f16 file's, as stored) go the same way with bf16 activations. The int8 counterpart lives in `quantize.Int8WeightOnlyLinear`; the quantized layers use
 `sliced_matmul` for their prompts as well.
 
 `GemvGroupLinear` holds a layer's q/k/v (or gate/up) weights side by side as they were loaded, views of the

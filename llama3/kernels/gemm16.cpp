@@ -4,17 +4,18 @@
 //   llama3::gemm16(x bf16|fp32 (M, K), [w_0 (N_0, K), ...] all bf16 or all f16) -> x.dtype (M, ΣN)
 //
 // On a CPU without native bf16 products, torch multiplies bf16 slowly, and its fp32 GEMM on widened copies
-// of the weights reached only ~100 GFLOP/s on 2 Zen 3 cores. This kernel reaches more by keeping the
-// fp32 units busy from registers: a tile of 3 rows of x against 4 weight rows, 12 accumulators of 8 lanes
-// along K, fed by 7 vector loads per 12 fused multiply-adds (2 loads per cycle keep up with 2 FMA units).
-// Both operands are read along K, where they are contiguous, so neither x nor W is transposed; each tile's
-// 12 sums are folded across lanes once per block of K.
+// of the weights reached only ~100 GFLOP/s on 2 Zen 3 cores. This kernel keeps the fp32 units busy from
+// registers: an outer-product tile of 6 rows of x by 16 weight rows, 12 accumulators of 8 lanes, each step
+// of K one value of each of the 6 rows of x (broadcast) against 16 weight values (two vector loads): 8 loads
+// and 24 bytes of x per 12 fused multiply-adds, so x can stream from L2 while the weights' panel sits in L1.
+// (A dot-product tile along K, 3 x 4 rows, needed 224 bytes per 12 FMAs and ran slower.)
 //
-// Blocking: the threads take chunks of kChunkRows weight rows (an atomic counter, so a core slowed by other
-// work takes fewer); a chunk is widened to fp32 a block of kBlockK columns at a time into a per-thread
-// buffer (the widening costs one conversion per weight per call, M times fewer than the multiply-adds, and
-// lets the inner loop be pure loads and FMAs); that block (128 KB) stays in L2 while every row of x meets
-// it, 4 weight rows (8 KB, L1) against kBlockM rows of x (96 KB, L2) at a time.
+// Packing: x is widened once per call into panels of 6 rows, value k of the 6 rows side by side; each thread
+// takes chunks of kChunkRows weight rows (an atomic counter, so a core slowed by other work takes fewer)
+// and widens them a block of kBlockK columns at a time into panels of 16 rows, value k of the 16 rows side
+// by side (64 KB per block, in L2; one conversion per weight per call, M times fewer than the FMAs). Every
+// panel of x meets each 16-row panel (16 KB, in L1) in turn. A chunk's sums stay in a buffer of the thread
+// (M x kChunkRows fp32) across the blocks of K and are written once, in the output's type.
 //
 // Code paths: AVX2 + FMA (also taken in the AVX-512 builds), and portable C++ for the others. Results equal
 // a float64 product up to fp32 summation order (bf16 and f16 widen to fp32 exactly).
@@ -39,13 +40,10 @@
 namespace {
 namespace gemm16_detail {  // one translation unit holds every source: names stay apart
 
-constexpr int kTileM = 3;              // rows of x per tile
-constexpr int kTileN = 4;              // weight rows per tile
-constexpr int64_t kBlockK = 512;       // columns per block: 2 KB per fp32 row, a tile's 7 rows stay in L1
-constexpr int64_t kChunkRows = 64;     // weight rows per unit of thread work (a multiple of kTileN)
-constexpr int64_t kBlockM = 48;        // rows of x per pass over a widened block (a multiple of kTileM)
-
-inline int64_t round8(int64_t v) { return (v + 7) / 8 * 8; }
+constexpr int kTileM = 6;            // rows of x per tile
+constexpr int kTileN = 16;           // weight rows per tile: two vectors of 8
+constexpr int64_t kBlockK = 256;     // values of K per packed block: a 16-row panel is 16 KB, in L1
+constexpr int64_t kChunkRows = 64;   // weight rows per unit of thread work (a multiple of kTileN)
 
 inline float half_bits_to_float(uint16_t h) {
   // IEEE binary16 to binary32, exact (the portable path; the AVX2 path uses F16C)
@@ -95,106 +93,51 @@ void widen(const uint16_t* src, int64_t n, int64_t padded, bool bf16, float* dst
   for (; k < padded; ++k) dst[k] = 0.f;
 }
 
+// sums[m * stride + n] += Σ_k xp[k * 6 + m] · wp[k * 16 + n] for m < 6, n < 16: xp a panel of x and wp one
+// of W, both packed (values past the true rows are zeros); only the first `rows` rows and `cols` columns of
+// sums are written
+void tile(const float* xp, const float* wp, int64_t kc, float* sums, int64_t stride, int rows, int cols) {
 #ifdef LLAMA3_GEMM16_AVX2
-// out[0:4] += the lane sums of a, b, c, d: three horizontal adds and one 4-lane add
-inline void add_sums4(__m256 a, __m256 b, __m256 c, __m256 d, float* out) {
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // a0123 b0123 c0123 d0123 | a4567 ...
-  const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-  _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), sums));
-}
-#endif
-
-// y[m * y_stride + n] += Σ_k x[m * x_stride + k] · w[n * w_stride + k] for m < MR, n < NR, k < K8 (a
-// multiple of 8; both operands zero past their true width)
-template <int MR, int NR>
-void tile(const float* x, int64_t x_stride, const float* w, int64_t w_stride, int64_t K8, float* y,
-          int64_t y_stride) {
-#ifdef LLAMA3_GEMM16_AVX2
-  __m256 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) {
-    __m256 xv[MR];
-    for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * x_stride + k);
-    for (int n = 0; n < NR; ++n) {
-      const __m256 wv = _mm256_loadu_ps(w + n * w_stride + k);
-      for (int m = 0; m < MR; ++m) acc[m][n] = _mm256_fmadd_ps(xv[m], wv, acc[m][n]);
-    }
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kc; ++k, xp += kTileM, wp += kTileN) {
+    const __m256 b0 = _mm256_loadu_ps(wp), b1 = _mm256_loadu_ps(wp + 8);
+    __m256 a = _mm256_broadcast_ss(xp);
+    c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(xp + 1);
+    c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(xp + 2);
+    c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(xp + 3);
+    c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(xp + 4);
+    c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(xp + 5);
+    c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);
   }
-  for (int m = 0; m < MR; ++m) {
-    float* out = y + m * y_stride;
-    if constexpr (NR == 4) {
-      add_sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out);
-    } else {
-      for (int n = 0; n < NR; ++n) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][n]), _mm256_extractf128_ps(acc[m][n], 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        out[n] += _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-      }
+  const __m256 acc[kTileM][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (cols == kTileN) {
+    for (int m = 0; m < rows; ++m) {
+      float* out = sums + m * stride;
+      _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), acc[m][0]));
+      _mm256_storeu_ps(out + 8, _mm256_add_ps(_mm256_loadu_ps(out + 8), acc[m][1]));
     }
+    return;
+  }
+  alignas(32) float row[kTileN];
+  for (int m = 0; m < rows; ++m) {
+    _mm256_store_ps(row, acc[m][0]);
+    _mm256_store_ps(row + 8, acc[m][1]);
+    for (int n = 0; n < cols; ++n) sums[m * stride + n] += row[n];
   }
 #else
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K8; ++k) s += x[m * x_stride + k] * w[n * w_stride + k];
-      y[m * y_stride + n] += s;
-    }
+  float acc[kTileM][kTileN] = {};
+  for (int64_t k = 0; k < kc; ++k)
+    for (int m = 0; m < kTileM; ++m)
+      for (int n = 0; n < kTileN; ++n) acc[m][n] += xp[k * kTileM + m] * wp[k * kTileN + n];
+  for (int m = 0; m < rows; ++m)
+    for (int n = 0; n < cols; ++n) sums[m * stride + n] += acc[m][n];
 #endif
-}
-
-#ifdef LLAMA3_GEMM16_AVX2
-// The full tile, written out: with 12 accumulators, 3 x vectors and a weight vector the 16 vector registers
-// are all taken, and the compiler, left to the generic loop, folds the loads into the FMAs (each x vector
-// loaded 4 times and each weight vector 3 times: 15 loads per 12 FMAs) or spills. The empty asm statements
-// pin each loaded vector to a register, so each is loaded once.
-template <>
-void tile<3, 4>(const float* x, int64_t x_stride, const float* w, int64_t w_stride, int64_t K8, float* y,
-                int64_t y_stride) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
-         a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-  const float *x0 = x, *x1 = x + x_stride, *x2 = x + 2 * x_stride;
-  const float *w0 = w, *w1 = w + w_stride, *w2 = w + 2 * w_stride, *w3 = w + 3 * w_stride;
-  for (int64_t k = 0; k < K8; k += 8) {
-    __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k), v2 = _mm256_loadu_ps(x2 + k);
-    asm("" : "+x"(v0), "+x"(v1), "+x"(v2));
-    __m256 wv = _mm256_loadu_ps(w0 + k);
-    asm("" : "+x"(wv));
-    a00 = _mm256_fmadd_ps(v0, wv, a00), a10 = _mm256_fmadd_ps(v1, wv, a10), a20 = _mm256_fmadd_ps(v2, wv, a20);
-    wv = _mm256_loadu_ps(w1 + k);
-    asm("" : "+x"(wv));
-    a01 = _mm256_fmadd_ps(v0, wv, a01), a11 = _mm256_fmadd_ps(v1, wv, a11), a21 = _mm256_fmadd_ps(v2, wv, a21);
-    wv = _mm256_loadu_ps(w2 + k);
-    asm("" : "+x"(wv));
-    a02 = _mm256_fmadd_ps(v0, wv, a02), a12 = _mm256_fmadd_ps(v1, wv, a12), a22 = _mm256_fmadd_ps(v2, wv, a22);
-    wv = _mm256_loadu_ps(w3 + k);
-    asm("" : "+x"(wv));
-    a03 = _mm256_fmadd_ps(v0, wv, a03), a13 = _mm256_fmadd_ps(v1, wv, a13), a23 = _mm256_fmadd_ps(v2, wv, a23);
-  }
-  add_sums4(a00, a01, a02, a03, y);
-  add_sums4(a10, a11, a12, a13, y + y_stride);
-  add_sums4(a20, a21, a22, a23, y + 2 * y_stride);
-}
-#endif
-
-template <int MR>
-void tile_rows(int nr, const float* x, int64_t x_stride, const float* w, int64_t w_stride, int64_t K8, float* y,
-               int64_t y_stride) {
-  switch (nr) {
-    case 1: tile<MR, 1>(x, x_stride, w, w_stride, K8, y, y_stride); break;
-    case 2: tile<MR, 2>(x, x_stride, w, w_stride, K8, y, y_stride); break;
-    case 3: tile<MR, 3>(x, x_stride, w, w_stride, K8, y, y_stride); break;
-    default: tile<MR, 4>(x, x_stride, w, w_stride, K8, y, y_stride); break;
-  }
-}
-
-void any_tile(int mr, int nr, const float* x, int64_t x_stride, const float* w, int64_t w_stride, int64_t K8,
-              float* y, int64_t y_stride) {
-  switch (mr) {
-    case 1: tile_rows<1>(nr, x, x_stride, w, w_stride, K8, y, y_stride); break;
-    case 2: tile_rows<2>(nr, x, x_stride, w, w_stride, K8, y, y_stride); break;
-    default: tile_rows<3>(nr, x, x_stride, w, w_stride, K8, y, y_stride); break;
-  }
 }
 
 // The weights side by side: row n of the group lies in part `part_of(n)`
@@ -209,25 +152,38 @@ struct WeightRows {
   }
 };
 
-// One chunk of weight rows [n0, n0 + rows) against all of x (M, Kp fp32, padded with zeros): the sums go to
-// `sums` (M, kChunkRows), which stays in L2 across the blocks of K, then once to y's columns n0.. in y's type
+// rows [n0, n0 + rows) of W, columns [k0, k0 + kc), widened into panels of 16 rows (value k of the 16 rows
+// side by side; rows past `rows` are zeros); `row` is scratch for one widened row
+void pack_weights(const WeightRows& w, bool bf16, int64_t n0, int64_t rows, int64_t k0, int64_t kc, float* panels,
+                  float* row) {
+  const int64_t num_panels = (rows + kTileN - 1) / kTileN;
+  for (int64_t r = 0; r < num_panels * kTileN; ++r) {
+    float* panel = panels + (r / kTileN) * kc * kTileN + r % kTileN;
+    if (r >= rows) {
+      for (int64_t k = 0; k < kc; ++k) panel[k * kTileN] = 0.f;
+      continue;
+    }
+    widen(w.row(n0 + r) + k0, kc, kc, bf16, row);
+    for (int64_t k = 0; k < kc; ++k) panel[k * kTileN] = row[k];
+  }
+}
+
+// One chunk of weight rows [n0, n0 + rows) against all of x (packed: panels of 6 rows, (K, 6) each): the
+// sums go to `sums` (M, kChunkRows), kept across the blocks of K, then once to y's columns n0.. in y's type
 template <typename Out>
 void chunk_product(const WeightRows& w, bool bf16, int64_t n0, int64_t rows, const float* x, int64_t M,
-                   int64_t Kp, Out* y, int64_t N, float* buffer, float* sums) {
+                   Out* y, int64_t N, float* panels, float* row, float* sums) {
   const int64_t K = w.K;
   std::fill(sums, sums + M * kChunkRows, 0.f);
   for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-    const int64_t kc = std::min(kBlockK, K - k0), kc8 = round8(kc);
-    for (int64_t r = 0; r < rows; ++r) widen(w.row(n0 + r) + k0, kc, kc8, bf16, buffer + r * kBlockK);
-    for (int64_t m0 = 0; m0 < M; m0 += kBlockM) {
-      const int64_t m1 = std::min(M, m0 + kBlockM);
-      for (int64_t j = 0; j < rows; j += kTileN) {
-        const int nr = static_cast<int>(std::min<int64_t>(kTileN, rows - j));
-        for (int64_t i = m0; i < m1; i += kTileM) {
-          const int mr = static_cast<int>(std::min<int64_t>(kTileM, m1 - i));
-          any_tile(mr, nr, x + i * Kp + k0, Kp, buffer + j * kBlockK, kBlockK, kc8, sums + i * kChunkRows + j,
-                   kChunkRows);
-        }
+    const int64_t kc = std::min(kBlockK, K - k0);
+    pack_weights(w, bf16, n0, rows, k0, kc, panels, row);
+    for (int64_t j = 0; j < rows; j += kTileN) {
+      const int cols = static_cast<int>(std::min<int64_t>(kTileN, rows - j));
+      const float* wp = panels + (j / kTileN) * kc * kTileN;
+      for (int64_t i = 0; i < M; i += kTileM) {
+        const int num = static_cast<int>(std::min<int64_t>(kTileM, M - i));
+        tile(x + i * K + k0 * kTileM, wp, kc, sums + i * kChunkRows + j, kChunkRows, num, cols);
       }
     }
   }
@@ -235,35 +191,47 @@ void chunk_product(const WeightRows& w, bool bf16, int64_t n0, int64_t rows, con
     for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = Out(sums[m * kChunkRows + r]);
 }
 
-// x (M, K) bf16 or fp32 -> fp32 (M, Kp), each row padded with zeros, over the thread pool
-void widen_activations(const at::Tensor& x_in, float* out, int64_t Kp) {
+// x (M, K) bf16 or fp32 -> panels of 6 rows, (K, 6) each, value k of the 6 rows side by side (rows past M
+// are zeros), over the thread pool
+void pack_activations(const at::Tensor& x_in, float* out) {
   const int64_t M = x_in.size(0), K = x_in.size(1);
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
   const auto* x16 = bf16 ? reinterpret_cast<const uint16_t*>(x_in.const_data_ptr()) : nullptr;
   const float* x32 = bf16 ? nullptr : x_in.const_data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      if (bf16) {
-        widen(x16 + m * K, K, Kp, true, out + m * Kp);
-      } else {
-        std::memcpy(out + m * Kp, x32 + m * K, K * sizeof(float));
-        std::fill(out + m * Kp + K, out + (m + 1) * Kp, 0.f);
+  const int64_t num_panels = (M + kTileM - 1) / kTileM;
+  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t p = begin; p < end; ++p) {
+      float* panel = out + p * K * kTileM;
+      for (int64_t i = 0; i < kTileM; ++i) {
+        const int64_t m = p * kTileM + i;
+        if (m >= M) {
+          for (int64_t k = 0; k < K; ++k) panel[k * kTileM + i] = 0.f;
+          continue;
+        }
+        const float* src = x32 + m * K;
+        if (bf16) {
+          widen(x16 + m * K, K, K, true, row.data());
+          src = row.data();
+        }
+        for (int64_t k = 0; k < K; ++k) panel[k * kTileM + i] = src[k];
       }
     }
   });
 }
 
 template <typename Out>
-void product(const WeightRows& rows, bool bf16, const float* x, int64_t M, int64_t Kp, Out* y) {
+void product(const WeightRows& rows, bool bf16, const float* x, int64_t M, Out* y) {
   const int64_t N = rows.starts.back();
   const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> buffer(kChunkRows * kBlockK), sums(M * kChunkRows);
+    std::vector<float> panels(kChunkRows * kBlockK), row(kBlockK), sums(M * kChunkRows);
     for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
       const int64_t n0 = c * kChunkRows;
-      chunk_product(rows, bf16, n0, std::min(kChunkRows, N - n0), x, M, Kp, y, N, buffer.data(), sums.data());
+      chunk_product(rows, bf16, n0, std::min(kChunkRows, N - n0), x, M, y, N, panels.data(), row.data(),
+                    sums.data());
     }
   });
 }
@@ -279,7 +247,7 @@ at::Tensor gemm16(const at::Tensor& x_arg, at::TensorList ws) {
   TORCH_CHECK(x_arg.scalar_type() == at::kBFloat16 || x_arg.scalar_type() == at::kFloat, op,
               ": x must be bfloat16 or float32, got ", x_arg.scalar_type());
   const at::Tensor x_in = x_arg.contiguous();
-  const int64_t M = x_in.size(0), K = x_in.size(1), Kp = round8(K);
+  const int64_t M = x_in.size(0), K = x_in.size(1);
   WeightRows rows;
   rows.K = K;
   for (const at::Tensor& w : ws) {
@@ -294,14 +262,14 @@ at::Tensor gemm16(const at::Tensor& x_arg, at::TensorList ws) {
   const int64_t N = rows.starts.back();
   at::Tensor y = at::empty({M, N}, x_in.options());
   if (M == 0 || N == 0) return y;
-  // x once in fp32, each row padded with zeros to a whole number of 8-lane steps
-  at::Tensor x = at::empty({M, Kp}, x_in.options().dtype(at::kFloat));
-  widen_activations(x_in, x.mutable_data_ptr<float>(), Kp);
+  // x once in fp32, in panels of 6 rows
+  at::Tensor x = at::empty({(M + kTileM - 1) / kTileM * kTileM, K}, x_in.options().dtype(at::kFloat));
+  pack_activations(x_in, x.mutable_data_ptr<float>());
   const bool bf16 = wtype == at::kBFloat16;
   if (y.scalar_type() == at::kFloat) {
-    product(rows, bf16, x.const_data_ptr<float>(), M, Kp, y.mutable_data_ptr<float>());
+    product(rows, bf16, x.const_data_ptr<float>(), M, y.mutable_data_ptr<float>());
   } else {
-    product(rows, bf16, x.const_data_ptr<float>(), M, Kp, y.mutable_data_ptr<c10::BFloat16>());
+    product(rows, bf16, x.const_data_ptr<float>(), M, y.mutable_data_ptr<c10::BFloat16>());
   }
   return y;
 }
