@@ -90,7 +90,9 @@ def populate_file_pages(tensors: list[torch.Tensor]) -> int:
     fills the page tables in one call per run of memory, the file's data already in the page cache when it
     was read recently (and read from disk now otherwise, as the forward would). Nothing is copied: the
     resident set grows by the pages the first forward would have touched anyway. Tensors not inside a file
-    mapping are left alone. Returns the bytes populated (0 off Linux or on kernels without the advice)."""
+    mapping are left alone. Returns the bytes populated (0 off Linux or on kernels without the advice).
+    Not called at load yet: at the 1B shape (bf16 folder, warm page cache, busy 2-core Zen 3) it cost about as
+    much before the first forward (~0.5 s) as it saved in it (BENCHMARKS.md, "Prompts on 16-bit weights")."""
     if sys.platform != "linux":
         return 0
     mappings = _file_mappings()

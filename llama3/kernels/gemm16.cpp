@@ -4,7 +4,7 @@
 //   llama3::gemm16(x bf16|fp32 (M, K), [w_0 (N_0, K), ...] all bf16 or all f16) -> x.dtype (M, ΣN)
 //
 // On a CPU without native bf16 products, torch multiplies bf16 slowly, and its fp32 GEMM on widened copies
-// of the weights reached only ~100 GFLOP/s on 2 Zen 3 cores. This kernel keeps the fp32 units busy from
+// of the weights reached only ~100 GFLOP/s on 2 Zen 3 cores (quiet machine). This kernel keeps the fp32 units busy from
 // registers: an outer-product tile of 6 rows of x by 16 weight rows, 12 accumulators of 8 lanes, each step
 // of K one value of each of the 6 rows of x (broadcast) against 16 weight values (two vector loads): 8 loads
 // and 24 bytes of x per 12 fused multiply-adds, so x can stream from L2 while the weights' panel sits in L1.
