@@ -11,6 +11,11 @@ by `ggml_repack` where the level repacks the type), and through torch's bf16
 `F.linear` as the peer; the loss kernel `xent_rows_` runs on 256 rows of the 128K vocabulary beside torch's
 log-softmax + its gradient. The best of `--repeats` runs is reported (the machine is shared), as
 milliseconds and as GB/s of weights read.
+
+Prompts on 16-bit weights (`--prompt-rows`, "" to skip): for the 1B shape's q/k/v (3072 x 2048), FFN input and
+output, bf16 and f16 weights meet M activation rows in `gemm16` of every level, in the matrix-vector kernel
+`gemv_group` (a pass over the weight per 8 rows) and in torch's fp32 GEMM on the weight widened slice by slice
+(`gemv.sliced_matmul`, the route without `gemm16`); reported as ms and GFLOP/s.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama3 import kernels  # noqa: E402
 from llama3.checkpoint.gguf_quants import QUANT_TYPES, quantize  # noqa: E402
+from llama3.inference.gemv import sliced_matmul  # noqa: E402
 from llama3.inference.quantize import pack_int4_codes  # noqa: E402
 
 MATRICES = [(8192, 2048), (2048, 8192), (128256, 2048)]  # (N, K): rows of W, input width
@@ -94,6 +100,36 @@ def repack(ops, blocks: torch.Tensor, kind: str, K: int) -> torch.Tensor | None:
     return out
 
 
+PROMPT_MATRICES = [(3072, 2048), (8192, 2048), (2048, 8192)]  # (N, K): q/k/v, FFN input, FFN output
+
+
+def bench_prompt(M: int, N: int, K: int, dtype: torch.dtype, repeats: int) -> list[tuple[str, float]]:
+    """(name, seconds) for M rows of x against one 16-bit (N, K) weight: gemm16 and gemv_group of every
+    level, and torch's fp32 GEMM on slices widened from the weight."""
+    torch.manual_seed(0)
+    x = torch.randn(M, K).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    w = torch.randn(N, K).to(dtype)
+    rows = [("torch fp32 GEMM, widened slices", best_seconds(
+        lambda: sliced_matmul(x, N, lambda n0, n1: w[n0:n1].float(), torch.float32), repeats))]
+    for isa in kernels.supported_isas():
+        if isa == "portable" and M > 64:
+            continue  # minutes of plain C++; the portable level keeps torch's route for prompts
+        ops = kernels.ops(isa)
+        rows += [(f"{isa} gemm16", best_seconds(lambda ops=ops: ops.gemm16(x, [w]), repeats)),
+                 (f"{isa} gemv_group", best_seconds(lambda ops=ops: ops.gemv_group(x, [w]), repeats))]
+    return rows
+
+
+def print_prompt_table(rows_list: list[int], repeats: int) -> None:
+    print("\n| rows x matrix (N x K) | weights | operator | ms | GFLOP/s |\n|---|---|---|---:|---:|")
+    for M in rows_list:
+        for N, K in PROMPT_MATRICES:
+            for dtype in (torch.bfloat16, torch.float16):
+                for name, seconds in bench_prompt(M, N, K, dtype, max(2, repeats // (1 + M // 64))):
+                    print(f"| {M} x {N} x {K} | {str(dtype).removeprefix('torch.')} | {name} | {1e3 * seconds:.1f} "
+                          f"| {2 * M * N * K / seconds / 1e9:.0f} |", flush=True)
+
+
 def bench_xent(repeats: int) -> list[tuple[str, float]]:
     torch.manual_seed(0)
     logits = torch.randn(256, 128256).bfloat16()
@@ -116,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--prompt-rows", default="8,16,32,64,512", help="comma list of prompt rows ('' skips)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not kernels.available():
@@ -126,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     for N, K in MATRICES:
         for name, seconds, num_bytes in bench_gemv(N, K, args.repeats):
             print(f"| {N} x {K} | {name} | {1e3 * seconds:.2f} | {num_bytes / seconds / 1e9:.1f} |", flush=True)
+    prompt_rows = [int(r) for r in args.prompt_rows.split(",") if r.strip()]
+    if prompt_rows:
+        print_prompt_table(prompt_rows, args.repeats)
     print("\n| loss, 256 x 128256 bf16 logits | ms |\n|---|---:|")
     for name, seconds in bench_xent(max(3, args.repeats // 3)):
         print(f"| {name} | {1e3 * seconds:.1f} |", flush=True)

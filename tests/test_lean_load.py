@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llama3.checkpoint.safety import open_safetensors
-from llama3.inference.mapped import release_file_pages
+from llama3.inference.mapped import populate_file_pages, release_file_pages
 from tests.conftest import REPO
 
 # ~180 MB of bf16 weights: big enough that a second copy of them would stand out of the runtime's noise.
@@ -131,3 +131,31 @@ def test_released_pages_read_back_and_written_pages_are_kept(tmp_path):
         assert release_file_pages(b) == 0
         assert b[1 << 20] == 7.0
         assert release_file_pages(torch.ones(1 << 21)) == 0  # anonymous memory: never touched
+
+
+def _resident_pages(t: torch.Tensor) -> int:
+    """How many of the pages under `t` are mapped into this process (/proc/self/pagemap, bit 63)."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    first, last = t.data_ptr() // page, (t.data_ptr() + t.numel() * t.element_size() - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = torch.frombuffer(bytearray(f.read((last - first + 1) * 8)), dtype=torch.int64)
+    return int((entries < 0).sum())
+
+
+def test_populated_pages_are_mapped_in_and_unchanged(tmp_path):
+    """populate_file_pages maps a mapped tensor's pages in ahead of use (one madvise per run of memory),
+    leaves its values as stored, and leaves memory that is not a file mapping alone."""
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(1 << 21, dtype=torch.float32), "b": torch.ones(1 << 20)}, str(path))
+    with open_safetensors(path, low_memory=False) as handle:
+        a, b = handle.get_tensor("a"), handle.get_tensor("b")
+        pages = -(-a.numel() * 4 // 4096)
+        release_file_pages(a)  # start from an unmapped state whatever the loader touched
+        assert _resident_pages(a) < pages
+        assert populate_file_pages([a, b, torch.zeros(1 << 20)]) >= (a.numel() + b.numel()) * 4
+        assert _resident_pages(a) >= pages
+        assert torch.equal(a, torch.arange(1 << 21, dtype=torch.float32)) and torch.equal(b, torch.ones(1 << 20))
+    assert populate_file_pages([torch.zeros(1 << 20)]) == 0  # anonymous memory: nothing to populate

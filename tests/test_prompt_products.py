@@ -20,6 +20,9 @@ def slices(monkeypatch):
     assert kernels.available(), f"the CPU kernels must build on every test machine: {kernels.why_unavailable()}"
     monkeypatch.setattr(gemv, "SLICE_BYTES", 16 * K * 4)
     monkeypatch.setattr(gemv, "native_bf16_products", lambda: False)  # the fp32 path, whatever the CPU
+    # bf16 prompts take `llama3::gemm16` where it has a vector build (tests/test_gemv_gemm16.py); this is the
+    # route of the portable level
+    monkeypatch.setattr(gemv, "gemm16_available", lambda: False)
     sizes = []
     real = gemv.sliced_matmul
 

@@ -266,8 +266,9 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
     """The load-time pipeline, in place: cast to `dtype`, fuse projections, then weight-only quantize
     (`"int8"` or `"int4"`, see `quantize.py`), or for a bf16/fp32 CPU model put its linear layers on the
     project's matrix-vector kernels (`gemv.py`; `kernels=False` keeps torch's) and repack a quantized
-    GGUF model's Q4_0 / Q4_K / Q6_K matrices for its products (`ggml_quant.repack_for_inference`;
-    `repack=False` keeps the file's layout); finally, on the CPU, move the weights to huge pages
+    GGUF model's block-type matrices for its products (`ggml_quant.repack_for_inference`;
+    `repack=False` leaves the layout the model has: `llama3.load` already repacks, and
+    `checkpoint.gguf.load_gguf(path, repack=False)` keeps the file's); finally, on the CPU, move the weights to huge pages
     (`to_huge_pages`; `huge_pages=False` skips it). 16-bit weights on the kernels are grouped where they lie
     instead of fused, and then stay there: no copy, no move to huge pages (an f16 model's embedding and
     norms become bf16, see `_bf16_activations`). Returns the model in eval mode without gradients."""

@@ -9,10 +9,12 @@ reads every activation row once per weight line, so rows that spill to L2 make i
 GEMM (measured: 8 rows x 2048 wide, 1.3x slower; 8 rows x 576 wide, 2x faster). Prompts and wide batches
 go to `F.linear`, except bf16 weights on a CPU without native bf16 products (no AVX512-BF16 / AMX), where
 torch's bf16 GEMM widens every element on the fly and runs at a fraction of its fp32 speed (measured on Zen 3:
-about 4x slower at 512 rows): there prompts of `PROMPT_ROWS` rows or more widen the weight a slice of rows at
-a time (`sliced_matmul`, a few MB, never the whole matrix) and multiply in fp32, and shorter ones run on the
-kernel, a pass over the weight per 8 rows. f16 weights (a GGUF f16 file's, as stored) go the same way with
-bf16 activations. The int8 counterpart lives in `quantize.Int8WeightOnlyLinear`; the quantized layers use
+about 4x slower at 512 rows): there prompts of `GEMM16_ROWS` rows or more go to the project's GEMM for 16-bit
+weights (`llama3::gemm16`, kernels/gemm16.cpp: blocks of the weight widened to fp32 per thread, fp32 register
+tiles), and shorter ones run on the kernel, a pass over the weight per 8 rows. Where that GEMM only has its
+portable C++ build, prompts of `PROMPT_ROWS` rows or more widen the weight a slice of rows at a time
+(`sliced_matmul`, a few MB, never the whole matrix) and multiply in torch's fp32 GEMM. f16 weights (a GGUF
+f16 file's, as stored) go the same way with bf16 activations. The int8 counterpart lives in `quantize.Int8WeightOnlyLinear`; the quantized layers use
 `sliced_matmul` for their prompts as well.
 
 `GemvGroupLinear` holds a layer's q/k/v (or gate/up) weights side by side as they were loaded, views of the
@@ -26,6 +28,7 @@ compiled paths give the same numbers either way up to fp32 summation order.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -34,7 +37,7 @@ from torch import nn
 
 from .. import kernels
 
-__all__ = ["PROMPT_ROWS", "GemvGroupLinear", "GemvLinear", "can_group", "native_bf16_products", "sliced_matmul",
+__all__ = ["GEMM16_ROWS", "PROMPT_ROWS", "GemvGroupLinear", "gemm16_available", "gemm16_rows", "GemvLinear", "can_group", "native_bf16_products", "sliced_matmul",
            "use_gemv_kernels", "use_kernel"]
 
 MAX_ROWS = 8  # rows the kernels take in one pass over the weights
@@ -47,6 +50,11 @@ _GROUPED = (torch.bfloat16, torch.float16)  # weight types `llama3::gemv_group` 
 # pulls ahead between 32 and 64 rows.
 PROMPT_ROWS = 64
 SLICE_BYTES = 4 << 20  # float bytes of weight rows widened at a time: well inside the L3 cache for the GEMM
+# Rows of activations from which 16-bit weights that torch cannot multiply natively go to the project's GEMM
+# (`llama3::gemm16`, kernels/gemm16.cpp) instead of the matrix-vector kernel: below, the weights' widening
+# (once per call) and the tiles' edges cost more than the kernel's passes over the weight. Measured on Zen 3,
+# 2 threads, 8192 x 2048 bf16 (busy machine, times gemv / gemm16): 32 rows 0.86, 48 rows 1.10, 64 rows 1.24.
+GEMM16_ROWS = 48
 
 
 def native_bf16_products() -> bool:
@@ -66,6 +74,19 @@ def sliced_matmul(x2: torch.Tensor, out_features: int, weight_rows: Callable[[in
         n1 = min(out_features, n0 + slice_rows)
         torch.mm(weight_rows(n0, n1), x_t, out=y_t[n0:n1])
     return y_t.t()
+
+
+@functools.cache
+def gemm16_available() -> bool:
+    """Whether `llama3::gemm16` runs at a vector level here (the portable build is plain C++, slower than
+    torch's GEMM on widened slices, which it then keeps)."""
+    return kernels.available() and kernels.loaded_isa() != "portable"
+
+
+def gemm16_rows(rows: int) -> bool:
+    """Whether `rows` rows of activations against 16-bit weights (f16, or bf16 without native bf16
+    products) go to `llama3::gemm16`."""
+    return rows >= GEMM16_ROWS and gemm16_available()
 
 
 def use_kernel(rows: int, in_features: int, bytes_per_value: int, *, widened_prompts: bool = False) -> bool:
@@ -99,6 +120,8 @@ class GemvLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
+        if self.widen_prompts and x.dtype in (torch.bfloat16, torch.float32) and gemm16_rows(rows):
+            return torch.ops.llama3.gemm16(x2, [self.weight]).view(*x.shape[:-1], self.out_features)
         if self.weight.dtype == torch.float16:
             if x.dtype in (torch.bfloat16, torch.float32) and use_kernel(rows, self.in_features, 4,
                                                                           widened_prompts=True):
@@ -149,6 +172,8 @@ class GemvGroupLinear(nn.Module):
         weights = list(self.weights)
         dtype = weights[0].dtype
         x_ok = x.dtype == dtype or (dtype == torch.float16 and x.dtype in (torch.bfloat16, torch.float32))
+        if self.widen_prompts and x.dtype in (torch.bfloat16, torch.float32) and gemm16_rows(rows):
+            return torch.ops.llama3.gemm16(x2, weights).view(*x.shape[:-1], self.out_features)
         if x_ok and use_kernel(rows, self.in_features, 4 if dtype == torch.float16 else 2,
                                widened_prompts=self.widen_prompts):
             return torch.ops.llama3.gemv_group(x2, weights).view(*x.shape[:-1], self.out_features)

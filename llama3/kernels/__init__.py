@@ -2,6 +2,9 @@
 
 - `gemv.cpp`: `torch.ops.llama3.gemv_bf16`, `gemv_f32`, `gemv_group`, `gemv_int8`, `gemv_int4`, the decode-time matrix-vector
   products (used by `llama3.inference.gemv` and `quantize`);
+- `gemm16.cpp`: `torch.ops.llama3.gemm16`, prompt-sized products with bf16 or f16 weights where they lie (one
+  or several side by side), widened block by block and multiplied in fp32 register tiles (used by
+  `llama3.inference.gemv` for prompts);
 - `ggml_blocks.cpp`: `torch.ops.llama3.ggml_matmul`, products with weights in ggml's quantized block formats
   straight from a GGUF file, and `ggml_matmul_group` for several such weights sharing one input; `ggml_repack`
   rewrites Q4_0 / Q4_K / Q6_K weights at load into an 8-row layout those products read faster (used by
@@ -51,7 +54,7 @@ import torch
 __all__ = ["ISA_LEVELS", "available", "build", "build_warnings", "cache_dir", "cpu_description", "loaded_isa", "ops",
            "selected_isa", "supported_isas", "why_unavailable"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "xent.cpp", "ggml_blocks.cpp", "ggml_dequant.cpp",
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm16.cpp", "xent.cpp", "ggml_blocks.cpp", "ggml_dequant.cpp",
                                                           "attend.cpp", "train_ops.cpp")]
 _HEADERS = [Path(__file__).with_name("ops_namespace.h")]  # included by every source (the operator namespace)
 # What the compiler is given: one file that includes every source, so torch's headers are parsed once.
@@ -308,7 +311,7 @@ def _gemv_group_shape(x, ws):
 # Each operator's shape function, for torch.compile (the operators' outputs without running them).
 _SHAPES = {
     "gemv_bf16": _gemv_shape, "gemv_f32": _gemv_shape, "gemv_int8": _gemv_shape, "gemv_int4": _gemv_shape,
-    "gemv_group": _gemv_group_shape, "xent_rows_": _xent_rows_shape, "ggml_matmul": _ggml_matmul_shape,
+    "gemv_group": _gemv_group_shape, "gemm16": _gemv_group_shape, "xent_rows_": _xent_rows_shape, "ggml_matmul": _ggml_matmul_shape,
     "ggml_dequantize": _ggml_dequantize_shape, "ggml_matmul_group": _ggml_matmul_group_shape,
     "attend_one_query": _attend_one_query_shape, "train_rms_norm": _rms_norm_shape,
     "train_rms_norm_backward": _rms_norm_backward_shape, "train_swiglu": _swiglu_shape,
