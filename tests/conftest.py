@@ -24,6 +24,16 @@ def ops(request):
     return kernels.ops(request.param)
 
 
+def at_threads(threads: int, fn, *args):
+    """fn(*args) with torch's intra-op threads set to `threads`, then set back (kernels split work over them)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_intra_op_thread():
     """Tiny test models gain nothing from intra-op threads, and when the 2 cores are shared (servers,

@@ -12,26 +12,12 @@ import torch
 from llama3 import kernels
 from llama3.inference import gemv
 from llama3.inference.gemv import GEMM16_ROWS, GemvGroupLinear, GemvLinear
+from tests.conftest import at_threads
 
 # (M, K, parts' N)
 SHAPES = [(1, 64, (40,)), (2, 7, (3, 5)), (3, 100, (77, 5)), (4, 130, (129, 3, 64)), (5, 16, (4,)),
           (6, 520, (9,)), (7, 1100, (66, 2)), (8, 33, (130,)), (9, 2048, (64, 16, 16)), (64, 96, (257,)),
           (512, 40, (70, 6))]
-
-
-@pytest.fixture(scope="module", params=kernels.supported_isas())
-def ops(request):
-    assert kernels.available(), kernels.why_unavailable()  # the setup installs a compiler
-    return kernels.ops(request.param)
-
-
-def _run(ops, x, weights, threads):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return ops.gemm16(x, weights)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _assert_close_to_float64(y, x, weights):
@@ -52,7 +38,7 @@ def test_gemm16_equals_float64_reference(ops, M, K, parts, threads, w_dtype, x_d
     torch.manual_seed(M * 1000 + K)
     x = torch.randn(M, K).to(x_dtype)
     weights = [torch.randn(n, K).to(w_dtype) for n in parts]
-    y = _run(ops, x, weights, threads)
+    y = at_threads(threads, ops.gemm16, x, weights)
     assert y.dtype == x_dtype and y.shape == (M, sum(parts))
     _assert_close_to_float64(y, x, weights)
 

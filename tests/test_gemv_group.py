@@ -9,30 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama3 import kernels
 from llama3.inference.fast import fuse_projections, optimize_for_inference
 from llama3.inference.gemv import PROMPT_ROWS, GemvGroupLinear, GemvLinear
-from tests.conftest import random_model, tiny_args
+from tests.conftest import at_threads, random_model, tiny_args
 
 # (M, K, parts' N): one row and several (a second pass past 8), widths with and without a tail of the
 # vector steps, parts that do not divide the thread split
 SHAPES = [(1, 64, (40, 8, 8)), (1, 576, (1000,)), (3, 100, (77, 5)), (9, 130, (129, 3, 64)), (2, 7, (3, 3)),
           (8, 2048, (64, 16, 16))]
-
-
-@pytest.fixture(scope="module", params=kernels.supported_isas())
-def ops(request):
-    assert kernels.available(), kernels.why_unavailable()  # the setup installs a compiler
-    return kernels.ops(request.param)
-
-
-def _run(ops, x, weights, threads):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return ops.gemv_group(x, weights)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -43,7 +27,7 @@ def test_gemv_group_equals_float64_reference(ops, M, K, parts, threads, w_dtype,
     torch.manual_seed(M * 1000 + K)
     x = torch.randn(M, K).to(x_dtype)
     weights = [torch.randn(n, K).to(w_dtype) for n in parts]
-    y = _run(ops, x, weights, threads)
+    y = at_threads(threads, ops.gemv_group, x, weights)
     assert y.dtype == x_dtype and y.shape == (M, sum(parts))
     ref = x.double() @ torch.cat(weights).double().T
     # fp32 sums of exact products (f16 and bf16 widen exactly), then one rounding to x's dtype

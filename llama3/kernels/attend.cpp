@@ -196,6 +196,17 @@ void values_rows(const float* p, const T* values, const float* v_scale, const in
   if (d0 < D) values_block<T, RB, 1>(p, values, v_scale, keep, i0, i1, d0, D, s_stride, scale_stride, n, out);
 }
 
+// f(std::integral_constant<int, RB>) for a block of min(4, left) queries: RB a compile-time count
+template <class F>
+inline void with_query_block(int64_t left, F&& f) {
+  switch (std::min<int64_t>(4, left)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{});
+  }
+}
+
 // The R queries of one group against its kept rows, D a multiple of 8, in runs of 256 rows (whose keys and
 // values stay in L2 while every block of queries and of output columns passes over them) and blocks of up
 // to 4 queries.
@@ -211,12 +222,9 @@ void attend_pair_avx2(const float* q, const T* keys, const T* values, const floa
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
       const float* qr = q + r0 * D;
       float* sr = scores + r0 * n;
-      switch (std::min<int64_t>(4, R - r0)) {
-        case 1: scores_block<T, 1>(qr, keys, k_scale, kp, i0, i1, D, s_stride, scale_stride, scale, sr, n); break;
-        case 2: scores_block<T, 2>(qr, keys, k_scale, kp, i0, i1, D, s_stride, scale_stride, scale, sr, n); break;
-        case 3: scores_block<T, 3>(qr, keys, k_scale, kp, i0, i1, D, s_stride, scale_stride, scale, sr, n); break;
-        default: scores_block<T, 4>(qr, keys, k_scale, kp, i0, i1, D, s_stride, scale_stride, scale, sr, n);
-      }
+      with_query_block(R - r0, [&](auto rb) {
+        scores_block<T, decltype(rb)::value>(qr, keys, k_scale, kp, i0, i1, D, s_stride, scale_stride, scale, sr, n);
+      });
     }
   }
   std::vector<float> inv(static_cast<size_t>(R));
@@ -237,12 +245,9 @@ void attend_pair_avx2(const float* q, const T* keys, const T* values, const floa
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
       const float* pr = scores + r0 * n;
       float* o = out + r0 * D;
-      switch (std::min<int64_t>(4, R - r0)) {
-        case 1: values_rows<T, 1>(pr, values, v_scale, kp, i0, i1, D, s_stride, scale_stride, n, o); break;
-        case 2: values_rows<T, 2>(pr, values, v_scale, kp, i0, i1, D, s_stride, scale_stride, n, o); break;
-        case 3: values_rows<T, 3>(pr, values, v_scale, kp, i0, i1, D, s_stride, scale_stride, n, o); break;
-        default: values_rows<T, 4>(pr, values, v_scale, kp, i0, i1, D, s_stride, scale_stride, n, o);
-      }
+      with_query_block(R - r0, [&](auto rb) {
+        values_rows<T, decltype(rb)::value>(pr, values, v_scale, kp, i0, i1, D, s_stride, scale_stride, n, o);
+      });
     }
   }
   for (int64_t r = 0; r < R; ++r) {
