@@ -253,19 +253,10 @@ inline uint32_t word_at(const uint8_t* p) {
   return v;
 }
 
-void repack_q4_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
-  for (int64_t b = 0; b < blocks; ++b, dst += kQ4_0GroupBytes)
-    for (int64_t r = 0; r < kRepackRows; ++r) {
-      const uint8_t* block = src + r * row_bytes + b * 18;
-      std::memcpy(dst + 2 * r, block, 2);
-      for (int i = 0; i < 4; ++i) std::memcpy(dst + 16 + 32 * i + 4 * r, block + 2 + 4 * i, 4);
-    }
-}
-
-// Q4_1, Q5_0, Q5_1: (d, m,) the nibbles as Q4_0's, (the 5th bits)
+// Q4_0, Q4_1, Q5_0, Q5_1: the 8 rows' d, (their m,) the nibbles 4 bytes a row at a time, (the 5th bits)
 template <int kLegacyType>
 void repack_legacy(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
-  constexpr bool kMin = kLegacyType != 6, kFifthBit = kLegacyType != 3;
+  constexpr bool kMin = kLegacyType == 3 || kLegacyType == 7, kFifthBit = kLegacyType == 6 || kLegacyType == 7;
   constexpr int64_t kBlockBytes = 18 + (kMin ? 2 : 0) + (kFifthBit ? 4 : 0), kGroupBytes = 8 * kBlockBytes;
   constexpr int64_t kNibbles = kMin ? 32 : 16;  // in the group
   for (int64_t b = 0; b < blocks; ++b, dst += kGroupBytes)
@@ -1389,7 +1380,7 @@ int64_t ggml_repack(const at::Tensor& w, int64_t type, int64_t K, at::Tensor& ou
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* rows = src.data + g * kRepackRows * src.row_bytes;
       uint8_t* out_group = dst + g * blocks * group_bytes;
-      if (type == 2) repack_q4_0(rows, src.row_bytes, blocks, out_group);
+      if (type == 2) repack_legacy<2>(rows, src.row_bytes, blocks, out_group);
       else if (type == 3) repack_legacy<3>(rows, src.row_bytes, blocks, out_group);
       else if (type == 6) repack_legacy<6>(rows, src.row_bytes, blocks, out_group);
       else if (type == 7) repack_legacy<7>(rows, src.row_bytes, blocks, out_group);
