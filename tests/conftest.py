@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -24,12 +25,13 @@ def ops(request):
     return kernels.ops(request.param)
 
 
-def at_threads(threads: int, fn, *args):
-    """fn(*args) with torch's intra-op threads set to `threads`, then set back (kernels split work over them)."""
+def at_threads(threads: int, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with torch's intra-op threads set to `threads`, then set back (kernels split work
+    over them)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(previous)
 
@@ -55,6 +57,41 @@ def llama_cpp_stays_out_of_process():
                     "tests.peer.llama_cpp (or tests.peer.runner.call_isolated), which runs it in a child process",
                     pytrace=False)
 AUSTEN = REPO / "data" / "austen"
+
+# Disk: pytest keeps every temporary folder of a session until it ends (and the last sessions' after), and
+# this suite writes GGUF files and checkpoints of 128K-vocabulary models, several GB in all, enough to fill a
+# small CI disk halfway through. A passed test's `tmp_path` goes at its teardown (pyproject.toml:
+# tmp_path_retention_policy = "failed"); a module's own folders (module-scoped fixtures on
+# `tmp_path_factory`) go when the module ends, unless one of its tests failed, so that a failure's files stay
+# to look at.
+_MODULES_WITH_FAILURES: set[str] = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _MODULES_WITH_FAILURES.add(item.module.__name__)
+    return report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef, request):
+    if fixturedef.scope == "session" and "tmp_path_factory" in fixturedef.argnames:
+        raise pytest.UsageError(f"session-scoped fixture {fixturedef.argname} takes tmp_path_factory: its "
+                                "folders would be removed when the module that first used it ends; make it "
+                                "module-scoped")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def module_folders_removed_after_a_green_module(request, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if request.module.__name__ not in _MODULES_WITH_FAILURES:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
+
 
 
 def llama3_tokenizer_dir() -> Path:

@@ -14,7 +14,7 @@ import llama3
 from llama3 import kernels
 from llama3.checkpoint.gguf_quants import PRESETS, QUANT_TYPES, dequantize, quantize, tensor_type_for
 from llama3.inference.ggml_quant import GGMLEmbedding, GGMLLinear
-from tests.conftest import random_model, tiny_args
+from tests.conftest import at_threads, random_model, tiny_args
 
 LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 AFFINE = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")  # scale · code + min: a bias term in the kernel
@@ -191,7 +191,8 @@ def test_thread_pool_settings_give_the_same_products_and_bad_ones_are_refused(tm
 
     ours = tmp_path / "ours.npy"
     namespace = {}
-    exec(compile(_POOL_SCRIPT.replace("sys.argv[1]", repr(str(ours))), "pool", "exec"), namespace)  # this process
+    script = compile(_POOL_SCRIPT.replace("sys.argv[1]", repr(str(ours))), "pool", "exec")
+    at_threads(torch.get_num_threads(), exec, script, namespace)  # in this process; its thread count set back
     for spin, code in (("off", 0), ("fast", 1)):
         env = {**os.environ, "LLAMA3_GGML_SPIN_US": spin}
         proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(tmp_path / "spin.npy")], env=env,

@@ -604,11 +604,13 @@ class Engine:
             return size if size <= budget else 0
         remaining = len(slot.handle.request.prompt_ids) - slot.num_prefilled
         size = min(budget, remaining)
-        if self.prefix_cache is None or size == remaining:
-            return size
-        # With a prefix cache, chunks end on block boundaries and none is shorter than a block (nor leaves
-        # less than a block behind): a prompt's rows then come out the same whether its prefix was reused.
         block = self.prefix_block_size
+        if size == remaining or self.prefill_chunk % block or self.prefill_chunk < 2 * block:
+            return size  # (a prefix cache requires both, see __init__)
+        # Chunks end on block boundaries and none is shorter than a block (nor leaves less than a block
+        # behind), with or without a prefix cache: a prompt's rows then come out the same whether its prefix
+        # was reused or the cache is off. (The GEMM's rows need not be the same bits at every row count: MKL
+        # on AVX-512 with 2 threads rounds a 7-row product differently from a 23-row one.)
         size -= size % block
         if remaining - size < block:
             size -= block
