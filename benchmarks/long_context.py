@@ -38,14 +38,14 @@ def worker(spec: dict) -> dict:
     if spec["runtime"].startswith("ours"):
         import llama3
         from llama3.inference import Generator, SamplingParams
-        from llama3.inference.attention import use_attention_kernel
+        from llama3.inference.attention import use_decode_kernels
         from llama3.inference.fast import optimize_for_inference
 
         model, tokenizer = llama3.load(spec["file"])
         optimize_for_inference(model)
         gen = Generator(model, tokenizer, compile=False)
         if spec["runtime"] == "ours-torch":
-            use_attention_kernel(model, enabled=False)
+            use_decode_kernels(model, enabled=False)
         [result] = gen.generate([ids], max_new_tokens=new, sampling=SamplingParams(temperature=0), stop_ids=[])
         return {"decode_tok_s": len(result.timing.step_s) / sum(result.timing.step_s),
                 "prefill_s": result.timing.prefill_s, "token_ids": result.token_ids}

@@ -21,7 +21,14 @@ from torch import nn
 from .config import ModelArgs
 
 __all__ = ["Transformer", "TransformerBlock", "Attention", "FeedForward", "RMSNorm", "KVCache",
-           "precompute_rope", "apply_rope", "document_causal_mask"]
+           "precompute_rope", "apply_rope", "document_causal_mask", "rms_norm"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) in fp32, rounded to x's dtype, times weight."""
+    x_fp32 = x.float()
+    normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
 
 
 class RMSNorm(nn.Module):
@@ -31,11 +38,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # The same computation in one operator, when the inference layer installs one (the CPU kernel,
+        # llama3.inference.attention.use_decode_kernels): a function (x, weight, eps) -> normed x.
+        self.kernel: Callable | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp32 = x.float()
-        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        if self.kernel is not None and not torch.compiler.is_compiling():
+            return self.kernel(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

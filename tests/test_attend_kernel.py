@@ -114,7 +114,7 @@ def test_model_decode_on_the_kernel_equals_the_torch_form(monkeypatch, kv_cache)
 
     def run(on_kernel: bool):
         gen = Generator(model, None, cache_bucket=8, kv_cache=kv_cache)  # installs the kernel
-        assert attention.use_attention_kernel(model, enabled=on_kernel) == (model.args.n_layers if on_kernel else 0)
+        assert attention.use_decode_kernels(model, enabled=on_kernel) == (model.args.n_layers if on_kernel else 0)
         gen.prepare_cache(2, 12)
         positions = torch.arange(5).expand(2, 5)
         steps = [gen.prefill(tokens[:, :5], positions, lengths - 1)]

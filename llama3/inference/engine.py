@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..model import KVCache
-from .attention import check_kv_cache, kv_cache_layout, use_attention_kernel
+from .attention import check_kv_cache, kv_cache_layout, use_decode_kernels
 from .constraints import TokenConstraint, constrain_logits
 from .multi_lora import LoRASet
 from .prefix_cache import PrefixCache, block_bytes
@@ -246,7 +246,7 @@ class Engine:
         self.prefix_cache: PrefixCache | None = None  # made in start(), once the cache's shapes are known
         self.lora = LoRASet(model)
         self.model, self.tokenizer = model, tokenizer  # the tokenizer is for callers (the server); not used here
-        use_attention_kernel(model)  # decode steps attend on the CPU kernel (eager, CPU models)
+        use_decode_kernels(model)  # decode steps attend on the CPU kernel (eager, CPU models)
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
         self.batch_invariant = batch_invariant
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)

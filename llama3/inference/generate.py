@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
-from .attention import check_kv_cache, kv_cache_layout, use_attention_kernel
+from .attention import check_kv_cache, kv_cache_layout, use_decode_kernels
 from .fast import compile_options, quiet_autotune
 from .sampling import SamplingParams, make_generator, sample
 from .stops import find_stop, shown_length
@@ -137,7 +137,7 @@ class Generator:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.model = model.eval()
-        use_attention_kernel(model)  # eager decode steps attend on the CPU kernel (CPU models)
+        use_decode_kernels(model)  # eager decode steps attend on the CPU kernel (CPU models)
         self.kv_cache = kv_cache
         self.tokenizer = tokenizer
         self.device = model.tok_embeddings.weight.device

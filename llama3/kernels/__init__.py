@@ -16,7 +16,9 @@
 - `xent.cpp`: `torch.ops.llama3.xent_rows_`, cross-entropy rows and their logit gradients in place (used by
   the training loss, `llama3.train.loss`);
 - `train_ops.cpp`: `torch.ops.llama3.train_rms_norm`, `train_swiglu`, `train_rope` and their backwards, the
-  training step's element-wise operators fused into one pass each (used by `llama3.train.fused`).
+  training step's element-wise operators fused into one pass each (used by `llama3.train.fused`);
+- `norm_rope.cpp`: `torch.ops.llama3.rms_norm` and `rope_`, inference's RMSNorm and RoPE as one operator each
+  instead of a dozen (installed by `llama3.inference.attention.use_decode_kernels`).
 
 `available()` builds the sources into one library with the system C++ compiler against the installed torch
 (about 20 s the first time; the library is cached under `~/.cache/llama3/kernels`, keyed by the sources,
@@ -55,7 +57,7 @@ __all__ = ["ISA_LEVELS", "available", "build", "build_warnings", "cache_dir", "c
            "selected_isa", "supported_isas", "why_unavailable"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm16.cpp", "xent.cpp", "ggml_blocks.cpp", "ggml_dequant.cpp",
-                                                          "attend.cpp", "train_ops.cpp")]
+                                                          "attend.cpp", "train_ops.cpp", "norm_rope.cpp")]
 _HEADERS = [Path(__file__).with_name("ops_namespace.h")]  # included by every source (the operator namespace)
 # What the compiler is given: one file that includes every source, so torch's headers are parsed once.
 _UNIT = Path(__file__).with_name("kernels.cpp")
@@ -304,6 +306,14 @@ def _rope_shape(x, rope, inverse):
     return torch.empty_like(x)
 
 
+def _infer_rms_norm_shape(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _infer_rope_shape(x, rope):
+    return x  # rotated in place
+
+
 def _gemv_group_shape(x, ws):
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))  # (M, ΣN) in x's dtype
 
@@ -316,6 +326,7 @@ _SHAPES = {
     "attend_one_query": _attend_one_query_shape, "train_rms_norm": _rms_norm_shape,
     "train_rms_norm_backward": _rms_norm_backward_shape, "train_swiglu": _swiglu_shape,
     "train_swiglu_backward": _swiglu_backward_shape, "train_rope": _rope_shape,
+    "rms_norm": _infer_rms_norm_shape, "rope_": _infer_rope_shape,
 }
 
 

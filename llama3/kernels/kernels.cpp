@@ -8,3 +8,4 @@
 #include "ggml_dequant.cpp"
 #include "attend.cpp"
 #include "train_ops.cpp"
+#include "norm_rope.cpp"
