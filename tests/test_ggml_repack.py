@@ -56,6 +56,51 @@ def test_repacked_products_equal_the_file_layout_and_a_float64_reference(kind, i
 
 
 @pytest.mark.parametrize("isa", _repacked_isas())
+@pytest.mark.parametrize("kind", REPACKED)
+def test_unrepack_gives_back_the_files_bytes(kind, isa):
+    """`ggml_unrepack` inverts `ggml_repack` byte for byte (every type's scales, sub-scales and code bits; a
+    slice of groups alone too); a type or shape it cannot take is refused naming what was wrong."""
+    ops = kernels.ops(isa)
+    K = 512
+    data = torch.from_numpy(quantize(_weights(24, K, seed=5) * 3, kind))
+    repacked = _repack(ops, data, kind, K)
+    ggml_id = QUANT_TYPES[kind].ggml_id
+    assert torch.equal(ops.ggml_unrepack(repacked, ggml_id, K), data)
+    assert torch.equal(ops.ggml_unrepack(repacked[1:2], ggml_id, K), data[8:16])
+    with pytest.raises(RuntimeError, match="without the repacked flag"):
+        ops.ggml_unrepack(repacked, ggml_id | REPACKED_FLAG, K)
+    with pytest.raises(RuntimeError, match="w must be contiguous uint8"):
+        ops.ggml_unrepack(repacked[:, 1:], ggml_id, K)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K", "Q6_K", "Q8_0"])
+def test_prompts_on_repacked_weights_take_bf16_slices_where_the_cpu_multiplies_bf16(monkeypatch, kind):
+    """From REPACKED_PROMPT_ROWS rows on a CPU with native bf16 products (forced here, so that every machine
+    runs the route), a repacked layer's prompt is torch's bf16 GEMM on slices decoded from the repacked
+    bytes: it never reads the file's own rows (released at load), slices cross the repacked rows and the
+    out_features % 8 tail, and the result equals the dequantized weight's product to bf16 rounding."""
+    from llama3.inference import ggml_quant
+
+    K, N = 512, 45  # five groups of 8 rows and a tail of 5
+    data = torch.from_numpy(quantize(_weights(N, K, seed=9), kind))
+    layer = GGMLLinear(data, kind, K)
+    assert layer.repack() > 0 and layer.repacked
+    monkeypatch.setattr(gemv, "native_bf16_products", lambda: True)
+    monkeypatch.setattr(gemv, "SLICE_BYTES", 16 * K * 2)  # slices of 16 rows: one straddles the tail
+    unrepacked = []
+    real = torch.ops.llama3.ggml_unrepack
+    monkeypatch.setattr(ggml_quant.torch.ops.llama3, "ggml_unrepack",
+                        lambda *a: unrepacked.append(a[0].shape[0]) or real(*a), raising=False)
+    layer.data = torch.full_like(data, 255)  # the file's rows: a read of them would show in the result
+    x = torch.randn(ggml_quant.REPACKED_PROMPT_ROWS, K, generator=torch.Generator().manual_seed(1))
+    y = layer(x)
+    assert sum(unrepacked) == 5 and len(unrepacked) >= 3
+    reference = x.double() @ torch.from_numpy(dequantize(data.numpy(), kind)).double().T
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(y.double(), reference, rtol=0, atol=0.02 * scale)
+
+
+@pytest.mark.parametrize("isa", _repacked_isas())
 def test_a_group_mixes_repacked_file_layout_and_tail_pieces(isa):
     """Parts of several types (as a Q4_K_M layer mixes Q4_K and Q6_K) with row counts that leave tails:
     the repacked rows of each part and its tail in the file's layout (a part of fewer than 8 rows whole)

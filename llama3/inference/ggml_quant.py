@@ -43,6 +43,9 @@ __all__ = ["BadScale", "GGMLEmbedding", "GGMLGroupLinear", "GGMLLinear", "dequan
 _FALLBACK_ROWS = 1024  # weight rows dequantized at a time on the pure-PyTorch path
 _REPACKED = 256  # a ggml type number | this: that type in the kernels' 8-row layout (ggml_blocks.cpp)
 _REPACK_ROWS = 8
+# Prompt rows from which repacked weights on a CPU with native bf16 products go to torch's bf16 GEMM on
+# decoded slices instead of their int8 products (see GGMLLinear._product; measured on Zen 5: BENCHMARKS.md)
+REPACKED_PROMPT_ROWS = 128
 
 _KINDS = {t.ggml_id: name for name, t in QUANT_TYPES.items()}
 
@@ -144,10 +147,14 @@ class GGMLLinear(nn.Module):
 
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) · Wᵀ on the kernels: (M, N) in x2's dtype (float32 for other dtypes)."""
-        # Prompts on the file's layout: torch's GEMM on dequantized slices. Repacked weights keep every row
-        # count on their own products (faster than the slices, measured: BENCHMARKS.md; and the file's
-        # pages, released, stay out of memory). A compiled (decode) graph keeps the one operator call.
-        if not self.repacked and x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
+        # Prompts on the file's layout: torch's GEMM on dequantized slices. Repacked weights keep prompts on
+        # their own int8 products, except where the CPU multiplies bf16 natively: there torch's bf16 GEMM on
+        # slices decoded from the repacked bytes (`ggml_unrepack`, so the file's released pages stay out of
+        # memory) is ~2x their speed from REPACKED_PROMPT_ROWS rows (measured: BENCHMARKS.md). A compiled
+        # (decode) graph keeps the one operator call.
+        if not torch.compiler.is_compiling() and (
+                (not self.repacked and x2.shape[0] >= gemv.PROMPT_ROWS)
+                or (self.repacked and x2.shape[0] >= REPACKED_PROMPT_ROWS and gemv.native_bf16_products())):
             return self._sliced_gemm(x2)
         x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
         ws, types = zip(*self.kernel_weights)
@@ -156,8 +163,27 @@ class GGMLLinear(nn.Module):
     def _sliced_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) · Wᵀ through torch's GEMM, W decoded a slice of rows at a time; (M, N) float."""
         dtype = torch.bfloat16 if gemv.native_bf16_products() else torch.float32
-        return gemv.sliced_matmul(x2, self.out_features, lambda n0, n1: _dequantize_op(
-            self.data[n0:n1], self.ggml_id, self.in_features, dtype), dtype)
+        return gemv.sliced_matmul(x2, self.out_features, lambda n0, n1: self._rows_as(n0, n1, dtype), dtype)
+
+    def _rows_as(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows n0:n1 of W in `dtype`, decoded from the bytes the kernels hold: the file's rows, or the repacked
+        groups put back in the file's layout first (and a tail of out_features % 8 rows from the file)."""
+        packed, packed_type = self.kernel_weights[0]
+        if not packed_type & _REPACKED:
+            return _dequantize_op(self.data[n0:n1], self.ggml_id, self.in_features, dtype)
+        repacked_rows = packed.shape[0] * _REPACK_ROWS
+        parts = []
+        if n0 < repacked_rows:
+            g0, g1 = n0 // _REPACK_ROWS, -(-min(n1, repacked_rows) // _REPACK_ROWS)
+            file_rows = torch.ops.llama3.ggml_unrepack(packed[g0:g1], self.ggml_id, self.in_features)
+            start = g0 * _REPACK_ROWS
+            parts.append(_dequantize_op(file_rows[n0 - start:min(n1, repacked_rows) - start], self.ggml_id,
+                                        self.in_features, dtype))
+        if n1 > repacked_rows:
+            tail = self.kernel_weights[1][0]
+            parts.append(_dequantize_op(tail[max(n0, repacked_rows) - repacked_rows:n1 - repacked_rows],
+                                        self.ggml_id, self.in_features, dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}" + (

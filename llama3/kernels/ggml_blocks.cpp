@@ -346,6 +346,109 @@ void repack_q6_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t*
     }
 }
 
+// ----- the inverse: 8 repacked rows back to the file's layout (prompts dequantize slices of it) -----
+// Each writes the 8 rows' blocks of one group run in full (the K types' 6-bit sub-scales packed again; every
+// bit of the file's blocks comes back, so unrepack(repack(w)) == w byte for byte).
+
+template <int kLegacyType>
+void unrepack_legacy(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
+  constexpr bool kMin = kLegacyType == 3 || kLegacyType == 7, kFifthBit = kLegacyType == 6 || kLegacyType == 7;
+  constexpr int64_t kBlockBytes = 18 + (kMin ? 2 : 0) + (kFifthBit ? 4 : 0), kGroupBytes = 8 * kBlockBytes;
+  constexpr int64_t kNibbles = kMin ? 32 : 16;
+  for (int64_t b = 0; b < blocks; ++b, src += kGroupBytes)
+    for (int64_t r = 0; r < kRepackRows; ++r) {
+      uint8_t* block = dst + r * row_bytes + b * kBlockBytes;
+      uint8_t* qs = block + kBlockBytes - 16;
+      std::memcpy(block, src + 2 * r, 2);
+      if (kMin) std::memcpy(block + 2, src + 16 + 2 * r, 2);
+      for (int i = 0; i < 4; ++i) std::memcpy(qs + 4 * i, src + kNibbles + 32 * i + 4 * r, 4);
+      if (kFifthBit) {
+        const uint32_t bits = word_at(src + kNibbles + 128 + 4 * r);  // byte u bit i = bit 4i + u of qh
+        uint32_t qh = 0;
+        for (int i = 0; i < 8; ++i)
+          for (int u = 0; u < 4; ++u) qh |= ((bits >> (8 * u + i)) & 1u) << (4 * i + u);
+        std::memcpy(block + (kMin ? 4 : 2), &qh, sizeof(qh));
+      }
+    }
+}
+
+void unrepack_q8_0(const uint8_t* src, int64_t row_bytes, int64_t blocks, uint8_t* dst) {
+  for (int64_t b = 0; b < blocks; ++b, src += kQ8_0GroupBytes)
+    for (int64_t r = 0; r < kRepackRows; ++r) {
+      uint8_t* block = dst + r * row_bytes + b * 34;
+      std::memcpy(block, src + 2 * r, 2);
+      for (int i = 0; i < 8; ++i) std::memcpy(block + 2 + 4 * i, src + 16 + 32 * i + 4 * r, 4);
+    }
+}
+
+// the 12 bytes of 6-bit sub-scales and mins that `k_scale_min` reads
+inline void pack_k_scales(const uint8_t* sc, const uint8_t* mn, uint8_t* q) {
+  for (int j = 0; j < 4; ++j) {
+    q[j] = static_cast<uint8_t>((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+    q[j + 4] = static_cast<uint8_t>((mn[j] & 63) | ((mn[j + 4] >> 4) << 6));
+    q[j + 8] = static_cast<uint8_t>((sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4));
+  }
+}
+
+template <bool kFifthBit>
+void unrepack_k_affine(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t* dst) {
+  constexpr int64_t kBlockBytes = kFifthBit ? 176 : 144, kGroupBytes = kFifthBit ? kQ5_KGroupBytes : kQ4_KGroupBytes;
+  for (int64_t s = 0; s < supers; ++s, src += kGroupBytes)
+    for (int64_t r = 0; r < kRepackRows; ++r) {
+      uint8_t* block = dst + r * row_bytes + s * kBlockBytes;
+      uint8_t* nibbles = block + (kFifthBit ? 48 : 16);
+      std::memcpy(block, src + 2 * r, 2);
+      std::memcpy(block + 2, src + 16 + 2 * r, 2);
+      uint8_t sc[8], mn[8];
+      for (int j = 0; j < 8; ++j) sc[j] = src[32 + 8 * j + r], mn[j] = src[96 + 8 * j + r];
+      pack_k_scales(sc, mn, block + 4);
+      for (int c = 0; c < 4; ++c)
+        for (int i = 0; i < 8; ++i) std::memcpy(nibbles + 32 * c + 4 * i, src + 160 + 256 * c + 32 * i + 4 * r, 4);
+      if (kFifthBit) {
+        uint8_t* qh = block + 16;  // bit j of qh[l]: the 5th bit of value 32j + l
+        std::memset(qh, 0, 32);
+        for (int j = 0; j < 8; ++j) {
+          const uint32_t bits = word_at(src + kQ4_KGroupBytes + 32 * j + 4 * r);  // byte u bit i: qh[4i + u] bit j
+          for (int i = 0; i < 8; ++i)
+            for (int u = 0; u < 4; ++u) qh[4 * i + u] |= static_cast<uint8_t>(((bits >> (8 * u + i)) & 1u) << j);
+        }
+      }
+    }
+}
+
+void unrepack_q6_k(const uint8_t* src, int64_t row_bytes, int64_t supers, uint8_t* dst) {
+  constexpr uint32_t kTwo = 0x03030303u, kSix = 0x3F3F3F3Fu;
+  for (int64_t s = 0; s < supers; ++s, src += kQ6_KGroupBytes)
+    for (int64_t r = 0; r < kRepackRows; ++r) {
+      uint8_t* block = dst + r * row_bytes + s * 210;
+      std::memset(block, 0, 192);  // the code bits are ORed in below
+      std::memcpy(block + 208, src + 2 * r, 2);
+      for (int g = 0; g < 16; ++g) block[192 + g] = src[16 + 8 * g + r];
+      for (int j = 0; j < 8; ++j) {
+        const int half = j / 4, t = j % 4, low_shift = t >= 2 ? 4 : 0, high_shift = 2 * t;
+        uint8_t* low = block + 64 * half + 32 * (t & 1);
+        uint8_t* high = block + 128 + 32 * half;
+        uint32_t codes[8];
+        for (int h = 0; h < 2; ++h) {
+          uint32_t abc[3], fourth = 0;
+          for (int v = 0; v < 3; ++v) {
+            abc[v] = word_at(src + 144 + 192 * j + 96 * h + 32 * v + 4 * r);
+            codes[4 * h + v] = abc[v] & kSix;
+            fourth |= ((abc[v] >> 6) & kTwo) << (2 * v);
+          }
+          codes[4 * h + 3] = fourth;
+        }
+        for (int m = 0; m < 8; ++m) {
+          const uint32_t lo = (codes[m] & 0x0F0F0F0Fu) << low_shift, hi = ((codes[m] >> 4) & kTwo) << high_shift;
+          uint32_t w = word_at(low + 4 * m) | lo;
+          std::memcpy(low + 4 * m, &w, 4);
+          w = word_at(high + 4 * m) | hi;
+          std::memcpy(high + 4 * m, &w, 4);
+        }
+      }
+    }
+}
+
 // bytes per 8 rows and block (super-block) of the repacked type, 0 for a type this build does not repack
 int64_t repacked_group_bytes(int64_t type) {
 #ifdef LLAMA3_GGML_AVX2
@@ -1409,11 +1512,49 @@ int64_t ggml_check_scales(const at::Tensor& w, int64_t type, int64_t K) {
 
 int64_t ggml_repack_block_bytes(int64_t type) { return repacked_group_bytes(type); }
 
+// The inverse of `ggml_repack`: w (G, K / values · ggml_repack_block_bytes(type)), groups of 8 repacked rows,
+// -> (8 G, row_bytes) in the file's layout, byte for byte what was repacked (a prompt's slices of a repacked
+// weight are dequantized from it; the file's own pages stay released).
+at::Tensor ggml_unrepack(const at::Tensor& w, int64_t type, int64_t K) {
+  const char* op = "llama3::ggml_unrepack";
+  TORCH_CHECK((type & kRepackedFlag) == 0, op, ": give the file's type (the number without the repacked flag)");
+  const Format* f = format_of(type);
+  TORCH_CHECK(f != nullptr, op, ": unknown ggml type ", type);
+  const int64_t group_bytes = repacked_group_bytes(type);
+  TORCH_CHECK(group_bytes > 0, op, ": ", f->name, " is not repacked by this build's kernels");
+  TORCH_CHECK(K > 0 && K % f->values == 0, op, ": in_features ", K, " is not a multiple of ", f->name, "'s ",
+              f->values, " values per block");
+  const int64_t blocks = K / f->values, row_bytes = blocks * f->bytes;
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 &&
+                  w.size(1) == blocks * group_bytes,
+              op, ": w must be contiguous uint8 (groups, ", blocks * group_bytes, "), got ", w.sizes());
+  const int64_t groups = w.size(0);
+  at::Tensor out = at::empty({groups * kRepackRows, row_bytes}, w.options());
+  const uint8_t* src = w.const_data_ptr<uint8_t>();
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, groups, rows_per_run(blocks * group_bytes), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* group = src + g * blocks * group_bytes;
+      uint8_t* rows = dst + g * kRepackRows * row_bytes;
+      if (type == 2) unrepack_legacy<2>(group, row_bytes, blocks, rows);
+      else if (type == 3) unrepack_legacy<3>(group, row_bytes, blocks, rows);
+      else if (type == 6) unrepack_legacy<6>(group, row_bytes, blocks, rows);
+      else if (type == 7) unrepack_legacy<7>(group, row_bytes, blocks, rows);
+      else if (type == 8) unrepack_q8_0(group, row_bytes, blocks, rows);
+      else if (type == 12) unrepack_k_affine<false>(group, row_bytes, blocks, rows);
+      else if (type == 13) unrepack_k_affine<true>(group, row_bytes, blocks, rows);
+      else unrepack_q6_k(group, row_bytes, blocks, rows);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 LLAMA3_LIBRARY_FRAGMENT(m) {
   m.def("ggml_repack(Tensor w, int ggml_type, int in_features, Tensor(a!) out) -> int");
   m.def("ggml_check_scales(Tensor w, int ggml_type, int in_features) -> int");
+  m.def("ggml_unrepack(Tensor w, int ggml_type, int in_features) -> Tensor");
   // no tensor argument to dispatch on: defined with its one (catch-all) kernel
   m.def("ggml_repack_block_bytes(int ggml_type) -> int", &ggml_repack_block_bytes);
   m.def("ggml_matmul(Tensor x, Tensor w, int ggml_type, int in_features) -> Tensor");
@@ -1425,4 +1566,5 @@ LLAMA3_LIBRARY_IMPL_CPU(m) {
   m.impl("ggml_matmul_group", &ggml_matmul_group);
   m.impl("ggml_repack", &ggml_repack);
   m.impl("ggml_check_scales", &ggml_check_scales);
+  m.impl("ggml_unrepack", &ggml_unrepack);
 }
