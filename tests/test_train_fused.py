@@ -4,7 +4,6 @@ whole training step of a prepared model against an unprepared one."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from conftest import random_model
 
 from llama3 import kernels
 from llama3.config import ModelArgs
-from llama3.model import RMSNorm, apply_rope, precompute_rope
+from llama3.model import apply_rope, precompute_rope, rms_norm
 from llama3.train.config import TrainConfig
 from llama3.train import fused, loss
 from llama3.train.fused import (FusedAttention, FusedFeedForward, FusedRMSNorm, TiedEmbedding, fused_rms_norm,
@@ -42,9 +41,8 @@ def test_rms_norm_forward_and_backward_equal_the_module_in_float64(dim):
     torch.manual_seed(0)
     x = torch.randn(3, 5, dim) * 3
     weight = torch.randn(dim)
-    # RMSNorm's own forward, with the weight as an input of the graph
-    want, want_grads = _grads(lambda x64, w64: RMSNorm.forward(SimpleNamespace(eps=1e-5, weight=w64), x64),
-                              x.double(), weight.double())
+    # RMSNorm's own computation (`model.rms_norm`, what its forward runs), the weight an input of the graph
+    want, want_grads = _grads(lambda x64, w64: rms_norm(x64, w64, 1e-5), x.double(), weight.double())
     got, got_grads = _grads(lambda a, w: fused_rms_norm(a, w, 1e-5), x, weight)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
