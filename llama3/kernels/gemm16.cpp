@@ -105,9 +105,9 @@ void widen(const uint16_t* src, int64_t n, int64_t padded, bool bf16, float* dst
   for (; k < padded; ++k) dst[k] = 0.f;
 }
 
-// sums[m * stride + n] += Σ_k xp[k * kTileM + m] · wp[k * kTileN + n] for m < kTileM, n < kTileN: xp a panel of x and wp one
-// of W, both packed (values past the true rows are zeros); only the first `rows` rows and `cols` columns of
-// sums are written
+// sums[m * stride + n] += Σ_k xp[k * kTileM + m] · wp[k * kTileN + n] for m < kTileM, n < kTileN: xp a
+// panel of x and wp one of W, both packed (values past the true rows are zeros); only the first `rows`
+// rows and `cols` columns of sums are written
 void tile(const float* xp, const float* wp, int64_t kc, float* sums, int64_t stride, int rows, int cols) {
 #if defined(LLAMA3_GEMM16_AVX512)
   __m512 acc[kTileM][2];
