@@ -246,7 +246,7 @@ class Engine:
         self.prefix_cache: PrefixCache | None = None  # made in start(), once the cache's shapes are known
         self.lora = LoRASet(model)
         self.model, self.tokenizer = model, tokenizer  # the tokenizer is for callers (the server); not used here
-        use_decode_kernels(model)  # decode steps attend on the CPU kernel (eager, CPU models)
+        use_decode_kernels(model)  # eager decode steps: attention, RMSNorm and RoPE on the CPU kernels
         self.num_slots, self.max_queue, self.prefill_chunk = num_slots, max_queue, prefill_chunk
         self.batch_invariant = batch_invariant
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)

@@ -137,7 +137,7 @@ class Generator:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.model = model.eval()
-        use_decode_kernels(model)  # eager decode steps attend on the CPU kernel (CPU models)
+        use_decode_kernels(model)  # eager steps: attention, RMSNorm and RoPE on the CPU kernels (CPU models)
         self.kv_cache = kv_cache
         self.tokenizer = tokenizer
         self.device = model.tok_embeddings.weight.device
