@@ -79,15 +79,16 @@ with open("/proc/self/status") as f:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("file", type=Path, help="a GGUF file")
+    parser.add_argument("file", type=Path, help="a GGUF file, or an HF folder (with --no-llama-cpp)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tree", type=Path, help="another checkout of this project, run as 'before'")
     parser.add_argument("--no-llama-cpp", action="store_true")
     args = parser.parse_args(argv)
-    with open(args.file, "rb") as f:  # warm page cache
-        while f.read(64 << 20):
-            pass
+    for path in sorted(args.file.iterdir()) if args.file.is_dir() else [args.file]:  # warm page cache
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
     runtimes = {"ours": (OURS, REPO)}
     if args.tree:
         runtimes["before"] = (OURS, args.tree.resolve())

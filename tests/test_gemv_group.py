@@ -14,9 +14,9 @@ from llama3.inference.gemv import PROMPT_ROWS, GemvGroupLinear, GemvLinear
 from tests.conftest import at_threads, random_model, tiny_args
 
 # (M, K, parts' N): one row and several (a second pass past 8), widths with and without a tail of the
-# vector steps, parts that do not divide the thread split
+# vector steps, parts that do not divide the thread split or the kernels' tiles of 2-4 weight rows
 SHAPES = [(1, 64, (40, 8, 8)), (1, 576, (1000,)), (3, 100, (77, 5)), (9, 130, (129, 3, 64)), (2, 7, (3, 3)),
-          (8, 2048, (64, 16, 16))]
+          (8, 2048, (64, 16, 16)), (12, 40, (3, 5, 2))]
 
 
 @pytest.mark.parametrize("threads", [1, 2])

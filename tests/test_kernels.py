@@ -23,7 +23,7 @@ from llama3.inference.gemv import GemvLinear, use_gemv_kernels
 # (M, K, N): one row and several (up to 8 per pass, then another pass), widths with and without a tail of the 32/64-wide steps,
 # output counts that do not divide the thread split
 SHAPES = [(1, 64, 40), (1, 576, 1000), (3, 100, 77), (4, 2048, 64), (6, 33, 5), (1, 7, 3), (9, 130, 129),
-          (8, 576, 33), (5, 96, 10), (2, 32, 4)]
+          (8, 576, 33), (5, 96, 10), (2, 32, 4), (17, 96, 11)]
 
 
 # Every instruction-set level this CPU runs is built and checked against the references (`ops`); the

@@ -110,9 +110,12 @@ def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs
                      device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(meta_name, tensor, file) for every tensor, read one at a time, q/k rows back in Meta's order.
 
-    Tensors used as stored are zero-copy views of the memory-mapped file; those that get converted or
-    permuted are read (pread) into their own memory instead, so a converted copy never sits beside resident
-    pages of its source: peak memory stays near the size of the weights."""
+    Tensors used as stored are zero-copy views of the memory-mapped file; the q/k rows among them are
+    permuted straight from the mapped pages into their own memory (one copy), and those pages are released
+    at once; tensors that get converted are read (pread) into their own memory instead. Either way a copy
+    never sits beside resident pages of its source: peak memory stays near the size of the weights."""
+    from ..inference.mapped import release_file_pages
+
     heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads,
              "attention.wq.bias": args.n_heads, "attention.wk.bias": args.n_kv_heads}
     for path, promised in files:
@@ -132,9 +135,13 @@ def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs
                 except KeyError:
                     raise ValueError(f"{path}: unexpected tensor {key!r}; not part of a Llama model") from None
                 n_heads = heads.get(meta_key.split(".", 2)[-1])
-                tensor = read_safetensors_tensor(mapped if use_map and n_heads is None else reader, key, path)
-                if n_heads is not None and tensor.dim() in (1, 2) and tensor.shape[0] == n_heads * args.head_dim:
+                permute = n_heads is not None
+                tensor = read_safetensors_tensor(mapped if use_map else reader, key, path)
+                if permute and tensor.dim() in (1, 2) and tensor.shape[0] == n_heads * args.head_dim:
+                    stored = tensor
                     tensor = permute_qk_to_meta(tensor, n_heads)  # wrong shapes are reported by the caller
+                    if use_map:  # the permuted copy was read straight from the mapped pages: drop those
+                        release_file_pages(stored)
                 yield meta_key, tensor, str(path)
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import kernels
 
-__all__ = ["GEMM16_ROWS", "PROMPT_ROWS", "GemvGroupLinear", "gemm16_available", "gemm16_rows", "GemvLinear", "can_group", "native_bf16_products", "sliced_matmul",
+__all__ = ["GEMM16_ROWS", "PROMPT_ROWS", "GemvGroupLinear", "bf16_tiles", "gemm16_available", "gemm16_rows", "GemvLinear", "can_group", "native_bf16_products", "sliced_matmul",
            "use_gemv_kernels", "use_kernel"]
 
 MAX_ROWS = 8  # rows the kernels take in one pass over the weights
@@ -89,14 +89,27 @@ def gemm16_rows(rows: int) -> bool:
     return rows >= GEMM16_ROWS and gemm16_available()
 
 
-def use_kernel(rows: int, in_features: int, bytes_per_value: int, *, widened_prompts: bool = False) -> bool:
+@functools.cache
+def bf16_tiles() -> bool:
+    """Whether the loaded kernels multiply several rows of bf16 x in tiles of weight rows (the AVX-512
+    levels), each vector of x meeting 2-4 weight rows: there rows of x past L1 no longer slow them down."""
+    return kernels.available() and kernels.loaded_isa().startswith("avx512")
+
+
+def use_kernel(rows: int, in_features: int, bytes_per_value: int, *, widened_prompts: bool = False,
+               tiles: bool = False) -> bool:
     """Whether `rows` activation rows of `in_features` values (`bytes_per_value` each, as the kernel reads
     them) go to the matrix-vector kernel rather than torch's GEMM (see the module docstring).
     widened_prompts: the weight's GEMM would be the widened slices (`sliced_matmul`), which the kernel beats
     up to `PROMPT_ROWS` rows even in several passes over the weight (measured on Zen 3, 2048 x 8192 bf16:
-    18 rows 38 ms against 103 widened and 110 in torch's bf16 GEMM; 64 rows 132 against 74)."""
+    18 rows 38 ms against 103 widened and 110 in torch's bf16 GEMM; 64 rows 132 against 74).
+    tiles: bf16 weights on the tiled kernel (`bf16_tiles`), which keeps up with torch's bf16 GEMM to a pass of
+    `MAX_ROWS` rows (measured on Zen 5, 2 threads, an 8B layer's five matrices: 4 rows 15 ms against 17-25, 8
+    rows 21-24 against 18-30, one row 10-12 against 16-28)."""
     if widened_prompts:
         return rows < PROMPT_ROWS
+    if tiles:
+        return rows <= MAX_ROWS
     return rows == 1 or (rows <= MAX_ROWS and rows * in_features * bytes_per_value <= ROW_BYTES)
 
 
@@ -116,6 +129,7 @@ class GemvLinear(nn.Module):
         # mixed-type GEMM, so their prompts always go through widened slices
         self.widen_prompts = weight.dtype == torch.float16 or (weight.dtype == torch.bfloat16
                                                                and not native_bf16_products())
+        self.tiles = weight.dtype == torch.bfloat16 and bf16_tiles()  # (read here: compile cannot trace the cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -126,8 +140,9 @@ class GemvLinear(nn.Module):
             if x.dtype in (torch.bfloat16, torch.float32) and use_kernel(rows, self.in_features, 4,
                                                                           widened_prompts=True):
                 return torch.ops.llama3.gemv_group(x2, [self.weight]).view(*x.shape[:-1], self.out_features)
-        elif x.dtype == self.weight.dtype and use_kernel(rows, self.in_features, self.weight.element_size(),
-                                                         widened_prompts=self.widen_prompts):
+        elif x.dtype == self.weight.dtype and use_kernel(
+                rows, self.in_features, self.weight.element_size(), widened_prompts=self.widen_prompts,
+                tiles=self.tiles):
             y = getattr(torch.ops.llama3, self.op)(x2, self.weight)
             return y.view(*x.shape[:-1], self.out_features)
         if self.widen_prompts and (rows >= PROMPT_ROWS or x.dtype != self.weight.dtype) \
@@ -165,6 +180,7 @@ class GemvGroupLinear(nn.Module):
         self.out_features = sum(w.shape[0] for w in weights)
         dtype = weights[0].dtype
         self.widen_prompts = dtype == torch.float16 or not native_bf16_products()
+        self.tiles = dtype == torch.bfloat16 and bf16_tiles()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -175,7 +191,7 @@ class GemvGroupLinear(nn.Module):
         if self.widen_prompts and x.dtype in (torch.bfloat16, torch.float32) and gemm16_rows(rows):
             return torch.ops.llama3.gemm16(x2, weights).view(*x.shape[:-1], self.out_features)
         if x_ok and use_kernel(rows, self.in_features, 4 if dtype == torch.float16 else 2,
-                               widened_prompts=self.widen_prompts):
+                               widened_prompts=self.widen_prompts, tiles=self.tiles):
             return torch.ops.llama3.gemv_group(x2, weights).view(*x.shape[:-1], self.out_features)
         if (self.widen_prompts or x.dtype != dtype) and not torch.compiler.is_compiling():
             y = torch.cat([sliced_matmul(x2, w.shape[0], lambda n0, n1, w=w: w[n0:n1].float(), torch.float32)

@@ -158,6 +158,46 @@ inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out
   }
   sum_accumulators(acc, out);
 }
+
+// Several rows of x (a short prompt, a batch of decode steps) against NR weight rows at once: every vector
+// of x loaded meets NR weight rows, where bf16_row meets one. Rows of x past what L1 holds (8 rows of 4096
+// values are 64 KiB) then come from L2 once per NR weight rows, and the dot products are no longer bound by
+// those loads (measured on Zen 5, 2 threads, 8B-layer matrices: 7 rows 28 -> 13 ms, 16 rows 45 -> 19).
+// One accumulator per (weight row, x row): NR · M <= 16 of the 32 registers, enough chains in flight.
+template <int M>
+constexpr int tile_rows() { return M <= 4 ? 4 : 2; }
+
+template <int M, int NR>
+inline void bf16_tile(const uint16_t* const* w, const uint16_t* x, int64_t K, float (*out)[kMaxRows]) {
+  constexpr int64_t kAhead = 256;  // values: NR interleaved streams defeat the hardware prefetcher, so ask
+  __m512 acc[NR][M];               // for each row's line 512 bytes ahead (8 rows: 25 -> 21 ms above)
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + kBf16Step <= K; k += kBf16Step) {
+    Bf16Vec wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kAhead), _MM_HINT_T0);
+      wv[r] = bf16_load(w[r] + k);
+    }
+    for (int m = 0; m < M; ++m) {
+      const Bf16Vec xv = bf16_load(x + m * K + k);
+      for (int r = 0; r < NR; ++r) acc[r][m] = bf16_fma(acc[r][m], wv[r], xv);
+    }
+  }
+  if (k < K) {
+    const int64_t n = K - k;
+    Bf16Vec wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = bf16_load_tail(w[r] + k, n);
+    for (int m = 0; m < M; ++m) {
+      const Bf16Vec xv = bf16_load_tail(x + m * K + k, n);
+      for (int r = 0; r < NR; ++r) acc[r][m] = bf16_fma(acc[r][m], wv[r], xv);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < M; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+#define LLAMA3_BF16_TILES 1
 #elif defined(LLAMA3_AVX2)
 // 16 bf16 values per 32-byte load, taken as the even and the odd halves of its 32-bit pairs (a shift and a
 // mask make each half fp32, no shuffles); w and x are split alike, so the products pair up.
@@ -624,6 +664,59 @@ void for_rows(int64_t N, int64_t M, int64_t row_bytes, RowFn row_fn) {
   });
 }
 
+#ifdef LLAMA3_BF16_TILES
+// for_rows for the bf16 tiles: calls dot_fn.template operator()<R, NR>(n, m0, out), out[r][m] the dot
+// product of W's row n + r with x's row m0 + m, for tiles of NR = tile_rows<R>() consecutive rows of W
+// (fewer at a chunk's end) and passes of R <= 8 rows of x, then store_fn(n, m, value) for each of them.
+// Chunks as in for_rows (a multiple of 4 rows).
+template <int R, typename DotFn, typename StoreFn>
+inline void pass_of_chunk(int64_t n0, int64_t end, int64_t m0, DotFn& dot_fn, StoreFn& store_fn) {
+  constexpr int kRows = tile_rows<R>();
+  float out[4][kMaxRows];
+  auto tile = [&]<int NR>(int64_t n) {
+    dot_fn.template operator()<R, NR>(n, m0, out);
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < R; ++m) store_fn(n + r, m0 + m, out[r][m]);
+  };
+  int64_t n = n0;
+  for (; n + kRows <= end; n += kRows) tile.template operator()<kRows>(n);
+  switch (end - n) {
+    case 1: tile.template operator()<1>(n); break;
+    case 2: if constexpr (kRows > 2) tile.template operator()<2>(n); break;
+    case 3: if constexpr (kRows > 3) tile.template operator()<3>(n); break;
+    default: break;
+  }
+}
+
+template <typename DotFn, typename StoreFn>
+void for_row_tiles(int64_t N, int64_t M, int64_t row_bytes, DotFn dot_fn, StoreFn store_fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t max_chunk = M > kMaxRows ? kMultiPassChunkBytes : kMaxChunkBytes;
+  const int64_t chunk_bytes = std::clamp(N * row_bytes / (threads * kChunksPerThread), kMinChunkBytes, max_chunk);
+  const int64_t chunk_rows = std::max<int64_t>(4, chunk_bytes / std::max<int64_t>(row_bytes, 1) / 4 * 4);
+  const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
+  const int64_t workers = std::min<int64_t>(threads, chunks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      const int64_t n0 = c * chunk_rows, end = std::min(N, n0 + chunk_rows);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        switch (std::min(kMaxRows, M - m0)) {
+          case 1: pass_of_chunk<1>(n0, end, m0, dot_fn, store_fn); break;
+          case 2: pass_of_chunk<2>(n0, end, m0, dot_fn, store_fn); break;
+          case 3: pass_of_chunk<3>(n0, end, m0, dot_fn, store_fn); break;
+          case 4: pass_of_chunk<4>(n0, end, m0, dot_fn, store_fn); break;
+          case 5: pass_of_chunk<5>(n0, end, m0, dot_fn, store_fn); break;
+          case 6: pass_of_chunk<6>(n0, end, m0, dot_fn, store_fn); break;
+          case 7: pass_of_chunk<7>(n0, end, m0, dot_fn, store_fn); break;
+          default: pass_of_chunk<8>(n0, end, m0, dot_fn, store_fn); break;
+        }
+      }
+    }
+  });
+}
+#endif
+
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, op, ": expected x (M, K) and w (N, K), got x ", x.sizes(), " and w ",
@@ -651,7 +744,30 @@ at::Tensor gemv_same_type(const at::Tensor& x_in, const at::Tensor& w, const cha
   return y;
 }
 
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
+#ifdef LLAMA3_BF16_TILES
+  if (x_in.dim() == 2 && x_in.size(0) > 1) {  // several rows: tiles of weight rows (M = 1 streams one row at a time)
+    check_inputs(x_in, w, "llama3::gemv_bf16");
+    TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+                "llama3::gemv_bf16: x and w must be bfloat16");
+    const at::Tensor x = x_in.contiguous();
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+    at::Tensor y = at::empty({M, N}, x.options());
+    const auto* wp = reinterpret_cast<const uint16_t*>(w.const_data_ptr());
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
+    auto* yp = y.mutable_data_ptr<c10::BFloat16>();
+    for_row_tiles(
+        N, M, K * 2,
+        [&]<int R, int NR>(int64_t n, int64_t m0, float (*out)[kMaxRows]) {
+          const uint16_t* rows[NR];
+          for (int r = 0; r < NR; ++r) rows[r] = wp + (n + r) * K;
+          bf16_tile<R, NR>(rows, xp + m0 * K, K, out);
+        },
+        [&](int64_t n, int64_t m, float v) { yp[m * N + n] = c10::BFloat16(v); });
+    return y;
+  }
+#endif
+  const at::Tensor& x = x_in;
   return gemv_same_type<c10::BFloat16, uint16_t>(
       x, w, "llama3::gemv_bf16", at::kBFloat16, "bfloat16",
       []<int R>(const uint16_t* wr, const uint16_t* xr, int64_t K, float* out) { bf16_row<R>(wr, xr, K, out); });
@@ -703,6 +819,24 @@ at::Tensor gemv_group(const at::Tensor& x_in, at::TensorList ws) {
   at::Tensor y = at::empty({M, N}, x_in.options());
   float* y32 = out_dtype == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
   c10::BFloat16* y16 = out_dtype == at::kBFloat16 ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
+#ifdef LLAMA3_BF16_TILES
+  if (bf16 && M > 1) {
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
+    for_row_tiles(
+        N, M, K * 2,
+        [&]<int R, int NR>(int64_t n, int64_t m0, float (*out)[kMaxRows]) {
+          const uint16_t* tile[NR];
+          size_t part = 0;
+          for (int r = 0; r < NR; ++r) {  // a tile may span two weights
+            while (n + r >= starts[part + 1]) ++part;
+            tile[r] = rows[part] + (n + r - starts[part]) * K;
+          }
+          bf16_tile<R, NR>(tile, xp + m0 * K, K, out);
+        },
+        [&](int64_t n, int64_t m, float v) { store_output(y32, y16, m * N + n, v); });
+    return y;
+  }
+#endif
   for_rows(N, M, K * 2, [&]<int R>(int64_t n, int64_t m0, float* out) {
     size_t part = 0;
     while (n >= starts[part + 1]) ++part;  // a handful of weights: a scan beats a search
