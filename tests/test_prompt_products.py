@@ -26,8 +26,8 @@ def slices(monkeypatch):
     sizes = []
     real = gemv.sliced_matmul
 
-    def recording(x2, out_features, weight_rows, dtype):
-        return real(x2, out_features, lambda n0, n1: sizes.append(n1 - n0) or weight_rows(n0, n1), dtype)
+    def recording(x2, out_features, weight_rows, dtype, out=None):
+        return real(x2, out_features, lambda n0, n1: sizes.append(n1 - n0) or weight_rows(n0, n1), dtype, out)
 
     monkeypatch.setattr(gemv, "sliced_matmul", recording)
     return sizes

@@ -64,16 +64,20 @@ def native_bf16_products() -> bool:
 
 
 def sliced_matmul(x2: torch.Tensor, out_features: int, weight_rows: Callable[[int, int], torch.Tensor],
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """x2 (M, K) · Wᵀ -> (M, N) in `dtype`, W never whole in float: `weight_rows(n0, n1)` returns rows n0:n1
-    of W in `dtype`, asked for `SLICE_BYTES` at a time, and each slice meets all of x2 in one GEMM."""
+    of W in `dtype`, asked for `SLICE_BYTES` at a time, and each slice meets all of x2 in one GEMM, written
+    straight into its columns of the result (the GEMM takes the row stride): `out`, an (M, N) view in
+    `dtype` with unit column stride (a group's columns of one output, so no concatenation follows), or a
+    new tensor. Returns it."""
     slice_rows = max(1, SLICE_BYTES // (x2.shape[1] * dtype.itemsize))
-    x_t = x2.to(dtype).t()
-    y_t = torch.empty(out_features, x2.shape[0], dtype=dtype)  # (N, M): each slice fills whole rows
+    x_d = x2.to(dtype)
+    if out is None:
+        out = torch.empty(x2.shape[0], out_features, dtype=dtype)
     for n0 in range(0, out_features, slice_rows):
         n1 = min(out_features, n0 + slice_rows)
-        torch.mm(weight_rows(n0, n1), x_t, out=y_t[n0:n1])
-    return y_t.t()
+        torch.mm(x_d, weight_rows(n0, n1).t(), out=out[:, n0:n1])
+    return out
 
 
 @functools.cache
@@ -194,8 +198,12 @@ class GemvGroupLinear(nn.Module):
                                widened_prompts=self.widen_prompts, tiles=self.tiles):
             return torch.ops.llama3.gemv_group(x2, weights).view(*x.shape[:-1], self.out_features)
         if (self.widen_prompts or x.dtype != dtype) and not torch.compiler.is_compiling():
-            y = torch.cat([sliced_matmul(x2, w.shape[0], lambda n0, n1, w=w: w[n0:n1].float(), torch.float32)
-                           for w in weights], dim=-1)  # (M, ΣN)
+            x32, y = x2.float(), torch.empty(rows, self.out_features)  # (M, ΣN), each weight its columns
+            start = 0
+            for w in weights:
+                sliced_matmul(x32, w.shape[0], lambda n0, n1, w=w: w[n0:n1].float(), torch.float32,
+                              y[:, start:start + w.shape[0]])
+                start += w.shape[0]
         else:
             y = torch.cat([F.linear(x2, w.to(x.dtype)) for w in weights], dim=-1)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -152,18 +152,24 @@ class GGMLLinear(nn.Module):
         # slices decoded from the repacked bytes (`ggml_unrepack`, so the file's released pages stay out of
         # memory) is ~2x their speed from REPACKED_PROMPT_ROWS rows (measured: BENCHMARKS.md). A compiled
         # (decode) graph keeps the one operator call.
-        if not torch.compiler.is_compiling() and (
-                (not self.repacked and x2.shape[0] >= gemv.PROMPT_ROWS)
-                or (self.repacked and x2.shape[0] >= REPACKED_PROMPT_ROWS and gemv.native_bf16_products())):
+        if self.sliced_prompt(x2.shape[0]):
             return self._sliced_gemm(x2)
         x_in = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
         ws, types = zip(*self.kernel_weights)
         return torch.ops.llama3.ggml_matmul_group(x_in, list(ws), list(types), self.in_features)
 
-    def _sliced_gemm(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (M, K) · Wᵀ through torch's GEMM, W decoded a slice of rows at a time; (M, N) float."""
-        dtype = torch.bfloat16 if gemv.native_bf16_products() else torch.float32
-        return gemv.sliced_matmul(x2, self.out_features, lambda n0, n1: self._rows_as(n0, n1, dtype), dtype)
+    def sliced_prompt(self, rows: int) -> bool:
+        """Whether `rows` rows of x go to torch's GEMM on decoded slices (`_sliced_gemm`) rather than the
+        kernels' products (see `_product`)."""
+        return not torch.compiler.is_compiling() and (
+            (not self.repacked and rows >= gemv.PROMPT_ROWS)
+            or (self.repacked and rows >= REPACKED_PROMPT_ROWS and gemv.native_bf16_products()))
+
+    def _sliced_gemm(self, x2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x2 (M, K) · Wᵀ through torch's GEMM, W decoded a slice of rows at a time; (M, N) in
+        `sliced_dtype()`, written into `out` when given (see `gemv.sliced_matmul`)."""
+        dtype = sliced_dtype()
+        return gemv.sliced_matmul(x2, self.out_features, lambda n0, n1: self._rows_as(n0, n1, dtype), dtype, out)
 
     def _rows_as(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows n0:n1 of W in `dtype`, decoded from the bytes the kernels hold: the file's rows, or the repacked
@@ -188,6 +194,12 @@ class GGMLLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}" + (
             " (repacked)" if self.repacked else "")
+
+
+def sliced_dtype() -> torch.dtype:
+    """The type the sliced GEMM decodes weights to and multiplies in: bf16 where the CPU multiplies it
+    natively, float32 elsewhere."""
+    return torch.bfloat16 if gemv.native_bf16_products() else torch.float32
 
 
 class BadScale(ValueError):
@@ -274,7 +286,15 @@ class GGMLGroupLinear(nn.Module):
         if not self.use_kernel:
             return torch.cat([p(x) for p in self.parts], dim=-1)
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
+        if all(p.sliced_prompt(x2.shape[0]) for p in self.parts):
+            # a prompt on decoded slices: x converted once, each part's GEMMs write their columns of one output
+            dtype = sliced_dtype()
+            x_d, y = x2.to(dtype), torch.empty(x2.shape[0], self.out_features, dtype=dtype)
+            start = 0
+            for p in self.parts:
+                p._sliced_gemm(x_d, y[:, start:start + p.out_features])
+                start += p.out_features
+        elif x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
             # a prompt: each part the way GGMLLinear takes it (repacked: its products; else GEMM on slices)
             y = torch.cat([p._product(x2) for p in self.parts], dim=-1)
         else:
