@@ -6,14 +6,15 @@ step to `llama3::gemv_bf16` or `llama3::gemv_f32` (measured 1.4-3x torch's linea
 project's CPU, most on the short rows of a small model's output projection; BENCHMARKS.md) as long as those
 rows of activations stay in the core's L1 cache while the weights stream past (`use_kernel`): the kernel
 reads every activation row once per weight line, so rows that spill to L2 make it slower than oneDNN's
-GEMM (measured: 8 rows x 2048 wide, 1.3x slower; 8 rows x 576 wide, 2x faster). Prompts and wide batches
-go to `F.linear`, except bf16 weights on a CPU without native bf16 products (no AVX512-BF16 / AMX), where
-torch's bf16 GEMM widens every element on the fly and runs at a fraction of its fp32 speed (measured on Zen 3:
+GEMM (measured: 8 rows x 2048 wide, 1.3x slower; 8 rows x 576 wide, 2x faster). The AVX-512 levels
+multiply several bf16 rows in tiles of 2-4 weight rows instead (each vector of x read meets them all), which
+keeps up with torch's bf16 GEMM to 8 rows of any width (`bf16_tiles`). Prompts and wide batches go to
+`F.linear`, except bf16 weights on a CPU without native bf16 products (no AVX512-BF16 / AMX), where torch's bf16 GEMM widens every element on the fly and runs at a fraction of its fp32 speed (measured on Zen 3:
 about 4x slower at 512 rows): there prompts of `GEMM16_ROWS` rows or more go to the project's GEMM for 16-bit
 weights (`llama3::gemm16`, kernels/gemm16.cpp: blocks of the weight widened to fp32 per thread, fp32 register
 tiles), and shorter ones run on the kernel, a pass over the weight per 8 rows. Where that GEMM only has its
 portable C++ build, prompts of `PROMPT_ROWS` rows or more widen the weight a slice of rows at a time
-(`sliced_matmul`, a few MB, never the whole matrix) and multiply in torch's fp32 GEMM. f16 weights (a GGUF
+(`sliced_matmul`, 16 MB, never the whole matrix) and multiply in torch's fp32 GEMM. f16 weights (a GGUF
 f16 file's, as stored) go the same way with bf16 activations. The int8 counterpart lives in `quantize.Int8WeightOnlyLinear`; the quantized layers use
 `sliced_matmul` for their prompts as well.
 

@@ -4,7 +4,7 @@ stores them, without ever turning the whole matrix into 16- or 32-bit floats.
 - `GGMLLinear`: y = x Wᵀ with W as rows of blocks. With the project's kernels, decode steps (fewer than
   `gemv.PROMPT_ROWS` rows of x) go to `llama3::ggml_matmul` (`llama3/kernels/ggml_blocks.cpp`: activations
   rounded to int8 per block of 32, as llama.cpp's products round them). Prompts decode a slice of weight
-  rows at a time (`llama3::ggml_dequantize`, a few MB of floats, never the whole matrix) and multiply it
+  rows at a time (`llama3::ggml_dequantize`, 16 MB of floats, never the whole matrix) and multiply it
   with torch's GEMM: a prompt meets every weight hundreds of times, so decoding it once per slice costs
   little and the GEMM runs near the CPU's float peak (measured at the 1B shape on Zen 3: BENCHMARKS.md).
   The slices are float32, or bfloat16 on CPUs with native bf16 products (AVX512-BF16, AMX). Without the
@@ -13,10 +13,13 @@ stores them, without ever turning the whole matrix into 16- or 32-bit floats.
 - `GGMLEmbedding`: the token embeddings; a lookup dequantizes only the rows it reads.
 - `GGMLGroupLinear`: several `GGMLLinear` that share their input (q/k/v, gate/up) as one product,
   `llama3::ggml_matmul_group`: x rounded once and one parallel region for all, the weights left where they
-  lie (each its own ggml type: a Q4_K_M layer mixes Q4_K and Q6_K).
+  lie (each its own ggml type: a Q4_K_M layer mixes Q4_K and Q6_K). On decoded slices, every part's GEMMs
+  write their own columns of one output.
 - `repack_for_inference(model)`: at load, the matrices of every block type are rewritten once into the kernels'
   8-row layout (`llama3::ggml_repack`, the same bytes moved: exact), whose products need about a third of
-  the instructions (ggml_blocks.cpp); all their rows of x, prompts included, then go to those products.
+  the instructions (ggml_blocks.cpp); all their rows of x, prompts included, then go to those products,
+  except prompts of `REPACKED_PROMPT_ROWS` rows or more on CPUs with native bf16 products, which take
+  bf16 slices decoded from the repacked bytes (`llama3::ggml_unrepack`, then as above).
   A GGUF load does it layer by layer (`GGMLLinear.repack`, from `gguf_quantized_model.py`), the scales
   checked for NaN/inf in the same pass; `repack_for_inference` then finds nothing left to do.
 

@@ -9,7 +9,7 @@ Decode at batch 1 is bound by the bytes of weights read per token, so halving (i
   `aten._weight_int8pack_mm(x, w_int8 (N, K), scales (N,))`, except prompts (`gemv.PROMPT_ROWS` rows or
   more) on a CPU without native bf16 products: there that kernel widens bf16 on the fly (measured 2.5x
   slower than fp32 GEMM on Zen 3), so the weight is dequantized a slice of rows at a time to fp32 for
-  torch's GEMM (`gemv.sliced_matmul`: a few MB, never the whole matrix).
+  torch's GEMM (`gemv.sliced_matmul`: 16 MB, never the whole matrix).
 - int4: asymmetric groups of `group_size` input channels, value = low + q · scale with q in [0, 15]. With
   the project's kernels, codes two per byte and fp16 scale/low, multiplied by `llama3::gemv_int4` (VNNI,
   activations rounded to int8 per block of 32) for every row count (a prompt dequantized a slice at a time
