@@ -169,24 +169,28 @@ def _model_and_batch(a):
 
 
 def profile_ours(a) -> None:
-    """Where our fp32 step's time goes: self CPU time by operator and input shape over 2 steps, each matmul
-    with its achieved GFLOP/s (2·M·N·K per call), beside the 1024³ matmul peak measured here."""
+    """Where our step's time goes (the first of --dtypes, as the loop runs it): self CPU time by operator and
+    input shape over 2 steps, each matmul with its achieved GFLOP/s (2·M·N·K per call), beside the 1024³
+    matmul peak measured here in the same dtype."""
     from torch.profiler import ProfilerActivity, profile
 
     from llama3.train.config import TrainConfig
     from llama3.train.metrics import measure_peak_flops
+    from llama3.train.runtime import autocast_dtype
 
     args, initial, batch = _model_and_batch(a)
+    amp = autocast_dtype(a.dtypes.split(",")[0], torch.device("cpu"))
     model, opt = _ours(args, TrainConfig(), initial)
     for _ in range(a.warmup):
-        _step_ours(model, opt, batch, None)
+        _step_ours(model, opt, batch, amp)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(2):
-            _step_ours(model, opt, batch, None)
-    peak = measure_peak_flops(torch.device("cpu"), torch.float32, size=1024, repeats=10)
+            _step_ours(model, opt, batch, amp)
+    peak = measure_peak_flops(torch.device("cpu"), amp or torch.float32, size=1024, repeats=10)
     events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
     total_us = sum(e.self_cpu_time_total for e in events)
-    print(f"fp32 matmul peak (1024^3): {peak / 1e9:.0f} GFLOP/s; profiled CPU time {total_us / 2e6:.2f} s per step\n")
+    print(f"{_computes(amp)}: matmul peak (1024^3) {peak / 1e9:.0f} GFLOP/s; profiled CPU time "
+          f"{total_us / 2e6:.2f} s per step\n")
     print("| operator | input shapes | calls/step | ms/step | share | GFLOP/s |\n|---|---|---:|---:|---:|---:|")
     for e in events[:30]:
         gflops = ""

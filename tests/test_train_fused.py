@@ -60,6 +60,18 @@ def test_swiglu_forward_and_backward_equal_silu_times_up():
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
 
 
+def test_swiglu_over_the_whole_range_of_gate_values():
+    """The kernels' own exponential (a vectorized polynomial): silu(g) · u and its gradients stay within fp32
+    rounding of the float64 values from where e^-g underflows to where it overflows, and beyond."""
+    gate = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([-1e30, -88.7, -87.0, 0.0, 87.0, 88.8, 1e30])])
+    up = torch.linspace(-3, 3, gate.numel())
+    want, want_grads = _grads(lambda g, u: F.silu(g) * u, gate.double(), up.double())
+    got, got_grads = _grads(fused_swiglu, gate, up)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-30)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-30)
+
+
 def test_swiglu_in_bf16_is_the_fp32_value_rounded_once():
     torch.manual_seed(2)
     gate, up = (torch.randn(2, 3, 64) * 3).bfloat16(), torch.randn(2, 3, 64).bfloat16()
