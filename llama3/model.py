@@ -296,6 +296,14 @@ def _attend_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
     """Prompts and training: q (B, T, H, Dh), keys/values (B, K, S, Dh) -> (B, T, H·Dh) through SDPA."""
     B, T = q.shape[:2]
     q = q.transpose(1, 2)  # (B, H, T, Dh)
+    if mask is None and T > 1 and q.device.type == "cpu" and torch.is_grad_enabled():
+        # Training on the CPU: torch's flash attention in fp32 (its bf16 backward converts as it goes: 24.5
+        # against 17.8 ms at the demo shape, head dim 32, on Zen 5) with the grouped heads read in place
+        # (no repeated copies of k and v, nor the sums of their gradients), whatever the autocast asks.
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), is_causal=True,
+                                                 enable_gqa=True)
+        return out.to(q.dtype).transpose(1, 2).reshape(B, T, -1)
     # Grouped heads: repeat each kv head for its group of query heads (Meta's repeat_kv).
     n_rep = q.shape[1] // keys.shape[1]
     if n_rep > 1:
