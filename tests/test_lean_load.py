@@ -160,36 +160,3 @@ def test_populated_pages_are_mapped_in_and_unchanged(tmp_path):
         assert torch.equal(a, torch.arange(1 << 21, dtype=torch.float32)) and torch.equal(b, torch.ones(1 << 20))
     assert populate_file_pages([torch.zeros(1 << 20)]) == 0  # anonymous memory: nothing to populate
 
-
-REUSE = r"""
-import json, resource
-import torch
-from llama3.inference.fast import optimize_for_inference
-from tests.conftest import random_model, tiny_args
-
-def faults_of_allocations(rounds=5):
-    # 48 MB, past glibc's largest mmap threshold (32 MB): by default mapped afresh and zeroed every time
-    counts = []
-    for _ in range(rounds):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(48 << 20, dtype=torch.uint8)
-        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return counts
-
-plain = faults_of_allocations()
-optimize_for_inference(random_model(tiny_args("gqa")))
-print(json.dumps([plain, faults_of_allocations()]))
-"""
-
-
-def test_inference_reuses_freed_activation_memory():
-    """After `optimize_for_inference`, memory an inference step frees serves the next step's allocations
-    (no fresh pages: a page fault and a zeroing each): a 48 MB tensor allocated again and again takes ~12K
-    page faults each time by default; once the model is set up, next to none as soon as the heap has grown
-    to fit it (here after two rounds, the first block's neighbours taken by small allocations)."""
-    done = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, env=_child_env(),
-                          timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    plain, after = json.loads(done.stdout.strip().splitlines()[-1])
-    assert min(plain[1:]) > 10_000, plain  # (48 MB / 4 KiB pages = 12288)
-    assert max(after[-2:]) < 1_000, after

@@ -259,28 +259,6 @@ def _trim_heap() -> None:
             ctypes.CDLL(None).malloc_trim(0)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-def _retain_freed_memory() -> bool:
-    """From now on let glibc's malloc keep the memory this process frees for its next allocations, instead
-    of handing it back to the system (blocks past its mmap threshold, at most 32 MB, are unmapped on free;
-    the heap's top is trimmed past 128 KB). An inference step allocates and frees the same large
-    activations again and again (an 8B prompt of 512 tokens: 58 MB for its gate/up output alone), and each
-    fresh mapping costs a page fault and a zeroing per 4 KiB page: measured on an 8B Q4_0 prompt of 512
-    tokens on 2 Zen 5 cores, 2.18M page faults and 7.2 s of system time for the process before, 1.29M and
-    3.7 s after. What a step frees stays resident for the next one (the largest step's activations, not
-    the weights). Returns whether it applied (glibc on Linux only; elsewhere nothing changes)."""
-    if sys.platform != "linux":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): its own policy stays
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 @torch.no_grad()
 def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = None, fuse: bool = True,
                            quantize: str | None = None, group_size: int = 32, kernels: bool = True,
@@ -291,8 +269,7 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
     GGUF model's block-type matrices for its products (`ggml_quant.repack_for_inference`;
     `repack=False` leaves the layout the model has: `llama3.load` already repacks, and
     `checkpoint.gguf.load_gguf(path, repack=False)` keeps the file's); finally, on the CPU, move the weights to huge pages
-    (`to_huge_pages`; `huge_pages=False` skips it), and let malloc keep freed memory for the next steps'
-    activations (`_retain_freed_memory`). 16-bit weights on the kernels are grouped where they lie
+    (`to_huge_pages`; `huge_pages=False` skips it). 16-bit weights on the kernels are grouped where they lie
     instead of fused, and then stay there: no copy, no move to huge pages (an f16 model's embedding and
     norms become bf16, see `_bf16_activations`). Returns the model in eval mode without gradients."""
     from .ggml_quant import has_ggml_layers
@@ -344,7 +321,5 @@ def optimize_for_inference(model: Transformer, *, dtype: torch.dtype | None = No
         # row per token: better left mapped (resident as read) than copied whole.
         in_huge_pages |= {model.tok_embeddings.weight.data_ptr()}
     if huge_pages and on_cpu:
-        to_huge_pages(model, skip=in_huge_pages)  # (trims the heap: the load's freed copies go back first)
-    if on_cpu:
-        _retain_freed_memory()
+        to_huge_pages(model, skip=in_huge_pages)
     return model.eval().requires_grad_(False)
