@@ -135,11 +135,9 @@ def _iter_hf_tensors(files: list[tuple[Path, list[str] | None]], args: ModelArgs
                 except KeyError:
                     raise ValueError(f"{path}: unexpected tensor {key!r}; not part of a Llama model") from None
                 n_heads = heads.get(meta_key.split(".", 2)[-1])
-                permute = n_heads is not None
                 tensor = read_safetensors_tensor(mapped if use_map else reader, key, path)
-                if permute and tensor.dim() in (1, 2) and tensor.shape[0] == n_heads * args.head_dim:
-                    stored = tensor
-                    tensor = permute_qk_to_meta(tensor, n_heads)  # wrong shapes are reported by the caller
+                if n_heads is not None and tensor.dim() in (1, 2) and tensor.shape[0] == n_heads * args.head_dim:
+                    stored, tensor = tensor, permute_qk_to_meta(tensor, n_heads)  # wrong shapes: the caller says
                     if use_map:  # the permuted copy was read straight from the mapped pages: drop those
                         release_file_pages(stored)
                 yield meta_key, tensor, str(path)

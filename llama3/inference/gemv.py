@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import kernels
 
-__all__ = ["GEMM16_ROWS", "PROMPT_ROWS", "GemvGroupLinear", "bf16_tiles", "gemm16_available", "gemm16_rows", "GemvLinear", "can_group", "native_bf16_products", "sliced_matmul",
+__all__ = ["GEMM16_ROWS", "PROMPT_ROWS", "GemvGroupLinear", "bf16_tiles", "gemm16_available", "gemm16_rows", "GemvLinear", "can_group", "native_bf16_products", "sliced_matmul", "sliced_matmul_parts",
            "use_gemv_kernels", "use_kernel"]
 
 MAX_ROWS = 8  # rows the kernels take in one pass over the weights
@@ -82,6 +82,20 @@ def sliced_matmul(x2: torch.Tensor, out_features: int, weight_rows: Callable[[in
         n1 = min(out_features, n0 + slice_rows)
         torch.mm(x_d, weight_rows(n0, n1).t(), out=out[:, n0:n1])
     return out
+
+
+def sliced_matmul_parts(x2: torch.Tensor, parts: list[tuple[int, Callable[[int, int], torch.Tensor]]],
+                        dtype: torch.dtype) -> torch.Tensor:
+    """[x2 · W_0ᵀ | x2 · W_1ᵀ | ...] -> (M, ΣN) in `dtype` for weights that share their input (q/k/v,
+    gate/up), each given as (N_i, weight_rows_i) as `sliced_matmul` takes them: x2 converted once, each
+    weight's slices written into its own columns of one output (no concatenation)."""
+    x_d = x2.to(dtype)
+    y = torch.empty(x2.shape[0], sum(n for n, _ in parts), dtype=dtype)
+    start = 0
+    for n, weight_rows in parts:
+        sliced_matmul(x_d, n, weight_rows, dtype, y[:, start:start + n])
+        start += n
+    return y
 
 
 @functools.cache
@@ -202,12 +216,8 @@ class GemvGroupLinear(nn.Module):
                                widened_prompts=self.widen_prompts, tiles=self.tiles):
             return torch.ops.llama3.gemv_group(x2, weights).view(*x.shape[:-1], self.out_features)
         if (self.widen_prompts or x.dtype != dtype) and not torch.compiler.is_compiling():
-            x32, y = x2.float(), torch.empty(rows, self.out_features)  # (M, ΣN), each weight its columns
-            start = 0
-            for w in weights:
-                sliced_matmul(x32, w.shape[0], lambda n0, n1, w=w: w[n0:n1].float(), torch.float32,
-                              y[:, start:start + w.shape[0]])
-                start += w.shape[0]
+            y = sliced_matmul_parts(x2, [(w.shape[0], lambda n0, n1, w=w: w[n0:n1].float()) for w in weights],
+                                    torch.float32)  # (M, ΣN)
         else:
             y = torch.cat([F.linear(x2, w.to(x.dtype)) for w in weights], dim=-1)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

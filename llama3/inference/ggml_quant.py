@@ -168,11 +168,11 @@ class GGMLLinear(nn.Module):
             (not self.repacked and rows >= gemv.PROMPT_ROWS)
             or (self.repacked and rows >= REPACKED_PROMPT_ROWS and gemv.native_bf16_products()))
 
-    def _sliced_gemm(self, x2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _sliced_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) · Wᵀ through torch's GEMM, W decoded a slice of rows at a time; (M, N) in
-        `sliced_dtype()`, written into `out` when given (see `gemv.sliced_matmul`)."""
+        `sliced_dtype()`."""
         dtype = sliced_dtype()
-        return gemv.sliced_matmul(x2, self.out_features, lambda n0, n1: self._rows_as(n0, n1, dtype), dtype, out)
+        return gemv.sliced_matmul(x2, self.out_features, lambda n0, n1: self._rows_as(n0, n1, dtype), dtype)
 
     def _rows_as(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows n0:n1 of W in `dtype`, decoded from the bytes the kernels hold: the file's rows, or the repacked
@@ -292,11 +292,8 @@ class GGMLGroupLinear(nn.Module):
         if all(p.sliced_prompt(x2.shape[0]) for p in self.parts):
             # a prompt on decoded slices: x converted once, each part's GEMMs write their columns of one output
             dtype = sliced_dtype()
-            x_d, y = x2.to(dtype), torch.empty(x2.shape[0], self.out_features, dtype=dtype)
-            start = 0
-            for p in self.parts:
-                p._sliced_gemm(x_d, y[:, start:start + p.out_features])
-                start += p.out_features
+            y = gemv.sliced_matmul_parts(
+                x2, [(p.out_features, lambda n0, n1, p=p: p._rows_as(n0, n1, dtype)) for p in self.parts], dtype)
         elif x2.shape[0] >= gemv.PROMPT_ROWS and not torch.compiler.is_compiling():
             # a prompt: each part the way GGMLLinear takes it (repacked: its products; else GEMM on slices)
             y = torch.cat([p._product(x2) for p in self.parts], dim=-1)

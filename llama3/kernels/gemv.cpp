@@ -162,7 +162,7 @@ inline void bf16_row(const uint16_t* w, const uint16_t* x, int64_t K, float* out
 // Several rows of x (a short prompt, a batch of decode steps) against NR weight rows at once: every vector
 // of x loaded meets NR weight rows, where bf16_row meets one. Rows of x past what L1 holds (8 rows of 4096
 // values are 64 KiB) then come from L2 once per NR weight rows, and the dot products are no longer bound by
-// those loads (measured on Zen 5, 2 threads, 8B-layer matrices: 7 rows 28 -> 13 ms, 16 rows 45 -> 19).
+// those loads (measured on Zen 5, 2 threads, an 8B layer's matrices: 4 rows 22 -> 15 ms, 8 rows 34 -> 24).
 // One accumulator per (weight row, x row): NR · M <= 16 of the 32 registers, enough chains in flight.
 template <int M>
 constexpr int tile_rows() { return M <= 4 ? 4 : 2; }
@@ -625,75 +625,20 @@ inline void f16_row(const uint16_t* w, const float* x, int64_t K, float* out) {
 // registers.
 // ---------------------------------------------------------------------------------------------------------
 
-// Calls row_fn.template operator()<R>(n, m0, out) for every row n of W and every pass m0 = 0, 8, ... over
-// the M rows of x (R = min(8, M - m0) rows in that pass). The rows are dealt out in chunks of consecutive
-// rows, each thread taking the next chunk when it finishes one (an atomic counter): on a shared machine
-// one core is often slower than the other for a while, and a fixed half-and-half split would make the fast
-// core wait. A chunk meets every pass while it is still in the core's cache, so a short prompt (M up to a
-// few dozen rows) streams the weights from memory once, not once per pass.
-template <typename RowFn>
-void for_rows(int64_t N, int64_t M, int64_t row_bytes, RowFn row_fn) {
+// W's rows are dealt out in chunks of consecutive rows (a multiple of `row_multiple`), each thread taking
+// the next chunk when it finishes one (an atomic counter): on a shared machine one core is often slower than
+// the other for a while, and a fixed half-and-half split would make the fast core wait. A chunk meets every
+// pass while it is still in the core's cache, so a short prompt (M up to a few dozen rows) streams the
+// weights from memory once, not once per pass. For each chunk [n0, end),
+// pass.template operator()<R>(n0, end, m0) for every pass m0 = 0, 8, ... of R = min(8, M - m0) rows of x.
+template <typename PassFn>
+void for_chunk_passes(int64_t N, int64_t M, int64_t row_bytes, int64_t row_multiple, PassFn pass) {
   const int64_t threads = at::get_num_threads();
   // several passes: chunks that stay in L2 between them
   const int64_t max_chunk = M > kMaxRows ? kMultiPassChunkBytes : kMaxChunkBytes;
   const int64_t chunk_bytes = std::clamp(N * row_bytes / (threads * kChunksPerThread), kMinChunkBytes, max_chunk);
-  const int64_t chunk_rows = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
-  const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
-  const int64_t workers = std::min<int64_t>(threads, chunks);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    float out[kMaxRows];
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      const int64_t end = std::min(N, (c + 1) * chunk_rows);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int64_t m = std::min(kMaxRows, M - m0);
-        for (int64_t n = c * chunk_rows; n < end; ++n) {
-          switch (m) {
-            case 1: row_fn.template operator()<1>(n, m0, out); break;
-            case 2: row_fn.template operator()<2>(n, m0, out); break;
-            case 3: row_fn.template operator()<3>(n, m0, out); break;
-            case 4: row_fn.template operator()<4>(n, m0, out); break;
-            case 5: row_fn.template operator()<5>(n, m0, out); break;
-            case 6: row_fn.template operator()<6>(n, m0, out); break;
-            case 7: row_fn.template operator()<7>(n, m0, out); break;
-            default: row_fn.template operator()<8>(n, m0, out); break;
-          }
-        }
-      }
-    }
-  });
-}
-
-#ifdef LLAMA3_BF16_TILES
-// for_rows for the bf16 tiles: calls dot_fn.template operator()<R, NR>(n, m0, out), out[r][m] the dot
-// product of W's row n + r with x's row m0 + m, for tiles of NR = tile_rows<R>() consecutive rows of W
-// (fewer at a chunk's end) and passes of R <= 8 rows of x, then store_fn(n, m, value) for each of them.
-// Chunks as in for_rows (a multiple of 4 rows).
-template <int R, typename DotFn, typename StoreFn>
-inline void pass_of_chunk(int64_t n0, int64_t end, int64_t m0, DotFn& dot_fn, StoreFn& store_fn) {
-  constexpr int kRows = tile_rows<R>();
-  float out[4][kMaxRows];
-  auto tile = [&]<int NR>(int64_t n) {
-    dot_fn.template operator()<R, NR>(n, m0, out);
-    for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < R; ++m) store_fn(n + r, m0 + m, out[r][m]);
-  };
-  int64_t n = n0;
-  for (; n + kRows <= end; n += kRows) tile.template operator()<kRows>(n);
-  switch (end - n) {
-    case 1: tile.template operator()<1>(n); break;
-    case 2: if constexpr (kRows > 2) tile.template operator()<2>(n); break;
-    case 3: if constexpr (kRows > 3) tile.template operator()<3>(n); break;
-    default: break;
-  }
-}
-
-template <typename DotFn, typename StoreFn>
-void for_row_tiles(int64_t N, int64_t M, int64_t row_bytes, DotFn dot_fn, StoreFn store_fn) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t max_chunk = M > kMaxRows ? kMultiPassChunkBytes : kMaxChunkBytes;
-  const int64_t chunk_bytes = std::clamp(N * row_bytes / (threads * kChunksPerThread), kMinChunkBytes, max_chunk);
-  const int64_t chunk_rows = std::max<int64_t>(4, chunk_bytes / std::max<int64_t>(row_bytes, 1) / 4 * 4);
+  const int64_t chunk_rows =
+      std::max<int64_t>(row_multiple, chunk_bytes / std::max<int64_t>(row_bytes, 1) / row_multiple * row_multiple);
   const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
   const int64_t workers = std::min<int64_t>(threads, chunks);
   std::atomic<int64_t> next{0};
@@ -702,16 +647,51 @@ void for_row_tiles(int64_t N, int64_t M, int64_t row_bytes, DotFn dot_fn, StoreF
       const int64_t n0 = c * chunk_rows, end = std::min(N, n0 + chunk_rows);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         switch (std::min(kMaxRows, M - m0)) {
-          case 1: pass_of_chunk<1>(n0, end, m0, dot_fn, store_fn); break;
-          case 2: pass_of_chunk<2>(n0, end, m0, dot_fn, store_fn); break;
-          case 3: pass_of_chunk<3>(n0, end, m0, dot_fn, store_fn); break;
-          case 4: pass_of_chunk<4>(n0, end, m0, dot_fn, store_fn); break;
-          case 5: pass_of_chunk<5>(n0, end, m0, dot_fn, store_fn); break;
-          case 6: pass_of_chunk<6>(n0, end, m0, dot_fn, store_fn); break;
-          case 7: pass_of_chunk<7>(n0, end, m0, dot_fn, store_fn); break;
-          default: pass_of_chunk<8>(n0, end, m0, dot_fn, store_fn); break;
+          case 1: pass.template operator()<1>(n0, end, m0); break;
+          case 2: pass.template operator()<2>(n0, end, m0); break;
+          case 3: pass.template operator()<3>(n0, end, m0); break;
+          case 4: pass.template operator()<4>(n0, end, m0); break;
+          case 5: pass.template operator()<5>(n0, end, m0); break;
+          case 6: pass.template operator()<6>(n0, end, m0); break;
+          case 7: pass.template operator()<7>(n0, end, m0); break;
+          default: pass.template operator()<8>(n0, end, m0); break;
         }
       }
+    }
+  });
+}
+
+// Calls row_fn.template operator()<R>(n, m0, out) for every row n of W and every pass m0 over x.
+template <typename RowFn>
+void for_rows(int64_t N, int64_t M, int64_t row_bytes, RowFn row_fn) {
+  for_chunk_passes(N, M, row_bytes, 1, [&]<int R>(int64_t n0, int64_t end, int64_t m0) {
+    float out[kMaxRows];
+    for (int64_t n = n0; n < end; ++n) row_fn.template operator()<R>(n, m0, out);
+  });
+}
+
+#ifdef LLAMA3_BF16_TILES
+// for_rows for the bf16 tiles: calls dot_fn.template operator()<R, NR>(n, m0, out), out[r][m] the dot
+// product of W's row n + r with x's row m0 + m, for tiles of NR = tile_rows<R>() consecutive rows of W
+// (fewer at a chunk's end) and passes of R <= 8 rows of x, then store_fn(n, m, value) for each of them.
+// Chunks as in for_rows, a multiple of 4 rows.
+template <typename DotFn, typename StoreFn>
+void for_row_tiles(int64_t N, int64_t M, int64_t row_bytes, DotFn dot_fn, StoreFn store_fn) {
+  for_chunk_passes(N, M, row_bytes, 4, [&]<int R>(int64_t n0, int64_t end, int64_t m0) {
+    constexpr int kRows = tile_rows<R>();
+    float out[4][kMaxRows];
+    auto tile = [&]<int NR>(int64_t n) {
+      dot_fn.template operator()<R, NR>(n, m0, out);
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < R; ++m) store_fn(n + r, m0 + m, out[r][m]);
+    };
+    int64_t n = n0;
+    for (; n + kRows <= end; n += kRows) tile.template operator()<kRows>(n);
+    switch (end - n) {
+      case 1: tile.template operator()<1>(n); break;
+      case 2: if constexpr (kRows > 2) tile.template operator()<2>(n); break;
+      case 3: if constexpr (kRows > 3) tile.template operator()<3>(n); break;
+      default: break;
     }
   });
 }
@@ -744,30 +724,17 @@ at::Tensor gemv_same_type(const at::Tensor& x_in, const at::Tensor& w, const cha
   return y;
 }
 
-at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
+at::Tensor gemv_group(const at::Tensor& x_in, at::TensorList ws);
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
 #ifdef LLAMA3_BF16_TILES
-  if (x_in.dim() == 2 && x_in.size(0) > 1) {  // several rows: tiles of weight rows (M = 1 streams one row at a time)
-    check_inputs(x_in, w, "llama3::gemv_bf16");
-    TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+  if (x.dim() == 2 && x.size(0) > 1) {  // several rows: gemv_group's tiles (one row streams W row by row)
+    check_inputs(x, w, "llama3::gemv_bf16");
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
                 "llama3::gemv_bf16: x and w must be bfloat16");
-    const at::Tensor x = x_in.contiguous();
-    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-    at::Tensor y = at::empty({M, N}, x.options());
-    const auto* wp = reinterpret_cast<const uint16_t*>(w.const_data_ptr());
-    const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
-    auto* yp = y.mutable_data_ptr<c10::BFloat16>();
-    for_row_tiles(
-        N, M, K * 2,
-        [&]<int R, int NR>(int64_t n, int64_t m0, float (*out)[kMaxRows]) {
-          const uint16_t* rows[NR];
-          for (int r = 0; r < NR; ++r) rows[r] = wp + (n + r) * K;
-          bf16_tile<R, NR>(rows, xp + m0 * K, K, out);
-        },
-        [&](int64_t n, int64_t m, float v) { yp[m * N + n] = c10::BFloat16(v); });
-    return y;
+    return gemv_group(x, {w});
   }
 #endif
-  const at::Tensor& x = x_in;
   return gemv_same_type<c10::BFloat16, uint16_t>(
       x, w, "llama3::gemv_bf16", at::kBFloat16, "bfloat16",
       []<int R>(const uint16_t* wr, const uint16_t* xr, int64_t K, float* out) { bf16_row<R>(wr, xr, K, out); });
